@@ -1,0 +1,265 @@
+//! How publishers and gateways reach a broker: in the same process (the
+//! `standalone` role) or over gRPC to one or more broker addresses, moving to
+//! the next address when one is unreachable.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use herald_proto::v1::broker_service_client::BrokerServiceClient;
+use herald_proto::v1::{
+    PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, SubscribeRequest, SubscribeResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::hub::{Hub, Session};
+
+/// A broker address list could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("no broker address given")]
+    Empty,
+    #[error("broker address {address:?} is not valid: {reason}")]
+    Invalid { address: String, reason: String },
+}
+
+/// Timeouts for calls to a remote broker.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A way to reach a broker.
+#[derive(Clone)]
+pub enum BrokerClient {
+    /// The broker runs in this process.
+    Local(Hub),
+    /// Brokers reached over gRPC, tried in turn.
+    Remote(RemoteBrokers),
+}
+
+/// One or more remote brokers. Calls go to the last broker that answered and
+/// move on to the next address when it is unreachable.
+#[derive(Clone)]
+pub struct RemoteBrokers {
+    inner: Arc<Remote>,
+}
+
+struct Remote {
+    brokers: Vec<(String, BrokerServiceClient<Channel>)>,
+    preferred: AtomicUsize,
+    request_timeout: Duration,
+}
+
+impl RemoteBrokers {
+    /// Parses a comma-separated list of `host:port` (or `http://host:port`)
+    /// addresses. Connections are made lazily, on first use.
+    pub fn parse(addresses: &str, options: &RemoteOptions) -> Result<Self, AddressError> {
+        let mut brokers = Vec::new();
+        for address in addresses.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+            let invalid = |reason: String| AddressError::Invalid { address: address.to_owned(), reason };
+            let endpoint = Endpoint::from_shared(uri)
+                .map_err(|e| invalid(e.to_string()))?
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let client = BrokerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 * 1024 * 1024);
+            brokers.push((address.to_owned(), client));
+        }
+        if brokers.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        Ok(Self {
+            inner: Arc::new(Remote {
+                brokers,
+                preferred: AtomicUsize::new(0),
+                request_timeout: options.request_timeout,
+            }),
+        })
+    }
+
+    /// The addresses, in the order they are tried from the preferred one.
+    fn rotation(&self) -> impl Iterator<Item = (usize, &(String, BrokerServiceClient<Channel>))> {
+        let n = self.inner.brokers.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| {
+            let i = (first + k) % n;
+            (i, &self.inner.brokers[i])
+        })
+    }
+
+    fn prefer(&self, i: usize) {
+        self.inner.preferred.store(i, Ordering::Relaxed);
+    }
+
+    async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+        let mut last = Status::unavailable("no broker address");
+        let attempts = self.inner.brokers.len();
+        let mut req = Some(req);
+        for (k, (i, (address, client))) in self.rotation().enumerate() {
+            let body = if k + 1 == attempts { req.take() } else { req.clone() };
+            let Some(body) = body else { break };
+            let mut request = tonic::Request::new(body);
+            request.set_timeout(self.inner.request_timeout);
+            match client.clone().publish(request).await {
+                Ok(res) => {
+                    self.prefer(i);
+                    return Ok(res.into_inner());
+                }
+                Err(status) if is_unreachable(&status) => {
+                    tracing::debug!(broker = %address, %status, "broker unreachable; trying the next one");
+                    last = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(unreachable(last))
+    }
+
+    async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
+        let mut last = Status::unavailable("no broker address");
+        for (i, (address, client)) in self.rotation() {
+            let mut request = tonic::Request::new(PublishBatchRequest { requests: requests.clone() });
+            request.set_timeout(self.inner.request_timeout);
+            match client.clone().publish_batch(request).await {
+                Ok(res) => {
+                    self.prefer(i);
+                    return Ok(res.into_inner().results);
+                }
+                Err(status) if is_unreachable(&status) => {
+                    tracing::debug!(broker = %address, %status, "broker unreachable; trying the next one");
+                    last = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(unreachable(last))
+    }
+
+    async fn open_session(&self) -> Result<BrokerSession, Status> {
+        let mut last = Status::unavailable("no broker address");
+        for (i, (address, client)) in self.rotation() {
+            let (tx, rx) = mpsc::channel(64);
+            match client.clone().subscribe(ReceiverStream::new(rx)).await {
+                Ok(res) => {
+                    self.prefer(i);
+                    return Ok(BrokerSession {
+                        commands: Commands::Remote(tx),
+                        events: Box::pin(res.into_inner()),
+                        broker: address.clone(),
+                    });
+                }
+                Err(status) => {
+                    tracing::debug!(broker = %address, %status, "could not open a session; trying the next broker");
+                    last = status;
+                }
+            }
+        }
+        Err(unreachable(last))
+    }
+}
+
+/// Whether a failed call never reached a working broker, so that another
+/// address may be tried.
+fn is_unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+}
+
+fn unreachable(last: Status) -> Status {
+    Status::unavailable(format!("no broker reachable: {}", last.message()))
+}
+
+impl BrokerClient {
+    /// Routes one message.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+        match self {
+            Self::Local(hub) => hub.publish(req).await.map_err(Status::from),
+            Self::Remote(remote) => remote.publish(req).await,
+        }
+    }
+
+    /// Routes several messages in order; one result per message.
+    pub async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
+        match self {
+            Self::Local(hub) => {
+                Ok(hub.publish_batch(requests).await?.into_iter().map(crate::service::publish_result).collect())
+            }
+            Self::Remote(remote) => remote.publish_batch(requests).await,
+        }
+    }
+
+    /// Opens a subscriber session.
+    pub async fn open_session(&self) -> Result<BrokerSession, Status> {
+        match self {
+            Self::Local(hub) => {
+                let (session, events) = hub.open_session();
+                Ok(BrokerSession {
+                    commands: Commands::Local(session),
+                    events: Box::pin(events),
+                    broker: "in-process".to_owned(),
+                })
+            }
+            Self::Remote(remote) => remote.open_session().await,
+        }
+    }
+}
+
+/// The stream of acks and events of an open session.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+/// An open subscriber session, wherever its broker runs.
+pub struct BrokerSession {
+    /// Where commands go.
+    pub commands: Commands,
+    /// Acks and events; ends with the status that ended the session.
+    pub events: EventStream,
+    /// The broker this session runs on, for logs.
+    pub broker: String,
+}
+
+/// The command side of a [`BrokerSession`].
+pub enum Commands {
+    Local(Arc<Session>),
+    Remote(mpsc::Sender<SubscribeRequest>),
+}
+
+impl Commands {
+    /// Sends one command. A refused command also ends the session's event
+    /// stream with the refusal, where callers look for it; an error here
+    /// means the command did not get through.
+    pub async fn send(&self, req: SubscribeRequest) -> Result<(), Status> {
+        match self {
+            Self::Local(session) => session.apply(req).map_err(Status::from),
+            Self::Remote(tx) => tx.send(req).await.map_err(|_| Status::unavailable("broker session closed")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn addresses_are_a_comma_separated_list() {
+        let options = RemoteOptions::default();
+        let brokers = RemoteBrokers::parse("127.0.0.1:2206, http://127.0.0.1:2207,", &options).unwrap();
+        let names: Vec<_> = brokers.inner.brokers.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(names, ["127.0.0.1:2206", "http://127.0.0.1:2207"]);
+        assert!(matches!(RemoteBrokers::parse(" , ", &options), Err(AddressError::Empty)));
+        assert!(matches!(RemoteBrokers::parse("not a uri", &options), Err(AddressError::Invalid { .. })));
+    }
+}

@@ -1,0 +1,92 @@
+//! Why the broker refuses a publish or a subscriber command, as typed errors
+//! that map onto gRPC status codes.
+
+use herald_proto::names::NameError;
+use tonic::{Code, Status};
+
+/// A publish the broker refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    BadName(#[from] NameError),
+    #[error("no live gateway holds worker id {0:?}")]
+    UnknownWorker(String),
+    #[error("content is {len} bytes; the limit is {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("batch has {len} messages; the limit is {max}")]
+    BatchTooLarge { len: usize, max: usize },
+    #[error("broker is shutting down")]
+    ShuttingDown,
+}
+
+impl PublishError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
+            Self::UnknownWorker(_) => Code::NotFound,
+            Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
+            Self::ShuttingDown => Code::Unavailable,
+        }
+    }
+
+    /// Short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) | Self::BadName(_) => "invalid",
+            Self::UnknownWorker(_) => "unknown_worker",
+            Self::TooLarge { .. } | Self::BatchTooLarge { .. } => "too_large",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl From<PublishError> for Status {
+    fn from(e: PublishError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Why a subscriber command was refused. A refused command ends its session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandErrorKind {
+    #[error("worker id {worker_id:?} is held by another live gateway")]
+    WorkerTaken { worker_id: String },
+    #[error("this session already holds worker id {0:?}; a session claims one worker id")]
+    SecondClaim(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    BadName(#[from] NameError),
+    #[error("session would listen on {count} channels; the limit is {max}")]
+    TooManyChannels { count: usize, max: usize },
+    #[error("broker is shutting down")]
+    ShuttingDown,
+}
+
+/// A refused command and the request id it came with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("request {request_id}: {kind}")]
+pub struct CommandError {
+    pub request_id: u64,
+    pub kind: CommandErrorKind,
+}
+
+impl CommandError {
+    pub fn code(&self) -> Code {
+        match self.kind {
+            CommandErrorKind::WorkerTaken { .. } => Code::AlreadyExists,
+            CommandErrorKind::SecondClaim(_) => Code::FailedPrecondition,
+            CommandErrorKind::Invalid(_) | CommandErrorKind::BadName(_) => Code::InvalidArgument,
+            CommandErrorKind::TooManyChannels { .. } => Code::ResourceExhausted,
+            CommandErrorKind::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+impl From<CommandError> for Status {
+    fn from(e: CommandError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,786 @@
+//! The routing core: which sessions listen on which channels, who holds each
+//! worker id, and the delivery of published events into session queues.
+//!
+//! State lives behind one `RwLock` that is never held across an `.await`.
+//! Each channel's subscriber list is an immutable `Arc<[..]>` replaced on
+//! change, so a publish takes the read lock only long enough to clone one
+//! `Arc`, and delivers with the lock released.
+//!
+//! A session's events go into a bounded queue. When it is full the publisher
+//! waits up to a grace period; a session that still does not drain is evicted
+//! with `RESOURCE_EXHAUSTED` (its gateway reconnects), never silently skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use herald_proto::names;
+use herald_proto::v1::{
+    Ack, Event, PublishRequest, PublishResponse, SubscribeRequest, SubscribeResponse, subscribe_request,
+    subscribe_response,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::error::{CommandError, CommandErrorKind, PublishError};
+use crate::metrics::BrokerMetrics;
+use crate::route::{self, Route};
+
+/// Limits the broker enforces.
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    /// Largest content of one message, in bytes.
+    pub max_content_bytes: usize,
+    /// Most messages in one `PublishBatch`.
+    pub max_batch: usize,
+    /// Most channels one session may listen on.
+    pub max_channels_per_session: usize,
+    /// Events queued per session before publishers have to wait.
+    pub session_queue: usize,
+    /// How long a publisher waits on a full session queue before evicting it.
+    pub slow_session_grace: Duration,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 64 * 1024,
+            max_batch: 1000,
+            max_channels_per_session: 1024,
+            session_queue: 16 * 1024,
+            slow_session_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The broker's routing core. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: RwLock<State>,
+    limits: HubLimits,
+    metrics: BrokerMetrics,
+    next_session_id: AtomicU64,
+}
+
+type SessionId = u64;
+type Subscribers = Arc<[Arc<Sink>]>;
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, Subscribers>,
+    workers: HashMap<String, WorkerHolder>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    shutting_down: bool,
+}
+
+struct WorkerHolder {
+    session_id: SessionId,
+    instance_id: String,
+}
+
+struct SessionEntry {
+    sink: Arc<Sink>,
+    channels: HashSet<String>,
+    worker_id: Option<String>,
+}
+
+/// The sending side of one session's queue, plus the switch that ends it.
+struct Sink {
+    session_id: SessionId,
+    tx: mpsc::Sender<SubscribeResponse>,
+    end: Mutex<Option<oneshot::Sender<Status>>>,
+}
+
+impl Sink {
+    /// Ends the session's event stream with `status` (first call wins).
+    fn end(&self, status: Status) {
+        let taken = self.end.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(tx) = taken {
+            let _ = tx.send(status);
+        }
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new(HubLimits::default())
+    }
+}
+
+impl Hub {
+    pub fn new(limits: HubLimits) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: RwLock::new(State::default()),
+                limits,
+                metrics: BrokerMetrics::default(),
+                next_session_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &HubLimits {
+        &self.shared.limits
+    }
+
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.shared.metrics
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.shared.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.shared.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Routes one message. Returns how many sessions it was handed to.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, PublishError> {
+        let metrics = &self.shared.metrics;
+        let result = self.route(&req);
+        let (route, subscribers) = match result {
+            Ok(found) => found,
+            Err(e) => {
+                metrics.publish_rejected(&e);
+                return Err(e);
+            }
+        };
+        metrics.publish_accepted(route.kind);
+        let event = Event { channel: route.channel, target: req.target, content: req.content };
+        let delivered = self.deliver(subscribers, event).await;
+        Ok(PublishResponse { subscribers: delivered })
+    }
+
+    /// Routes several messages in order, each on its own.
+    pub async fn publish_batch(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Result<Vec<Result<PublishResponse, PublishError>>, PublishError> {
+        let max = self.shared.limits.max_batch;
+        if requests.len() > max {
+            return Err(PublishError::BatchTooLarge { len: requests.len(), max });
+        }
+        let mut results = Vec::with_capacity(requests.len());
+        for req in requests {
+            results.push(self.publish(req).await);
+        }
+        Ok(results)
+    }
+
+    fn route(&self, req: &PublishRequest) -> Result<(Route, Option<Subscribers>), PublishError> {
+        let route = route::resolve(req, self.shared.limits.max_content_bytes)?;
+        let state = self.read();
+        if state.shutting_down {
+            return Err(PublishError::ShuttingDown);
+        }
+        if let Some(worker_id) = &route.worker_id
+            && !state.workers.contains_key(worker_id)
+        {
+            return Err(PublishError::UnknownWorker(worker_id.clone()));
+        }
+        let subscribers = state.channels.get(&route.channel).cloned();
+        Ok((route, subscribers))
+    }
+
+    async fn deliver(&self, subscribers: Option<Subscribers>, event: Event) -> u32 {
+        let Some(subscribers) = subscribers else {
+            return 0;
+        };
+        let mut event = Some(event);
+        let mut delivered = 0;
+        let last = subscribers.len() - 1;
+        for (i, sink) in subscribers.iter().enumerate() {
+            let ev = if i == last { event.take() } else { event.clone() };
+            let Some(ev) = ev else { break };
+            let msg = SubscribeResponse { kind: Some(subscribe_response::Kind::Event(ev)) };
+            let sent = match sink.tx.try_send(msg) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    match sink.tx.send_timeout(msg, self.shared.limits.slow_session_grace).await {
+                        Ok(()) => true,
+                        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+                        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            self.evict(sink);
+                            false
+                        }
+                    }
+                }
+            };
+            if sent {
+                delivered += 1;
+            }
+        }
+        self.shared.metrics.events_delivered.add(u64::from(delivered));
+        delivered
+    }
+
+    fn evict(&self, sink: &Sink) {
+        let queued = self.shared.limits.session_queue;
+        let grace = self.shared.limits.slow_session_grace;
+        tracing::warn!(session = sink.session_id, queued, ?grace, "evicting a subscriber session that stopped reading");
+        self.shared.metrics.sessions_evicted.inc();
+        sink.end(Status::resource_exhausted(format!(
+            "session evicted: its {queued} queued events were not read within {grace:?}"
+        )));
+        self.close_session(sink.session_id);
+    }
+
+    /// Opens a subscriber session. The session lives while either the
+    /// returned handle or the event stream is held.
+    pub fn open_session(&self) -> (Arc<Session>, SessionEvents) {
+        let id = self.shared.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.shared.limits.session_queue);
+        let (end_tx, end_rx) = oneshot::channel();
+        let sink = Arc::new(Sink { session_id: id, tx, end: Mutex::new(Some(end_tx)) });
+        let mut state = self.write();
+        if state.shutting_down {
+            sink.end(Status::unavailable("broker is shutting down"));
+        } else {
+            state.sessions.insert(id, SessionEntry { sink: sink.clone(), channels: HashSet::new(), worker_id: None });
+            self.shared.metrics.sessions.inc();
+        }
+        drop(state);
+        let session = Arc::new(Session { hub: self.clone(), id, sink });
+        let events = SessionEvents { rx, end: Some(end_rx), ended: false, _session: session.clone() };
+        (session, events)
+    }
+
+    /// Ends every session with `UNAVAILABLE` and refuses new publishes, so that
+    /// gateways move to another broker and the gRPC server can drain.
+    pub fn shut_down(&self) {
+        let sessions: Vec<_> = {
+            let mut state = self.write();
+            state.shutting_down = true;
+            state.sessions.values().map(|s| s.sink.clone()).collect()
+        };
+        for sink in sessions {
+            sink.end(Status::unavailable("broker is shutting down"));
+            self.close_session(sink.session_id);
+        }
+    }
+
+    /// Whether [`Self::shut_down`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.read().shutting_down
+    }
+
+    /// Whether a live session holds `worker_id`.
+    pub fn worker_is_held(&self, worker_id: &str) -> bool {
+        self.read().workers.contains_key(worker_id)
+    }
+
+    /// Counts of live sessions, channels with listeners, and held worker ids.
+    pub fn census(&self) -> (usize, usize, usize) {
+        let state = self.read();
+        (state.sessions.len(), state.channels.len(), state.workers.len())
+    }
+
+    fn apply(&self, session_id: SessionId, sink: &Sink, req: SubscribeRequest) -> Result<(), CommandError> {
+        let request_id = req.request_id;
+        let err = |kind| CommandError { request_id, kind };
+        let command = req.command.ok_or_else(|| err(CommandErrorKind::Invalid("command is required".into())))?;
+        let mut state = self.write();
+        if state.shutting_down {
+            return Err(err(CommandErrorKind::ShuttingDown));
+        }
+        match command {
+            subscribe_request::Command::ClaimWorker(claim) => {
+                names::validate_worker_id(&claim.worker_id).map_err(|e| err(e.into()))?;
+                if claim.instance_id.is_empty() {
+                    return Err(err(CommandErrorKind::Invalid("instance_id is required".into())));
+                }
+                state
+                    .claim_worker(session_id, &claim.worker_id, &claim.instance_id, &self.shared.metrics)
+                    .map_err(err)?;
+            }
+            subscribe_request::Command::Subscribe(sub) => {
+                for channel in &sub.channels {
+                    names::validate_channel(channel).map_err(|e| err(e.into()))?;
+                    if names::is_worker_channel(channel) {
+                        return Err(err(CommandErrorKind::Invalid(format!(
+                            "channel {channel:?} is a worker channel: claim the worker id instead"
+                        ))));
+                    }
+                }
+                let entry = state.session(session_id).map_err(err)?;
+                let new: HashSet<&String> = sub.channels.iter().filter(|c| !entry.channels.contains(*c)).collect();
+                let count = entry.channels.len() + new.len();
+                let max = self.shared.limits.max_channels_per_session;
+                if count > max {
+                    return Err(err(CommandErrorKind::TooManyChannels { count, max }));
+                }
+                let new: Vec<String> = new.into_iter().cloned().collect();
+                for channel in new {
+                    state.add_listener(session_id, channel);
+                }
+            }
+            subscribe_request::Command::Unsubscribe(unsub) => {
+                for channel in &unsub.channels {
+                    if !names::is_worker_channel(channel) {
+                        state.remove_listener(session_id, channel);
+                    }
+                }
+            }
+        }
+        // Queued while the lock is held, so the ack precedes every event of a
+        // newly subscribed channel.
+        let ack = SubscribeResponse { kind: Some(subscribe_response::Kind::Ack(Ack { request_id })) };
+        if sink.tx.try_send(ack).is_err() {
+            tracing::debug!(session = session_id, request_id, "ack not queued: session queue full or closed");
+        }
+        state.report_census(&self.shared.metrics);
+        Ok(())
+    }
+
+    fn close_session(&self, session_id: SessionId) {
+        let mut state = self.write();
+        let Some(entry) = state.sessions.remove(&session_id) else {
+            return;
+        };
+        for channel in &entry.channels {
+            state.unlink(session_id, channel);
+        }
+        if let Some(worker_id) = entry.worker_id
+            && state.workers.get(&worker_id).is_some_and(|h| h.session_id == session_id)
+        {
+            state.workers.remove(&worker_id);
+        }
+        self.shared.metrics.sessions.dec();
+        state.report_census(&self.shared.metrics);
+    }
+}
+
+impl State {
+    fn report_census(&self, metrics: &BrokerMetrics) {
+        metrics.channels.set(self.channels.len() as i64);
+        metrics.workers.set(self.workers.len() as i64);
+    }
+
+    fn session(&mut self, id: SessionId) -> Result<&mut SessionEntry, CommandErrorKind> {
+        self.sessions.get_mut(&id).ok_or(CommandErrorKind::ShuttingDown)
+    }
+
+    fn claim_worker(
+        &mut self,
+        session_id: SessionId,
+        worker_id: &str,
+        instance_id: &str,
+        metrics: &BrokerMetrics,
+    ) -> Result<(), CommandErrorKind> {
+        if let Some(held) = &self.session(session_id)?.worker_id {
+            return Err(CommandErrorKind::SecondClaim(held.clone()));
+        }
+        if let Some(holder) = self.workers.get(worker_id) {
+            if holder.instance_id != instance_id {
+                metrics.claims_refused.inc();
+                return Err(CommandErrorKind::WorkerTaken { worker_id: worker_id.to_owned() });
+            }
+            // The same gateway process reconnected before its old session was
+            // noticed dead: the new session takes over.
+            let stale = holder.session_id;
+            if let Some(entry) = self.sessions.remove(&stale) {
+                entry.sink.end(Status::aborted(format!(
+                    "worker id {worker_id:?} was claimed again by a newer session of the same instance"
+                )));
+                for channel in &entry.channels {
+                    self.unlink(stale, channel);
+                }
+                metrics.sessions.dec();
+            }
+        }
+        self.workers.insert(worker_id.to_owned(), WorkerHolder { session_id, instance_id: instance_id.to_owned() });
+        self.session(session_id)?.worker_id = Some(worker_id.to_owned());
+        self.add_listener(session_id, names::worker_channel(worker_id));
+        Ok(())
+    }
+
+    fn add_listener(&mut self, session_id: SessionId, channel: String) {
+        let Some(entry) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if !entry.channels.insert(channel.clone()) {
+            return;
+        }
+        let sink = entry.sink.clone();
+        let list = self.channels.entry(channel).or_insert_with(|| Arc::from(Vec::new()));
+        let mut grown = Vec::with_capacity(list.len() + 1);
+        grown.extend(list.iter().cloned());
+        grown.push(sink);
+        *list = grown.into();
+    }
+
+    fn remove_listener(&mut self, session_id: SessionId, channel: &str) {
+        let removed = self.sessions.get_mut(&session_id).is_some_and(|e| e.channels.remove(channel));
+        if removed {
+            self.unlink(session_id, channel);
+        }
+    }
+
+    /// Drops `session_id` from the subscriber list of `channel`.
+    fn unlink(&mut self, session_id: SessionId, channel: &str) {
+        let Some(list) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let kept: Vec<_> = list.iter().filter(|s| s.session_id != session_id).cloned().collect();
+        if kept.is_empty() {
+            self.channels.remove(channel);
+        } else {
+            *list = kept.into();
+        }
+    }
+}
+
+/// A subscriber session: apply commands to it; drop every handle (and its
+/// event stream) to end it.
+pub struct Session {
+    hub: Hub,
+    id: SessionId,
+    sink: Arc<Sink>,
+}
+
+impl Session {
+    /// Applies one command. A refused command ends the session: its event
+    /// stream yields the refusal as its final status.
+    pub fn apply(&self, req: SubscribeRequest) -> Result<(), CommandError> {
+        self.hub.apply(self.id, &self.sink, req).inspect_err(|e| {
+            tracing::debug!(session = self.id, error = %e, "subscriber command refused");
+            self.end(e.clone().into());
+        })
+    }
+
+    /// Ends the session with `status` as the last item of its event stream.
+    pub fn end(&self, status: Status) {
+        self.sink.end(status);
+        self.hub.close_session(self.id);
+    }
+
+    /// Resolves once the session's event stream has been dropped.
+    pub async fn closed(&self) {
+        self.sink.tx.closed().await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.hub.close_session(self.id);
+    }
+}
+
+/// The stream of acks and events of one session. It ends with an error status
+/// when the session is refused, evicted or the broker shuts down.
+pub struct SessionEvents {
+    rx: mpsc::Receiver<SubscribeResponse>,
+    end: Option<oneshot::Receiver<Status>>,
+    ended: bool,
+    _session: Arc<Session>,
+}
+
+impl Stream for SessionEvents {
+    type Item = Result<SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(end) = self.end.as_mut() {
+            match Pin::new(end).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.ended = true;
+                    self.end = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => self.end = None,
+                Poll::Pending => {}
+            }
+        }
+        self.rx.poll_recv(cx).map(|m| m.map(Ok))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_proto::v1::{
+        Broadcast, ClaimWorker, ConnectionAddress, Content, SubscribeChannels, Target, UnsubscribeChannels, content,
+        target,
+    };
+    use tokio_stream::StreamExt;
+    use tonic::Code;
+
+    use super::*;
+
+    fn text(kind: target::Kind, body: &str) -> PublishRequest {
+        PublishRequest {
+            target: Some(Target { kind: Some(kind) }),
+            content: Some(Content { body: Some(content::Body::Text(body.into())) }),
+        }
+    }
+
+    fn broadcast(body: &str) -> PublishRequest {
+        text(target::Kind::Broadcast(Broadcast {}), body)
+    }
+
+    fn to(worker: &str, conn: &str, body: &str) -> PublishRequest {
+        text(target::Kind::Connection(ConnectionAddress { worker_id: worker.into(), connection_id: conn.into() }), body)
+    }
+
+    fn claim(request_id: u64, worker: &str, instance: &str) -> SubscribeRequest {
+        SubscribeRequest {
+            request_id,
+            command: Some(subscribe_request::Command::ClaimWorker(ClaimWorker {
+                worker_id: worker.into(),
+                instance_id: instance.into(),
+            })),
+        }
+    }
+
+    fn subscribe(request_id: u64, channels: &[&str]) -> SubscribeRequest {
+        SubscribeRequest {
+            request_id,
+            command: Some(subscribe_request::Command::Subscribe(SubscribeChannels {
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            })),
+        }
+    }
+
+    fn unsubscribe(request_id: u64, channels: &[&str]) -> SubscribeRequest {
+        SubscribeRequest {
+            request_id,
+            command: Some(subscribe_request::Command::Unsubscribe(UnsubscribeChannels {
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            })),
+        }
+    }
+
+    async fn next(events: &mut SessionEvents) -> SubscribeResponse {
+        tokio::time::timeout(Duration::from_secs(1), events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("not an error")
+    }
+
+    async fn expect_ack(events: &mut SessionEvents, id: u64) {
+        assert_eq!(next(events).await.kind, Some(subscribe_response::Kind::Ack(Ack { request_id: id })));
+    }
+
+    async fn expect_text(events: &mut SessionEvents, body: &str) -> Event {
+        match next(events).await.kind {
+            Some(subscribe_response::Kind::Event(ev)) => {
+                let got = ev.content.as_ref().and_then(|c| c.body.clone());
+                assert_eq!(got, Some(content::Body::Text(body.into())));
+                ev
+            }
+            other => panic!("expected event {body:?}, got {other:?}"),
+        }
+    }
+
+    fn nothing_pending(events: &mut SessionEvents) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        Pin::new(events).poll_next(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_every_session_on_the_broadcast_channel_once() {
+        let hub = Hub::default();
+        let (a, mut a_events) = hub.open_session();
+        let (b, mut b_events) = hub.open_session();
+        let (_idle, mut idle_events) = hub.open_session();
+        a.apply(subscribe(1, &["broadcast"])).unwrap();
+        b.apply(subscribe(1, &["broadcast", "broadcast"])).unwrap();
+        expect_ack(&mut a_events, 1).await;
+        expect_ack(&mut b_events, 1).await;
+
+        let res = hub.publish(broadcast("hello")).await.unwrap();
+        assert_eq!(res.subscribers, 2);
+        let ev = expect_text(&mut a_events, "hello").await;
+        assert_eq!(ev.channel, "broadcast");
+        expect_text(&mut b_events, "hello").await;
+        assert!(nothing_pending(&mut a_events) && nothing_pending(&mut b_events) && nothing_pending(&mut idle_events));
+    }
+
+    #[tokio::test]
+    async fn a_connection_target_reaches_only_its_workers_session() {
+        let hub = Hub::default();
+        let (w1, mut w1_events) = hub.open_session();
+        let (w2, mut w2_events) = hub.open_session();
+        w1.apply(claim(1, "w1", "i1")).unwrap();
+        w2.apply(claim(1, "w2", "i2")).unwrap();
+        expect_ack(&mut w1_events, 1).await;
+        expect_ack(&mut w2_events, 1).await;
+
+        assert_eq!(hub.publish(to("w2", "1", "for w2")).await.unwrap().subscribers, 1);
+        let ev = expect_text(&mut w2_events, "for w2").await;
+        assert_eq!(ev.channel, "worker.w2");
+        assert!(nothing_pending(&mut w1_events));
+    }
+
+    #[tokio::test]
+    async fn publishing_to_an_unheld_worker_is_not_found() {
+        let hub = Hub::default();
+        let err = hub.publish(to("ghost", "1", "x")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert_eq!(err.to_string(), "no live gateway holds worker id \"ghost\"");
+    }
+
+    #[tokio::test]
+    async fn a_worker_id_held_by_another_instance_is_refused_and_ends_the_session() {
+        let hub = Hub::default();
+        let (first, _first_events) = hub.open_session();
+        first.apply(claim(1, "w1", "instance-a")).unwrap();
+        let (second, mut second_events) = hub.open_session();
+        let err = second.apply(claim(7, "w1", "instance-b")).unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        let status = second_events.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists);
+        assert!(status.message().contains("request 7"), "{}", status.message());
+        assert!(second_events.next().await.is_none());
+        assert!(hub.worker_is_held("w1"));
+    }
+
+    #[tokio::test]
+    async fn the_same_instance_takes_its_worker_id_back_from_a_stale_session() {
+        let hub = Hub::default();
+        let (stale, mut stale_events) = hub.open_session();
+        stale.apply(claim(1, "w1", "instance-a")).unwrap();
+        expect_ack(&mut stale_events, 1).await;
+        let (fresh, mut fresh_events) = hub.open_session();
+        fresh.apply(claim(1, "w1", "instance-a")).unwrap();
+        assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
+        expect_ack(&mut fresh_events, 1).await;
+        hub.publish(to("w1", "3", "after takeover")).await.unwrap();
+        expect_text(&mut fresh_events, "after takeover").await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_id_is_released_when_its_session_ends() {
+        let hub = Hub::default();
+        let (s, events) = hub.open_session();
+        s.apply(claim(1, "w1", "i")).unwrap();
+        drop(s);
+        assert!(hub.worker_is_held("w1"), "the event stream still holds the session");
+        drop(events);
+        assert!(!hub.worker_is_held("w1"));
+        assert_eq!(hub.census(), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_session_claims_one_worker_id_only() {
+        let hub = Hub::default();
+        let (s, _events) = hub.open_session();
+        s.apply(claim(1, "w1", "i")).unwrap();
+        assert_eq!(s.apply(claim(2, "w2", "i")).unwrap_err().code(), Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn worker_channels_cannot_be_subscribed_or_published_directly() {
+        let hub = Hub::default();
+        let (s, _events) = hub.open_session();
+        assert_eq!(s.apply(subscribe(1, &["worker.w1"])).unwrap_err().code(), Code::InvalidArgument);
+        let err = hub.publish(text(target::Kind::Channel("worker.w1".into()), "x")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn unsubscribed_channels_stop_delivering() {
+        let hub = Hub::default();
+        let (s, mut events) = hub.open_session();
+        s.apply(subscribe(1, &["news", "sport"])).unwrap();
+        s.apply(unsubscribe(2, &["news", "never-subscribed"])).unwrap();
+        expect_ack(&mut events, 1).await;
+        expect_ack(&mut events, 2).await;
+        assert_eq!(hub.publish(text(target::Kind::Channel("news".into()), "n")).await.unwrap().subscribers, 0);
+        assert_eq!(hub.publish(text(target::Kind::Channel("sport".into()), "s")).await.unwrap().subscribers, 1);
+        expect_text(&mut events, "s").await;
+    }
+
+    #[tokio::test]
+    async fn channel_limit_per_session_is_enforced() {
+        let hub = Hub::new(HubLimits { max_channels_per_session: 2, ..HubLimits::default() });
+        let (s, _events) = hub.open_session();
+        s.apply(subscribe(1, &["a", "b"])).unwrap();
+        let err = s.apply(subscribe(2, &["c"])).unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn events_to_one_session_keep_publish_order() {
+        let hub = Hub::default();
+        let (s, mut events) = hub.open_session();
+        s.apply(claim(1, "w1", "i")).unwrap();
+        expect_ack(&mut events, 1).await;
+        for i in 0..1000 {
+            hub.publish(to("w1", "1", &i.to_string())).await.unwrap();
+        }
+        for i in 0..1000 {
+            expect_text(&mut events, &i.to_string()).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_stops_reading_is_evicted_after_the_grace_period() {
+        let limits =
+            HubLimits { session_queue: 2, slow_session_grace: Duration::from_millis(100), ..HubLimits::default() };
+        let hub = Hub::new(limits);
+        let (reader, mut reader_events) = hub.open_session();
+        let (stuck, mut stuck_events) = hub.open_session();
+        reader.apply(subscribe(1, &["broadcast"])).unwrap();
+        stuck.apply(subscribe(1, &["broadcast"])).unwrap();
+        expect_ack(&mut reader_events, 1).await;
+        let drain = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(Ok(_)) = reader_events.next().await {
+                got += 1;
+                if got == 3 {
+                    break;
+                }
+            }
+            got
+        });
+        for i in 0..3 {
+            hub.publish(broadcast(&i.to_string())).await.unwrap();
+        }
+        assert_eq!(drain.await.unwrap(), 3);
+        assert_eq!(hub.metrics().sessions_evicted.get(), 1);
+        let mut last = None;
+        while let Some(item) = stuck_events.next().await {
+            last = Some(item);
+        }
+        assert_eq!(last.unwrap().unwrap_err().code(), Code::ResourceExhausted);
+        drop(stuck);
+        assert_eq!(hub.census().0, 1);
+    }
+
+    #[tokio::test]
+    async fn shutting_down_ends_sessions_and_refuses_publishes() {
+        let hub = Hub::default();
+        let (s, mut events) = hub.open_session();
+        s.apply(subscribe(1, &["broadcast"])).unwrap();
+        expect_ack(&mut events, 1).await;
+        hub.shut_down();
+        assert_eq!(events.next().await.unwrap().unwrap_err().code(), Code::Unavailable);
+        assert_eq!(hub.publish(broadcast("late")).await.unwrap_err().code(), Code::Unavailable);
+        let (_late, mut late_events) = hub.open_session();
+        assert_eq!(late_events.next().await.unwrap().unwrap_err().code(), Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn batches_route_each_message_and_report_each_outcome() {
+        let hub = Hub::new(HubLimits { max_batch: 3, ..HubLimits::default() });
+        let results = hub.publish_batch(vec![broadcast("a"), to("ghost", "1", "b")]).await.unwrap();
+        assert!(results[0].is_ok());
+        assert_eq!(results[1].as_ref().unwrap_err().code(), Code::NotFound);
+        let too_many = vec![broadcast("a"), broadcast("b"), broadcast("c"), broadcast("d")];
+        assert_eq!(hub.publish_batch(too_many).await.unwrap_err().code(), Code::ResourceExhausted);
+    }
+}

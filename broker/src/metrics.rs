@@ -1,0 +1,91 @@
+//! The broker's metrics, rendered on its admin port.
+
+use herald_common::metrics::{Counter, Exposition, Gauge};
+
+use crate::error::PublishError;
+use crate::route::TargetKind;
+
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    published_broadcast: Counter,
+    published_connection: Counter,
+    published_channel: Counter,
+    rejected_invalid: Counter,
+    rejected_unknown_worker: Counter,
+    rejected_too_large: Counter,
+    rejected_shutting_down: Counter,
+    /// Events handed to subscriber sessions.
+    pub events_delivered: Counter,
+    /// Sessions ended because they stopped reading their events.
+    pub sessions_evicted: Counter,
+    /// Worker claims refused because another instance holds the id.
+    pub claims_refused: Counter,
+    /// Live subscriber sessions.
+    pub sessions: Gauge,
+    /// Channels with at least one listener.
+    pub channels: Gauge,
+    /// Worker ids held by live sessions.
+    pub workers: Gauge,
+}
+
+impl BrokerMetrics {
+    pub fn publish_accepted(&self, kind: TargetKind) {
+        self.published(kind).inc();
+    }
+
+    pub fn published(&self, kind: TargetKind) -> &Counter {
+        match kind {
+            TargetKind::Broadcast => &self.published_broadcast,
+            TargetKind::Connection => &self.published_connection,
+            TargetKind::Channel => &self.published_channel,
+        }
+    }
+
+    pub fn publish_rejected(&self, e: &PublishError) {
+        match e {
+            PublishError::Invalid(_) | PublishError::BadName(_) => &self.rejected_invalid,
+            PublishError::UnknownWorker(_) => &self.rejected_unknown_worker,
+            PublishError::TooLarge { .. } | PublishError::BatchTooLarge { .. } => &self.rejected_too_large,
+            PublishError::ShuttingDown => &self.rejected_shutting_down,
+        }
+        .inc();
+    }
+
+    pub fn render(&self, out: &mut Exposition) {
+        let published: Vec<_> = TargetKind::ALL.iter().map(|k| ([("target", k.label())], self.published(*k))).collect();
+        let published: Vec<(&[(&str, &str)], &Counter)> = published.iter().map(|(l, c)| (&l[..], *c)).collect();
+        out.counter_family(
+            "herald_broker_published_total",
+            "Messages accepted for routing, by target kind.",
+            &published,
+        );
+        out.counter_family(
+            "herald_broker_publish_rejected_total",
+            "Messages refused, by reason.",
+            &[
+                (&[("reason", "invalid")], &self.rejected_invalid),
+                (&[("reason", "unknown_worker")], &self.rejected_unknown_worker),
+                (&[("reason", "too_large")], &self.rejected_too_large),
+                (&[("reason", "shutting_down")], &self.rejected_shutting_down),
+            ],
+        );
+        out.counter(
+            "herald_broker_events_delivered_total",
+            "Events handed to subscriber sessions.",
+            &self.events_delivered,
+        );
+        out.counter(
+            "herald_broker_sessions_evicted_total",
+            "Subscriber sessions ended because they stopped reading their events.",
+            &self.sessions_evicted,
+        );
+        out.counter(
+            "herald_broker_worker_claims_refused_total",
+            "Worker id claims refused because another live gateway holds the id.",
+            &self.claims_refused,
+        );
+        out.gauge("herald_broker_sessions", "Live subscriber sessions.", self.sessions.get());
+        out.gauge("herald_broker_channels", "Channels with at least one listener.", self.channels.get());
+        out.gauge("herald_broker_workers", "Worker ids held by live gateways.", self.workers.get());
+    }
+}

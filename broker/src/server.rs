@@ -1,0 +1,60 @@
+//! The broker's gRPC server: `herald.v1.BrokerService`, server reflection (v1
+//! and v1alpha, so any `grpcurl` works without the `.proto`) and the standard
+//! `grpc.health.v1` service.
+
+use std::time::Duration;
+
+use herald_proto::v1::broker_service_server::BrokerServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::hub::Hub;
+use crate::service::BrokerGrpc;
+
+/// Why the gRPC server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Largest gRPC message the broker decodes (a full `PublishBatch`).
+const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Serves the broker on `listener` until `shutdown` is cancelled. On shutdown
+/// every subscriber session is ended with `UNAVAILABLE` (so gateways move on)
+/// and in-flight calls are allowed to finish.
+pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServiceServer<BrokerGrpc>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let broker =
+        BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
+    let drain = async move {
+        shutdown.cancelled().await;
+        health.set_not_serving::<BrokerServiceServer<BrokerGrpc>>().await;
+        hub.shut_down();
+    };
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(broker)
+        .serve_with_incoming_shutdown(incoming, drain)
+        .await?;
+    Ok(())
+}

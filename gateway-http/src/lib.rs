@@ -1,0 +1,166 @@
+//! herald's HTTP gateway: turns HTTP requests into broker publishes.
+//!
+//! - `GET|POST /?content=…[&to_worker_id=…&to_connection_id=…]`: the classic
+//!   API ([`classic`]), answering `ok`;
+//! - `POST /v1/publish` and `POST /v1/batch`: the JSON API ([`json`]).
+//!
+//! Failures are never answered `ok`: 400 for malformed input, 404 for an
+//! unknown worker, 413 for oversized content or bodies, 503 when no broker
+//! can be reached ([`error`]).
+
+pub mod classic;
+pub mod error;
+pub mod json;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use bytes::Bytes;
+use herald_broker::BrokerClient;
+use herald_common::metrics::Exposition;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::metrics::HttpMetrics;
+
+/// Limits of the HTTP gateway.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest content of one message, in bytes.
+    pub max_content_bytes: usize,
+    /// Largest request body, in bytes (a JSON batch is the biggest).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { max_content_bytes: 64 * 1024, max_body_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+/// An HTTP gateway. Clone it to watch its metrics while it runs.
+#[derive(Clone)]
+pub struct HttpGateway {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: HttpConfig,
+    broker: BrokerClient,
+    metrics: HttpMetrics,
+}
+
+impl HttpGateway {
+    pub fn new(config: HttpConfig, broker: BrokerClient) -> Self {
+        Self { shared: Arc::new(Shared { config, broker, metrics: HttpMetrics::default() }) }
+    }
+
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        self.shared.metrics.render(out);
+    }
+
+    /// The gateway's routes.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", any(classic_publish))
+            .route("/v1/publish", post(json_publish))
+            .route("/v1/batch", post(json_batch))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(self.shared.config.max_body_bytes))
+            .with_state(self.shared.clone())
+    }
+
+    /// Serves on `listener` until `shutdown`, letting in-flight requests finish.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    }
+}
+
+async fn classic_publish(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if method != Method::GET && method != Method::POST {
+        let err = ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("use GET or POST") };
+        shared.metrics.record(err.status);
+        return ([(header::ALLOW, "GET, POST")], err).into_response();
+    }
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let form = (method == Method::POST && is_form).then_some(&body[..]);
+    let result = match classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes) {
+        Ok(req) => shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s)),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(_) => {
+            shared.metrics.messages_published.inc();
+            shared.metrics.record(StatusCode::OK);
+            "ok".into_response()
+        }
+        Err(e) => {
+            shared.metrics.record(e.status);
+            e.into_response()
+        }
+    }
+}
+
+async fn json_publish(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let result = async {
+        let req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
+        shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))
+    }
+    .await;
+    match result {
+        Ok(res) => {
+            shared.metrics.messages_published.inc();
+            shared.metrics.record(StatusCode::OK);
+            axum::Json(json::published(&res)).into_response()
+        }
+        Err(e) => {
+            shared.metrics.record(e.status);
+            e.into_json_response()
+        }
+    }
+}
+
+async fn json_batch(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let result = async {
+        let requests = json::parse_body::<json::BatchBody>(&body)?.into_requests()?;
+        shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))
+    }
+    .await;
+    match result {
+        Ok(results) => {
+            let accepted = results
+                .iter()
+                .filter(|r| matches!(r.outcome, Some(herald_proto::v1::publish_result::Outcome::Published(_))))
+                .count();
+            shared.metrics.messages_published.add(accepted as u64);
+            shared.metrics.record(StatusCode::OK);
+            axum::Json(json::batch_results(&results)).into_response()
+        }
+        Err(e) => {
+            shared.metrics.record(e.status);
+            e.into_json_response()
+        }
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        ..ApiError::bad_request(format!("no such endpoint {:?}: use /, /v1/publish or /v1/batch", uri.path()))
+    }
+}

@@ -1,0 +1,206 @@
+//! One client connection, from the WebSocket handshake to the close frame.
+//!
+//! A single task owns the socket. It greets the client with its address,
+//! then waits on three things: frames queued in its outbox (written as one
+//! batch and one flush), frames from the client (pings are answered by
+//! tungstenite, data is ignored) and the gateway's shutdown.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::outbox::Outbox;
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The TCP connection ended or failed without a close frame.
+    ClientGone,
+    /// The client sent a message over the size limit (close code 1009).
+    MessageTooBig,
+    /// The client broke the WebSocket protocol (close code 1002).
+    ProtocolError,
+    /// The outbound queue overflowed (close code 1008).
+    SlowConsumer,
+    /// A batch of frames could not be written in time (close code 1008).
+    WriteTimeout,
+    /// The gateway is shutting down (close code 1001).
+    Shutdown,
+    /// The gateway lost its worker id (close code 1011).
+    WorkerIdLost,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 8] = [
+        Self::ClientClosed,
+        Self::ClientGone,
+        Self::MessageTooBig,
+        Self::ProtocolError,
+        Self::SlowConsumer,
+        Self::WriteTimeout,
+        Self::Shutdown,
+        Self::WorkerIdLost,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::ClientGone => "client_gone",
+            Self::MessageTooBig => "message_too_big",
+            Self::ProtocolError => "protocol_error",
+            Self::SlowConsumer => "slow_consumer",
+            Self::WriteTimeout => "write_timeout",
+            Self::Shutdown => "shutdown",
+            Self::WorkerIdLost => "worker_id_lost",
+        }
+    }
+
+    /// The close frame herald sends for this reason, if it sends one.
+    fn frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            Self::ClientClosed | Self::ClientGone => return None,
+            Self::MessageTooBig => (CloseCode::Size, "message too big"),
+            Self::ProtocolError => (CloseCode::Protocol, "protocol error"),
+            Self::SlowConsumer => (CloseCode::Policy, "slow consumer: outbound queue overflowed"),
+            Self::WriteTimeout => (CloseCode::Policy, "slow consumer: write timed out"),
+            Self::Shutdown => (CloseCode::Away, "server shutting down"),
+            Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
+        };
+        Some(CloseFrame { code, reason: reason.into() })
+    }
+}
+
+/// Serves one accepted TCP connection until it closes.
+// The handshake callback's signature, large error included, is tungstenite's.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let config = &shared.config;
+    let metrics = &shared.metrics;
+    let max_connections = config.max_connections;
+    let registry = &shared.registry;
+    let check = |_: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        if registry.len() >= max_connections {
+            let mut refusal = ErrorResponse::new(Some("too many connections on this gateway\n".into()));
+            *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return Err(refusal);
+        }
+        Ok(response)
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config.websocket()));
+    let mut ws = match timeout(config.handshake_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "WebSocket handshake failed");
+            metrics.handshakes_failed.inc();
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "WebSocket handshake timed out");
+            metrics.handshakes_failed.inc();
+            return;
+        }
+    };
+
+    let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes));
+    let id = registry.register(outbox.clone());
+    metrics.connections.inc();
+    metrics.connections_opened.inc();
+    tracing::debug!(%peer, connection_id = id, "connection opened");
+
+    let greeting = config.greeting.render(&config.worker_id, id);
+    let reason = match timeout(config.write_timeout, ws.send(Message::text(greeting))).await {
+        Ok(Ok(())) => run(&mut ws, &outbox, &shared, &shutdown).await,
+        Ok(Err(_)) => CloseReason::ClientGone,
+        Err(_) => CloseReason::WriteTimeout,
+    };
+    registry.remove(id);
+    metrics.connections.dec();
+    metrics.closed(reason);
+    if matches!(reason, CloseReason::SlowConsumer | CloseReason::WriteTimeout) {
+        tracing::info!(%peer, connection_id = id, reason = reason.label(), "disconnecting a slow client");
+    } else {
+        tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
+    }
+    close(&mut ws, reason).await;
+}
+
+async fn run(
+    ws: &mut WebSocketStream<TcpStream>,
+    outbox: &Outbox,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> CloseReason {
+    let mut batch = VecDeque::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return shared.close_reason(),
+            () = outbox.ready() => {
+                if outbox.take(&mut batch).is_err() {
+                    return CloseReason::SlowConsumer;
+                }
+                match timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return CloseReason::ClientGone,
+                    Err(_) => return CloseReason::WriteTimeout,
+                }
+            }
+            incoming = ws.next() => match incoming {
+                None => return CloseReason::ClientGone,
+                Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => shared.metrics.client_messages_ignored.inc(),
+                Some(Ok(_)) => {}
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
+                Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => return CloseReason::ProtocolError,
+                Some(Err(_)) => return CloseReason::ClientGone,
+            },
+        }
+    }
+}
+
+async fn write_batch(ws: &mut WebSocketStream<TcpStream>, batch: &mut VecDeque<Message>) -> Result<(), WsError> {
+    while let Some(frame) = batch.pop_front() {
+        ws.feed(frame).await?;
+    }
+    ws.flush().await
+}
+
+/// Sends herald's close frame (if the reason has one) and waits briefly for
+/// the client's, so the client reads the close code before the TCP close.
+async fn close(ws: &mut WebSocketStream<TcpStream>, reason: CloseReason) {
+    let linger = async {
+        match reason.frame() {
+            Some(frame) => {
+                if ws.close(Some(frame)).await.is_err() {
+                    return;
+                }
+            }
+            // Flushes tungstenite's automatic reply to the client's close.
+            None if reason == CloseReason::ClientClosed => {
+                let _ = ws.flush().await;
+            }
+            None => return,
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    };
+    let _ = timeout(CLOSE_LINGER, linger).await;
+}

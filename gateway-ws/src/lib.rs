@@ -1,0 +1,231 @@
+//! herald's WebSocket gateway.
+//!
+//! - [`connection`]: one client connection, handshake to close;
+//! - [`outbox`]: a connection's byte-bounded outbound queue;
+//! - [`registry`]: live connections and delivery into their outboxes;
+//! - [`link`]: the session with the broker (claim, subscribe, reconnect).
+//!
+//! ```text
+//! broker ──events──▶ link ──▶ registry ──▶ outbox ──▶ connection task ──▶ client
+//! ```
+
+pub mod connection;
+pub mod link;
+pub mod metrics;
+pub mod outbox;
+pub mod registry;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use herald_broker::BrokerClient;
+use herald_common::metrics::Exposition;
+use herald_proto::names::{self, NameError};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::CloseReason;
+pub use crate::link::LinkError;
+use crate::metrics::GatewayMetrics;
+use crate::registry::Registry;
+
+/// How a connection is told its address when it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Greeting {
+    /// `Worker ID:{worker_id} Connection ID:{connection_id} connected`
+    #[default]
+    Text,
+    /// `{"type":"connected","worker_id":"…","connection_id":"…"}`
+    Json,
+}
+
+impl Greeting {
+    /// The greeting for one connection. Ids are URL-safe tokens, so neither
+    /// form needs escaping.
+    pub fn render(self, worker_id: &str, connection_id: u64) -> String {
+        match self {
+            Self::Text => format!("Worker ID:{worker_id} Connection ID:{connection_id} connected"),
+            Self::Json => {
+                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"}}"#)
+            }
+        }
+    }
+}
+
+/// Everything a gateway needs to know.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This gateway's cluster-unique worker id.
+    pub worker_id: String,
+    pub greeting: Greeting,
+    /// Most connections held at once; more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Largest message a client may send, in bytes.
+    pub max_message_bytes: usize,
+    /// Bytes queued for one connection before it is disconnected as too slow.
+    pub outbox_limit_bytes: usize,
+    /// Longest time one batch of frames may take to write.
+    pub write_timeout: Duration,
+    /// Longest time a WebSocket handshake may take.
+    pub handshake_timeout: Duration,
+    /// Per-connection read buffer, allocated up front.
+    pub read_buffer_bytes: usize,
+    /// Bytes gathered before a write to the socket (grown on demand).
+    pub write_buffer_bytes: usize,
+    /// How long shutdown waits for connections to close.
+    pub drain_timeout: Duration,
+}
+
+impl GatewayConfig {
+    pub fn new(worker_id: String) -> Self {
+        Self {
+            worker_id,
+            greeting: Greeting::Text,
+            max_connections: 100_000,
+            max_message_bytes: 64 * 1024,
+            outbox_limit_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 16 * 1024,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn websocket(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(self.write_buffer_bytes)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+}
+
+/// Why the gateway stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid worker id: {0}")]
+    BadWorkerId(#[from] NameError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// A WebSocket gateway. Clone it to watch its metrics while it runs.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    config: GatewayConfig,
+    /// Random per process: lets this process reclaim its worker id after a reconnect.
+    instance_id: String,
+    registry: Registry,
+    metrics: GatewayMetrics,
+    /// Set when connections must close for a reason other than shutdown.
+    close_reason: OnceLock<CloseReason>,
+}
+
+impl Shared {
+    fn set_linked(&self, linked: bool) {
+        self.metrics.broker_linked.set(i64::from(linked));
+    }
+
+    fn close_reason(&self) -> CloseReason {
+        self.close_reason.get().copied().unwrap_or(CloseReason::Shutdown)
+    }
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Result<Self, GatewayError> {
+        names::validate_worker_id(&config.worker_id)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                instance_id: herald_common::token::random_token(16),
+                registry: Registry::default(),
+                metrics: GatewayMetrics::default(),
+                close_reason: OnceLock::new(),
+            }),
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.shared.config.worker_id
+    }
+
+    /// Whether the broker session is established.
+    pub fn is_linked(&self) -> bool {
+        self.shared.metrics.broker_linked.get() == 1
+    }
+
+    pub fn connections(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        self.shared.metrics.render(out);
+    }
+
+    /// Accepts clients on `listener` and keeps a broker session through
+    /// `broker` until `shutdown`; then closes every client with 1001.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        broker: BrokerClient,
+        shutdown: CancellationToken,
+    ) -> Result<(), GatewayError> {
+        let shared = self.shared;
+        let connections = TaskTracker::new();
+        let closing = CancellationToken::new();
+        let mut link = tokio::spawn(link::run(shared.clone(), broker, closing.clone()));
+        let result = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                ended = &mut link => {
+                    let _ = shared.close_reason.set(CloseReason::WorkerIdLost);
+                    break match ended {
+                        Ok(Err(e)) => Err(GatewayError::Link(e)),
+                        Ok(Ok(())) | Err(_) => Ok(()),
+                    };
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(connection::serve(stream, peer, shared.clone(), closing.clone()));
+                    }
+                    Err(e) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        };
+        drop(listener);
+        closing.cancel();
+        connections.close();
+        if tokio::time::timeout(shared.config.drain_timeout, connections.wait()).await.is_err() {
+            tracing::warn!(left = shared.registry.len(), "connections still open after the drain timeout");
+        }
+        link.abort();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_carry_the_address_in_the_classic_text_or_json() {
+        assert_eq!(Greeting::Text.render("w1", 7), "Worker ID:w1 Connection ID:7 connected");
+        assert_eq!(Greeting::Json.render("w1", 7), r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#);
+    }
+
+    #[test]
+    fn a_malformed_worker_id_is_refused_at_construction() {
+        assert!(matches!(Gateway::new(GatewayConfig::new("a..b".into())), Err(GatewayError::BadWorkerId(_))));
+    }
+}

@@ -1,0 +1,127 @@
+//! The grammar of the names in herald's contract: worker ids, connection ids
+//! and channel names. They travel unescaped in query strings, greetings and
+//! NATS subjects, so each is a short token of URL-safe characters.
+
+use thiserror::Error;
+
+/// Longest worker id or connection id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 128;
+/// The channel every gateway listens on.
+pub const BROADCAST_CHANNEL: &str = "broadcast";
+/// Prefix of the channel a gateway listens on for its worker id.
+pub const WORKER_CHANNEL_PREFIX: &str = "worker.";
+
+/// Why a name was refused. The message names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NameError {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is {len} bytes long; the limit is {max}")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("{what} {value:?} has a character outside [A-Za-z0-9._-]")]
+    BadCharacter { what: &'static str, value: String },
+    #[error("{what} {value:?} has an empty dot-separated part")]
+    EmptyPart { what: &'static str, value: String },
+}
+
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong { what, len: value.len(), max });
+    }
+    Ok(())
+}
+
+/// Dot-separated tokens of `[A-Za-z0-9_-]` with no empty part: the shape
+/// shared by worker ids and channel names (and valid as NATS subject tokens).
+fn check_dotted(what: &'static str, value: &str, max: usize) -> Result<(), NameError> {
+    check_len(what, value, max)?;
+    if !value.bytes().all(|b| is_token_char(b) || b == b'.') {
+        return Err(NameError::BadCharacter { what, value: value.to_owned() });
+    }
+    if value.split('.').any(str::is_empty) {
+        return Err(NameError::EmptyPart { what, value: value.to_owned() });
+    }
+    Ok(())
+}
+
+/// Checks a worker id: 1 to 64 characters of `[A-Za-z0-9._-]`, dots only
+/// between other characters.
+pub fn validate_worker_id(value: &str) -> Result<(), NameError> {
+    check_dotted("worker id", value, MAX_ID_LEN)
+}
+
+/// Checks a connection id: 1 to 64 characters of `[A-Za-z0-9._-]`.
+pub fn validate_connection_id(value: &str) -> Result<(), NameError> {
+    let what = "connection id";
+    check_len(what, value, MAX_ID_LEN)?;
+    if !value.bytes().all(|b| is_token_char(b) || b == b'.') {
+        return Err(NameError::BadCharacter { what, value: value.to_owned() });
+    }
+    Ok(())
+}
+
+/// Checks a channel name: dot-separated tokens of `[A-Za-z0-9_-]`, at most 128
+/// characters.
+pub fn validate_channel(value: &str) -> Result<(), NameError> {
+    check_dotted("channel", value, MAX_CHANNEL_LEN)
+}
+
+/// The channel on which the gateway holding `worker_id` listens.
+pub fn worker_channel(worker_id: &str) -> String {
+    format!("{WORKER_CHANNEL_PREFIX}{worker_id}")
+}
+
+/// Whether `channel` is a worker channel, which only a worker claim may
+/// subscribe to and only a connection target may publish on.
+pub fn is_worker_channel(channel: &str) -> bool {
+    channel.starts_with(WORKER_CHANNEL_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_ids_are_url_safe_dotted_tokens() {
+        for ok in ["0", "w1", "eu-west.gw_3", "A.b.C"] {
+            assert_eq!(validate_worker_id(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".w", "w.", "a..b", "a b", "a/b", "é", "a%20"] {
+            assert!(validate_worker_id(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(validate_worker_id(&"x".repeat(65)), Err(NameError::TooLong { len: 65, .. })));
+    }
+
+    #[test]
+    fn connection_ids_allow_any_url_safe_token() {
+        assert_eq!(validate_connection_id("1"), Ok(()));
+        assert_eq!(validate_connection_id(".a..b."), Ok(()));
+        assert!(validate_connection_id("").is_err());
+        assert!(validate_connection_id("1 2").is_err());
+    }
+
+    #[test]
+    fn channels_are_dotted_tokens_up_to_128_bytes() {
+        assert_eq!(validate_channel("broadcast"), Ok(()));
+        assert_eq!(validate_channel("room.42.chat"), Ok(()));
+        assert!(validate_channel("room..42").is_err());
+        assert!(validate_channel("room/42").is_err());
+        assert!(validate_channel(&"c".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn worker_channels_are_recognised() {
+        assert_eq!(worker_channel("w1"), "worker.w1");
+        assert!(is_worker_channel("worker.w1"));
+        assert!(!is_worker_channel("workers"));
+    }
+}

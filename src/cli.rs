@@ -1,0 +1,249 @@
+//! Command-line interface: one subcommand per role. Every option can also be
+//! set from the environment (`HERALD_*`); flags win over the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use herald_broker::HubLimits;
+use herald_gateway_http::HttpConfig;
+use herald_gateway_ws::{GatewayConfig, Greeting};
+
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about = "Distributed WebSocket push server", propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub role: Role,
+    /// Log line format (the level comes from RUST_LOG, default "info").
+    #[arg(long, global = true, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Role {
+    /// The channel broker: routes published messages to the gateways that need them (gRPC).
+    Broker(BrokerArgs),
+    /// A WebSocket gateway: holds client connections and delivers events to them.
+    Ws(WsArgs),
+    /// An HTTP gateway: turns HTTP publish requests into broker publishes.
+    Http(HttpArgs),
+    /// Broker, WebSocket gateway and HTTP gateway in one process (no other server needed).
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Address of the broker's gRPC service.
+    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value = "127.0.0.1:2206")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, env = "HERALD_BROKER_ADMIN_LISTEN", default_value = "127.0.0.1:2207")]
+    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub content: ContentArgs,
+    #[command(flatten)]
+    pub broker: BrokerOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct WsArgs {
+    /// Address WebSocket clients connect to.
+    #[arg(long, env = "HERALD_WS_LISTEN", default_value = "127.0.0.1:4236")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, env = "HERALD_WS_ADMIN_LISTEN", default_value = "127.0.0.1:4238")]
+    pub admin_listen: SocketAddr,
+    /// Broker addresses, comma-separated; the gateway fails over between them.
+    #[arg(long = "broker", env = "HERALD_BROKERS", default_value = "127.0.0.1:2206")]
+    pub brokers: String,
+    /// Let several gateway processes listen on the same address (SO_REUSEPORT).
+    #[arg(long, env = "HERALD_WS_REUSE_PORT")]
+    pub reuse_port: bool,
+    #[command(flatten)]
+    pub ws: WsOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Address of the HTTP publish API.
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "127.0.0.1:4237")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, env = "HERALD_HTTP_ADMIN_LISTEN", default_value = "127.0.0.1:4239")]
+    pub admin_listen: SocketAddr,
+    /// Broker addresses, comma-separated; publishes fail over between them.
+    #[arg(long = "broker", env = "HERALD_BROKERS", default_value = "127.0.0.1:2206")]
+    pub brokers: String,
+    #[command(flatten)]
+    pub content: ContentArgs,
+    #[command(flatten)]
+    pub http: HttpOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// Address of the broker's gRPC service.
+    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value = "127.0.0.1:2206")]
+    pub broker_listen: SocketAddr,
+    /// Address WebSocket clients connect to.
+    #[arg(long, env = "HERALD_WS_LISTEN", default_value = "127.0.0.1:4236")]
+    pub ws_listen: SocketAddr,
+    /// Address of the HTTP publish API.
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "127.0.0.1:4237")]
+    pub http_listen: SocketAddr,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:4238")]
+    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub content: ContentArgs,
+    #[command(flatten)]
+    pub broker: BrokerOptions,
+    #[command(flatten)]
+    pub ws: WsOptions,
+    #[command(flatten)]
+    pub http: HttpOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct ContentArgs {
+    /// Largest message content accepted for publishing, in bytes.
+    #[arg(long, env = "HERALD_MAX_CONTENT_BYTES", default_value_t = 64 * 1024)]
+    pub max_content_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerOptions {
+    /// Most messages in one batch publish.
+    #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+    /// Most channels one subscriber session may listen on.
+    #[arg(long, env = "HERALD_MAX_CHANNELS_PER_SESSION", default_value_t = 1024)]
+    pub max_channels_per_session: usize,
+    /// Events queued per subscriber session before publishers wait.
+    #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 16 * 1024)]
+    pub session_queue: usize,
+    /// How long publishers wait on a full session queue before evicting the session (e.g. 2s, 500ms).
+    #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub slow_session_grace: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct WsOptions {
+    /// This gateway's worker id, unique in the cluster ([A-Za-z0-9._-], up to 64). Random when unset.
+    #[arg(long, env = "HERALD_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Greeting sent to each new connection.
+    #[arg(long, env = "HERALD_GREETING", value_enum, default_value_t = GreetingArg::Text)]
+    pub greeting: GreetingArg,
+    /// Most WebSocket connections at once; more are refused with HTTP 503.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Largest message a client may send, in bytes (larger: close 1009).
+    #[arg(long, env = "HERALD_MAX_CLIENT_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_client_message_bytes: usize,
+    /// Bytes queued for one connection before it is closed as too slow (close 1008).
+    #[arg(long, env = "HERALD_OUTBOX_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    pub outbox_limit_bytes: usize,
+    /// Longest time a batch of frames may take to write before the client is closed as too slow.
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+    /// Longest time a WebSocket handshake may take.
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Per-connection read buffer, in bytes (allocated for every connection).
+    #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = 4096)]
+    pub read_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GreetingArg {
+    /// Worker ID:{worker_id} Connection ID:{connection_id} connected
+    Text,
+    /// {"type":"connected","worker_id":"…","connection_id":"…"}
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpOptions {
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (try 500ms, 10s or 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+impl ContentArgs {
+    pub fn hub_limits(&self, broker: &BrokerOptions) -> HubLimits {
+        HubLimits {
+            max_content_bytes: self.max_content_bytes,
+            max_batch: broker.max_batch,
+            max_channels_per_session: broker.max_channels_per_session,
+            session_queue: broker.session_queue.max(1),
+            slow_session_grace: broker.slow_session_grace,
+        }
+    }
+
+    pub fn http_config(&self, http: &HttpOptions) -> HttpConfig {
+        HttpConfig { max_content_bytes: self.max_content_bytes, max_body_bytes: http.max_body_bytes }
+    }
+}
+
+impl WsOptions {
+    pub fn gateway_config(&self) -> GatewayConfig {
+        let worker_id = self.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
+        GatewayConfig {
+            greeting: match self.greeting {
+                GreetingArg::Text => Greeting::Text,
+                GreetingArg::Json => Greeting::Json,
+            },
+            max_connections: self.max_connections,
+            max_message_bytes: self.max_client_message_bytes,
+            outbox_limit_bytes: self.outbox_limit_bytes,
+            write_timeout: self.write_timeout,
+            handshake_timeout: self.handshake_timeout,
+            read_buffer_bytes: self.read_buffer_bytes.max(256),
+            ..GatewayConfig::new(worker_id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_common_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

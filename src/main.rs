@@ -1,0 +1,79 @@
+//! `herald`: one binary, four roles (`broker`, `ws`, `http`, `standalone`).
+//!
+//! Standard output carries one `herald: <kind> listening on <addr>` line per
+//! listener (so scripts can start herald on port 0); logs go to standard
+//! error. SIGINT/SIGTERM start a graceful shutdown; a second one exits at once.
+
+mod admin;
+mod cli;
+mod roles;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, LogFormat, Role};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.role)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("herald: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(role: Role) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    match role {
+        Role::Broker(args) => roles::broker(args, shutdown).await,
+        Role::Ws(args) => roles::ws(args, shutdown).await,
+        Role::Http(args) => roles::http(args, shutdown).await,
+        Role::Standalone(args) => roles::standalone(args, shutdown).await,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; exits on the second.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot install signal handlers; stop herald with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}
