@@ -1,0 +1,13 @@
+//! End-to-end tests: each starts real `herald` processes on ephemeral
+//! loopback ports and drives them with real clients (curl, grpcurl, Python
+//! grpcio stubs, headless Chromium, tokio-tungstenite).
+//!
+//! Tools the suite needs are installed by `scripts/test`. Run alone, a test
+//! whose tool is missing says so and passes vacuously, unless
+//! `HERALD_TEST_REQUIRE_TOOLS=1` (as `scripts/test` sets) makes it fail.
+
+mod support;
+
+mod classic;
+
+mod tools;

