@@ -9,5 +9,6 @@
 mod support;
 
 mod classic;
+mod gateway;
 
 mod tools;
