@@ -251,7 +251,8 @@ impl Hub {
         }
         drop(state);
         let session = Arc::new(Session { hub: self.clone(), id, sink });
-        let events = SessionEvents { rx, end: Some(end_rx), ended: false, _session: session.clone() };
+        let events =
+            SessionEvents { rx, end: Some(end_rx), final_status: None, ended: false, _session: session.clone() };
         (session, events)
     }
 
@@ -481,6 +482,8 @@ impl Drop for Session {
 pub struct SessionEvents {
     rx: mpsc::Receiver<SubscribeResponse>,
     end: Option<oneshot::Receiver<Status>>,
+    /// The status the session ended with, yielded once the queue is drained.
+    final_status: Option<Status>,
     ended: bool,
     _session: Arc<Session>,
 }
@@ -495,13 +498,23 @@ impl Stream for SessionEvents {
         if let Some(end) = self.end.as_mut() {
             match Pin::new(end).poll(cx) {
                 Poll::Ready(Ok(status)) => {
-                    self.ended = true;
+                    self.final_status = Some(status);
                     self.end = None;
-                    return Poll::Ready(Some(Err(status)));
                 }
                 Poll::Ready(Err(_)) => self.end = None,
                 Poll::Pending => {}
             }
+        }
+        // Once ended, no new events arrive: hand over what is queued (events
+        // published before the end), then the final status.
+        if self.final_status.is_some() {
+            return match self.rx.try_recv() {
+                Ok(item) => Poll::Ready(Some(Ok(item))),
+                Err(_) => {
+                    self.ended = true;
+                    Poll::Ready(self.final_status.take().map(Err))
+                }
+            };
         }
         self.rx.poll_recv(cx).map(|m| m.map(Ok))
     }
@@ -762,12 +775,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutting_down_ends_sessions_and_refuses_publishes() {
+    async fn shutting_down_delivers_queued_events_then_ends_sessions_and_refuses_publishes() {
         let hub = Hub::default();
         let (s, mut events) = hub.open_session();
         s.apply(subscribe(1, &["broadcast"])).unwrap();
         expect_ack(&mut events, 1).await;
+        hub.publish(broadcast("queued before the shutdown")).await.unwrap();
         hub.shut_down();
+        expect_text(&mut events, "queued before the shutdown").await;
         assert_eq!(events.next().await.unwrap().unwrap_err().code(), Code::Unavailable);
         assert_eq!(hub.publish(broadcast("late")).await.unwrap_err().code(), Code::Unavailable);
         let (_late, mut late_events) = hub.open_session();
