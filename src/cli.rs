@@ -156,6 +156,12 @@ pub struct WsOptions {
     /// Longest time a WebSocket handshake may take.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// How often every connection is pinged (0s: never).
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// How long past a ping a silent client is kept before it is closed (1008).
+    #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub pong_timeout: Duration,
     /// Per-connection read buffer, in bytes (allocated for every connection).
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = 4096)]
     pub read_buffer_bytes: usize,
@@ -221,6 +227,8 @@ impl WsOptions {
             write_timeout: self.write_timeout,
             handshake_timeout: self.handshake_timeout,
             read_buffer_bytes: self.read_buffer_bytes.max(256),
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
             ..GatewayConfig::new(worker_id)
         }
     }

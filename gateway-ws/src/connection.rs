@@ -3,7 +3,8 @@
 //! A single task owns the socket. It greets the client with its address,
 //! then waits on three things: frames queued in its outbox (written as one
 //! batch and one flush), frames from the client (pings are answered by
-//! tungstenite, data is ignored) and the gateway's shutdown.
+//! tungstenite, data is ignored, anything counts as a sign of life for the
+//! heartbeat) and the gateway's shutdown.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::outbox::Outbox;
+use crate::outbox::{Closure, Outbox};
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -43,6 +44,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// A batch of frames could not be written in time (close code 1008).
     WriteTimeout,
+    /// The client did not answer pings in time (close code 1008).
+    Unresponsive,
     /// The gateway is shutting down (close code 1001).
     Shutdown,
     /// The gateway lost its worker id (close code 1011).
@@ -50,13 +53,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::MessageTooBig,
         Self::ProtocolError,
         Self::SlowConsumer,
         Self::WriteTimeout,
+        Self::Unresponsive,
         Self::Shutdown,
         Self::WorkerIdLost,
     ];
@@ -69,6 +73,7 @@ impl CloseReason {
             Self::ProtocolError => "protocol_error",
             Self::SlowConsumer => "slow_consumer",
             Self::WriteTimeout => "write_timeout",
+            Self::Unresponsive => "ping_timeout",
             Self::Shutdown => "shutdown",
             Self::WorkerIdLost => "worker_id_lost",
         }
@@ -82,6 +87,7 @@ impl CloseReason {
             Self::ProtocolError => (CloseCode::Protocol, "protocol error"),
             Self::SlowConsumer => (CloseCode::Policy, "slow consumer: outbound queue overflowed"),
             Self::WriteTimeout => (CloseCode::Policy, "slow consumer: write timed out"),
+            Self::Unresponsive => (CloseCode::Policy, "no answer to pings"),
             Self::Shutdown => (CloseCode::Away, "server shutting down"),
             Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
         };
@@ -121,7 +127,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         }
     };
 
-    let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes));
+    let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()));
     let id = registry.register(outbox.clone());
     metrics.connections.inc();
     metrics.connections_opened.inc();
@@ -136,7 +142,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     registry.remove(id);
     metrics.connections.dec();
     metrics.closed(reason);
-    if matches!(reason, CloseReason::SlowConsumer | CloseReason::WriteTimeout) {
+    if matches!(reason, CloseReason::SlowConsumer | CloseReason::WriteTimeout | CloseReason::Unresponsive) {
         tracing::info!(%peer, connection_id = id, reason = reason.label(), "disconnecting a slow client");
     } else {
         tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
@@ -153,10 +159,19 @@ async fn run(
     let mut batch = VecDeque::new();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return shared.close_reason(),
+            () = shutdown.cancelled() => {
+                // The broker link drained before this: what is queued was
+                // published before the drain began, so deliver it first.
+                if outbox.take(&mut batch).is_ok() && !batch.is_empty() {
+                    let _ = timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await;
+                }
+                return shared.close_reason();
+            }
             () = outbox.ready() => {
-                if outbox.take(&mut batch).is_err() {
-                    return CloseReason::SlowConsumer;
+                match outbox.take(&mut batch) {
+                    Ok(()) => {}
+                    Err(Closure::Overflow) => return CloseReason::SlowConsumer,
+                    Err(Closure::Unresponsive) => return CloseReason::Unresponsive,
                 }
                 match timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await {
                     Ok(Ok(())) => {}
@@ -164,7 +179,9 @@ async fn run(
                     Err(_) => return CloseReason::WriteTimeout,
                 }
             }
-            incoming = ws.next() => match incoming {
+            incoming = ws.next() => {
+                outbox.heard(shared.now_ms());
+                match incoming {
                 None => return CloseReason::ClientGone,
                 Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => shared.metrics.client_messages_ignored.inc(),
@@ -172,7 +189,8 @@ async fn run(
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
                 Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => return CloseReason::ProtocolError,
                 Some(Err(_)) => return CloseReason::ClientGone,
-            },
+                }
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod outbox;
 pub mod registry;
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herald_broker::BrokerClient;
 use herald_common::metrics::Exposition;
@@ -74,8 +74,12 @@ pub struct GatewayConfig {
     pub read_buffer_bytes: usize,
     /// Bytes gathered before a write to the socket (grown on demand).
     pub write_buffer_bytes: usize,
-    /// How long shutdown waits for connections to close.
+    /// How long each shutdown step (broker drain, client close) may take.
     pub drain_timeout: Duration,
+    /// How often every connection is pinged; zero turns heartbeats off.
+    pub ping_interval: Duration,
+    /// How long past a ping a silent client is kept before it is closed.
+    pub pong_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -91,6 +95,8 @@ impl GatewayConfig {
             read_buffer_bytes: 4096,
             write_buffer_bytes: 16 * 1024,
             drain_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
         }
     }
 
@@ -126,9 +132,16 @@ pub(crate) struct Shared {
     metrics: GatewayMetrics,
     /// Set when connections must close for a reason other than shutdown.
     close_reason: OnceLock<CloseReason>,
+    /// Origin of the coarse clock used for heartbeats.
+    epoch: Instant,
 }
 
 impl Shared {
+    /// Milliseconds since the gateway started.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn set_linked(&self, linked: bool) {
         self.metrics.broker_linked.set(i64::from(linked));
     }
@@ -148,6 +161,7 @@ impl Gateway {
                 registry: Registry::default(),
                 metrics: GatewayMetrics::default(),
                 close_reason: OnceLock::new(),
+                epoch: Instant::now(),
             }),
         })
     }
@@ -170,7 +184,9 @@ impl Gateway {
     }
 
     /// Accepts clients on `listener` and keeps a broker session through
-    /// `broker` until `shutdown`; then closes every client with 1001.
+    /// `broker` until `shutdown`. Then: stop accepting, drain the broker link
+    /// (every message published before now reaches its outbox), deliver what
+    /// is queued and close every client with 1001.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -180,7 +196,9 @@ impl Gateway {
         let shared = self.shared;
         let connections = TaskTracker::new();
         let closing = CancellationToken::new();
-        let mut link = tokio::spawn(link::run(shared.clone(), broker, closing.clone()));
+        let link_stop = CancellationToken::new();
+        let mut link = tokio::spawn(link::run(shared.clone(), broker, link_stop.clone()));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let result = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
@@ -204,13 +222,42 @@ impl Gateway {
             }
         };
         drop(listener);
+        heartbeat.abort();
+        if !link.is_finished() {
+            link_stop.cancel();
+            if tokio::time::timeout(shared.config.drain_timeout, &mut link).await.is_err() {
+                tracing::warn!("the broker link did not drain in time");
+            }
+        }
+        link.abort();
         closing.cancel();
         connections.close();
         if tokio::time::timeout(shared.config.drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(left = shared.registry.len(), "connections still open after the drain timeout");
         }
-        link.abort();
         result
+    }
+}
+
+/// Pings every connection each `ping_interval` and closes those not heard
+/// from for `ping_interval + pong_timeout`. One task for the whole gateway,
+/// so idle connections cost no timer each.
+async fn heartbeat(shared: Arc<Shared>) {
+    let interval = shared.config.ping_interval;
+    if interval.is_zero() {
+        return;
+    }
+    let grace = u64::try_from((interval + shared.config.pong_timeout).as_millis()).unwrap_or(u64::MAX);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let sweep = shared.registry.heartbeat(shared.now_ms().saturating_sub(grace));
+        shared.metrics.pings_sent.add(sweep.pinged);
+        if sweep.unresponsive > 0 {
+            tracing::debug!(count = sweep.unresponsive, "closing connections that stopped answering pings");
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! reconnects with backoff (to the next broker address when several are
 //! given) and claims and subscribes again by itself; clients stay connected
 //! throughout. Losing the worker id to another live gateway is fatal.
+//! When the gateway shuts down, the link drains (see [`run`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use herald_broker::{BrokerClient, BrokerSession};
 use herald_common::backoff::Backoff;
 use herald_proto::names::BROADCAST_CHANNEL;
 use herald_proto::v1::{
-    ClaimWorker, Event, SubscribeChannels, SubscribeRequest, content, subscribe_request, subscribe_response, target,
+    ClaimWorker, Event, SubscribeChannels, SubscribeRequest, UnsubscribeChannels, content, subscribe_request,
+    subscribe_response, target,
 };
 use tokio_stream::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +27,7 @@ use crate::registry::SendError;
 
 const CLAIM_REQUEST: u64 = 1;
 const SUBSCRIBE_REQUEST: u64 = 2;
+const DRAIN_REQUEST: u64 = 3;
 
 /// The link cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -33,17 +36,29 @@ pub enum LinkError {
     WorkerIdTaken { worker_id: String, message: String },
 }
 
-/// Keeps a broker session up until `shutdown`, or fails for good.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    broker: BrokerClient,
-    shutdown: CancellationToken,
-) -> Result<(), LinkError> {
+/// How a broker session ended.
+enum SessionEnd {
+    /// Asked to stop: everything the broker queued before the stop was dispatched.
+    Stopped,
+    /// The session broke; `linked` says whether it had got as far as being linked.
+    Lost { status: Status, linked: bool },
+}
+
+/// Keeps a broker session up until `stop`, or fails for good.
+///
+/// On `stop` the link drains: it unsubscribes from `broadcast` and keeps
+/// dispatching until the broker acknowledges. The broker queues that ack
+/// behind every event it queued for this session before, so every message
+/// published before the drain began has then reached a connection's outbox.
+pub(crate) async fn run(shared: Arc<Shared>, broker: BrokerClient, stop: CancellationToken) -> Result<(), LinkError> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        let (status, linked) = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            outcome = session(&shared, &broker) => outcome,
+        let (status, linked) = match session(&shared, &broker, &stop).await {
+            SessionEnd::Stopped => {
+                shared.set_linked(false);
+                return Ok(());
+            }
+            SessionEnd::Lost { status, linked } => (status, linked),
         };
         shared.set_linked(false);
         if status.code() == Code::AlreadyExists {
@@ -59,27 +74,47 @@ pub(crate) async fn run(
         let delay = backoff.next_delay();
         tracing::warn!(code = ?status.code(), reason = status.message(), retry_in = ?delay, "broker session lost");
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
     }
 }
 
-/// Runs one broker session to its end. Returns why it ended and whether it
-/// got as far as being linked.
-async fn session(shared: &Shared, broker: &BrokerClient) -> (Status, bool) {
-    let mut session = match open(shared, broker).await {
+/// Runs one broker session to its end.
+async fn session(shared: &Shared, broker: &BrokerClient, stop: &CancellationToken) -> SessionEnd {
+    let opened = tokio::select! {
+        () = stop.cancelled() => return SessionEnd::Stopped,
+        opened = open(shared, broker) => opened,
+    };
+    let mut session = match opened {
         Ok(session) => session,
-        Err(status) => return (status, false),
+        Err(status) => return SessionEnd::Lost { status, linked: false },
     };
     let mut awaiting_acks = 2;
-    while let Some(item) = session.events.next().await {
+    let mut draining = false;
+    loop {
+        let item = tokio::select! {
+            () = stop.cancelled(), if !draining => {
+                if awaiting_acks > 0 || session.commands.send(drain_request()).await.is_err() {
+                    return SessionEnd::Stopped;
+                }
+                draining = true;
+                continue;
+            }
+            item = session.events.next() => item,
+        };
         let response = match item {
-            Ok(response) => response,
-            Err(status) => return (status, awaiting_acks == 0),
+            Some(Ok(response)) => response,
+            Some(Err(_)) | None if draining => return SessionEnd::Stopped,
+            Some(Err(status)) => return SessionEnd::Lost { status, linked: awaiting_acks == 0 },
+            None => {
+                let status = Status::unavailable("broker ended the session");
+                return SessionEnd::Lost { status, linked: awaiting_acks == 0 };
+            }
         };
         match response.kind {
             Some(subscribe_response::Kind::Event(event)) => dispatch(shared, event),
+            Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
             Some(subscribe_response::Kind::Ack(_)) => {
                 awaiting_acks -= 1;
                 if awaiting_acks == 0 {
@@ -90,7 +125,15 @@ async fn session(shared: &Shared, broker: &BrokerClient) -> (Status, bool) {
             None => {}
         }
     }
-    (Status::unavailable("broker ended the session"), awaiting_acks == 0)
+}
+
+fn drain_request() -> SubscribeRequest {
+    SubscribeRequest {
+        request_id: DRAIN_REQUEST,
+        command: Some(subscribe_request::Command::Unsubscribe(UnsubscribeChannels {
+            channels: vec![BROADCAST_CHANNEL.to_owned()],
+        })),
+    }
 }
 
 async fn open(shared: &Shared, broker: &BrokerClient) -> Result<BrokerSession, Status> {
@@ -131,7 +174,7 @@ fn dispatch(shared: &Shared, event: Event) {
         Some(target::Kind::Broadcast(_)) => {
             let fanout = shared.registry.broadcast(&frame);
             metrics.frames_queued.add(fanout.delivered);
-            metrics.dropped_overflow.add(fanout.overflowed);
+            metrics.dropped_closing.add(fanout.dropped);
         }
         Some(target::Kind::Connection(address)) if address.worker_id == shared.config.worker_id => {
             match shared.registry.send_to(&address.connection_id, frame) {
@@ -140,7 +183,7 @@ fn dispatch(shared: &Shared, event: Event) {
                     tracing::debug!(connection_id = %address.connection_id, "message for a connection that is not live");
                     metrics.dropped_unknown_connection.inc();
                 }
-                Err(SendError::Overflow) => metrics.dropped_overflow.inc(),
+                Err(SendError::Closing(_)) => metrics.dropped_closing.inc(),
             }
         }
         other => tracing::debug!(target = ?other, channel = %event.channel, "ignoring an event with no target here"),

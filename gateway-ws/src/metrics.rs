@@ -16,8 +16,10 @@ pub struct GatewayMetrics {
     pub frames_queued: Counter,
     /// Frames dropped because their connection id is not live on this gateway.
     pub dropped_unknown_connection: Counter,
-    /// Frames dropped because their connection's queue overflowed.
-    pub dropped_overflow: Counter,
+    /// Frames dropped because their connection is closing (overflowed or unresponsive).
+    pub dropped_closing: Counter,
+    /// Pings sent by the heartbeat.
+    pub pings_sent: Counter,
     /// Messages from clients, which herald does not route anywhere.
     pub client_messages_ignored: Counter,
     /// 1 while the broker session is established.
@@ -53,7 +55,7 @@ impl GatewayMetrics {
             "Frames not delivered, by reason.",
             &[
                 (&[("reason", "unknown_connection")], &self.dropped_unknown_connection),
-                (&[("reason", "overflow")], &self.dropped_overflow),
+                (&[("reason", "connection_closing")], &self.dropped_closing),
             ],
         );
         out.counter(
@@ -61,6 +63,7 @@ impl GatewayMetrics {
             "Data frames sent by clients (herald does not route them).",
             &self.client_messages_ignored,
         );
+        out.counter("herald_ws_pings_sent_total", "Heartbeat pings sent to clients.", &self.pings_sent);
         out.gauge(
             "herald_ws_broker_linked",
             "1 while the gateway's broker session is established.",

@@ -1,55 +1,67 @@
-//! One connection's outbound queue, bounded in bytes.
+//! One connection's outbound queue, bounded in bytes, and the only way other
+//! tasks reach the connection's task: frames to send, or a request to close.
 //!
 //! The broker link pushes frames in (never waiting); the connection's task
 //! takes everything queued at once and writes it with one flush. A push that
-//! would exceed the byte limit marks the queue overflowed instead: the
-//! connection is then closed with a clear code rather than silently losing
-//! part of its stream.
+//! would exceed the byte limit closes the queue as overflowed instead, so
+//! the connection is closed with a clear code rather than silently losing
+//! part of its stream. The heartbeat closes a queue whose client stopped
+//! answering, and reads [`Outbox::last_heard`] to decide.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The queue was over its byte limit; the connection must be closed.
+/// Why a queue stopped taking frames; the connection must be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overflow;
+pub enum Closure {
+    /// A frame did not fit in the byte limit: the client is too slow.
+    Overflow,
+    /// The client did not answer pings in time.
+    Unresponsive,
+}
 
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
     ready: Notify,
     limit_bytes: usize,
+    /// Milliseconds since the gateway's clock origin at which the client was last heard from.
+    last_heard_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Message>,
     bytes: usize,
-    overflowed: bool,
+    closed: Option<Closure>,
 }
 
 impl Outbox {
-    pub fn new(limit_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), ready: Notify::new(), limit_bytes }
+    pub fn new(limit_bytes: usize, now_ms: u64) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            limit_bytes,
+            last_heard_ms: AtomicU64::new(now_ms),
+        }
     }
 
-    /// Queues `frame`, or marks the queue overflowed (dropping what it holds)
-    /// when the frame does not fit.
-    pub fn push(&self, frame: Message) -> Result<(), Overflow> {
+    /// Queues `frame`. When it does not fit, the queue closes as overflowed
+    /// and drops what it holds.
+    pub fn push(&self, frame: Message) -> Result<(), Closure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.overflowed {
-            return Err(Overflow);
+        if let Some(closure) = state.closed {
+            return Err(closure);
         }
         let len = frame.len();
         if state.bytes + len > self.limit_bytes {
-            state.overflowed = true;
-            state.frames = VecDeque::new();
-            state.bytes = 0;
             drop(state);
-            self.ready.notify_one();
-            return Err(Overflow);
+            self.close(Closure::Overflow);
+            return Err(Closure::Overflow);
         }
         let was_empty = state.frames.is_empty();
         state.frames.push_back(frame);
@@ -61,17 +73,29 @@ impl Outbox {
         Ok(())
     }
 
-    /// Resolves when frames are queued or the queue overflowed.
+    /// Stops the queue for `closure` (the first closure wins) and wakes the
+    /// connection's task so that it closes the connection.
+    pub fn close(&self, closure: Closure) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.closed.is_none() {
+            state.closed = Some(closure);
+            state.frames = VecDeque::new();
+            state.bytes = 0;
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Resolves when frames are queued or the queue was closed.
     pub async fn ready(&self) {
         self.ready.notified().await;
     }
 
-    /// Moves every queued frame into `batch`. Returns `Err(Overflow)` once the
-    /// queue has overflowed.
-    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<(), Overflow> {
+    /// Moves every queued frame into `batch`, or says why the queue closed.
+    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<(), Closure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.overflowed {
-            return Err(Overflow);
+        if let Some(closure) = state.closed {
+            return Err(closure);
         }
         if batch.is_empty() {
             std::mem::swap(batch, &mut state.frames);
@@ -80,6 +104,16 @@ impl Outbox {
         }
         state.bytes = 0;
         Ok(())
+    }
+
+    /// Records that the client was heard from at `now_ms`.
+    pub fn heard(&self, now_ms: u64) {
+        self.last_heard_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the client was last heard from.
+    pub fn last_heard(&self) -> u64 {
+        self.last_heard_ms.load(Ordering::Relaxed)
     }
 }
 
@@ -91,7 +125,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_come_out_in_order_after_a_wakeup() {
-        let outbox = Outbox::new(100);
+        let outbox = Outbox::new(100, 0);
         outbox.push(Message::text("a")).unwrap();
         outbox.push(Message::text("b")).unwrap();
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
@@ -102,22 +136,33 @@ mod tests {
 
     #[test]
     fn a_frame_over_the_byte_limit_overflows_the_queue_for_good() {
-        let outbox = Outbox::new(10);
+        let outbox = Outbox::new(10, 0);
         outbox.push(Message::text("12345")).unwrap();
         outbox.push(Message::text("12345")).unwrap();
-        assert_eq!(outbox.push(Message::text("1")), Err(Overflow));
-        assert_eq!(outbox.push(Message::text("")), Err(Overflow));
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Overflow));
+        assert_eq!(outbox.push(Message::text("1")), Err(Closure::Overflow));
+        assert_eq!(outbox.push(Message::text("")), Err(Closure::Overflow));
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Overflow));
     }
 
     #[test]
     fn taking_frees_the_byte_budget() {
-        let outbox = Outbox::new(10);
+        let outbox = Outbox::new(10, 0);
         let mut batch = VecDeque::new();
         for _ in 0..5 {
             outbox.push(Message::text("1234567890")).unwrap();
             outbox.take(&mut batch).unwrap();
         }
         assert_eq!(batch.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_the_connection_and_the_first_reason_sticks() {
+        let outbox = Outbox::new(10, 0);
+        outbox.push(Message::text("x")).unwrap();
+        outbox.close(Closure::Unresponsive);
+        outbox.close(Closure::Overflow);
+        tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Unresponsive));
+        assert_eq!(outbox.push(Message::text("y")), Err(Closure::Unresponsive));
     }
 }

@@ -96,3 +96,18 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     let status = herald.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn clients_that_answer_pings_stay_and_silent_ones_are_closed() {
+    let herald = Herald::standalone(&["--ping-interval", "200ms", "--pong-timeout", "200ms"]);
+    let mut answering = Client::connect(&herald.ws_url()).await;
+    let mut silent = Client::connect(&herald.ws_url()).await;
+    // Reading lets tungstenite answer the server's pings; the silent client is never polled.
+    answering.expect_silence(Duration::from_millis(1500)).await;
+    assert_eq!(herald.metric("herald_ws_connections_closed_total{reason=\"ping_timeout\"}"), 1.0);
+    assert_eq!(herald.metric("herald_ws_connections"), 1.0);
+    assert!(herald.metric("herald_ws_pings_sent_total") >= 4.0);
+    assert_eq!(silent.expect_close().await, Some(1008));
+    assert_eq!(get(&format!("{}/?content=still+here", herald.http_url())).body, "ok");
+    assert_eq!(answering.recv_text().await, "still here");
+}

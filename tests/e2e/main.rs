@@ -10,5 +10,6 @@ mod support;
 
 mod classic;
 mod gateway;
+mod hardening;
 
 mod tools;

@@ -108,10 +108,11 @@ impl Herald {
         }
         // Keep draining stdout so the process never blocks on a full pipe,
         // and pick up a late worker id line.
-        if herald.worker_id.is_none() && expect.contains(&"ws") {
-            if let Ok(line) = rx.recv_timeout(PATIENCE) {
-                herald.parse_line(&line);
-            }
+        if herald.worker_id.is_none()
+            && expect.contains(&"ws")
+            && let Ok(line) = rx.recv_timeout(PATIENCE)
+        {
+            herald.parse_line(&line);
         }
         std::thread::spawn(move || while rx.recv().is_ok() {});
         herald
@@ -120,12 +121,10 @@ impl Herald {
     fn parse_line(&mut self, line: &str) {
         if let Some(rest) = line.strip_prefix("herald: worker id ") {
             self.worker_id = Some(rest.trim().to_owned());
-        } else if let Some(rest) = line.strip_prefix("herald: ") {
-            if let Some((kind, addr)) = rest.split_once(" listening on ") {
-                if let Ok(addr) = addr.trim().parse() {
-                    self.addrs.insert(kind.to_owned(), addr);
-                }
-            }
+        } else if let Some((kind, addr)) = line.strip_prefix("herald: ").and_then(|r| r.split_once(" listening on "))
+            && let Ok(addr) = addr.trim().parse()
+        {
+            self.addrs.insert(kind.to_owned(), addr);
         }
     }
 
@@ -349,6 +348,18 @@ impl Client {
         }
     }
 
+    /// The next text message, or the close code once the server closes.
+    pub async fn recv_or_close(&mut self) -> Result<String, Option<u16>> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("a message or a close in time") {
+                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+                Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
     pub async fn send(&mut self, msg: Message) {
         self.ws.send(msg).await.expect("send");
     }
@@ -439,4 +450,29 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
     stdout
+}
+
+/// A generated gRPC client for the broker at `addr` (`host:port`).
+pub async fn grpc_client(
+    addr: &str,
+) -> herald_proto::v1::broker_service_client::BrokerServiceClient<tonic::transport::Channel> {
+    herald_proto::v1::broker_service_client::BrokerServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the broker over gRPC")
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// A text publish to `kind`.
+pub fn text_publish(kind: herald_proto::v1::target::Kind, text: &str) -> herald_proto::v1::PublishRequest {
+    use herald_proto::v1::{Content, Target, content};
+    herald_proto::v1::PublishRequest {
+        target: Some(Target { kind: Some(kind) }),
+        content: Some(Content { body: Some(content::Body::Text(text.to_owned())) }),
+    }
+}
+
+/// A text broadcast.
+pub fn broadcast(text: &str) -> herald_proto::v1::PublishRequest {
+    text_publish(herald_proto::v1::target::Kind::Broadcast(herald_proto::v1::Broadcast {}), text)
 }
