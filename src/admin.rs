@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use herald_broker::Hub;
+use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
 use herald_gateway_http::HttpGateway;
 use herald_gateway_ws::Gateway;
@@ -46,17 +47,13 @@ impl Component {
 }
 
 /// Serves the admin endpoints for `components` until `shutdown`.
-pub async fn run(
-    listener: TcpListener,
-    components: Vec<Component>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn run(listener: TcpListener, components: Vec<Component>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(components);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    herald_common::http::serve(listener, app, HttpServerOptions::default(), shutdown).await;
 }
 
 async fn metrics(State(components): State<Vec<Component>>) -> impl IntoResponse {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use herald_broker::HubLimits;
+use herald_common::auth::{ApiKeys, AuthConfigError};
+use herald_common::http::HttpServerOptions;
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{GatewayConfig, Greeting};
 
@@ -46,6 +48,8 @@ pub struct BrokerArgs {
     #[arg(long, env = "HERALD_BROKER_ADMIN_LISTEN", default_value = "127.0.0.1:2207")]
     pub admin_listen: SocketAddr,
     #[command(flatten)]
+    pub auth: PublisherAuthArgs,
+    #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
     pub broker: BrokerOptions,
@@ -66,6 +70,8 @@ pub struct WsArgs {
     #[arg(long, env = "HERALD_WS_REUSE_PORT")]
     pub reuse_port: bool,
     #[command(flatten)]
+    pub key: ApiKeyArg,
+    #[command(flatten)]
     pub ws: WsOptions,
 }
 
@@ -80,6 +86,8 @@ pub struct HttpArgs {
     /// Broker addresses, comma-separated; publishes fail over between them.
     #[arg(long = "broker", env = "HERALD_BROKERS", default_value = "127.0.0.1:2206")]
     pub brokers: String,
+    #[command(flatten)]
+    pub auth: PublisherAuthArgs,
     #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
@@ -101,6 +109,8 @@ pub struct StandaloneArgs {
     #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:4238")]
     pub admin_listen: SocketAddr,
     #[command(flatten)]
+    pub auth: PublisherAuthArgs,
+    #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
     pub broker: BrokerOptions,
@@ -108,6 +118,24 @@ pub struct StandaloneArgs {
     pub ws: WsOptions,
     #[command(flatten)]
     pub http: HttpOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiKeyArg {
+    /// Shared secret(s), comma-separated (16+ printable characters each). Publishers must send
+    /// one as "Authorization: Bearer <key>" (HTTP) or "authorization" metadata (gRPC), and
+    /// gateways present the first to their brokers.
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublisherAuthArgs {
+    #[command(flatten)]
+    pub key: ApiKeyArg,
+    /// Accept publishers without an API key on a non-loopback address.
+    #[arg(long, env = "HERALD_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +159,9 @@ pub struct BrokerOptions {
     /// How long publishers wait on a full session queue before evicting the session (e.g. 2s, 500ms).
     #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub slow_session_grace: Duration,
+    /// Most concurrent gRPC calls on one connection to the broker.
+    #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +187,10 @@ pub struct WsOptions {
     /// Longest time a WebSocket handshake may take.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// Browser origins allowed to connect, comma-separated (e.g. https://app.example.com);
+    /// others get HTTP 403. Empty: any origin.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// How often every connection is pinged (0s: never).
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -180,6 +215,9 @@ pub struct HttpOptions {
     /// Largest HTTP request body, in bytes.
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Longest time a client may take to send request headers; also the idle keep-alive timeout.
+    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
@@ -208,8 +246,30 @@ impl ContentArgs {
         }
     }
 
-    pub fn http_config(&self, http: &HttpOptions) -> HttpConfig {
-        HttpConfig { max_content_bytes: self.max_content_bytes, max_body_bytes: http.max_body_bytes }
+    pub fn http_config(&self, http: &HttpOptions, api_keys: ApiKeys) -> HttpConfig {
+        HttpConfig {
+            max_content_bytes: self.max_content_bytes,
+            max_body_bytes: http.max_body_bytes,
+            api_keys,
+            server: HttpServerOptions { header_read_timeout: http.header_read_timeout, ..HttpServerOptions::default() },
+        }
+    }
+}
+
+impl ApiKeyArg {
+    pub fn keys(&self) -> Result<ApiKeys, AuthConfigError> {
+        ApiKeys::parse(self.api_key.as_deref())
+    }
+}
+
+impl PublisherAuthArgs {
+    /// The keys, once the publisher-facing `addrs` are known to be safe to serve with them.
+    pub fn keys_for(&self, addrs: &[(&'static str, SocketAddr)]) -> Result<ApiKeys, AuthConfigError> {
+        let keys = self.key.keys()?;
+        for (what, addr) in addrs {
+            keys.check_exposure(what, *addr, self.allow_unauthenticated)?;
+        }
+        Ok(keys)
     }
 }
 
@@ -227,6 +287,12 @@ impl WsOptions {
             write_timeout: self.write_timeout,
             handshake_timeout: self.handshake_timeout,
             read_buffer_bytes: self.read_buffer_bytes.max(256),
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             ping_interval: self.ping_interval,
             pong_timeout: self.pong_timeout,
             ..GatewayConfig::new(worker_id)

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use herald_broker::client::{RemoteBrokers, RemoteOptions};
+use herald_broker::server::ServerOptions;
 use herald_broker::{BrokerClient, Hub};
+use herald_common::auth::ApiKeys;
 use herald_common::net;
 use herald_gateway_http::HttpGateway;
 use herald_gateway_ws::Gateway;
@@ -13,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Component};
-use crate::cli::{BrokerArgs, HttpArgs, StandaloneArgs, WsArgs};
+use crate::cli::{BrokerArgs, BrokerOptions, HttpArgs, StandaloneArgs, WsArgs};
 
 fn bind(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpListener> {
     let listener = net::bind(addr, reuse_port).with_context(|| format!("cannot listen for {kind} on {addr}"))?;
@@ -21,8 +23,13 @@ fn bind(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpLis
     Ok(listener)
 }
 
-fn remote_brokers(addresses: &str) -> anyhow::Result<BrokerClient> {
-    Ok(BrokerClient::Remote(RemoteBrokers::parse(addresses, &RemoteOptions::default())?))
+fn remote_brokers(addresses: &str, keys: &ApiKeys) -> anyhow::Result<BrokerClient> {
+    let options = RemoteOptions { api_key: keys.outgoing().map(str::to_owned), ..RemoteOptions::default() };
+    Ok(BrokerClient::Remote(RemoteBrokers::parse(addresses, &options)?))
+}
+
+fn server_options(keys: ApiKeys, broker: &BrokerOptions) -> ServerOptions {
+    ServerOptions { api_keys: keys, max_concurrent_streams: broker.max_concurrent_streams }
 }
 
 /// Serves the admin endpoints until `stop`, in the background.
@@ -30,31 +37,29 @@ fn spawn_admin(
     addr: SocketAddr,
     components: Vec<Component>,
     stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = bind("admin", addr, false)?;
     Ok(tokio::spawn(admin::run(listener, components, stop)))
 }
 
 /// Waits for the admin server started by [`spawn_admin`] after stopping it.
-async fn stop_admin(
-    stop: CancellationToken,
-    admin: tokio::task::JoinHandle<std::io::Result<()>>,
-) -> anyhow::Result<()> {
+async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>) -> anyhow::Result<()> {
     stop.cancel();
-    admin.await.context("admin server task")?.context("admin server")
+    admin.await.context("admin server task")
 }
 
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
     let hub = Hub::new(args.content.hub_limits(&args.broker));
     let listener = bind("broker", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Broker(hub.clone())], admin_stop.clone())?;
-    herald_broker::server::serve(listener, hub, shutdown).await?;
+    herald_broker::server::serve(listener, hub, server_options(keys, &args.broker), shutdown).await?;
     stop_admin(admin_stop, admin).await
 }
 
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let broker = remote_brokers(&args.brokers)?;
+    let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let gateway = Gateway::new(args.ws.gateway_config())?;
     let listener = bind("ws", args.listen, args.reuse_port)?;
     println!("herald: worker id {}", gateway.worker_id());
@@ -66,12 +71,13 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
 }
 
 pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let broker = remote_brokers(&args.brokers)?;
-    let http = HttpGateway::new(args.content.http_config(&args.http), broker);
+    let keys = args.auth.keys_for(&[("HTTP publishers", args.listen)])?;
+    let broker = remote_brokers(&args.brokers, &keys)?;
+    let http = HttpGateway::new(args.content.http_config(&args.http, keys), broker);
     let listener = bind("http", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Http(http.clone())], admin_stop.clone())?;
-    http.run(listener, shutdown).await.context("HTTP server")?;
+    http.run(listener, shutdown).await;
     stop_admin(admin_stop, admin).await
 }
 
@@ -79,10 +85,11 @@ pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result
 /// the broker's gRPC port is served too, for other gateways and publishers.
 /// On shutdown the gateways drain first, then the broker.
 pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
     let hub = Hub::new(args.content.hub_limits(&args.broker));
     let local = BrokerClient::Local(hub.clone());
     let gateway = Gateway::new(args.ws.gateway_config())?;
-    let http = HttpGateway::new(args.content.http_config(&args.http), local.clone());
+    let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
 
     let broker_listener = bind("broker", args.broker_listen, false)?;
     let ws_listener = bind("ws", args.ws_listen, false)?;
@@ -94,18 +101,18 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let admin = spawn_admin(args.admin_listen, components, admin_stop.clone())?;
 
     let broker_stop = CancellationToken::new();
-    let broker = tokio::spawn(herald_broker::server::serve(broker_listener, hub, broker_stop.clone()));
+    let options = server_options(keys, &args.broker);
+    let broker = tokio::spawn(herald_broker::server::serve(broker_listener, hub, options, broker_stop.clone()));
     let gateways = async {
-        let (ws, http) =
+        let (ws, ()) =
             tokio::join!(gateway.run(ws_listener, local, shutdown.clone()), http.run(http_listener, shutdown.clone()));
         // Whichever gateway ended, the others follow.
         shutdown.cancel();
-        ws?;
-        http.context("HTTP server")
+        ws
     };
     let result = gateways.await;
     broker_stop.cancel();
     broker.await.context("broker task")??;
     stop_admin(admin_stop, admin).await?;
-    result
+    Ok(result?)
 }

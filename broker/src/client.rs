@@ -14,6 +14,7 @@ use herald_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -26,18 +27,22 @@ pub enum AddressError {
     Empty,
     #[error("broker address {address:?} is not valid: {reason}")]
     Invalid { address: String, reason: String },
+    #[error("the API key cannot be sent as gRPC metadata")]
+    BadApiKey,
 }
 
-/// Timeouts for calls to a remote broker.
+/// How to call a remote broker.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Presented as `authorization: Bearer <key>` on every call.
+    pub api_key: Option<String>,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(5) }
+        Self { connect_timeout: Duration::from_secs(1), request_timeout: Duration::from_secs(5), api_key: None }
     }
 }
 
@@ -61,6 +66,7 @@ struct Remote {
     brokers: Vec<(String, BrokerServiceClient<Channel>)>,
     preferred: AtomicUsize,
     request_timeout: Duration,
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl RemoteBrokers {
@@ -83,13 +89,30 @@ impl RemoteBrokers {
         if brokers.is_empty() {
             return Err(AddressError::Empty);
         }
+        let authorization = match &options.api_key {
+            Some(key) => Some(format!("Bearer {key}").parse().map_err(|_| AddressError::BadApiKey)?),
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(Remote {
                 brokers,
                 preferred: AtomicUsize::new(0),
                 request_timeout: options.request_timeout,
+                authorization,
             }),
         })
+    }
+
+    /// Wraps `body` with the call's timeout and credentials.
+    fn request<T>(&self, body: T, timeout: bool) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        if timeout {
+            request.set_timeout(self.inner.request_timeout);
+        }
+        if let Some(authorization) = &self.inner.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
+        request
     }
 
     /// The addresses, in the order they are tried from the preferred one.
@@ -113,9 +136,7 @@ impl RemoteBrokers {
         for (k, (i, (address, client))) in self.rotation().enumerate() {
             let body = if k + 1 == attempts { req.take() } else { req.clone() };
             let Some(body) = body else { break };
-            let mut request = tonic::Request::new(body);
-            request.set_timeout(self.inner.request_timeout);
-            match client.clone().publish(request).await {
+            match client.clone().publish(self.request(body, true)).await {
                 Ok(res) => {
                     self.prefer(i);
                     return Ok(res.into_inner());
@@ -133,8 +154,7 @@ impl RemoteBrokers {
     async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
         let mut last = Status::unavailable("no broker address");
         for (i, (address, client)) in self.rotation() {
-            let mut request = tonic::Request::new(PublishBatchRequest { requests: requests.clone() });
-            request.set_timeout(self.inner.request_timeout);
+            let request = self.request(PublishBatchRequest { requests: requests.clone() }, true);
             match client.clone().publish_batch(request).await {
                 Ok(res) => {
                     self.prefer(i);
@@ -154,7 +174,7 @@ impl RemoteBrokers {
         let mut last = Status::unavailable("no broker address");
         for (i, (address, client)) in self.rotation() {
             let (tx, rx) = mpsc::channel(64);
-            match client.clone().subscribe(ReceiverStream::new(rx)).await {
+            match client.clone().subscribe(self.request(ReceiverStream::new(rx), false)).await {
                 Ok(res) => {
                     self.prefer(i);
                     return Ok(BrokerSession {

@@ -20,6 +20,8 @@ pub struct BrokerMetrics {
     pub sessions_evicted: Counter,
     /// Worker claims refused because another instance holds the id.
     pub claims_refused: Counter,
+    /// Calls refused for a missing or wrong API key.
+    pub auth_failures: Counter,
     /// Live subscriber sessions.
     pub sessions: Gauge,
     /// Channels with at least one listener.
@@ -83,6 +85,11 @@ impl BrokerMetrics {
             "herald_broker_worker_claims_refused_total",
             "Worker id claims refused because another live gateway holds the id.",
             &self.claims_refused,
+        );
+        out.counter(
+            "herald_broker_auth_failures_total",
+            "Calls refused for a missing or wrong API key.",
+            &self.auth_failures,
         );
         out.gauge("herald_broker_sessions", "Live subscriber sessions.", self.sessions.get());
         out.gauge("herald_broker_channels", "Channels with at least one listener.", self.channels.get());

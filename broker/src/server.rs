@@ -1,9 +1,11 @@
 //! The broker's gRPC server: `herald.v1.BrokerService`, server reflection (v1
 //! and v1alpha, so any `grpcurl` works without the `.proto`) and the standard
-//! `grpc.health.v1` service.
+//! `grpc.health.v1` service. Reflection and health stay open when API keys
+//! are required, so probes and discovery need no secret.
 
 use std::time::Duration;
 
+use herald_common::auth::ApiKeys;
 use herald_proto::v1::broker_service_server::BrokerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +27,30 @@ pub enum ServeError {
 /// Largest gRPC message the broker decodes (a full `PublishBatch`).
 const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How the gRPC server admits callers.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Keys publishers and gateways must present; none means no auth.
+    pub api_keys: ApiKeys,
+    /// Most concurrent calls (streams) on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { api_keys: ApiKeys::default(), max_concurrent_streams: 1024 }
+    }
+}
+
 /// Serves the broker on `listener` until `shutdown` is cancelled. On shutdown
 /// every subscriber session is ended with `UNAVAILABLE` (so gateways move on)
 /// and in-flight calls are allowed to finish.
-pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    options: ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServiceServer<BrokerGrpc>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -39,8 +61,8 @@ pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken)
         .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let broker =
-        BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+    let broker = BrokerServiceServer::new(BrokerGrpc::new(hub.clone(), options.api_keys))
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
     let drain = async move {
         shutdown.cancelled().await;
@@ -48,6 +70,7 @@ pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken)
         hub.shut_down();
     };
     Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)

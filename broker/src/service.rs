@@ -8,6 +8,8 @@ use herald_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use herald_common::auth::ApiKeys;
+
 use crate::error::PublishError;
 use crate::hub::{Hub, SessionEvents};
 
@@ -23,20 +25,32 @@ pub fn publish_result(r: Result<PublishResponse, PublishError>) -> PublishResult
     }
 }
 
-/// The gRPC face of a [`Hub`].
+/// The gRPC face of a [`Hub`]. When API keys are configured, every call
+/// must carry `authorization: Bearer <key>` metadata.
 pub struct BrokerGrpc {
     hub: Hub,
+    keys: ApiKeys,
 }
 
 impl BrokerGrpc {
-    pub fn new(hub: Hub) -> Self {
-        Self { hub }
+    pub fn new(hub: Hub, keys: ApiKeys) -> Self {
+        Self { hub, keys }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if self.keys.authorizes(presented) {
+            return Ok(());
+        }
+        self.hub.metrics().auth_failures.inc();
+        Err(Status::unauthenticated("missing or invalid API key: send metadata 'authorization: Bearer <key>'"))
     }
 }
 
 #[tonic::async_trait]
 impl BrokerService for BrokerGrpc {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(self.hub.publish(request.into_inner()).await?))
     }
 
@@ -44,6 +58,7 @@ impl BrokerService for BrokerGrpc {
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
+        self.authorize(&request)?;
         let results = self.hub.publish_batch(request.into_inner().requests).await?;
         let results = results.into_iter().map(publish_result).collect();
         Ok(Response::new(PublishBatchResponse { results }))
@@ -55,6 +70,7 @@ impl BrokerService for BrokerGrpc {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.authorize(&request)?;
         let (session, events) = self.hub.open_session();
         let mut commands = request.into_inner();
         // Commands are applied in arrival order by one task. When the caller

@@ -1,8 +1,11 @@
-//! Small pieces every herald role shares: metric primitives rendered in the
-//! Prometheus text format, listener binding (with `SO_REUSEPORT` for several
-//! gateway processes on one port), reconnect backoff and random tokens.
+//! Small pieces every herald role shares: API keys, the HTTP server loop,
+//! metric primitives rendered in the Prometheus text format, listener binding
+//! (with `SO_REUSEPORT` for several gateway processes on one port), reconnect
+//! backoff and random tokens.
 
+pub mod auth;
 pub mod backoff;
+pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod token;

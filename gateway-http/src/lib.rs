@@ -4,9 +4,10 @@
 //!   API ([`classic`]), answering `ok`;
 //! - `POST /v1/publish` and `POST /v1/batch`: the JSON API ([`json`]).
 //!
-//! Failures are never answered `ok`: 400 for malformed input, 404 for an
-//! unknown worker, 413 for oversized content or bodies, 503 when no broker
-//! can be reached ([`error`]).
+//! Failures are never answered `ok`: 400 for malformed input, 401 without an
+//! accepted API key (when keys are configured), 404 for an unknown worker,
+//! 413 for oversized content or bodies, 503 when no broker can be reached
+//! ([`error`]).
 
 pub mod classic;
 pub mod error;
@@ -22,6 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use bytes::Bytes;
 use herald_broker::BrokerClient;
+use herald_common::auth::ApiKeys;
+use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,18 +32,26 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::metrics::HttpMetrics;
 
-/// Limits of the HTTP gateway.
+/// Limits and credentials of the HTTP gateway.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Largest content of one message, in bytes.
     pub max_content_bytes: usize,
     /// Largest request body, in bytes (a JSON batch is the biggest).
     pub max_body_bytes: usize,
+    /// Keys publishers must present as `Authorization: Bearer <key>`; none means no auth.
+    pub api_keys: ApiKeys,
+    pub server: HttpServerOptions,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { max_content_bytes: 64 * 1024, max_body_bytes: 4 * 1024 * 1024 }
+        Self {
+            max_content_bytes: 64 * 1024,
+            max_body_bytes: 4 * 1024 * 1024,
+            api_keys: ApiKeys::default(),
+            server: HttpServerOptions::default(),
+        }
     }
 }
 
@@ -77,8 +88,34 @@ impl HttpGateway {
     }
 
     /// Serves on `listener` until `shutdown`, letting in-flight requests finish.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let options = self.shared.config.server.clone();
+        herald_common::http::serve(listener, self.router(), options, shutdown).await;
+    }
+}
+
+impl Shared {
+    /// Refuses a request without an accepted API key (401).
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if self.config.api_keys.authorizes(presented) {
+            return Ok(());
+        }
+        self.metrics.auth_failures.inc();
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: tonic::Code::Unauthenticated,
+            message: "missing or invalid API key: send 'Authorization: Bearer <key>'".into(),
+        })
+    }
+}
+
+/// Adds the challenge a 401 must carry.
+fn with_challenge(status: StatusCode, response: Response) -> Response {
+    if status == StatusCode::UNAUTHORIZED {
+        ([(header::WWW_AUTHENTICATE, "Bearer")], response).into_response()
+    } else {
+        response
     }
 }
 
@@ -99,7 +136,10 @@ async fn classic_publish(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let form = (method == Method::POST && is_form).then_some(&body[..]);
-    let result = match classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes) {
+    let result = match shared
+        .authorize(&headers)
+        .and_then(|()| classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes))
+    {
         Ok(req) => shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s)),
         Err(e) => Err(e),
     };
@@ -111,13 +151,14 @@ async fn classic_publish(
         }
         Err(e) => {
             shared.metrics.record(e.status);
-            e.into_response()
+            with_challenge(e.status, e.into_response())
         }
     }
 }
 
-async fn json_publish(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
+        shared.authorize(&headers)?;
         let req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
         shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))
     }
@@ -130,13 +171,14 @@ async fn json_publish(State(shared): State<Arc<Shared>>, body: Bytes) -> Respons
         }
         Err(e) => {
             shared.metrics.record(e.status);
-            e.into_json_response()
+            with_challenge(e.status, e.into_json_response())
         }
     }
 }
 
-async fn json_batch(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn json_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
+        shared.authorize(&headers)?;
         let requests = json::parse_body::<json::BatchBody>(&body)?.into_requests()?;
         shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))
     }
@@ -153,7 +195,7 @@ async fn json_batch(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
         }
         Err(e) => {
             shared.metrics.record(e.status);
-            e.into_json_response()
+            with_challenge(e.status, e.into_json_response())
         }
     }
 }

@@ -10,6 +10,8 @@ pub struct HttpMetrics {
     broker_error: Counter,
     /// Messages handed to the broker (one per classic or /v1/publish request, N per batch).
     pub messages_published: Counter,
+    /// Requests refused for a missing or wrong API key.
+    pub auth_failures: Counter,
 }
 
 impl HttpMetrics {
@@ -32,6 +34,11 @@ impl HttpMetrics {
                 (&[("outcome", "client_error")], &self.client_error),
                 (&[("outcome", "broker_error")], &self.broker_error),
             ],
+        );
+        out.counter(
+            "herald_http_auth_failures_total",
+            "Requests refused for a missing or wrong API key.",
+            &self.auth_failures,
         );
         out.counter(
             "herald_http_messages_published_total",

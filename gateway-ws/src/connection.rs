@@ -104,11 +104,18 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let metrics = &shared.metrics;
     let max_connections = config.max_connections;
     let registry = &shared.registry;
-    let check = |_: &Request, response: Response| -> Result<Response, ErrorResponse> {
+    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let refuse = |status, reason: &str| {
+            let mut refusal = ErrorResponse::new(Some(format!("{reason}\n")));
+            *refusal.status_mut() = status;
+            Err(refusal)
+        };
+        let origin = request.headers().get("origin").and_then(|v| v.to_str().ok());
+        if !config.origin_allowed(origin) {
+            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+        }
         if registry.len() >= max_connections {
-            let mut refusal = ErrorResponse::new(Some("too many connections on this gateway\n".into()));
-            *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            return Err(refusal);
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections on this gateway");
         }
         Ok(response)
     };

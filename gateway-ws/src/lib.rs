@@ -76,6 +76,10 @@ pub struct GatewayConfig {
     pub write_buffer_bytes: usize,
     /// How long each shutdown step (broker drain, client close) may take.
     pub drain_timeout: Duration,
+    /// Origins allowed to open connections (exact `scheme://host[:port]`);
+    /// empty allows any. Requests without an `Origin` header (non-browser
+    /// clients) are allowed either way.
+    pub allowed_origins: Vec<String>,
     /// How often every connection is pinged; zero turns heartbeats off.
     pub ping_interval: Duration,
     /// How long past a ping a silent client is kept before it is closed.
@@ -95,8 +99,19 @@ impl GatewayConfig {
             read_buffer_bytes: 4096,
             write_buffer_bytes: 16 * 1024,
             drain_timeout: Duration::from_secs(5),
+            allowed_origins: Vec::new(),
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Whether a browser page from `origin` may connect.
+    fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
+            }
+            _ => true,
         }
     }
 
@@ -269,6 +284,16 @@ mod tests {
     fn greetings_carry_the_address_in_the_classic_text_or_json() {
         assert_eq!(Greeting::Text.render("w1", 7), "Worker ID:w1 Connection ID:7 connected");
         assert_eq!(Greeting::Json.render("w1", 7), r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#);
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_an_allow_list_is_set() {
+        let mut config = GatewayConfig::new("w".into());
+        assert!(config.origin_allowed(Some("https://evil.example")));
+        config.allowed_origins = vec!["https://app.example".into()];
+        assert!(config.origin_allowed(Some("https://APP.example")));
+        assert!(!config.origin_allowed(Some("https://evil.example")));
+        assert!(config.origin_allowed(None));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod auth;
 mod classic;
 mod gateway;
 mod hardening;

