@@ -153,6 +153,9 @@ pub struct BrokerOptions {
     /// Most channels one subscriber session may listen on.
     #[arg(long, env = "HERALD_MAX_CHANNELS_PER_SESSION", default_value_t = 1024)]
     pub max_channels_per_session: usize,
+    /// Most subscriber sessions (gateways and other subscribers) at once.
+    #[arg(long, env = "HERALD_MAX_SESSIONS", default_value_t = 10_000)]
+    pub max_sessions: usize,
     /// Events queued per subscriber session before publishers wait.
     #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 16 * 1024)]
     pub session_queue: usize,
@@ -241,6 +244,7 @@ impl ContentArgs {
             max_content_bytes: self.max_content_bytes,
             max_batch: broker.max_batch,
             max_channels_per_session: broker.max_channels_per_session,
+            max_sessions: broker.max_sessions,
             session_queue: broker.session_queue.max(1),
             slow_session_grace: broker.slow_session_grace,
         }

@@ -39,6 +39,8 @@ pub struct HubLimits {
     pub max_batch: usize,
     /// Most channels one session may listen on.
     pub max_channels_per_session: usize,
+    /// Most subscriber sessions at once.
+    pub max_sessions: usize,
     /// Events queued per session before publishers have to wait.
     pub session_queue: usize,
     /// How long a publisher waits on a full session queue before evicting it.
@@ -51,6 +53,7 @@ impl Default for HubLimits {
             max_content_bytes: 64 * 1024,
             max_batch: 1000,
             max_channels_per_session: 1024,
+            max_sessions: 10_000,
             session_queue: 16 * 1024,
             slow_session_grace: Duration::from_secs(2),
         }
@@ -243,8 +246,11 @@ impl Hub {
         let (end_tx, end_rx) = oneshot::channel();
         let sink = Arc::new(Sink { session_id: id, tx, end: Mutex::new(Some(end_tx)) });
         let mut state = self.write();
+        let max = self.shared.limits.max_sessions;
         if state.shutting_down {
             sink.end(Status::unavailable("broker is shutting down"));
+        } else if state.sessions.len() >= max {
+            sink.end(Status::resource_exhausted(format!("the broker holds its limit of {max} subscriber sessions")));
         } else {
             state.sessions.insert(id, SessionEntry { sink: sink.clone(), channels: HashSet::new(), worker_id: None });
             self.shared.metrics.sessions.inc();
@@ -715,6 +721,15 @@ mod tests {
         assert_eq!(hub.publish(text(target::Kind::Channel("news".into()), "n")).await.unwrap().subscribers, 0);
         assert_eq!(hub.publish(text(target::Kind::Channel("sport".into()), "s")).await.unwrap().subscribers, 1);
         expect_text(&mut events, "s").await;
+    }
+
+    #[tokio::test]
+    async fn sessions_over_the_limit_are_refused() {
+        let hub = Hub::new(HubLimits { max_sessions: 1, ..HubLimits::default() });
+        let (_first, _first_events) = hub.open_session();
+        let (_second, mut second_events) = hub.open_session();
+        assert_eq!(second_events.next().await.unwrap().unwrap_err().code(), Code::ResourceExhausted);
+        assert_eq!(hub.census().0, 1);
     }
 
     #[tokio::test]

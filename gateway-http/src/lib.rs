@@ -28,6 +28,7 @@ use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::error::ApiError;
 use crate::metrics::HttpMetrics;
@@ -83,7 +84,10 @@ impl HttpGateway {
             .route("/v1/publish", post(json_publish))
             .route("/v1/batch", post(json_batch))
             .fallback(not_found)
-            .layer(DefaultBodyLimit::max(self.shared.config.max_body_bytes))
+            // Refuses a declared Content-Length over the limit before reading
+            // anything, and cuts off a chunked body once it passes the limit.
+            .layer(RequestBodyLimitLayer::new(self.shared.config.max_body_bytes))
+            .layer(DefaultBodyLimit::disable())
             .with_state(self.shared.clone())
     }
 

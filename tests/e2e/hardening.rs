@@ -5,9 +5,11 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use herald_proto::v1::PublishBatchRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Client, Herald, broadcast, grpc_client};
+use crate::support::{Client, Herald, broadcast, get, grpc_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_cleanly_and_readers_lose_nothing() {
@@ -119,4 +121,161 @@ async fn a_draining_gateway_delivers_everything_published_before_the_drain_then_
     assert!(next > published_before_drain, "received up to {next}, {published_before_drain} was acknowledged first");
     assert!(gateway.wait_exit(Duration::from_secs(10)).success());
     publisher.abort();
+}
+
+/// Opens a raw TCP connection to `addr`.
+async fn raw(addr: std::net::SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connect")
+}
+
+/// Reads what the server sends until it closes or `within` passes.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(seen)
+}
+
+#[tokio::test]
+async fn malformed_websocket_frames_close_that_client_with_1002_and_nobody_else() {
+    let herald = Herald::standalone(&[]);
+    let mut bystander = Client::connect(&herald.ws_url()).await;
+    let mut oversized_ping = b"\x89\xfe\x01\x00\x00\x00\x00\x00".to_vec();
+    oversized_ping.extend_from_slice(&[0u8; 256]);
+    for garbage in [
+        &b"\x81\x05hello"[..],            // unmasked client frame
+        &b"\x83\x80\x00\x00\x00\x00"[..], // reserved opcode 3
+        &b"\xf1\x80\x00\x00\x00\x00"[..], // reserved bits set
+        &oversized_ping[..],              // control frames stop at 125 bytes
+    ] {
+        let client = Client::connect(&herald.ws_url()).await;
+        let mut ws = client.into_inner();
+        let tcp = match ws.get_mut() {
+            tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp,
+            _ => unreachable!("plain ws://"),
+        };
+        tcp.write_all(garbage).await.unwrap();
+        let seen = read_until_closed(tcp, Duration::from_secs(5)).await.expect("the server closes the connection");
+        // A close frame: 0x88, length, then the code 1002 in big-endian.
+        assert!(seen.windows(2).any(|w| w == [0x03, 0xea]), "close 1002 for {garbage:?}, got {seen:?}");
+    }
+    assert_eq!(herald.metric("herald_ws_connections_closed_total{reason=\"protocol_error\"}"), 4.0);
+    assert_eq!(get(&format!("{}/?content=unharmed", herald.http_url())).body, "ok");
+    assert_eq!(bystander.recv_text().await, "unharmed");
+}
+
+#[tokio::test]
+async fn a_body_claiming_a_gibibyte_is_refused_at_once_and_an_endless_one_once_over_the_limit() {
+    let herald = Herald::standalone(&[]);
+    let addr = herald.addr("http");
+    let mut claim = raw(addr).await;
+    claim
+        .write_all(b"POST /v1/publish HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut reply = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), claim.read_exact(&mut reply))
+        .await
+        .expect("an answer without the body")
+        .unwrap();
+    assert_eq!(&reply, b"HTTP/1.1 413");
+
+    let (mut reader, mut endless) = raw(addr).await.into_split();
+    endless.write_all(b"POST /v1/publish HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "z".repeat(64 * 1024));
+    let mut sent = 0usize;
+    let mut answer = [0u8; 12];
+    let status = loop {
+        tokio::select! {
+            read = reader.read(&mut answer) => break read.map(|n| answer[..n].to_vec()),
+            wrote = endless.write_all(chunk.as_bytes()) => {
+                if wrote.is_err() {
+                    break Ok(Vec::new());
+                }
+                sent += chunk.len();
+                assert!(sent < 64 << 20, "still reading after 64 MiB");
+            }
+        }
+    };
+    let status = status.unwrap_or_default();
+    assert!(status.is_empty() || status.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&status));
+    assert!(sent <= 8 << 20, "refused near the 4 MiB limit, not after {sent} bytes");
+    assert_eq!(get(&format!("{}/?content=fine", herald.http_url())).status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_slowloris_connections_neither_starve_nor_outlive_their_timeouts() {
+    let herald = Herald::standalone(&["--header-read-timeout", "3s", "--handshake-timeout", "3s"]);
+    let mut slow = Vec::with_capacity(10_000);
+    for i in 0..10_000 {
+        let (addr, head) = if i % 2 == 0 {
+            (herald.addr("http"), &b"GET /?content=x HTTP/1.1\r\nHost: h\r\n"[..])
+        } else {
+            (herald.addr("ws"), &b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"[..])
+        };
+        let mut stream = raw(addr).await;
+        stream.write_all(head).await.unwrap();
+        slow.push(stream);
+    }
+    // Everybody else is still served promptly.
+    let started = std::time::Instant::now();
+    let mut client = Client::connect(&herald.ws_url()).await;
+    assert_eq!(get(&format!("{}/?content=served", herald.http_url())).body, "ok");
+    assert_eq!(client.recv_text().await, "served");
+    assert!(started.elapsed() < Duration::from_secs(2), "served in {:?}", started.elapsed());
+
+    // And every slow connection is dropped by its timeout.
+    let deadline = Duration::from_secs(20);
+    let closed = futures_util::future::join_all(
+        slow.iter_mut().map(|s| async move { read_until_closed(s, deadline).await.is_some() }),
+    )
+    .await;
+    assert_eq!(closed.iter().filter(|c| **c).count(), 10_000);
+}
+
+#[tokio::test]
+async fn broker_limits_answer_with_resource_exhausted() {
+    use herald_proto::v1::{SubscribeChannels, SubscribeRequest, subscribe_request};
+    use tokio_stream::StreamExt;
+
+    let broker =
+        Herald::broker(&["--max-content-bytes", "1024", "--max-channels-per-session", "2", "--max-sessions", "2"]);
+    let mut grpc = grpc_client(&broker.address("broker")).await;
+
+    let status = grpc.publish(broadcast(&"x".repeat(1025))).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(status.message(), "content is 1025 bytes; the limit is 1024");
+
+    let subscribe = |request_id, channels: &[&str]| SubscribeRequest {
+        request_id,
+        command: Some(subscribe_request::Command::Subscribe(SubscribeChannels {
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+        })),
+    };
+    let commands = tokio_stream::iter(vec![subscribe(1, &["a", "b"]), subscribe(2, &["c"])]);
+    let mut events = grpc.subscribe(commands).await.unwrap().into_inner();
+    assert!(events.next().await.unwrap().is_ok(), "the first two channels are acknowledged");
+    let status = events.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(status.message(), "request 2: session would listen on 3 channels; the limit is 2");
+
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut events = grpc.subscribe(tokio_stream::iter(vec![subscribe(1, &["a"])])).await.unwrap().into_inner();
+        assert!(events.next().await.unwrap().is_ok());
+        open.push(events);
+    }
+    let mut third = grpc.subscribe(tokio_stream::iter(vec![subscribe(1, &["a"])])).await.unwrap().into_inner();
+    let status = third.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("limit of 2 subscriber sessions"), "{}", status.message());
 }
