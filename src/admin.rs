@@ -53,7 +53,7 @@ pub async fn run(listener: TcpListener, components: Vec<Component>, shutdown: Ca
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(components);
-    herald_common::http::serve(listener, app, HttpServerOptions::default(), shutdown).await;
+    herald_common::http::serve(listener, app, HttpServerOptions::default(), None, shutdown).await;
 }
 
 async fn metrics(State(components): State<Vec<Component>>) -> impl IntoResponse {

@@ -2,14 +2,17 @@
 //! set from the environment (`HERALD_*`); flags win over the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use herald_broker::HubLimits;
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::http::HttpServerOptions;
+use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{GatewayConfig, Greeting};
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about = "Distributed WebSocket push server", propagate_version = true)]
@@ -72,6 +75,8 @@ pub struct WsArgs {
     #[command(flatten)]
     pub key: ApiKeyArg,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub ws: WsOptions,
 }
 
@@ -88,6 +93,8 @@ pub struct HttpArgs {
     pub brokers: String,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
@@ -110,6 +117,8 @@ pub struct StandaloneArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
@@ -136,6 +145,26 @@ pub struct PublisherAuthArgs {
     /// Accept publishers without an API key on a non-loopback address.
     #[arg(long, env = "HERALD_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain: serve wss:// and HTTPS instead of ws:// and HTTP.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// An acceptor offering `alpn`, when a certificate is configured.
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> Result<Option<TlsAcceptor>, TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => herald_common::tls::acceptor(cert, key, alpn).map(Some),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

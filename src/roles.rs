@@ -9,6 +9,7 @@ use herald_broker::server::ServerOptions;
 use herald_broker::{BrokerClient, Hub};
 use herald_common::auth::ApiKeys;
 use herald_common::net;
+use herald_common::tls::{ALPN_HTTP, ALPN_WEBSOCKET};
 use herald_gateway_http::HttpGateway;
 use herald_gateway_ws::Gateway;
 use tokio::net::TcpListener;
@@ -60,12 +61,13 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
 
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
+    let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let gateway = Gateway::new(args.ws.gateway_config())?;
     let listener = bind("ws", args.listen, args.reuse_port)?;
     println!("herald: worker id {}", gateway.worker_id());
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Ws(gateway.clone())], admin_stop.clone())?;
-    let result = gateway.run(listener, broker, shutdown).await;
+    let result = gateway.run(listener, tls, broker, shutdown).await;
     stop_admin(admin_stop, admin).await?;
     Ok(result?)
 }
@@ -73,11 +75,12 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
 pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("HTTP publishers", args.listen)])?;
     let broker = remote_brokers(&args.brokers, &keys)?;
+    let tls = args.tls.acceptor(ALPN_HTTP)?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys), broker);
     let listener = bind("http", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Http(http.clone())], admin_stop.clone())?;
-    http.run(listener, shutdown).await;
+    http.run(listener, tls, shutdown).await;
     stop_admin(admin_stop, admin).await
 }
 
@@ -90,6 +93,8 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let local = BrokerClient::Local(hub.clone());
     let gateway = Gateway::new(args.ws.gateway_config())?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
+    let ws_tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
+    let http_tls = args.tls.acceptor(ALPN_HTTP)?;
 
     let broker_listener = bind("broker", args.broker_listen, false)?;
     let ws_listener = bind("ws", args.ws_listen, false)?;
@@ -104,8 +109,10 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let options = server_options(keys, &args.broker);
     let broker = tokio::spawn(herald_broker::server::serve(broker_listener, hub, options, broker_stop.clone()));
     let gateways = async {
-        let (ws, ()) =
-            tokio::join!(gateway.run(ws_listener, local, shutdown.clone()), http.run(http_listener, shutdown.clone()));
+        let (ws, ()) = tokio::join!(
+            gateway.run(ws_listener, ws_tls, local, shutdown.clone()),
+            http.run(http_listener, http_tls, shutdown.clone())
+        );
         // Whichever gateway ended, the others follow.
         shutdown.cancel();
         ws

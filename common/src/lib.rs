@@ -1,4 +1,4 @@
-//! Small pieces every herald role shares: API keys, the HTTP server loop,
+//! Small pieces every herald role shares: API keys, TLS, the HTTP server loop,
 //! metric primitives rendered in the Prometheus text format, listener binding
 //! (with `SO_REUSEPORT` for several gateway processes on one port), reconnect
 //! backoff and random tokens.
@@ -8,4 +8,5 @@ pub mod backoff;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod tls;
 pub mod token;

@@ -27,6 +27,7 @@ use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_http::limit::RequestBodyLimitLayer;
 
@@ -91,10 +92,11 @@ impl HttpGateway {
             .with_state(self.shared.clone())
     }
 
-    /// Serves on `listener` until `shutdown`, letting in-flight requests finish.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+    /// Serves on `listener` (HTTPS when `tls` is given) until `shutdown`,
+    /// letting in-flight requests finish.
+    pub async fn run(self, listener: TcpListener, tls: Option<TlsAcceptor>, shutdown: CancellationToken) {
         let options = self.shared.config.server.clone();
-        herald_common::http::serve(listener, self.router(), options, shutdown).await;
+        herald_common::http::serve(listener, self.router(), options, tls, shutdown).await;
     }
 }
 

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -95,11 +97,38 @@ impl CloseReason {
     }
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection until it closes, over TLS when an
+/// acceptor is given.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        return serve_websocket(stream, peer, shared, shutdown).await;
+    };
+    match timeout(shared.config.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_websocket(stream, peer, shared, shutdown).await,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            shared.metrics.handshakes_failed.inc();
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            shared.metrics.handshakes_failed.inc();
+        }
+    }
+}
+
 // The handshake callback's signature, large error included, is tungstenite's.
 #[allow(clippy::result_large_err)]
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let _ = stream.set_nodelay(true);
+async fn serve_websocket<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let config = &shared.config;
     let metrics = &shared.metrics;
     let max_connections = config.max_connections;
@@ -157,8 +186,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     close(&mut ws, reason).await;
 }
 
-async fn run(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
     outbox: &Outbox,
     shared: &Shared,
     shutdown: &CancellationToken,
@@ -202,7 +231,10 @@ async fn run(
     }
 }
 
-async fn write_batch(ws: &mut WebSocketStream<TcpStream>, batch: &mut VecDeque<Message>) -> Result<(), WsError> {
+async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    batch: &mut VecDeque<Message>,
+) -> Result<(), WsError> {
     while let Some(frame) = batch.pop_front() {
         ws.feed(frame).await?;
     }
@@ -211,7 +243,7 @@ async fn write_batch(ws: &mut WebSocketStream<TcpStream>, batch: &mut VecDeque<M
 
 /// Sends herald's close frame (if the reason has one) and waits briefly for
 /// the client's, so the client reads the close code before the TCP close.
-async fn close(ws: &mut WebSocketStream<TcpStream>, reason: CloseReason) {
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason) {
     let linger = async {
         match reason.frame() {
             Some(frame) => {

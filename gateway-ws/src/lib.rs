@@ -22,6 +22,7 @@ use herald_broker::BrokerClient;
 use herald_common::metrics::Exposition;
 use herald_proto::names::{self, NameError};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -198,13 +199,15 @@ impl Gateway {
         self.shared.metrics.render(out);
     }
 
-    /// Accepts clients on `listener` and keeps a broker session through
-    /// `broker` until `shutdown`. Then: stop accepting, drain the broker link
-    /// (every message published before now reaches its outbox), deliver what
-    /// is queued and close every client with 1001.
+    /// Accepts clients on `listener` (`wss://` when `tls` is given) and
+    /// keeps a broker session through `broker` until `shutdown`. Then: stop
+    /// accepting, drain the broker link (every message published before now
+    /// reaches its outbox), deliver what is queued and close every client
+    /// with 1001.
     pub async fn run(
         self,
         listener: TcpListener,
+        tls: Option<TlsAcceptor>,
         broker: BrokerClient,
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
@@ -226,7 +229,7 @@ impl Gateway {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(connection::serve(stream, peer, shared.clone(), closing.clone()));
+                        connections.spawn(connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone()));
                     }
                     Err(e) => {
                         // Typically out of file descriptors: back off instead of spinning.

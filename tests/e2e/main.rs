@@ -12,5 +12,6 @@ mod auth;
 mod classic;
 mod gateway;
 mod hardening;
+mod tls;
 
 mod tools;
