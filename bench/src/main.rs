@@ -1,1 +1,45 @@
-fn main() {}
+//! `herald-bench`: starts (or targets) herald, drives it with real WebSocket
+//! clients and publishers on this machine, and prints markdown tables.
+//!
+//! `cargo run --release -p herald-bench -- <fanout|targeted|idle|publish> [options]`;
+//! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
+
+mod cli;
+mod clients;
+mod endpoints;
+mod fleet;
+mod http1;
+mod loadgen;
+mod message;
+mod procfs;
+mod procs;
+mod publishers;
+mod scenarios;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Scenario};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.scenario {
+        Scenario::Loadgen => loadgen::main(),
+        scenario => runtime().and_then(|rt| rt.block_on(scenarios::run(scenario))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A multi-thread runtime with one worker per core.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?)
+}

@@ -1,0 +1,464 @@
+//! The load generator's WebSocket clients and the statistics they add to.
+//!
+//! The client is raw on purpose: it writes the HTTP upgrade itself and parses
+//! server frames in place in one small buffer, so a delivery costs no
+//! allocation and the load generator stays cheaper than the server it
+//! measures. It binds a chosen loopback source address before connecting
+//! (the ephemeral ports of one source address run out near 28k connections).
+//!
+//! Every client checks each message: its target must be `*` or the client's
+//! own address (else it is misdelivered), its sequence number must be new
+//! (else it is duplicated) and should be the next one (else it is reordered),
+//! and its stamp gives the publish→delivery latency.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::endpoints::WsUrl;
+use crate::message;
+use crate::stats::Latency;
+
+/// Delivery counters and latency histograms are split in shards so that
+/// clients on different threads rarely touch the same cache line or lock.
+const SHARDS: usize = 16;
+/// Initial receive buffer per client; it grows for frames that do not fit.
+const BUFFER_BYTES: usize = 4096;
+/// How many gaps in its sequence a client remembers to tell a late message
+/// from a duplicate.
+const MAX_MISSING: usize = 1024;
+/// Every client sends the same key: herald only hashes it.
+const WEBSOCKET_KEY: &str = "aGVyYWxkLWJlbmNobWFyaw==";
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+#[repr(align(64))]
+#[derive(Default)]
+struct PaddedCounter(AtomicU64);
+
+/// What every client of one load-generator process has seen.
+pub struct Stats {
+    delivered: [PaddedCounter; SHARDS],
+    latency: Vec<Mutex<Latency>>,
+    duplicated: AtomicU64,
+    misdelivered: AtomicU64,
+    reordered: AtomicU64,
+    closed: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub delivered: u64,
+    pub duplicated: u64,
+    pub misdelivered: u64,
+    pub reordered: u64,
+    pub closed: u64,
+    pub latency: Latency,
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            delivered: Default::default(),
+            latency: (0..SHARDS).map(|_| Mutex::new(Latency::new())).collect(),
+            duplicated: AtomicU64::new(0),
+            misdelivered: AtomicU64::new(0),
+            reordered: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+        }
+    }
+
+    /// Messages delivered to their target for the first time, so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Clients whose connection has ended, so far.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    pub fn totals(&self) -> Totals {
+        let mut latency = Latency::new();
+        for shard in &self.latency {
+            latency.merge(&shard.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        Totals {
+            delivered: self.delivered(),
+            duplicated: self.duplicated.load(Ordering::Relaxed),
+            misdelivered: self.misdelivered.load(Ordering::Relaxed),
+            reordered: self.reordered.load(Ordering::Relaxed),
+            closed: self.closed.load(Ordering::Relaxed),
+            latency,
+        }
+    }
+}
+
+/// A connected client that has read its greeting.
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// `<worker_id>/<connection_id>`, from the greeting.
+    pub address: String,
+}
+
+/// Connects to `url` from `source`, upgrades to WebSocket and reads the greeting.
+pub async fn connect(url: &WsUrl, source: Ipv4Addr) -> anyhow::Result<Client> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
+    let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
+    let mut client = Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new() };
+    client.upgrade(url).await?;
+    let greeting = client.greeting().await?;
+    client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
+    Ok(client)
+}
+
+impl Client {
+    async fn upgrade(&mut self, url: &WsUrl) -> anyhow::Result<()> {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            url.path, url.addr
+        );
+        self.stream.write_all(request.as_bytes()).await?;
+        let head_len = loop {
+            if let Some(i) = self.buf[..self.end].windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().await.context("reading the upgrade response")?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_len]);
+        let status = head.lines().next().unwrap_or_default();
+        if !status.starts_with("HTTP/1.1 101") {
+            bail!("upgrade refused: {status}");
+        }
+        self.start = head_len;
+        Ok(())
+    }
+
+    /// Reads frames until the first text frame, the greeting.
+    async fn greeting(&mut self) -> anyhow::Result<String> {
+        loop {
+            match parse_frame(&self.buf[self.start..self.end])? {
+                Some(frame) => {
+                    let payload = &self.buf[self.start + frame.payload.start..self.start + frame.payload.end];
+                    self.start += frame.len;
+                    match frame.opcode {
+                        OP_TEXT => return Ok(String::from_utf8_lossy(payload).into_owned()),
+                        OP_CLOSE => bail!("closed before the greeting: {}", describe_close(payload)),
+                        _ => {}
+                    }
+                }
+                None => self.fill().await.context("reading the greeting")?,
+            }
+        }
+    }
+
+    /// Reads more bytes after the unread ones. Fails on end of stream.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        self.reserve(BUFFER_BYTES);
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Makes room for at least `need` unread bytes plus some free space.
+    fn reserve(&mut self, need: usize) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let want = need.max(self.end + 1024);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+    }
+
+    /// Receives messages until the connection ends, adding to `stats`.
+    pub async fn receive(mut self, stats: &Stats, shard: usize) {
+        let shard = shard % SHARDS;
+        let mut check =
+            Check { address: self.address.as_bytes().to_vec(), order: Order::default(), latencies: Vec::new() };
+        let mut fragments: Option<Vec<u8>> = None;
+        let mut arrived_ns = message::now_ns();
+        loop {
+            let mut delivered = 0;
+            let need = loop {
+                let frame = match parse_frame(&self.buf[self.start..self.end]) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break frame_len(&self.buf[self.start..self.end]).unwrap_or(0),
+                    Err(_) => return ended(stats),
+                };
+                let payload = self.start + frame.payload.start..self.start + frame.payload.end;
+                self.start += frame.len;
+                let payload = &self.buf[payload];
+                match (frame.opcode, frame.fin) {
+                    (OP_TEXT | OP_BINARY, true) => delivered += check.message(payload, arrived_ns, stats),
+                    (OP_TEXT | OP_BINARY, false) => fragments = Some(payload.to_vec()),
+                    (OP_CONTINUATION, fin) => {
+                        let Some(gathered) = fragments.as_mut() else { return ended(stats) };
+                        gathered.extend_from_slice(payload);
+                        if fin {
+                            let whole = fragments.take().unwrap_or_default();
+                            delivered += check.message(&whole, arrived_ns, stats);
+                        }
+                    }
+                    (OP_PING, _) => {
+                        let reply = control_frame(OP_PONG, payload);
+                        if self.stream.write_all(&reply).await.is_err() {
+                            return ended(stats);
+                        }
+                    }
+                    (OP_CLOSE, _) => {
+                        let reply = control_frame(OP_CLOSE, &payload[..payload.len().min(2)]);
+                        let _ = self.stream.write_all(&reply).await;
+                        return ended(stats);
+                    }
+                    _ => {}
+                }
+            };
+            if delivered > 0 {
+                stats.delivered[shard].0.fetch_add(delivered, Ordering::Relaxed);
+            }
+            check.flush_latencies(&stats.latency[shard]);
+            self.reserve(need);
+            match self.stream.read(&mut self.buf[self.end..]).await {
+                Ok(0) | Err(_) => return ended(stats),
+                Ok(n) => self.end += n,
+            }
+            arrived_ns = message::now_ns();
+        }
+    }
+}
+
+fn ended(stats: &Stats) {
+    stats.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One client's checks on the messages it receives.
+struct Check {
+    address: Vec<u8>,
+    order: Order,
+    /// Latencies (µs) of the current read, recorded in one go.
+    latencies: Vec<u64>,
+}
+
+impl Check {
+    /// Checks one message; returns 1 when it is a first delivery to its target.
+    fn message(&mut self, payload: &[u8], arrived_ns: u64, stats: &Stats) -> u64 {
+        let header = match message::parse(payload) {
+            Some(header) if header.target == message::BROADCAST.as_bytes() || header.target == self.address => header,
+            // Someone else's message, or not a benchmark message at all.
+            _ => {
+                stats.misdelivered.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+        };
+        match self.order.observe(header.seq) {
+            Seen::Again => {
+                stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+            Seen::Late => {
+                stats.reordered.fetch_add(1, Ordering::Relaxed);
+            }
+            Seen::Next => {}
+        }
+        self.latencies.push(arrived_ns.saturating_sub(header.sent_ns) / 1000);
+        1
+    }
+
+    fn flush_latencies(&mut self, into: &Mutex<Latency>) {
+        if self.latencies.is_empty() {
+            return;
+        }
+        let mut histogram = into.lock().unwrap_or_else(|e| e.into_inner());
+        for &us in &self.latencies {
+            histogram.record(us);
+        }
+        self.latencies.clear();
+    }
+}
+
+/// How a sequence number relates to those seen before.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Higher than any seen so far (gaps are remembered as missing).
+    Next,
+    /// A missing one, arriving after a higher one.
+    Late,
+    /// Seen before.
+    Again,
+}
+
+/// The sequence numbers one client has seen: the next expected one and the
+/// gaps below it.
+#[derive(Debug, Default)]
+struct Order {
+    next: u64,
+    missing: BTreeSet<u64>,
+}
+
+impl Order {
+    fn observe(&mut self, seq: u64) -> Seen {
+        if seq >= self.next {
+            let from = self.next.max(seq.saturating_sub(MAX_MISSING as u64));
+            self.missing.extend(from..seq);
+            while self.missing.len() > MAX_MISSING {
+                self.missing.pop_first();
+            }
+            self.next = seq + 1;
+            Seen::Next
+        } else if self.missing.remove(&seq) {
+            Seen::Late
+        } else {
+            Seen::Again
+        }
+    }
+}
+
+/// One parsed frame header: where its payload is, relative to the frame start.
+#[derive(Debug, PartialEq, Eq)]
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    payload: std::ops::Range<usize>,
+    /// Length of the whole frame.
+    len: usize,
+}
+
+/// The length of the frame starting `buf`, once its header is complete.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let (header, payload) = lengths(buf)?;
+    header.checked_add(usize::try_from(payload).ok()?)
+}
+
+/// Header length and payload length of the frame starting `buf`, if its header is complete.
+fn lengths(buf: &[u8]) -> Option<(usize, u64)> {
+    let short = *buf.get(1)? & 0x7f;
+    match short {
+        126 => Some((4, u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)))),
+        127 => Some((10, u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?))),
+        n => Some((2, u64::from(n))),
+    }
+}
+
+/// Parses the frame at the start of `buf`: `None` until it is complete.
+fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<Frame>> {
+    let Some((header, payload_len)) = lengths(buf) else { return Ok(None) };
+    if buf[1] & 0x80 != 0 {
+        bail!("the server sent a masked frame");
+    }
+    let len = usize::try_from(payload_len).ok().and_then(|p| p.checked_add(header)).context("frame too large")?;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    Ok(Some(Frame { fin: buf[0] & 0x80 != 0, opcode: buf[0] & 0x0f, payload: header..len, len }))
+}
+
+/// A masked client control frame (the zero mask leaves the payload as is).
+fn control_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len().min(125) as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(&payload[..payload.len().min(125)]);
+    frame
+}
+
+fn describe_close(payload: &[u8]) -> String {
+    match payload {
+        [a, b, reason @ ..] => format!("code {} {}", u16::from_be_bytes([*a, *b]), String::from_utf8_lossy(reason)),
+        _ => "no code".into(),
+    }
+}
+
+/// `<worker_id>/<connection_id>` from the text (`Worker ID:W Connection ID:C
+/// connected`) or JSON greeting.
+fn address_from_greeting(greeting: &str) -> Option<String> {
+    if greeting.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(greeting).ok()?;
+        return Some(format!("{}/{}", value["worker_id"].as_str()?, value["connection_id"].as_str()?));
+    }
+    let rest = greeting.strip_prefix("Worker ID:")?;
+    let (worker, rest) = rest.split_once(" Connection ID:")?;
+    let connection = rest.strip_suffix(" connected")?;
+    Some(format!("{worker}/{connection}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_give_the_address() {
+        assert_eq!(address_from_greeting("Worker ID:gw0 Connection ID:17 connected").as_deref(), Some("gw0/17"));
+        let json = r#"{"type":"connected","worker_id":"a.b","connection_id":"3"}"#;
+        assert_eq!(address_from_greeting(json).as_deref(), Some("a.b/3"));
+        assert_eq!(address_from_greeting("hello"), None);
+    }
+
+    #[test]
+    fn frames_parse_once_complete() {
+        let mut frame = vec![0x81, 126, 0x01, 0x00];
+        frame.extend(std::iter::repeat_n(b'a', 256));
+        assert_eq!(parse_frame(&frame[..3]).unwrap(), None);
+        assert_eq!(frame_len(&frame[..4]), Some(260));
+        assert_eq!(parse_frame(&frame[..259]).unwrap(), None);
+        let parsed = parse_frame(&frame).unwrap().unwrap();
+        assert_eq!(parsed, Frame { fin: true, opcode: OP_TEXT, payload: 4..260, len: 260 });
+        let short = [0x02, 3, 1, 2, 3];
+        assert_eq!(
+            parse_frame(&short).unwrap().unwrap(),
+            Frame { fin: false, opcode: OP_BINARY, payload: 2..5, len: 5 }
+        );
+        assert!(parse_frame(&[0x81, 0x85, 0, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_tell_late_and_repeated_messages_apart() {
+        let mut order = Order::default();
+        assert_eq!(order.observe(0), Seen::Next);
+        assert_eq!(order.observe(2), Seen::Next);
+        assert_eq!(order.observe(1), Seen::Late);
+        assert_eq!(order.observe(1), Seen::Again);
+        assert_eq!(order.observe(2), Seen::Again);
+        assert_eq!(order.observe(3), Seen::Next);
+        order.observe(1_000_000);
+        assert_eq!(order.missing.len(), MAX_MISSING);
+    }
+
+    #[test]
+    fn checks_count_misdeliveries_and_latency() {
+        let stats = Stats::new();
+        let mut check = Check { address: b"gw0/1".to_vec(), order: Order::default(), latencies: Vec::new() };
+        let now = message::now_ns();
+        assert_eq!(check.message(message::encode(0, "gw0/1", 32).as_bytes(), now, &stats), 1);
+        assert_eq!(check.message(message::encode(0, "gw0/2", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(check.message(message::encode(0, "*", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(check.message(b"not ours", now, &stats), 0);
+        check.flush_latencies(&stats.latency[0]);
+        let totals = stats.totals();
+        assert_eq!((totals.misdelivered, totals.duplicated, totals.latency.count()), (2, 1, 1));
+    }
+
+    #[test]
+    fn control_frames_are_masked() {
+        assert_eq!(control_frame(OP_PONG, b"hi"), [0x8a, 0x82, 0, 0, 0, 0, b'h', b'i']);
+    }
+}

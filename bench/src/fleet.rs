@@ -1,0 +1,241 @@
+//! The harness's side of the load generators: splits the clients over
+//! processes and source addresses, starts one `loadgen` process per share
+//! (this same binary), follows their progress and collects their reports.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::{Notify, mpsc};
+
+use crate::endpoints::{SourceAddrs, WsUrl};
+use crate::loadgen::{Event, Plan, Report};
+use crate::message;
+
+/// How clients are spread over processes and source addresses.
+#[derive(Debug, Clone)]
+pub struct Spread {
+    /// Most clients in one load-generator process (each process may hold
+    /// 20,000 open files).
+    pub per_process: usize,
+    /// Most clients from one source address (about 28k ephemeral ports).
+    pub per_source: usize,
+    pub connect_concurrency: usize,
+    pub connect_timeout: Duration,
+}
+
+/// One plan per process for `connections` clients of `urls`.
+pub fn plans(connections: usize, urls: &[WsUrl], spread: &Spread, sources: &mut SourceAddrs) -> Vec<Plan> {
+    let processes = connections.div_ceil(spread.per_process.max(1)).max(1);
+    (0..processes)
+        .map(|p| {
+            let share = connections / processes + usize::from(p < connections % processes);
+            Plan {
+                ws_urls: urls.iter().map(ToString::to_string).collect(),
+                sources: sources.take(share.div_ceil(spread.per_source.max(1)).max(1)),
+                connections: share,
+                connect_concurrency: spread.connect_concurrency,
+                connect_timeout_ms: spread.connect_timeout.as_millis() as u64,
+                progress_ms: 2,
+            }
+        })
+        .collect()
+}
+
+/// Delivery totals across processes, updated as progress lines arrive.
+pub struct Progress {
+    delivered: Vec<AtomicU64>,
+    closed: Vec<AtomicU64>,
+    /// `CLOCK_MONOTONIC` ns of the last change in the delivered total.
+    last_delivery_ns: AtomicU64,
+    changed: Notify,
+}
+
+impl Progress {
+    pub fn delivered(&self) -> u64 {
+        self.delivered.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn closed(&self) -> u64 {
+        self.closed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn last_delivery_ns(&self) -> u64 {
+        self.last_delivery_ns.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the next change (or `at_most`, whichever comes first).
+    pub async fn changed(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.changed.notified()).await;
+    }
+
+    /// Waits until `target` deliveries are counted or `within` has passed;
+    /// tells whether the target was reached.
+    pub async fn wait_delivered(&self, target: u64, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.delivered() < target {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.changed(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// The running load-generator processes.
+pub struct Fleet {
+    workers: Vec<Worker>,
+    pub progress: Arc<Progress>,
+}
+
+/// What the clients of the fleet are, once connected.
+pub struct Connected {
+    /// Addresses of the connected clients, in no particular order.
+    pub addresses: Vec<String>,
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+impl Fleet {
+    /// Starts one load-generator process per plan.
+    pub fn start(plans: Vec<Plan>) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating herald-bench")?;
+        let progress = Arc::new(Progress {
+            delivered: plans.iter().map(|_| AtomicU64::new(0)).collect(),
+            closed: plans.iter().map(|_| AtomicU64::new(0)).collect(),
+            last_delivery_ns: AtomicU64::new(message::now_ns()),
+            changed: Notify::new(),
+        });
+        let mut fleet = Fleet { workers: Vec::new(), progress };
+        for (index, plan) in plans.iter().enumerate() {
+            let mut child = Command::new(&exe)
+                .arg("loadgen")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a load generator")?;
+            let mut stdin = child.stdin.take().context("load generator stdin")?;
+            let stdout = child.stdout.take().context("load generator stdout")?;
+            writeln!(stdin, "{}", serde_json::to_string(plan)?)?;
+            let (tx, events) = mpsc::unbounded_channel();
+            let progress = fleet.progress.clone();
+            std::thread::spawn(move || follow(BufReader::new(stdout), index, &progress, &tx));
+            fleet.workers.push(Worker { child, stdin, events });
+        }
+        Ok(fleet)
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.child.id()).collect()
+    }
+
+    /// Waits for every process to finish connecting.
+    pub async fn connected(&mut self, within: Duration) -> anyhow::Result<Connected> {
+        let mut all = Connected { addresses: Vec::new(), failed: 0, first_error: None };
+        for worker in &mut self.workers {
+            match next_event(worker, within).await? {
+                Event::Connected { addresses, failed, first_error } => {
+                    all.addresses.extend(addresses);
+                    all.failed += failed;
+                    if all.first_error.is_none() {
+                        all.first_error = first_error;
+                    }
+                }
+                other => bail!("a load generator answered {other:?} before connecting"),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Asks every process for its final figures.
+    pub async fn reports(&mut self, within: Duration) -> anyhow::Result<Vec<Report>> {
+        for worker in &mut self.workers {
+            writeln!(worker.stdin, "report").context("asking a load generator for its report")?;
+        }
+        let mut reports = Vec::new();
+        for worker in &mut self.workers {
+            match next_event(worker, within).await? {
+                Event::Report(report) => reports.push(report),
+                other => bail!("a load generator answered {other:?} instead of a report"),
+            }
+        }
+        Ok(reports)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            let _ = worker.child.kill();
+        }
+        for worker in &mut self.workers {
+            let _ = worker.child.wait();
+        }
+    }
+}
+
+async fn next_event(worker: &mut Worker, within: Duration) -> anyhow::Result<Event> {
+    match tokio::time::timeout(within, worker.events.recv()).await {
+        Ok(Some(event)) => Ok(event),
+        Ok(None) => bail!("load generator {} exited (see its error above)", worker.child.id()),
+        Err(_) => bail!("load generator {} did not answer within {within:?}", worker.child.id()),
+    }
+}
+
+/// Reads one process's events: progress updates the totals, the rest is queued.
+fn follow(stdout: impl BufRead, index: usize, progress: &Progress, events: &mpsc::UnboundedSender<Event>) {
+    for line in stdout.lines().map_while(Result::ok) {
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Progress { delivered, closed }) => {
+                if progress.delivered[index].swap(delivered, Ordering::Relaxed) != delivered {
+                    progress.last_delivery_ns.store(message::now_ns(), Ordering::Relaxed);
+                }
+                progress.closed[index].store(closed, Ordering::Relaxed);
+                progress.changed.notify_waiters();
+            }
+            Ok(event) => {
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+            Err(e) => eprintln!("herald-bench: unreadable load generator line ({e}): {line}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn clients_are_spread_evenly_over_processes_and_sources() {
+        let spread = Spread {
+            per_process: 15_000,
+            per_source: 10_000,
+            connect_concurrency: 100,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let urls = [WsUrl::parse("ws://127.0.0.1:1").unwrap()];
+        let mut sources = SourceAddrs::new();
+        let plans = plans(40_001, &urls, &spread, &mut sources);
+        assert_eq!(plans.iter().map(|p| p.connections).collect::<Vec<_>>(), [13_334, 13_334, 13_333]);
+        assert!(plans.iter().all(|p| p.sources.len() == 2));
+        let mut all: Vec<Ipv4Addr> = plans.iter().flat_map(|p| p.sources.clone()).collect();
+        all.dedup();
+        assert_eq!(all.len(), 6, "every process has sources of its own");
+        assert_eq!(self::plans(10, &urls, &spread, &mut sources).len(), 1);
+    }
+}

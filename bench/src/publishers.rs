@@ -1,0 +1,496 @@
+//! Publishers: the ways a message reaches herald (gRPC `PublishBatch`, gRPC
+//! unary `Publish`, the HTTP classic `GET /?content=…`, or `wrk` for the HTTP
+//! throughput figure) and the loops that drive them: paced at a fixed rate
+//! in publish order, or flat out over several concurrent lanes with a window
+//! on undelivered messages so the publisher cannot run away from the clients.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::ValueEnum;
+use herald_proto::v1::broker_service_client::BrokerServiceClient;
+use herald_proto::v1::{
+    Broadcast, ConnectionAddress, Content, PublishBatchRequest, PublishRequest, Target, content, publish_result, target,
+};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+use crate::fleet::Progress;
+use crate::http1;
+use crate::message;
+use crate::procs::Endpoints;
+use crate::stats::{Latency, Percentiles};
+
+/// How messages are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    /// gRPC `PublishBatch`, several messages per call.
+    GrpcBatch,
+    /// gRPC unary `Publish`, one message per call.
+    Grpc,
+    /// The HTTP gateway's classic `GET /?content=…`, keep-alive.
+    Http,
+}
+
+/// One connection's address, as its greeting told it.
+#[derive(Debug, Clone)]
+pub struct Address {
+    pub worker_id: String,
+    pub connection_id: String,
+    /// `<worker_id>/<connection_id>`, the target field of a payload.
+    pub joined: String,
+}
+
+impl Address {
+    pub fn parse(joined: &str) -> anyhow::Result<Self> {
+        let (worker_id, connection_id) =
+            joined.split_once('/').with_context(|| format!("{joined:?} is not worker/connection"))?;
+        Ok(Self { worker_id: worker_id.into(), connection_id: connection_id.into(), joined: joined.into() })
+    }
+}
+
+/// One message to publish.
+pub struct Msg {
+    /// `None` for a broadcast.
+    pub to: Option<Arc<Address>>,
+    pub payload: String,
+}
+
+/// Makes the messages of a run, stamping each as it is made.
+pub trait Source: Send {
+    fn next(&mut self) -> Msg;
+}
+
+/// Broadcasts numbered 0, 1, 2, …
+pub struct Broadcasts {
+    pub seq: u64,
+    pub payload_bytes: usize,
+}
+
+impl Source for Broadcasts {
+    fn next(&mut self) -> Msg {
+        let payload = message::encode(self.seq, message::BROADCAST, self.payload_bytes);
+        self.seq += 1;
+        Msg { to: None, payload }
+    }
+}
+
+/// What a series of publishes achieved.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub accepted: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    /// Time each request took to be answered.
+    pub request_latency: Latency,
+}
+
+impl Tally {
+    fn error(&mut self, count: u64, reason: impl FnOnce() -> String) {
+        self.errors += count;
+        if self.first_error.is_none() {
+            self.first_error = Some(reason());
+        }
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.accepted += other.accepted;
+        if other.errors > 0 {
+            self.error(other.errors, || other.first_error.unwrap_or_default());
+        }
+        self.request_latency.merge(&other.request_latency);
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One connection to publish through.
+pub enum Lane {
+    Grpc(BrokerServiceClient<Channel>, Option<MetadataValue<Ascii>>),
+    Http(http1::Conn),
+}
+
+/// `count` lanes for `via`: gRPC lanes share `channels` HTTP/2 connections,
+/// HTTP lanes each have a keep-alive connection.
+pub async fn lanes(via: Via, endpoints: &Endpoints, count: usize, channels: usize) -> anyhow::Result<Vec<Lane>> {
+    let count = count.max(1);
+    match via {
+        Via::Http => {
+            let addr = endpoints.http()?;
+            let mut lanes = Vec::with_capacity(count);
+            for _ in 0..count {
+                lanes.push(Lane::Http(http1::Conn::connect(addr, endpoints.api_key.as_deref()).await?));
+            }
+            Ok(lanes)
+        }
+        Via::Grpc | Via::GrpcBatch => {
+            let addr = endpoints.grpc()?;
+            let mut clients = Vec::new();
+            for _ in 0..channels.clamp(1, count) {
+                let channel = Channel::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to the broker at {addr}"))?;
+                clients.push(BrokerServiceClient::new(channel));
+            }
+            let authorization = match &endpoints.api_key {
+                Some(key) => Some(format!("Bearer {key}").parse().context("the API key is not valid metadata")?),
+                None => None,
+            };
+            Ok((0..count).map(|i| Lane::Grpc(clients[i % clients.len()].clone(), authorization.clone())).collect())
+        }
+    }
+}
+
+fn request(msg: Msg) -> PublishRequest {
+    let kind = match msg.to {
+        None => target::Kind::Broadcast(Broadcast {}),
+        Some(to) => target::Kind::Connection(ConnectionAddress {
+            worker_id: to.worker_id.clone(),
+            connection_id: to.connection_id.clone(),
+        }),
+    };
+    PublishRequest {
+        target: Some(Target { kind: Some(kind) }),
+        content: Some(Content { body: Some(content::Body::Text(msg.payload)) }),
+    }
+}
+
+fn authorized<T>(message: T, authorization: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = authorization {
+        request.metadata_mut().insert("authorization", value.clone());
+    }
+    request
+}
+
+fn http_path(msg: &Msg) -> String {
+    let content = http1::query_encode(&msg.payload);
+    match &msg.to {
+        None => format!("/?content={content}"),
+        Some(to) => format!(
+            "/?to_worker_id={}&to_connection_id={}&content={content}",
+            http1::query_encode(&to.worker_id),
+            http1::query_encode(&to.connection_id)
+        ),
+    }
+}
+
+impl Lane {
+    /// Publishes `msgs` in order (as one batch for [`Via::GrpcBatch`]) and
+    /// counts what was accepted. Fails when the lane's connection is broken.
+    async fn send(&mut self, via: Via, msgs: Vec<Msg>, tally: &mut Tally) -> anyhow::Result<()> {
+        match (self, via) {
+            (Lane::Grpc(client, authorization), Via::GrpcBatch) => {
+                let count = msgs.len() as u64;
+                let batch = PublishBatchRequest { requests: msgs.into_iter().map(request).collect() };
+                match client.publish_batch(authorized(batch, authorization)).await {
+                    Ok(response) => {
+                        for result in response.into_inner().results {
+                            match result.outcome {
+                                Some(publish_result::Outcome::Published(_)) => tally.accepted += 1,
+                                Some(publish_result::Outcome::Error(e)) => {
+                                    tally.error(1, || format!("code {}: {}", e.code, e.message));
+                                }
+                                None => tally.error(1, || "a batch result without an outcome".into()),
+                            }
+                        }
+                    }
+                    Err(status) => tally.error(count, || status.to_string()),
+                }
+            }
+            (Lane::Grpc(client, authorization), _) => {
+                for msg in msgs {
+                    match client.publish(authorized(request(msg), authorization)).await {
+                        Ok(_) => tally.accepted += 1,
+                        Err(status) => tally.error(1, || status.to_string()),
+                    }
+                }
+            }
+            (Lane::Http(conn), _) => {
+                for msg in msgs {
+                    let (status, body) = conn.get(&http_path(&msg)).await?;
+                    if status == 200 {
+                        tally.accepted += 1;
+                    } else {
+                        tally.error(1, || format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publishes one message.
+pub async fn once(lane: &mut Lane, via: Via, msg: Msg) -> Tally {
+    let mut tally = Tally::default();
+    let began = Instant::now();
+    if let Err(e) = lane.send(via, vec![msg], &mut tally).await {
+        tally.error(1, || format!("{e:#}"));
+    }
+    tally.elapsed = began.elapsed();
+    tally
+}
+
+/// Publishes `rate` messages per second for `duration` through one lane, in
+/// order. Batches (up to `batch` messages) only carry what is due, so a
+/// publisher that falls behind shows as a lower achieved rate.
+pub async fn paced(
+    lane: &mut Lane,
+    via: Via,
+    rate: f64,
+    batch: usize,
+    duration: Duration,
+    source: &mut dyn Source,
+) -> Tally {
+    let mut tally = Tally::default();
+    let start = tokio::time::Instant::now();
+    let mut sent: u64 = 0;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        // Message k is due at k / rate.
+        let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).saturating_sub(sent);
+        if due == 0 {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / rate)).await;
+            continue;
+        }
+        let count = if via == Via::GrpcBatch { due.min(batch.max(1) as u64) } else { 1 };
+        let msgs: Vec<Msg> = (0..count).map(|_| source.next()).collect();
+        sent += count;
+        let began = Instant::now();
+        if let Err(e) = lane.send(via, msgs, &mut tally).await {
+            tally.error(count, || format!("{e:#}"));
+            break;
+        }
+        tally.request_latency.record(began.elapsed().as_micros() as u64);
+    }
+    tally.elapsed = start.elapsed();
+    tally
+}
+
+/// Limits messages published but not yet delivered.
+pub struct Window {
+    pub progress: Arc<Progress>,
+    /// Most messages in flight.
+    pub limit: u64,
+    /// Clients each message goes to: every client for a broadcast, else one.
+    pub broadcast_to: Option<u64>,
+}
+
+impl Window {
+    /// Messages delivered (for a broadcast: to every client still connected).
+    fn delivered(&self) -> u64 {
+        let delivered = self.progress.delivered();
+        match self.broadcast_to {
+            Some(clients) => delivered / clients.saturating_sub(self.progress.closed()).max(1),
+            None => delivered,
+        }
+    }
+
+    /// Waits until `more` messages fit in the window (or `deadline`).
+    async fn room(&self, issued: &AtomicU64, more: u64, deadline: Instant) {
+        while issued.load(Ordering::Relaxed).saturating_sub(self.delivered()) + more > self.limit.max(more) {
+            if Instant::now() >= deadline {
+                return;
+            }
+            self.progress.changed(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Publishes as fast as `lanes` concurrent requests go for `duration`, each
+/// request carrying `per_request` messages (a batch for [`Via::GrpcBatch`],
+/// else one), within `window` if given.
+pub async fn flat_out(
+    lanes: Vec<Lane>,
+    via: Via,
+    per_request: usize,
+    duration: Duration,
+    source: Box<dyn Source>,
+    window: Option<Window>,
+) -> Tally {
+    let per_request = if via == Via::GrpcBatch { per_request.max(1) } else { 1 };
+    let source = Arc::new(Mutex::new(source));
+    let window = window.map(Arc::new);
+    let issued = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = lanes
+        .into_iter()
+        .map(|mut lane| {
+            let (source, window, issued) = (source.clone(), window.clone(), issued.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while Instant::now() < deadline {
+                    if let Some(window) = &window {
+                        window.room(&issued, per_request as u64, deadline).await;
+                    }
+                    let msgs: Vec<Msg> = {
+                        let mut source = source.lock().unwrap_or_else(|e| e.into_inner());
+                        (0..per_request).map(|_| source.next()).collect()
+                    };
+                    issued.fetch_add(per_request as u64, Ordering::Relaxed);
+                    let errors_before = tally.errors;
+                    let began = Instant::now();
+                    if let Err(e) = lane.send(via, msgs, &mut tally).await {
+                        tally.error(per_request as u64, || format!("{e:#}"));
+                        break;
+                    }
+                    tally.request_latency.record(began.elapsed().as_micros() as u64);
+                    // Refused messages will never be delivered: free their room.
+                    issued.fetch_sub(tally.errors - errors_before, Ordering::Relaxed);
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for task in tasks {
+        match task.await {
+            Ok(tally) => total.add(tally),
+            Err(e) => total.error(0, || format!("a publisher task failed: {e}")),
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// What `wrk` measured.
+#[derive(Debug, Default)]
+pub struct WrkResult {
+    pub requests_per_sec: f64,
+    /// Non-2xx responses plus socket errors.
+    pub errors: u64,
+    /// p50 and p99 from its latency distribution, max from its thread stats;
+    /// wrk does not tell p99.9 (NaN).
+    pub latency: Percentiles,
+}
+
+/// How to run `wrk`.
+#[derive(Debug, Clone)]
+pub struct WrkRun {
+    pub http: SocketAddr,
+    pub api_key: Option<String>,
+    pub connections: usize,
+    pub threads: usize,
+    pub duration: Duration,
+    pub payload_bytes: usize,
+}
+
+/// Runs `wrk` against the classic publish endpoint.
+pub fn wrk(run: &WrkRun) -> anyhow::Result<WrkResult> {
+    let WrkRun { http, connections, threads, duration, payload_bytes, .. } = run;
+    let url = format!(
+        "http://{http}/?content={}",
+        http1::query_encode(&message::encode(0, message::BROADCAST, *payload_bytes))
+    );
+    let mut command = Command::new("wrk");
+    if let Some(key) = &run.api_key {
+        command.arg("-H").arg(format!("Authorization: Bearer {key}"));
+    }
+    let output = command
+        .args(["--latency", "-t", &threads.to_string(), "-c", &connections.to_string()])
+        .arg("-d")
+        .arg(format!("{}s", duration.as_secs().max(1)))
+        .arg(&url)
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("wrk failed: {}{}", text, String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<WrkResult> {
+    let mut result = WrkResult::default();
+    result.latency.p999 = f64::NAN;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", rate] => result.requests_per_sec = rate.parse().ok()?,
+            ["Latency", _avg, _stdev, max, ..] => result.latency.max = wrk_millis(max)?,
+            ["50%", value] => result.latency.p50 = wrk_millis(value)?,
+            ["99%", value] => result.latency.p99 = wrk_millis(value)?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => result.errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                result.errors += rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    (result.requests_per_sec > 0.0).then_some(result)
+}
+
+/// `631.54us`, `1.73ms`, `2.00s` or `1.5m` in milliseconds.
+fn wrk_millis(value: &str) -> Option<f64> {
+    let split = value.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        "m" => number * 60_000.0,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_gives_rate_errors_and_latency() {
+        let text = "Running 10s test @ http://127.0.0.1:1/?content=x
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   631.54us  200.00us  12.36ms   90.10%
+    Req/Sec    50.12k     1.00k   55.00k    70.00%
+  Latency Distribution
+     50%  571.00us
+     75%  700.00us
+     90%  900.00us
+     99%    1.73ms
+  1000000 requests in 10.00s, 100.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec: 100000.50
+Transfer/sec:     10.00MB
+";
+        let result = parse_wrk(text).unwrap();
+        assert_eq!(result.requests_per_sec, 100_000.5);
+        assert_eq!(result.errors, 8);
+        assert_eq!((result.latency.p50, result.latency.p99, result.latency.max), (0.571, 1.73, 12.36));
+        assert!(result.latency.p999.is_nan());
+        assert!(parse_wrk("nothing").is_none());
+    }
+
+    #[test]
+    fn http_paths_carry_the_classic_parameters() {
+        let to = Arc::new(Address::parse("gw0/7").unwrap());
+        let msg = Msg { to: Some(to), payload: "1:2:gw0/7:x".into() };
+        assert_eq!(http_path(&msg), "/?to_worker_id=gw0&to_connection_id=7&content=1:2:gw0/7:x");
+        assert_eq!(http_path(&Msg { to: None, payload: "a b".into() }), "/?content=a%20b");
+        assert!(Address::parse("nope").is_err());
+    }
+
+    #[test]
+    fn broadcasts_are_numbered_in_order() {
+        let mut source = Broadcasts { seq: 0, payload_bytes: 64 };
+        let (a, b) = (source.next(), source.next());
+        assert!(a.payload.starts_with("0:") && b.payload.starts_with("1:"));
+        assert_eq!(a.payload.len(), 64);
+    }
+}

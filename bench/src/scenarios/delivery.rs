@@ -1,0 +1,198 @@
+//! The fanout and targeted scenarios: N clients, messages published for a
+//! fixed time (broadcasts, or messages to random single connections), every
+//! client checking every message it gets; then the last deliveries are
+//! drained and the load generators' figures added up.
+
+use std::sync::Arc;
+
+use crate::cli::{DeliveryArgs, Rate};
+use crate::message;
+use crate::procfs::CpuMeter;
+use crate::publishers::{self, Address, Broadcasts, Msg, Source, Via, Window};
+use crate::stats::{Column, Latency, Measurement, Row};
+
+use super::{Bench, gateway_rss, print_table, report_run, rss_per_connection, watched};
+
+/// Who each message goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targeting {
+    /// Every message to every client.
+    Broadcast,
+    /// Each message to one client picked at random.
+    Single,
+}
+
+const COLUMNS: [Column; 12] = [
+    Column::Connections,
+    Column::PublishRate,
+    Column::DeliveryRate,
+    Column::PublishErrors,
+    Column::Lost,
+    Column::Duplicated,
+    Column::Misdelivered,
+    Column::Reordered,
+    Column::Closed,
+    Column::Latency,
+    Column::RssPerConnection,
+    Column::Cpu,
+];
+
+pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()> {
+    let mut bench = Bench::new(&args.common)?;
+    let via = args.via.unwrap_or(if args.rate == Rate::Max { Via::GrpcBatch } else { Via::Grpc });
+    let window = args.window.unwrap_or(if targeting == Targeting::Broadcast { 256 } else { 10_000 });
+    let name = if targeting == Targeting::Broadcast { "fanout" } else { "targeted" };
+    let mut rows = Vec::new();
+    for &connections in &args.connections {
+        let label = format!("{name} {connections}");
+        eprintln!(
+            "{label}: {} × {:?}, {} B payloads via {via:?}",
+            args.common.runs, args.common.duration, args.payload
+        );
+        let mut runs = Vec::new();
+        for run in 1..=args.common.runs {
+            let (measurement, first_error) = run_once(&mut bench, args, targeting, via, window, connections).await?;
+            report_run(&label, run, &measurement, first_error.as_deref());
+            runs.push(measurement);
+        }
+        rows.push(Row {
+            label: super::topology(&args.common, connections),
+            measurement: Measurement::summarize(&runs),
+        });
+    }
+    let batch = match (via, args.rate) {
+        (Via::GrpcBatch, Rate::Max) => format!(" ×{}", args.batch),
+        (Via::GrpcBatch, Rate::PerSecond(_)) => format!(" (≤{} per call)", args.batch),
+        _ => String::new(),
+    };
+    let flat_out = match args.rate {
+        Rate::Max => format!(", {} lane(s), window {window} msgs", args.lanes),
+        Rate::PerSecond(_) => String::new(),
+    };
+    let title = format!(
+        "{name}: {} B payloads, {} via {via:?}{batch}{flat_out}; {} s per run, median of {} runs",
+        args.payload,
+        args.rate,
+        args.common.duration.as_secs_f64(),
+        args.common.runs
+    );
+    print_table(&title, "herald", &COLUMNS, &rows);
+    Ok(())
+}
+
+async fn run_once(
+    bench: &mut Bench<'_>,
+    args: &DeliveryArgs,
+    targeting: Targeting,
+    via: Via,
+    window: u64,
+    connections: usize,
+) -> anyhow::Result<(Measurement, Option<String>)> {
+    let herald = bench.herald(connections, via == Via::Http).await?;
+    let endpoints = &herald.endpoints;
+    let baseline = gateway_rss(endpoints);
+    let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
+    let clients = connected.addresses.len() as u64;
+    let source: Box<dyn Source> = match targeting {
+        Targeting::Broadcast => Box::new(Broadcasts { seq: 0, payload_bytes: args.payload }),
+        Targeting::Single => Box::new(Targets::new(&connected.addresses, args.payload)?),
+    };
+    let fan = if targeting == Targeting::Broadcast { clients } else { 1 };
+    let lanes = if args.rate == Rate::Max { args.lanes } else { 1 };
+    let mut lanes = publishers::lanes(via, endpoints, lanes, 1).await?;
+    let meter = CpuMeter::start(&watched(endpoints, Some(&fleet)));
+    let start_ns = message::now_ns();
+    let tally = match args.rate {
+        Rate::Max => {
+            let window = Window {
+                progress: fleet.progress.clone(),
+                limit: window,
+                broadcast_to: (targeting == Targeting::Broadcast).then_some(clients),
+            };
+            publishers::flat_out(lanes, via, args.batch, args.common.duration, source, Some(window)).await
+        }
+        Rate::PerSecond(rate) => {
+            let mut source = source;
+            publishers::paced(&mut lanes[0], via, rate, args.batch, args.common.duration, source.as_mut()).await
+        }
+    };
+    let rss = gateway_rss(endpoints);
+    let expected = tally.accepted * fan;
+    fleet.progress.wait_delivered(expected, args.drain).await;
+    let cpu = meter.finish();
+    let reports = fleet.reports(std::time::Duration::from_secs(30)).await?;
+    let mut latency = Latency::new();
+    let mut m = Measurement { connections: clients, ..Measurement::default() };
+    let mut delivered = 0;
+    for report in &reports {
+        delivered += report.delivered;
+        m.duplicated += report.duplicated;
+        m.misdelivered += report.misdelivered;
+        m.reordered += report.reordered;
+        m.closed += report.closed;
+        latency.merge(&report.latency());
+    }
+    let span_s = fleet.progress.last_delivery_ns().saturating_sub(start_ns) as f64 / 1e9;
+    m.publish_rate = tally.rate();
+    m.delivery_rate = if span_s > 0.0 { delivered as f64 / span_s } else { 0.0 };
+    m.publish_errors = tally.errors;
+    m.lost = expected.saturating_sub(delivered);
+    m.latency = latency.percentiles();
+    m.rss_per_connection_kib = rss_per_connection(baseline, rss, clients);
+    m.cpu = cpu;
+    Ok((m, tally.first_error))
+}
+
+/// Messages to connections picked at random, numbered per connection.
+struct Targets {
+    clients: Vec<Arc<Address>>,
+    seqs: Vec<u64>,
+    rng: u64,
+    payload_bytes: usize,
+}
+
+impl Targets {
+    fn new(addresses: &[String], payload_bytes: usize) -> anyhow::Result<Self> {
+        let clients = addresses.iter().map(|a| Address::parse(a).map(Arc::new)).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self { seqs: vec![0; clients.len()], clients, rng: message::now_ns() | 1, payload_bytes })
+    }
+
+    /// xorshift64*: plenty for picking targets.
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+impl Source for Targets {
+    fn next(&mut self) -> Msg {
+        let i = (self.random() % self.clients.len() as u64) as usize;
+        let to = self.clients[i].clone();
+        let payload = message::encode(self.seqs[i], &to.joined, self.payload_bytes);
+        self.seqs[i] += 1;
+        Msg { to: Some(to), payload }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_numbered_per_connection() {
+        let mut targets = Targets::new(&["gw0/1".into(), "gw0/2".into()], 8).unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..100 {
+            let msg = targets.next();
+            let header = message::parse(msg.payload.as_bytes()).unwrap();
+            let to = msg.to.unwrap();
+            assert_eq!(header.target, to.joined.as_bytes());
+            let next = seen.entry(to.joined.clone()).or_insert(0);
+            assert_eq!(header.seq, *next);
+            *next += 1;
+        }
+        assert_eq!(seen.len(), 2, "both connections are picked");
+    }
+}

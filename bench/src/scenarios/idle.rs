@@ -1,0 +1,93 @@
+//! The idle scenario: N clients connect and stay silent for the duration
+//! while gateway memory and CPU are measured; then one broadcast checks that
+//! every client is still there and receiving (its latency is the time the
+//! broadcast took to reach each client).
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::IdleArgs;
+use crate::procfs::CpuMeter;
+use crate::publishers::{self, Broadcasts, Source, Via};
+use crate::stats::{Column, Latency, Measurement, Row};
+
+use super::{Bench, gateway_rss, print_table, report_run, rss_per_connection, watched};
+
+const COLUMNS: [Column; 7] = [
+    Column::Connections,
+    Column::RssPerConnection,
+    Column::Cpu,
+    Column::Closed,
+    Column::Lost,
+    Column::Misdelivered,
+    Column::Latency,
+];
+
+pub async fn run(args: &IdleArgs) -> anyhow::Result<()> {
+    let mut bench = Bench::new(&args.common)?;
+    let mut rows = Vec::new();
+    for &connections in &args.connections {
+        let label = format!("idle {connections}");
+        eprintln!("{label}: {} × {:?}", args.common.runs, args.common.duration);
+        let mut runs = Vec::new();
+        for run in 1..=args.common.runs {
+            let (measurement, first_error) = run_once(&mut bench, args, connections).await?;
+            report_run(&label, run, &measurement, first_error.as_deref());
+            runs.push(measurement);
+        }
+        rows.push(Row {
+            label: super::topology(&args.common, connections),
+            measurement: Measurement::summarize(&runs),
+        });
+    }
+    let check = if args.no_broadcast { "" } else { "; then one broadcast (latency = its delivery to every client)" };
+    let title = format!(
+        "idle: clients held {} s (CPU over the hold){check}; median of {} runs",
+        args.common.duration.as_secs_f64(),
+        args.common.runs
+    );
+    print_table(&title, "herald", &COLUMNS, &rows);
+    Ok(())
+}
+
+async fn run_once(
+    bench: &mut Bench<'_>,
+    args: &IdleArgs,
+    connections: usize,
+) -> anyhow::Result<(Measurement, Option<String>)> {
+    let herald = bench.herald(connections, false).await?;
+    let endpoints = &herald.endpoints;
+    let baseline = gateway_rss(endpoints);
+    let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
+    let clients = connected.addresses.len() as u64;
+    let meter = CpuMeter::start(&watched(endpoints, Some(&fleet)));
+    tokio::time::sleep(args.common.duration).await;
+    let cpu = meter.finish();
+    let rss = gateway_rss(endpoints);
+    let mut m = Measurement { connections: clients, cpu, ..Measurement::default() };
+    m.rss_per_connection_kib = rss_per_connection(baseline, rss, clients);
+    let mut first_error = None;
+    if !args.no_broadcast {
+        let via = if endpoints.grpc.is_some() { Via::Grpc } else { Via::Http };
+        let mut lane = publishers::lanes(via, endpoints, 1, 1).await?.pop().context("no publisher")?;
+        let tally = publishers::once(&mut lane, via, Broadcasts { seq: 0, payload_bytes: 64 }.next()).await;
+        let expected = tally.accepted * clients;
+        fleet.progress.wait_delivered(expected, args.drain).await;
+        m.publish_errors = tally.errors;
+        first_error = tally.first_error;
+        let reports = fleet.reports(Duration::from_secs(30)).await?;
+        let mut latency = Latency::new();
+        let mut delivered = 0;
+        for report in &reports {
+            delivered += report.delivered;
+            m.misdelivered += report.misdelivered;
+            m.duplicated += report.duplicated;
+            latency.merge(&report.latency());
+        }
+        m.lost = expected.saturating_sub(delivered);
+        m.latency = latency.percentiles();
+    }
+    m.closed = fleet.progress.closed();
+    Ok((m, first_error))
+}

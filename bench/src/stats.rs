@@ -1,0 +1,339 @@
+//! Numbers: latency histograms, the measurement of one run, the median of
+//! several runs, and the markdown table they are printed as.
+
+use hdrhistogram::Histogram;
+
+/// Latencies in microseconds, from 1 µs to one hour at 3 significant digits.
+#[derive(Debug, Clone)]
+pub struct Latency(Histogram<u64>);
+
+const MAX_US: u64 = 3_600_000_000;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latency {
+    pub fn new() -> Self {
+        Self(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"))
+    }
+
+    pub fn record(&mut self, us: u64) {
+        self.0.saturating_record(us);
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        for v in other.0.iter_recorded() {
+            self.record_n(v.value_iterated_to(), v.count_at_value());
+        }
+    }
+
+    fn record_n(&mut self, us: u64, count: u64) {
+        // Values come from a histogram with the same bounds: always in range.
+        let _ = self.0.record_n(us.min(MAX_US), count);
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// `(value_us, count)` pairs, to send to another process.
+    pub fn to_pairs(&self) -> Vec<(u64, u64)> {
+        self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
+    }
+
+    pub fn from_pairs(pairs: &[(u64, u64)]) -> Self {
+        let mut latency = Self::new();
+        for &(us, count) in pairs {
+            latency.record_n(us, count);
+        }
+        latency
+    }
+
+    /// p50, p99, p99.9 and max, in milliseconds; `None` when empty.
+    pub fn percentiles(&self) -> Option<Percentiles> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Some(Percentiles {
+            p50: ms(self.0.value_at_quantile(0.5)),
+            p99: ms(self.0.value_at_quantile(0.99)),
+            p999: ms(self.0.value_at_quantile(0.999)),
+            max: ms(self.0.max()),
+        })
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// What one run measured. Rates are per second; CPU is percent of one core
+/// per role (several processes of one role add up).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measurement {
+    pub connections: u64,
+    pub publish_rate: f64,
+    pub delivery_rate: f64,
+    pub publish_errors: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub misdelivered: u64,
+    pub reordered: u64,
+    /// Clients whose connection ended during the run.
+    pub closed: u64,
+    pub latency: Option<Percentiles>,
+    pub rss_per_connection_kib: Option<f64>,
+    pub cpu: Vec<(String, f64)>,
+}
+
+impl Measurement {
+    /// The median of each rate, latency, memory and CPU figure over `runs`,
+    /// and the worst (largest) of each error count.
+    pub fn summarize(runs: &[Measurement]) -> Measurement {
+        let med = |f: &dyn Fn(&Measurement) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+        let worst = |f: &dyn Fn(&Measurement) -> u64| runs.iter().map(f).max().unwrap_or(0);
+        let latency = if runs.iter().any(|r| r.latency.is_some()) {
+            Some(Percentiles {
+                p50: med(&|r| r.latency.map(|l| l.p50)).unwrap_or_default(),
+                p99: med(&|r| r.latency.map(|l| l.p99)).unwrap_or_default(),
+                p999: med(&|r| r.latency.map(|l| l.p999)).unwrap_or_default(),
+                max: med(&|r| r.latency.map(|l| l.max)).unwrap_or_default(),
+            })
+        } else {
+            None
+        };
+        let mut roles: Vec<&str> = Vec::new();
+        for (role, _) in runs.iter().flat_map(|r| &r.cpu) {
+            if !roles.contains(&role.as_str()) {
+                roles.push(role);
+            }
+        }
+        let cpu = roles
+            .into_iter()
+            .map(|role| {
+                let value = med(&|r| r.cpu.iter().find(|(name, _)| name == role).map(|(_, pct)| *pct));
+                (role.to_owned(), value.unwrap_or_default())
+            })
+            .collect();
+        Measurement {
+            connections: med(&|r| Some(r.connections as f64)).unwrap_or_default() as u64,
+            publish_rate: med(&|r| Some(r.publish_rate)).unwrap_or_default(),
+            delivery_rate: med(&|r| Some(r.delivery_rate)).unwrap_or_default(),
+            publish_errors: worst(&|r| r.publish_errors),
+            lost: worst(&|r| r.lost),
+            duplicated: worst(&|r| r.duplicated),
+            misdelivered: worst(&|r| r.misdelivered),
+            reordered: worst(&|r| r.reordered),
+            closed: worst(&|r| r.closed),
+            latency,
+            rss_per_connection_kib: med(&|r| r.rss_per_connection_kib),
+            cpu,
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+/// A column of a results table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    Connections,
+    PublishRate,
+    DeliveryRate,
+    PublishErrors,
+    Lost,
+    Duplicated,
+    Misdelivered,
+    Reordered,
+    Closed,
+    /// p50, p99, p99.9 and max latency.
+    Latency,
+    RssPerConnection,
+    /// One column per role that has a CPU figure.
+    Cpu,
+}
+
+/// One labelled row of a results table.
+pub struct Row {
+    pub label: String,
+    pub measurement: Measurement,
+}
+
+/// Renders `rows` as a markdown table whose first column is headed `label`.
+pub fn table(label: &str, columns: &[Column], rows: &[Row]) -> String {
+    let mut roles: Vec<&str> = Vec::new();
+    for (role, _) in rows.iter().flat_map(|r| &r.measurement.cpu) {
+        if !roles.contains(&role.as_str()) {
+            roles.push(role);
+        }
+    }
+    let mut header = vec![label.to_owned()];
+    for column in columns {
+        match column {
+            Column::Latency => header.extend(["p50 ms", "p99 ms", "p99.9 ms", "max ms"].map(String::from)),
+            Column::Cpu => header.extend(roles.iter().map(|role| format!("{role} CPU"))),
+            other => header.push(other.title().to_owned()),
+        }
+    }
+    let mut out = String::new();
+    push_row(&mut out, &header);
+    push_row(
+        &mut out,
+        &header.iter().enumerate().map(|(i, _)| if i == 0 { "---" } else { "---:" }.into()).collect::<Vec<_>>(),
+    );
+    for row in rows {
+        let m = &row.measurement;
+        let mut cells = vec![row.label.clone()];
+        for column in columns {
+            match column {
+                Column::Latency => match m.latency {
+                    Some(l) => cells.extend([l.p50, l.p99, l.p999, l.max].map(millis)),
+                    None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
+                },
+                Column::Cpu => cells.extend(roles.iter().map(|role| {
+                    m.cpu.iter().find(|(name, _)| name == role).map_or("–".into(), |(_, pct)| format!("{pct:.0}%"))
+                })),
+                other => cells.push(other.cell(m)),
+            }
+        }
+        push_row(&mut out, &cells);
+    }
+    out
+}
+
+fn push_row(out: &mut String, cells: &[String]) {
+    out.push_str("| ");
+    out.push_str(&cells.join(" | "));
+    out.push_str(" |\n");
+}
+
+impl Column {
+    fn title(self) -> &'static str {
+        match self {
+            Self::Connections => "conns",
+            Self::PublishRate => "publishes/s",
+            Self::DeliveryRate => "deliveries/s",
+            Self::PublishErrors => "errors",
+            Self::Lost => "lost",
+            Self::Duplicated => "dup",
+            Self::Misdelivered => "misdelivered",
+            Self::Reordered => "reordered",
+            Self::Closed => "closed",
+            Self::RssPerConnection => "RSS/conn KiB",
+            Self::Latency | Self::Cpu => "",
+        }
+    }
+
+    fn cell(self, m: &Measurement) -> String {
+        match self {
+            Self::Connections => thousands(m.connections),
+            Self::PublishRate => thousands(m.publish_rate.round() as u64),
+            Self::DeliveryRate => thousands(m.delivery_rate.round() as u64),
+            Self::PublishErrors => thousands(m.publish_errors),
+            Self::Lost => thousands(m.lost),
+            Self::Duplicated => thousands(m.duplicated),
+            Self::Misdelivered => thousands(m.misdelivered),
+            Self::Reordered => thousands(m.reordered),
+            Self::Closed => thousands(m.closed),
+            Self::RssPerConnection => m.rss_per_connection_kib.map_or("–".into(), |kib| format!("{kib:.1}")),
+            Self::Latency | Self::Cpu => String::new(),
+        }
+    }
+}
+
+fn millis(ms: f64) -> String {
+    if !ms.is_finite() {
+        "–".into()
+    } else if ms < 10.0 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_survives_a_trip_between_processes() {
+        let mut latency = Latency::new();
+        for us in [100, 200, 300, 5000] {
+            latency.record(us);
+        }
+        let copy = Latency::from_pairs(&latency.to_pairs());
+        assert_eq!(copy.count(), 4);
+        let p = copy.percentiles().unwrap();
+        assert!((p.p50 - 0.2).abs() < 0.001, "{p:?}");
+        assert!((p.max - 5.0).abs() < 0.01, "{p:?}");
+        assert_eq!(Latency::new().percentiles(), None);
+    }
+
+    #[test]
+    fn a_summary_takes_medians_of_rates_and_the_worst_error_counts() {
+        let run = |rate: f64, lost: u64| Measurement {
+            delivery_rate: rate,
+            lost,
+            cpu: vec![("gw".into(), rate / 10.0)],
+            ..Measurement::default()
+        };
+        let summary = Measurement::summarize(&[run(100.0, 0), run(300.0, 5), run(200.0, 1)]);
+        assert_eq!(summary.delivery_rate, 200.0);
+        assert_eq!(summary.lost, 5);
+        assert_eq!(summary.cpu, vec![("gw".to_owned(), 20.0)]);
+        assert_eq!(median(vec![1.0, 4.0]), Some(2.5));
+    }
+
+    #[test]
+    fn tables_are_markdown_with_one_column_per_cpu_role() {
+        let m = Measurement {
+            connections: 10_000,
+            delivery_rate: 1_234_567.4,
+            latency: Some(Percentiles { p50: 0.5, p99: 12.34, p999: 20.0, max: 30.0 }),
+            cpu: vec![("gw".into(), 95.4), ("clients".into(), 80.0)],
+            ..Measurement::default()
+        };
+        let text = table(
+            "run",
+            &[Column::Connections, Column::DeliveryRate, Column::Latency, Column::Cpu],
+            &[Row { label: "a".into(), measurement: m }],
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| run | conns | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | gw CPU | clients CPU |"
+        );
+        assert_eq!(lines[1], "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        assert_eq!(lines[2], "| a | 10,000 | 1,234,567 | 0.50 | 12.3 | 20.0 | 30.0 | 95% | 80% |");
+    }
+}
