@@ -138,7 +138,8 @@ pub struct DeliveryArgs {
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
     /// Flat out: most messages published but not yet delivered (to every client, for broadcasts).
-    /// Default: 256 for fanout, 10,000 for targeted.
+    /// Default: 1,000,000 deliveries' worth (fanout: 1,000,000 / clients messages, at least 4).
+    /// Batches are cut to fit.
     #[arg(long)]
     pub window: Option<u64>,
     /// Flat out: concurrent publish requests. Above 1, messages may legitimately arrive out of order.

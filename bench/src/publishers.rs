@@ -311,7 +311,7 @@ impl Window {
 
 /// Publishes as fast as `lanes` concurrent requests go for `duration`, each
 /// request carrying `per_request` messages (a batch for [`Via::GrpcBatch`],
-/// else one), within `window` if given.
+/// cut to fit the window; else one), within `window` if given.
 pub async fn flat_out(
     lanes: Vec<Lane>,
     via: Via,
@@ -320,7 +320,11 @@ pub async fn flat_out(
     source: Box<dyn Source>,
     window: Option<Window>,
 ) -> Tally {
-    let per_request = if via == Via::GrpcBatch { per_request.max(1) } else { 1 };
+    let per_request = match (via, &window) {
+        (Via::GrpcBatch, Some(window)) => per_request.clamp(1, window.limit.max(1) as usize),
+        (Via::GrpcBatch, None) => per_request.max(1),
+        _ => 1,
+    };
     let source = Arc::new(Mutex::new(source));
     let window = window.map(Arc::new);
     let issued = Arc::new(AtomicU64::new(0));

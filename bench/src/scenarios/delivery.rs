@@ -37,10 +37,13 @@ const COLUMNS: [Column; 12] = [
     Column::Cpu,
 ];
 
+/// The default flat-out window, in deliveries: deep enough that herald can
+/// batch its writes, shallow enough to bound its queues (tens of MB).
+const WINDOW_DELIVERIES: u64 = 1_000_000;
+
 pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()> {
     let mut bench = Bench::new(&args.common)?;
     let via = args.via.unwrap_or(if args.rate == Rate::Max { Via::GrpcBatch } else { Via::Grpc });
-    let window = args.window.unwrap_or(if targeting == Targeting::Broadcast { 256 } else { 10_000 });
     let name = if targeting == Targeting::Broadcast { "fanout" } else { "targeted" };
     let mut rows = Vec::new();
     for &connections in &args.connections {
@@ -51,7 +54,7 @@ pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()
         );
         let mut runs = Vec::new();
         for run in 1..=args.common.runs {
-            let (measurement, first_error) = run_once(&mut bench, args, targeting, via, window, connections).await?;
+            let (measurement, first_error) = run_once(&mut bench, args, targeting, via, connections).await?;
             report_run(&label, run, &measurement, first_error.as_deref());
             runs.push(measurement);
         }
@@ -66,7 +69,10 @@ pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()
         _ => String::new(),
     };
     let flat_out = match args.rate {
-        Rate::Max => format!(", {} lane(s), window {window} msgs", args.lanes),
+        Rate::Max => match args.window {
+            Some(window) => format!(", {} lane(s), window {window} msgs", args.lanes),
+            None => format!(", {} lane(s), window {WINDOW_DELIVERIES} deliveries", args.lanes),
+        },
         Rate::PerSecond(_) => String::new(),
     };
     let title = format!(
@@ -85,7 +91,6 @@ async fn run_once(
     args: &DeliveryArgs,
     targeting: Targeting,
     via: Via,
-    window: u64,
     connections: usize,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
     let herald = bench.herald(connections, via == Via::Http).await?;
@@ -106,7 +111,7 @@ async fn run_once(
         Rate::Max => {
             let window = Window {
                 progress: fleet.progress.clone(),
-                limit: window,
+                limit: args.window.unwrap_or((WINDOW_DELIVERIES / fan).max(4)),
                 broadcast_to: (targeting == Targeting::Broadcast).then_some(clients),
             };
             publishers::flat_out(lanes, via, args.batch, args.common.duration, source, Some(window)).await
