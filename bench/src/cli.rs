@@ -41,8 +41,9 @@ pub enum Scenario {
 #[derive(Debug, Args)]
 pub struct Common {
     /// The herald binary to start (not used when addresses of a running herald are given).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/herald"))]
-    pub herald: PathBuf,
+    /// Default: `herald` beside this binary, i.e. target/release/herald.
+    #[arg(long)]
+    pub herald: Option<PathBuf>,
     /// Start all roles in one `herald standalone` process instead of a broker plus gateways.
     #[arg(long)]
     pub standalone: bool,
@@ -86,6 +87,15 @@ pub struct Common {
 }
 
 impl Common {
+    /// The herald binary to start.
+    pub fn herald_binary(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.herald {
+            return Ok(path.clone());
+        }
+        let me = std::env::current_exe()?;
+        Ok(me.with_file_name("herald"))
+    }
+
     /// Whether the scenario targets a herald that is already running.
     pub fn is_external(&self) -> bool {
         !self.ws_urls.is_empty() || self.http_url.is_some() || self.grpc_addr.is_some()

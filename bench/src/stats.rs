@@ -185,37 +185,54 @@ pub fn table(label: &str, columns: &[Column], rows: &[Row]) -> String {
         }
     }
     let mut header = vec![label.to_owned()];
-    for column in columns {
-        match column {
-            Column::Latency => header.extend(["p50 ms", "p99 ms", "p99.9 ms", "max ms"].map(String::from)),
-            Column::Cpu => header.extend(roles.iter().map(|role| format!("{role} CPU"))),
-            other => header.push(other.title().to_owned()),
-        }
-    }
+    header.extend(titles(columns, &roles));
     let mut out = String::new();
     push_row(&mut out, &header);
-    push_row(
-        &mut out,
-        &header.iter().enumerate().map(|(i, _)| if i == 0 { "---" } else { "---:" }.into()).collect::<Vec<_>>(),
-    );
+    let align: Vec<String> = (0..header.len()).map(|i| if i == 0 { "---" } else { "---:" }.into()).collect();
+    push_row(&mut out, &align);
     for row in rows {
-        let m = &row.measurement;
         let mut cells = vec![row.label.clone()];
-        for column in columns {
-            match column {
-                Column::Latency => match m.latency {
-                    Some(l) => cells.extend([l.p50, l.p99, l.p999, l.max].map(millis)),
-                    None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
-                },
-                Column::Cpu => cells.extend(roles.iter().map(|role| {
-                    m.cpu.iter().find(|(name, _)| name == role).map_or("–".into(), |(_, pct)| format!("{pct:.0}%"))
-                })),
-                other => cells.push(other.cell(m)),
-            }
-        }
+        cells.extend(cells_of(columns, &roles, &row.measurement));
         push_row(&mut out, &cells);
     }
     out
+}
+
+/// One measurement on one line: `title value` pairs for `columns`.
+pub fn inline(columns: &[Column], m: &Measurement) -> String {
+    let roles: Vec<&str> = m.cpu.iter().map(|(role, _)| role.as_str()).collect();
+    let titles = titles(columns, &roles);
+    let cells = cells_of(columns, &roles, m);
+    titles.iter().zip(&cells).map(|(title, cell)| format!("{title} {cell}")).collect::<Vec<_>>().join(", ")
+}
+
+fn titles(columns: &[Column], roles: &[&str]) -> Vec<String> {
+    let mut titles = Vec::new();
+    for column in columns {
+        match column {
+            Column::Latency => titles.extend(["p50 ms", "p99 ms", "p99.9 ms", "max ms"].map(String::from)),
+            Column::Cpu => titles.extend(roles.iter().map(|role| format!("{role} CPU"))),
+            other => titles.push(other.title().to_owned()),
+        }
+    }
+    titles
+}
+
+fn cells_of(columns: &[Column], roles: &[&str], m: &Measurement) -> Vec<String> {
+    let mut cells = Vec::new();
+    for column in columns {
+        match column {
+            Column::Latency => match m.latency {
+                Some(l) => cells.extend([l.p50, l.p99, l.p999, l.max].map(millis)),
+                None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
+            },
+            Column::Cpu => cells.extend(roles.iter().map(|role| {
+                m.cpu.iter().find(|(name, _)| name == role).map_or("–".into(), |(_, pct)| format!("{pct:.0}%"))
+            })),
+            other => cells.push(other.cell(m)),
+        }
+    }
+    cells
 }
 
 fn push_row(out: &mut String, cells: &[String]) {
@@ -335,5 +352,10 @@ mod tests {
         );
         assert_eq!(lines[1], "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         assert_eq!(lines[2], "| a | 10,000 | 1,234,567 | 0.50 | 12.3 | 20.0 | 30.0 | 95% | 80% |");
+        let m = Measurement { connections: 5, cpu: vec![("gw".into(), 1.0)], ..Measurement::default() };
+        assert_eq!(
+            inline(&[Column::Connections, Column::Latency, Column::Cpu], &m),
+            "conns 5, p50 ms –, p99 ms –, p99.9 ms –, max ms –, gw CPU 1%"
+        );
     }
 }

@@ -55,7 +55,7 @@ pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()
         let mut runs = Vec::new();
         for run in 1..=args.common.runs {
             let (measurement, first_error) = run_once(&mut bench, args, targeting, via, connections).await?;
-            report_run(&label, run, &measurement, first_error.as_deref());
+            report_run(&label, run, &COLUMNS, &measurement, first_error.as_deref());
             runs.push(measurement);
         }
         rows.push(Row {

@@ -15,7 +15,7 @@ use crate::endpoints::{self, SourceAddrs, WsUrl};
 use crate::fleet::{self, Connected, Fleet, Spread};
 use crate::procfs::{self, Watched};
 use crate::procs::{Endpoints, External, Herald, Topology};
-use crate::stats::{Column, Measurement, Row, table, thousands};
+use crate::stats::{Column, Measurement, Row, inline, table, thousands};
 
 /// Gateways started per this many connections when `--gateways` is not given.
 const CONNECTIONS_PER_GATEWAY: usize = 15_000;
@@ -71,7 +71,7 @@ impl<'a> Bench<'a> {
         } else {
             Topology::Split { gateways: default_gateways(common, connections), http }
         };
-        Herald::start(&common.herald, topology, common.api_key.as_deref()).await
+        Herald::start(&common.herald_binary()?, topology, common.api_key.as_deref()).await
     }
 
     /// Starts load generators and connects `connections` clients to `endpoints`.
@@ -141,17 +141,8 @@ fn watched(endpoints: &Endpoints, fleet: Option<&Fleet>) -> Vec<Watched> {
 }
 
 /// Prints one run's figures on standard error.
-fn report_run(label: &str, run: usize, m: &Measurement, first_error: Option<&str>) {
-    let latency = m.latency.map_or(String::new(), |l| format!(", p50 {:.2} ms, p99 {:.2} ms", l.p50, l.p99));
-    eprintln!(
-        "  {label} run {run}: {} publishes/s, {} deliveries/s, lost {}, dup {}, misdelivered {}, closed {}{latency}",
-        thousands(m.publish_rate.round() as u64),
-        thousands(m.delivery_rate.round() as u64),
-        m.lost,
-        m.duplicated,
-        m.misdelivered,
-        m.closed,
-    );
+fn report_run(label: &str, run: usize, columns: &[Column], m: &Measurement, first_error: Option<&str>) {
+    eprintln!("  {label} run {run}: {}", inline(columns, m));
     if let Some(e) = first_error {
         eprintln!("    first publish error: {e}");
     }

@@ -26,7 +26,7 @@ pub async fn run(args: &PublishArgs) -> anyhow::Result<()> {
         let mut runs = Vec::new();
         for run in 1..=args.common.runs {
             let (measurement, first_error) = run_once(&bench, args, path).await?;
-            report_run(&label, run, &measurement, first_error.as_deref());
+            report_run(&label, run, &COLUMNS, &measurement, first_error.as_deref());
             runs.push(measurement);
         }
         rows.push(Row { label, measurement: Measurement::summarize(&runs) });
