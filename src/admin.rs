@@ -3,7 +3,8 @@
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /healthz`: 200 while the process serves;
 //! - `GET /readyz`: 200 when the role can do its job (a gateway is linked to a
-//!   broker, a broker is not shutting down), else 503 with the reason.
+//!   broker, a broker is connected to its cluster and not shutting down),
+//!   else 503 with the reason.
 
 use axum::Router;
 use axum::extract::State;
@@ -29,7 +30,7 @@ pub enum Component {
 impl Component {
     fn render(&self, out: &mut Exposition) {
         match self {
-            Self::Broker(hub) => hub.metrics().render(out),
+            Self::Broker(hub) => hub.render_metrics(out),
             Self::Ws(gateway) => gateway.render_metrics(out),
             Self::Http(http) => http.render_metrics(out),
         }
@@ -37,7 +38,7 @@ impl Component {
 
     fn readiness(&self) -> Result<(), String> {
         match self {
-            Self::Broker(hub) if hub.is_shutting_down() => Err("broker: shutting down".into()),
+            Self::Broker(hub) => hub.unready_reason().map_or(Ok(()), |reason| Err(format!("broker: {reason}"))),
             Self::Ws(gateway) if !gateway.is_linked() => {
                 Err(format!("ws gateway {}: not linked to a broker", gateway.worker_id()))
             }

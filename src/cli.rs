@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use herald_broker::HubLimits;
+use herald_broker::cluster::ClusterConfig;
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::http::HttpServerOptions;
 use herald_common::tls::TlsError;
@@ -56,6 +57,41 @@ pub struct BrokerArgs {
     pub content: ContentArgs,
     #[command(flatten)]
     pub broker: BrokerOptions,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Join a broker cluster through these NATS servers (comma-separated nats://host:port).
+    /// Without it the broker works alone.
+    #[arg(long, env = "HERALD_NATS")]
+    pub nats: Option<String>,
+    /// JetStream key-value bucket holding worker-id leases.
+    #[arg(long, env = "HERALD_NATS_BUCKET", default_value = "herald_workers")]
+    pub nats_bucket: String,
+    /// NATS subject prefix of channel messages.
+    #[arg(long, env = "HERALD_NATS_SUBJECT_PREFIX", default_value = "herald.ch")]
+    pub nats_subject_prefix: String,
+    /// Replicas of the lease bucket (in a clustered NATS).
+    #[arg(long, env = "HERALD_NATS_KV_REPLICAS", default_value_t = 1)]
+    pub nats_kv_replicas: usize,
+    /// How long a worker-id lease lasts without renewal (a dead broker's ids free up after this).
+    #[arg(long, env = "HERALD_WORKER_LEASE", default_value = "10s", value_parser = parse_duration)]
+    pub worker_lease: Duration,
+}
+
+impl ClusterArgs {
+    /// The cluster to join, if any.
+    pub fn config(&self) -> Option<ClusterConfig> {
+        self.nats.as_ref().map(|urls| ClusterConfig {
+            bucket: self.nats_bucket.clone(),
+            subject_prefix: self.nats_subject_prefix.clone(),
+            kv_replicas: self.nats_kv_replicas.max(1),
+            lease_ttl: self.worker_lease,
+            ..ClusterConfig::new(urls.clone())
+        })
+    }
 }
 
 #[derive(Debug, Args)]

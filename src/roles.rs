@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use herald_broker::client::{RemoteBrokers, RemoteOptions};
+use herald_broker::cluster::Cluster;
 use herald_broker::server::ServerOptions;
 use herald_broker::{BrokerClient, Hub};
 use herald_common::auth::ApiKeys;
@@ -51,7 +52,14 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
-    let hub = Hub::new(args.content.hub_limits(&args.broker));
+    let limits = args.content.hub_limits(&args.broker);
+    let hub = match args.cluster.config() {
+        Some(config) => {
+            let (cluster, notices) = Cluster::join(config).await?;
+            Hub::clustered(limits, cluster, notices)
+        }
+        None => Hub::new(limits),
+    };
     let listener = bind("broker", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Broker(hub.clone())], admin_stop.clone())?;

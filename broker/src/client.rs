@@ -129,6 +129,17 @@ impl RemoteBrokers {
         self.inner.preferred.store(i, Ordering::Relaxed);
     }
 
+    /// Moves on from `address` if it is the preferred broker, so the next
+    /// attempt starts with another one.
+    fn demote(&self, address: &str) {
+        let n = self.inner.brokers.len();
+        let current = self.inner.preferred.load(Ordering::Relaxed) % n;
+        if self.inner.brokers[current].0 == address {
+            let _ =
+                self.inner.preferred.compare_exchange(current, (current + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
     async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
         let mut last = Status::unavailable("no broker address");
         let attempts = self.inner.brokers.len();
@@ -222,6 +233,14 @@ impl BrokerClient {
         }
     }
 
+    /// Reports that a session on `broker` failed, so the next session is
+    /// tried on another broker first.
+    pub fn session_failed(&self, broker: &str) {
+        if let Self::Remote(remote) = self {
+            remote.demote(broker);
+        }
+    }
+
     /// Opens a subscriber session.
     pub async fn open_session(&self) -> Result<BrokerSession, Status> {
         match self {
@@ -263,7 +282,7 @@ impl Commands {
     /// means the command did not get through.
     pub async fn send(&self, req: SubscribeRequest) -> Result<(), Status> {
         match self {
-            Self::Local(session) => session.apply(req).map_err(Status::from),
+            Self::Local(session) => session.apply(req).await.map_err(Status::from),
             Self::Remote(tx) => tx.send(req).await.map_err(|_| Status::unavailable("broker session closed")),
         }
     }
@@ -272,6 +291,16 @@ impl Commands {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_broker_is_tried_last() {
+        let brokers = RemoteBrokers::parse("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", &RemoteOptions::default()).unwrap();
+        let order = |b: &RemoteBrokers| b.rotation().map(|(_, (a, _))| a.clone()).collect::<Vec<_>>();
+        brokers.demote("127.0.0.1:2");
+        assert_eq!(order(&brokers)[0], "127.0.0.1:1", "only the preferred broker is demoted");
+        brokers.demote("127.0.0.1:1");
+        assert_eq!(order(&brokers), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]);
+    }
 
     #[tokio::test]
     async fn addresses_are_a_comma_separated_list() {

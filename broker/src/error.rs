@@ -19,6 +19,8 @@ pub enum PublishError {
     BatchTooLarge { len: usize, max: usize },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("broker cluster unavailable: {0}")]
+    ClusterUnavailable(String),
 }
 
 impl PublishError {
@@ -27,7 +29,7 @@ impl PublishError {
             Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) => Code::NotFound,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
-            Self::ShuttingDown => Code::Unavailable,
+            Self::ShuttingDown | Self::ClusterUnavailable(_) => Code::Unavailable,
         }
     }
 
@@ -38,6 +40,7 @@ impl PublishError {
             Self::UnknownWorker(_) => "unknown_worker",
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => "too_large",
             Self::ShuttingDown => "shutting_down",
+            Self::ClusterUnavailable(_) => "cluster_unavailable",
         }
     }
 }
@@ -63,6 +66,8 @@ pub enum CommandErrorKind {
     TooManyChannels { count: usize, max: usize },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("broker cluster unavailable: {0}")]
+    ClusterUnavailable(String),
 }
 
 /// A refused command and the request id it came with.
@@ -80,7 +85,7 @@ impl CommandError {
             CommandErrorKind::SecondClaim(_) => Code::FailedPrecondition,
             CommandErrorKind::Invalid(_) | CommandErrorKind::BadName(_) => Code::InvalidArgument,
             CommandErrorKind::TooManyChannels { .. } => Code::ResourceExhausted,
-            CommandErrorKind::ShuttingDown => Code::Unavailable,
+            CommandErrorKind::ShuttingDown | CommandErrorKind::ClusterUnavailable(_) => Code::Unavailable,
         }
     }
 }

@@ -9,6 +9,11 @@
 //! A session's events go into a bounded queue. When it is full the publisher
 //! waits up to a grace period; a session that still does not drain is evicted
 //! with `RESOURCE_EXHAUSTED` (its gateway reconnects), never silently skipped.
+//!
+//! With a [`Cluster`], publishes are also handed to the other brokers, worker
+//! ids are leased cluster-wide, and channel interest changes (a channel's
+//! first listener arriving, its last leaving) are passed on in the order the
+//! lock saw them.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -17,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use herald_common::metrics::Exposition;
 use herald_proto::names;
 use herald_proto::v1::{
     Ack, Event, PublishRequest, PublishResponse, SubscribeRequest, SubscribeResponse, subscribe_request,
@@ -26,9 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::Status;
 
+use crate::cluster::bus::Interest;
+use crate::cluster::leases::ClaimError;
+use crate::cluster::{Cluster, ClusterNotice};
 use crate::error::{CommandError, CommandErrorKind, PublishError};
 use crate::metrics::BrokerMetrics;
-use crate::route::{self, Route};
+use crate::route::{self, TargetKind};
 
 /// Limits the broker enforces.
 #[derive(Debug, Clone)]
@@ -71,9 +80,18 @@ struct Shared {
     limits: HubLimits,
     metrics: BrokerMetrics,
     next_session_id: AtomicU64,
+    cluster: Option<Arc<Cluster>>,
 }
 
 type SessionId = u64;
+
+/// A publish that passed the checks.
+struct Routed {
+    kind: TargetKind,
+    channel: String,
+    /// Whether other brokers may have listeners (cluster mode).
+    forward: bool,
+}
 type Subscribers = Arc<[Arc<Sink>]>;
 
 #[derive(Default)]
@@ -119,14 +137,60 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// A broker on its own.
     pub fn new(limits: HubLimits) -> Self {
+        Self::build(limits, None)
+    }
+
+    /// A broker that is one of a cluster. `notices` are what the cluster
+    /// sends this broker; they are handled in the background.
+    pub fn clustered(limits: HubLimits, cluster: Cluster, mut notices: mpsc::Receiver<ClusterNotice>) -> Self {
+        let hub = Self::build(limits, Some(Arc::new(cluster)));
+        let handler = hub.clone();
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                handler.on_cluster_notice(notice).await;
+            }
+        });
+        hub
+    }
+
+    fn build(limits: HubLimits, cluster: Option<Arc<Cluster>>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: RwLock::new(State::default()),
                 limits,
                 metrics: BrokerMetrics::default(),
                 next_session_id: AtomicU64::new(1),
+                cluster,
             }),
+        }
+    }
+
+    fn cluster(&self) -> Option<&Cluster> {
+        self.shared.cluster.as_deref()
+    }
+
+    /// Why the broker cannot do its job right now, if it cannot.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if self.is_shutting_down() {
+            Some("shutting down")
+        } else if self.cluster().is_some_and(|c| !c.is_ready()) {
+            Some("not connected to the cluster (NATS)")
+        } else {
+            None
+        }
+    }
+
+    /// Renders the broker's metrics, cluster state included.
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        self.shared.metrics.render(out);
+        if let Some(cluster) = self.cluster() {
+            out.gauge(
+                "herald_broker_cluster_ready",
+                "1 while connected to NATS with the lease bucket at hand.",
+                i64::from(cluster.is_ready()),
+            );
         }
     }
 
@@ -159,8 +223,20 @@ impl Hub {
         };
         metrics.publish_accepted(route.kind);
         let event = Event { channel: route.channel, target: req.target, content: req.content };
+        let forwarded = match (self.cluster(), route.forward) {
+            (Some(cluster), true) => {
+                if let Err(e) = cluster.forward(&event).await {
+                    let e = PublishError::ClusterUnavailable(e);
+                    metrics.publish_rejected(&e);
+                    return Err(e);
+                }
+                metrics.events_forwarded.inc();
+                true
+            }
+            _ => false,
+        };
         let delivered = self.deliver(subscribers, event).await;
-        Ok(PublishResponse { subscribers: delivered })
+        Ok(PublishResponse { subscribers: delivered, forwarded })
     }
 
     /// Routes several messages in order, each on its own.
@@ -179,19 +255,54 @@ impl Hub {
         Ok(results)
     }
 
-    fn route(&self, req: &PublishRequest) -> Result<(Route, Option<Subscribers>), PublishError> {
+    fn route(&self, req: &PublishRequest) -> Result<(Routed, Option<Subscribers>), PublishError> {
         let route = route::resolve(req, self.shared.limits.max_content_bytes)?;
         let state = self.read();
         if state.shutting_down {
             return Err(PublishError::ShuttingDown);
         }
-        if let Some(worker_id) = &route.worker_id
-            && !state.workers.contains_key(worker_id)
+        let cluster = self.cluster();
+        if let Some(cluster) = cluster
+            && !cluster.is_ready()
+        {
+            return Err(PublishError::ClusterUnavailable("not connected to NATS".into()));
+        }
+        let held_here = route.worker_id.as_ref().map(|w| state.workers.contains_key(w));
+        if let (Some(worker_id), Some(false)) = (&route.worker_id, held_here)
+            && !cluster.is_some_and(|c| c.is_held(worker_id))
         {
             return Err(PublishError::UnknownWorker(worker_id.clone()));
         }
         let subscribers = state.channels.get(&route.channel).cloned();
-        Ok((route, subscribers))
+        // A connection on a gateway of this broker needs no other broker.
+        let forward = cluster.is_some() && held_here != Some(true);
+        Ok((Routed { kind: route.kind, channel: route.channel, forward }, subscribers))
+    }
+
+    /// Delivers an event published on another broker to local listeners.
+    async fn on_cluster_notice(&self, notice: ClusterNotice) {
+        let metrics = &self.shared.metrics;
+        match notice {
+            ClusterNotice::Event(event) => {
+                metrics.events_from_cluster.inc();
+                let subscribers = self.read().channels.get(&event.channel).cloned();
+                self.deliver(subscribers, event).await;
+            }
+            ClusterNotice::Undecodable => metrics.cluster_undecodable.inc(),
+            ClusterNotice::WorkerLost { worker_id, same_instance } => {
+                let holder = self.read().workers.get(&worker_id).map(|h| h.session_id);
+                let sink = holder.and_then(|id| self.read().sessions.get(&id).map(|e| e.sink.clone()));
+                if let Some(sink) = sink {
+                    let status = if same_instance {
+                        Status::aborted(format!("worker id {worker_id:?} moved to another session of the same gateway"))
+                    } else {
+                        Status::already_exists(format!("worker id {worker_id:?} was taken over by another gateway"))
+                    };
+                    sink.end(status);
+                    self.close_session(sink.session_id);
+                }
+            }
+        }
     }
 
     async fn deliver(&self, subscribers: Option<Subscribers>, event: Event) -> u32 {
@@ -274,6 +385,9 @@ impl Hub {
             sink.end(Status::unavailable("broker is shutting down"));
             self.close_session(sink.session_id);
         }
+        if let Some(cluster) = self.cluster() {
+            cluster.leave();
+        }
     }
 
     /// Whether [`Self::shut_down`] was called.
@@ -292,23 +406,57 @@ impl Hub {
         (state.sessions.len(), state.channels.len(), state.workers.len())
     }
 
-    fn apply(&self, session_id: SessionId, sink: &Sink, req: SubscribeRequest) -> Result<(), CommandError> {
+    async fn apply(&self, session_id: SessionId, sink: &Sink, req: SubscribeRequest) -> Result<(), CommandError> {
         let request_id = req.request_id;
         let err = |kind| CommandError { request_id, kind };
         let command = req.command.ok_or_else(|| err(CommandErrorKind::Invalid("command is required".into())))?;
-        let mut state = self.write();
-        if state.shutting_down {
-            return Err(err(CommandErrorKind::ShuttingDown));
+        let cluster = self.cluster();
+        if let Some(cluster) = cluster
+            && !cluster.is_ready()
+        {
+            return Err(err(CommandErrorKind::ClusterUnavailable("not connected to NATS".into())));
         }
-        match command {
+        let needs_sync = match command {
             subscribe_request::Command::ClaimWorker(claim) => {
                 names::validate_worker_id(&claim.worker_id).map_err(|e| err(e.into()))?;
                 if claim.instance_id.is_empty() {
                     return Err(err(CommandErrorKind::Invalid("instance_id is required".into())));
                 }
-                state
-                    .claim_worker(session_id, &claim.worker_id, &claim.instance_id, &self.shared.metrics)
-                    .map_err(err)?;
+                self.read().check_claim(session_id, &claim.worker_id, &claim.instance_id).map_err(|e| {
+                    if matches!(e, CommandErrorKind::WorkerTaken { .. }) {
+                        self.shared.metrics.claims_refused.inc();
+                    }
+                    err(e)
+                })?;
+                if let Some(cluster) = cluster {
+                    cluster.claim(&claim.worker_id, &claim.instance_id).await.map_err(|e| match e {
+                        ClaimError::Taken => {
+                            self.shared.metrics.claims_refused.inc();
+                            err(CommandErrorKind::WorkerTaken { worker_id: claim.worker_id.clone() })
+                        }
+                        ClaimError::Unavailable(reason) => err(CommandErrorKind::ClusterUnavailable(reason)),
+                    })?;
+                }
+                let mut state = self.write();
+                let mut changes = Vec::new();
+                let claimed = state.check_claim(session_id, &claim.worker_id, &claim.instance_id).and_then(|()| {
+                    state.claim_worker(
+                        session_id,
+                        &claim.worker_id,
+                        &claim.instance_id,
+                        &self.shared.metrics,
+                        &mut changes,
+                    )
+                });
+                if let Err(e) = claimed {
+                    drop(state);
+                    if let Some(cluster) = cluster {
+                        cluster.release(claim.worker_id.clone());
+                    }
+                    return Err(err(e));
+                }
+                self.commit(&state, changes);
+                true
             }
             subscribe_request::Command::Subscribe(sub) => {
                 for channel in &sub.channels {
@@ -319,6 +467,7 @@ impl Hub {
                         ))));
                     }
                 }
+                let mut state = self.write();
                 let entry = state.session(session_id).map_err(err)?;
                 let new: HashSet<&String> = sub.channels.iter().filter(|c| !entry.channels.contains(*c)).collect();
                 let count = entry.channels.len() + new.len();
@@ -327,26 +476,46 @@ impl Hub {
                     return Err(err(CommandErrorKind::TooManyChannels { count, max }));
                 }
                 let new: Vec<String> = new.into_iter().cloned().collect();
+                let mut changes = Vec::new();
                 for channel in new {
-                    state.add_listener(session_id, channel);
+                    state.add_listener(session_id, channel, &mut changes);
                 }
+                self.commit(&state, changes);
+                true
             }
             subscribe_request::Command::Unsubscribe(unsub) => {
+                let mut state = self.write();
+                let mut changes = Vec::new();
                 for channel in &unsub.channels {
                     if !names::is_worker_channel(channel) {
-                        state.remove_listener(session_id, channel);
+                        state.remove_listener(session_id, channel, &mut changes);
                     }
                 }
+                self.commit(&state, changes);
+                false
             }
+        };
+        // In a cluster, acknowledge only once NATS has the subscriptions:
+        // from the ack on, events published on any broker arrive.
+        if let (Some(cluster), true) = (cluster, needs_sync) {
+            cluster.sync().await.map_err(|e| err(CommandErrorKind::ClusterUnavailable(e)))?;
         }
-        // Queued while the lock is held, so the ack precedes every event of a
-        // newly subscribed channel.
         let ack = SubscribeResponse { kind: Some(subscribe_response::Kind::Ack(Ack { request_id })) };
         if sink.tx.try_send(ack).is_err() {
             tracing::debug!(session = session_id, request_id, "ack not queued: session queue full or closed");
         }
-        state.report_census(&self.shared.metrics);
         Ok(())
+    }
+
+    /// Passes the interest changes of one locked update on to the cluster,
+    /// while the lock is still held so that they keep the lock's order.
+    fn commit(&self, state: &State, changes: Vec<Interest>) {
+        state.report_census(&self.shared.metrics);
+        if let Some(cluster) = self.cluster() {
+            for change in changes {
+                cluster.interest(change);
+            }
+        }
     }
 
     fn close_session(&self, session_id: SessionId) {
@@ -354,16 +523,23 @@ impl Hub {
         let Some(entry) = state.sessions.remove(&session_id) else {
             return;
         };
+        let mut changes = Vec::new();
         for channel in &entry.channels {
-            state.unlink(session_id, channel);
+            state.unlink(session_id, channel, &mut changes);
         }
+        let mut released = None;
         if let Some(worker_id) = entry.worker_id
             && state.workers.get(&worker_id).is_some_and(|h| h.session_id == session_id)
         {
             state.workers.remove(&worker_id);
+            released = Some(worker_id);
         }
         self.shared.metrics.sessions.dec();
-        state.report_census(&self.shared.metrics);
+        self.commit(&state, changes);
+        drop(state);
+        if let (Some(cluster), Some(worker_id)) = (self.cluster(), released) {
+            cluster.release(worker_id);
+        }
     }
 }
 
@@ -377,21 +553,30 @@ impl State {
         self.sessions.get_mut(&id).ok_or(CommandErrorKind::ShuttingDown)
     }
 
+    /// Refuses a claim that cannot succeed locally: a second claim on one
+    /// session, or an id held here by another instance.
+    fn check_claim(&self, session_id: SessionId, worker_id: &str, instance_id: &str) -> Result<(), CommandErrorKind> {
+        let entry = self.sessions.get(&session_id).ok_or(CommandErrorKind::ShuttingDown)?;
+        if let Some(held) = &entry.worker_id {
+            return Err(CommandErrorKind::SecondClaim(held.clone()));
+        }
+        match self.workers.get(worker_id) {
+            Some(holder) if holder.instance_id != instance_id => {
+                Err(CommandErrorKind::WorkerTaken { worker_id: worker_id.to_owned() })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn claim_worker(
         &mut self,
         session_id: SessionId,
         worker_id: &str,
         instance_id: &str,
         metrics: &BrokerMetrics,
+        changes: &mut Vec<Interest>,
     ) -> Result<(), CommandErrorKind> {
-        if let Some(held) = &self.session(session_id)?.worker_id {
-            return Err(CommandErrorKind::SecondClaim(held.clone()));
-        }
         if let Some(holder) = self.workers.get(worker_id) {
-            if holder.instance_id != instance_id {
-                metrics.claims_refused.inc();
-                return Err(CommandErrorKind::WorkerTaken { worker_id: worker_id.to_owned() });
-            }
             // The same gateway process reconnected before its old session was
             // noticed dead: the new session takes over.
             let stale = holder.session_id;
@@ -400,18 +585,18 @@ impl State {
                     "worker id {worker_id:?} was claimed again by a newer session of the same instance"
                 )));
                 for channel in &entry.channels {
-                    self.unlink(stale, channel);
+                    self.unlink(stale, channel, changes);
                 }
                 metrics.sessions.dec();
             }
         }
         self.workers.insert(worker_id.to_owned(), WorkerHolder { session_id, instance_id: instance_id.to_owned() });
         self.session(session_id)?.worker_id = Some(worker_id.to_owned());
-        self.add_listener(session_id, names::worker_channel(worker_id));
+        self.add_listener(session_id, names::worker_channel(worker_id), changes);
         Ok(())
     }
 
-    fn add_listener(&mut self, session_id: SessionId, channel: String) {
+    fn add_listener(&mut self, session_id: SessionId, channel: String, changes: &mut Vec<Interest>) {
         let Some(entry) = self.sessions.get_mut(&session_id) else {
             return;
         };
@@ -419,28 +604,32 @@ impl State {
             return;
         }
         let sink = entry.sink.clone();
-        let list = self.channels.entry(channel).or_insert_with(|| Arc::from(Vec::new()));
+        let list = self.channels.entry(channel.clone()).or_insert_with(|| {
+            changes.push(Interest::Add(channel));
+            Arc::from(Vec::new())
+        });
         let mut grown = Vec::with_capacity(list.len() + 1);
         grown.extend(list.iter().cloned());
         grown.push(sink);
         *list = grown.into();
     }
 
-    fn remove_listener(&mut self, session_id: SessionId, channel: &str) {
+    fn remove_listener(&mut self, session_id: SessionId, channel: &str, changes: &mut Vec<Interest>) {
         let removed = self.sessions.get_mut(&session_id).is_some_and(|e| e.channels.remove(channel));
         if removed {
-            self.unlink(session_id, channel);
+            self.unlink(session_id, channel, changes);
         }
     }
 
     /// Drops `session_id` from the subscriber list of `channel`.
-    fn unlink(&mut self, session_id: SessionId, channel: &str) {
+    fn unlink(&mut self, session_id: SessionId, channel: &str, changes: &mut Vec<Interest>) {
         let Some(list) = self.channels.get_mut(channel) else {
             return;
         };
         let kept: Vec<_> = list.iter().filter(|s| s.session_id != session_id).cloned().collect();
         if kept.is_empty() {
             self.channels.remove(channel);
+            changes.push(Interest::Remove(channel.to_owned()));
         } else {
             *list = kept.into();
         }
@@ -458,8 +647,8 @@ pub struct Session {
 impl Session {
     /// Applies one command. A refused command ends the session: its event
     /// stream yields the refusal as its final status.
-    pub fn apply(&self, req: SubscribeRequest) -> Result<(), CommandError> {
-        self.hub.apply(self.id, &self.sink, req).inspect_err(|e| {
+    pub async fn apply(&self, req: SubscribeRequest) -> Result<(), CommandError> {
+        self.hub.apply(self.id, &self.sink, req).await.inspect_err(|e| {
             tracing::debug!(session = self.id, error = %e, "subscriber command refused");
             self.end(e.clone().into());
         })
@@ -615,8 +804,8 @@ mod tests {
         let (a, mut a_events) = hub.open_session();
         let (b, mut b_events) = hub.open_session();
         let (_idle, mut idle_events) = hub.open_session();
-        a.apply(subscribe(1, &["broadcast"])).unwrap();
-        b.apply(subscribe(1, &["broadcast", "broadcast"])).unwrap();
+        a.apply(subscribe(1, &["broadcast"])).await.unwrap();
+        b.apply(subscribe(1, &["broadcast", "broadcast"])).await.unwrap();
         expect_ack(&mut a_events, 1).await;
         expect_ack(&mut b_events, 1).await;
 
@@ -633,8 +822,8 @@ mod tests {
         let hub = Hub::default();
         let (w1, mut w1_events) = hub.open_session();
         let (w2, mut w2_events) = hub.open_session();
-        w1.apply(claim(1, "w1", "i1")).unwrap();
-        w2.apply(claim(1, "w2", "i2")).unwrap();
+        w1.apply(claim(1, "w1", "i1")).await.unwrap();
+        w2.apply(claim(1, "w2", "i2")).await.unwrap();
         expect_ack(&mut w1_events, 1).await;
         expect_ack(&mut w2_events, 1).await;
 
@@ -656,9 +845,9 @@ mod tests {
     async fn a_worker_id_held_by_another_instance_is_refused_and_ends_the_session() {
         let hub = Hub::default();
         let (first, _first_events) = hub.open_session();
-        first.apply(claim(1, "w1", "instance-a")).unwrap();
+        first.apply(claim(1, "w1", "instance-a")).await.unwrap();
         let (second, mut second_events) = hub.open_session();
-        let err = second.apply(claim(7, "w1", "instance-b")).unwrap_err();
+        let err = second.apply(claim(7, "w1", "instance-b")).await.unwrap_err();
         assert_eq!(err.code(), Code::AlreadyExists);
         let status = second_events.next().await.unwrap().unwrap_err();
         assert_eq!(status.code(), Code::AlreadyExists);
@@ -671,10 +860,10 @@ mod tests {
     async fn the_same_instance_takes_its_worker_id_back_from_a_stale_session() {
         let hub = Hub::default();
         let (stale, mut stale_events) = hub.open_session();
-        stale.apply(claim(1, "w1", "instance-a")).unwrap();
+        stale.apply(claim(1, "w1", "instance-a")).await.unwrap();
         expect_ack(&mut stale_events, 1).await;
         let (fresh, mut fresh_events) = hub.open_session();
-        fresh.apply(claim(1, "w1", "instance-a")).unwrap();
+        fresh.apply(claim(1, "w1", "instance-a")).await.unwrap();
         assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
         expect_ack(&mut fresh_events, 1).await;
         hub.publish(to("w1", "3", "after takeover")).await.unwrap();
@@ -685,7 +874,7 @@ mod tests {
     async fn a_worker_id_is_released_when_its_session_ends() {
         let hub = Hub::default();
         let (s, events) = hub.open_session();
-        s.apply(claim(1, "w1", "i")).unwrap();
+        s.apply(claim(1, "w1", "i")).await.unwrap();
         drop(s);
         assert!(hub.worker_is_held("w1"), "the event stream still holds the session");
         drop(events);
@@ -697,15 +886,15 @@ mod tests {
     async fn a_session_claims_one_worker_id_only() {
         let hub = Hub::default();
         let (s, _events) = hub.open_session();
-        s.apply(claim(1, "w1", "i")).unwrap();
-        assert_eq!(s.apply(claim(2, "w2", "i")).unwrap_err().code(), Code::FailedPrecondition);
+        s.apply(claim(1, "w1", "i")).await.unwrap();
+        assert_eq!(s.apply(claim(2, "w2", "i")).await.unwrap_err().code(), Code::FailedPrecondition);
     }
 
     #[tokio::test]
     async fn worker_channels_cannot_be_subscribed_or_published_directly() {
         let hub = Hub::default();
         let (s, _events) = hub.open_session();
-        assert_eq!(s.apply(subscribe(1, &["worker.w1"])).unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(s.apply(subscribe(1, &["worker.w1"])).await.unwrap_err().code(), Code::InvalidArgument);
         let err = hub.publish(text(target::Kind::Channel("worker.w1".into()), "x")).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
     }
@@ -714,8 +903,8 @@ mod tests {
     async fn unsubscribed_channels_stop_delivering() {
         let hub = Hub::default();
         let (s, mut events) = hub.open_session();
-        s.apply(subscribe(1, &["news", "sport"])).unwrap();
-        s.apply(unsubscribe(2, &["news", "never-subscribed"])).unwrap();
+        s.apply(subscribe(1, &["news", "sport"])).await.unwrap();
+        s.apply(unsubscribe(2, &["news", "never-subscribed"])).await.unwrap();
         expect_ack(&mut events, 1).await;
         expect_ack(&mut events, 2).await;
         assert_eq!(hub.publish(text(target::Kind::Channel("news".into()), "n")).await.unwrap().subscribers, 0);
@@ -736,8 +925,8 @@ mod tests {
     async fn channel_limit_per_session_is_enforced() {
         let hub = Hub::new(HubLimits { max_channels_per_session: 2, ..HubLimits::default() });
         let (s, _events) = hub.open_session();
-        s.apply(subscribe(1, &["a", "b"])).unwrap();
-        let err = s.apply(subscribe(2, &["c"])).unwrap_err();
+        s.apply(subscribe(1, &["a", "b"])).await.unwrap();
+        let err = s.apply(subscribe(2, &["c"])).await.unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
     }
 
@@ -745,7 +934,7 @@ mod tests {
     async fn events_to_one_session_keep_publish_order() {
         let hub = Hub::default();
         let (s, mut events) = hub.open_session();
-        s.apply(claim(1, "w1", "i")).unwrap();
+        s.apply(claim(1, "w1", "i")).await.unwrap();
         expect_ack(&mut events, 1).await;
         for i in 0..1000 {
             hub.publish(to("w1", "1", &i.to_string())).await.unwrap();
@@ -762,8 +951,8 @@ mod tests {
         let hub = Hub::new(limits);
         let (reader, mut reader_events) = hub.open_session();
         let (stuck, mut stuck_events) = hub.open_session();
-        reader.apply(subscribe(1, &["broadcast"])).unwrap();
-        stuck.apply(subscribe(1, &["broadcast"])).unwrap();
+        reader.apply(subscribe(1, &["broadcast"])).await.unwrap();
+        stuck.apply(subscribe(1, &["broadcast"])).await.unwrap();
         expect_ack(&mut reader_events, 1).await;
         let drain = tokio::spawn(async move {
             let mut got = 0;
@@ -793,7 +982,7 @@ mod tests {
     async fn shutting_down_delivers_queued_events_then_ends_sessions_and_refuses_publishes() {
         let hub = Hub::default();
         let (s, mut events) = hub.open_session();
-        s.apply(subscribe(1, &["broadcast"])).unwrap();
+        s.apply(subscribe(1, &["broadcast"])).await.unwrap();
         expect_ack(&mut events, 1).await;
         hub.publish(broadcast("queued before the shutdown")).await.unwrap();
         hub.shut_down();

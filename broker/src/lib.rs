@@ -5,9 +5,11 @@
 //! - [`service`] and [`server`]: `herald.v1.BrokerService` over gRPC, with
 //!   reflection and `grpc.health.v1`;
 //! - [`client`]: how publishers and gateways reach a broker, in-process or
-//!   over gRPC with failover between several addresses.
+//!   over gRPC with failover between several addresses;
+//! - [`cluster`]: several brokers bridged by NATS.
 
 pub mod client;
+pub mod cluster;
 pub mod error;
 pub mod hub;
 pub mod metrics;

@@ -14,8 +14,15 @@ pub struct BrokerMetrics {
     rejected_unknown_worker: Counter,
     rejected_too_large: Counter,
     rejected_shutting_down: Counter,
+    rejected_cluster_unavailable: Counter,
     /// Events handed to subscriber sessions.
     pub events_delivered: Counter,
+    /// Published events handed to the cluster bus for other brokers.
+    pub events_forwarded: Counter,
+    /// Events received from other brokers over the cluster bus.
+    pub events_from_cluster: Counter,
+    /// Messages on the cluster bus that were not events.
+    pub cluster_undecodable: Counter,
     /// Sessions ended because they stopped reading their events.
     pub sessions_evicted: Counter,
     /// Worker claims refused because another instance holds the id.
@@ -49,6 +56,7 @@ impl BrokerMetrics {
             PublishError::UnknownWorker(_) => &self.rejected_unknown_worker,
             PublishError::TooLarge { .. } | PublishError::BatchTooLarge { .. } => &self.rejected_too_large,
             PublishError::ShuttingDown => &self.rejected_shutting_down,
+            PublishError::ClusterUnavailable(_) => &self.rejected_cluster_unavailable,
         }
         .inc();
     }
@@ -69,12 +77,28 @@ impl BrokerMetrics {
                 (&[("reason", "unknown_worker")], &self.rejected_unknown_worker),
                 (&[("reason", "too_large")], &self.rejected_too_large),
                 (&[("reason", "shutting_down")], &self.rejected_shutting_down),
+                (&[("reason", "cluster_unavailable")], &self.rejected_cluster_unavailable),
             ],
         );
         out.counter(
             "herald_broker_events_delivered_total",
             "Events handed to subscriber sessions.",
             &self.events_delivered,
+        );
+        out.counter(
+            "herald_broker_cluster_events_forwarded_total",
+            "Published events handed to the cluster bus for other brokers.",
+            &self.events_forwarded,
+        );
+        out.counter(
+            "herald_broker_cluster_events_received_total",
+            "Events received from other brokers over the cluster bus.",
+            &self.events_from_cluster,
+        );
+        out.counter(
+            "herald_broker_cluster_undecodable_total",
+            "Messages on the cluster bus that were not events.",
+            &self.cluster_undecodable,
         );
         out.counter(
             "herald_broker_sessions_evicted_total",

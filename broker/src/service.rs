@@ -81,7 +81,7 @@ impl BrokerService for BrokerGrpc {
                 tokio::select! {
                     command = commands.message() => match command {
                         Ok(Some(command)) => {
-                            if session.apply(command).is_err() {
+                            if session.apply(command).await.is_err() {
                                 break;
                             }
                         }

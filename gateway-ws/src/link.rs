@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use herald_broker::client::Commands;
 use herald_broker::{BrokerClient, BrokerSession};
 use herald_common::backoff::Backoff;
 use herald_proto::names::BROADCAST_CHANNEL;
@@ -32,7 +33,7 @@ const DRAIN_REQUEST: u64 = 3;
 /// The link cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("worker id {worker_id:?} is held by another live gateway ({message})")]
+    #[error("the broker refused worker id {worker_id:?}: {message}")]
     WorkerIdTaken { worker_id: String, message: String },
 }
 
@@ -84,12 +85,26 @@ pub(crate) async fn run(shared: Arc<Shared>, broker: BrokerClient, stop: Cancell
 async fn session(shared: &Shared, broker: &BrokerClient, stop: &CancellationToken) -> SessionEnd {
     let opened = tokio::select! {
         () = stop.cancelled() => return SessionEnd::Stopped,
-        opened = open(shared, broker) => opened,
+        opened = broker.open_session() => opened,
     };
-    let mut session = match opened {
+    let session = match opened {
         Ok(session) => session,
         Err(status) => return SessionEnd::Lost { status, linked: false },
     };
+    let address = session.broker.clone();
+    let end = run_session(shared, session, stop).await;
+    if let SessionEnd::Lost { status, .. } = &end
+        && status.code() != Code::AlreadyExists
+    {
+        broker.session_failed(&address);
+    }
+    end
+}
+
+async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &CancellationToken) -> SessionEnd {
+    if let Err(status) = claim_and_subscribe(shared, &session.commands).await {
+        return SessionEnd::Lost { status, linked: false };
+    }
     let mut awaiting_acks = 2;
     let mut draining = false;
     loop {
@@ -136,10 +151,8 @@ fn drain_request() -> SubscribeRequest {
     }
 }
 
-async fn open(shared: &Shared, broker: &BrokerClient) -> Result<BrokerSession, Status> {
-    let session = broker.open_session().await?;
-    session
-        .commands
+async fn claim_and_subscribe(shared: &Shared, commands: &Commands) -> Result<(), Status> {
+    commands
         .send(SubscribeRequest {
             request_id: CLAIM_REQUEST,
             command: Some(subscribe_request::Command::ClaimWorker(ClaimWorker {
@@ -148,16 +161,14 @@ async fn open(shared: &Shared, broker: &BrokerClient) -> Result<BrokerSession, S
             })),
         })
         .await?;
-    session
-        .commands
+    commands
         .send(SubscribeRequest {
             request_id: SUBSCRIBE_REQUEST,
             command: Some(subscribe_request::Command::Subscribe(SubscribeChannels {
                 channels: vec![BROADCAST_CHANNEL.to_owned()],
             })),
         })
-        .await?;
-    Ok(session)
+        .await
 }
 
 /// Delivers one broker event to the connections it targets.

@@ -10,6 +10,7 @@ mod support;
 
 mod auth;
 mod classic;
+mod cluster;
 mod gateway;
 mod hardening;
 mod tls;

@@ -477,3 +477,57 @@ pub fn text_publish(kind: herald_proto::v1::target::Kind, text: &str) -> herald_
 pub fn broadcast(text: &str) -> herald_proto::v1::PublishRequest {
     text_publish(herald_proto::v1::target::Kind::Broadcast(herald_proto::v1::Broadcast {}), text)
 }
+
+/// A private `nats-server` with JetStream, on a port of its own.
+pub struct Nats {
+    child: Option<Child>,
+    binary: PathBuf,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Nats {
+    /// Starts one, or returns `None` (after saying why) when no
+    /// `nats-server` is installed and tools are not required.
+    pub fn start() -> Option<Nats> {
+        let binary = tool("nats-server")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let mut nats = Nats { child: None, binary, port, dir: TempDir::new("nats") };
+        nats.restart();
+        Some(nats)
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and store, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until("nats-server accepts connections", || std::net::TcpStream::connect(&addr).is_ok());
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,262 @@
+//! Worker-id leases in a JetStream key-value bucket, so that a worker id is
+//! held by one live gateway in the whole cluster.
+//!
+//! A lease is a key (the worker id) whose value names the holding gateway
+//! instance, the broker serving it and when the lease runs out. The broker
+//! renews its leases well before they run out; a broker that dies stops
+//! renewing, so its leases lapse and the ids become free again. Every change
+//! is made with compare-and-set on the key's revision, so two brokers cannot
+//! both win. Every broker watches the bucket to answer "is this worker held?"
+//! without a round trip.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use super::ClusterNotice;
+
+/// What a lease's value says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub instance_id: String,
+    pub broker_id: String,
+    pub expires_at_ms: u64,
+}
+
+impl Lease {
+    fn encode(&self) -> Bytes {
+        Bytes::from(format!("{} {} {}", self.instance_id, self.broker_id, self.expires_at_ms))
+    }
+
+    fn decode(value: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(value).ok()?;
+        let mut parts = text.split(' ');
+        let lease = Lease {
+            instance_id: parts.next()?.to_owned(),
+            broker_id: parts.next()?.to_owned(),
+            expires_at_ms: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(lease)
+    }
+
+    fn is_live(&self, now_ms: u64) -> bool {
+        self.expires_at_ms > now_ms
+    }
+}
+
+/// Why a claim failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("worker id is held by another live gateway")]
+    Taken,
+    #[error("cluster lease store unreachable: {0}")]
+    Unavailable(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// This broker's leases and its view of everyone's.
+pub struct Leases {
+    broker_id: String,
+    ttl: Duration,
+    /// Leases this broker holds: worker id → (instance id, revision).
+    held: Mutex<HashMap<String, (String, u64)>>,
+    /// Every lease in the bucket, as last seen by the watch.
+    seen: RwLock<HashMap<String, Lease>>,
+}
+
+impl Leases {
+    pub fn new(broker_id: String, ttl: Duration) -> Self {
+        Self { broker_id, ttl, held: Mutex::default(), seen: RwLock::default() }
+    }
+
+    /// The bucket configuration: one value per key, on disk so that leases
+    /// survive a NATS restart; entries nobody renews are dropped by the
+    /// server after a few lease periods.
+    pub fn bucket_config(bucket: &str, replicas: usize, ttl: Duration) -> kv::Config {
+        kv::Config {
+            bucket: bucket.to_owned(),
+            description: "herald worker-id leases".to_owned(),
+            history: 1,
+            max_age: ttl * 6,
+            num_replicas: replicas,
+            ..kv::Config::default()
+        }
+    }
+
+    fn lease(&self, instance_id: &str) -> Lease {
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        Lease {
+            instance_id: instance_id.to_owned(),
+            broker_id: self.broker_id.clone(),
+            expires_at_ms: now_ms().saturating_add(ttl_ms),
+        }
+    }
+
+    /// Whether any live gateway in the cluster holds `worker_id`.
+    pub fn is_held(&self, worker_id: &str) -> bool {
+        let now = now_ms();
+        self.seen.read().unwrap_or_else(PoisonError::into_inner).get(worker_id).is_some_and(|l| l.is_live(now))
+    }
+
+    /// Takes the lease on `worker_id` for `instance_id`: free, lapsed and
+    /// same-instance leases are taken; a live lease of another instance is
+    /// refused.
+    pub async fn claim(&self, store: &Store, worker_id: &str, instance_id: &str) -> Result<(), ClaimError> {
+        let unavailable = |e: &dyn std::fmt::Display| ClaimError::Unavailable(e.to_string());
+        for _ in 0..5 {
+            let lease = self.lease(instance_id);
+            let current = store.entry(worker_id).await.map_err(|e| unavailable(&e))?;
+            let written = match current {
+                Some(entry) if entry.operation == Operation::Put => {
+                    let holder = Lease::decode(&entry.value);
+                    let free = holder.as_ref().is_none_or(|h| h.instance_id == instance_id || !h.is_live(now_ms()));
+                    if !free {
+                        return Err(ClaimError::Taken);
+                    }
+                    match store.update(worker_id, lease.encode(), entry.revision).await {
+                        Ok(revision) => Some(revision),
+                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => None,
+                        Err(e) => return Err(unavailable(&e)),
+                    }
+                }
+                // Absent, deleted or purged: create it, unless someone else just did.
+                _ => match store.create(worker_id, lease.encode()).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
+                    Err(e) => return Err(unavailable(&e)),
+                },
+            };
+            if let Some(revision) = written {
+                self.held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(worker_id.to_owned(), (instance_id.to_owned(), revision));
+                self.seen.write().unwrap_or_else(PoisonError::into_inner).insert(worker_id.to_owned(), lease);
+                return Ok(());
+            }
+        }
+        Err(ClaimError::Unavailable(format!("lease on {worker_id:?} kept changing under us")))
+    }
+
+    /// Gives up this broker's lease on `worker_id`, if it still holds it.
+    pub async fn release(&self, store: &Store, worker_id: &str) {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(worker_id);
+        if let Some((_, revision)) = held
+            && let Err(e) = store.delete_expect_revision(worker_id, Some(revision)).await
+        {
+            tracing::debug!(worker_id, error = %e, "lease not released (it lapses on its own)");
+        }
+    }
+
+    /// Renews every lease this broker holds. A lease found taken over is
+    /// reported as lost, so its local session can be ended.
+    pub async fn renew(&self, store: &Store, notices: &mpsc::Sender<ClusterNotice>) {
+        let held: Vec<(String, (String, u64))> = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (worker_id, (instance_id, revision)) in held {
+            let lease = self.lease(&instance_id);
+            match store.update(&worker_id, lease.encode(), revision).await {
+                Ok(new_revision) => {
+                    if let Some(entry) = self.held.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&worker_id) {
+                        entry.1 = new_revision;
+                    }
+                }
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    self.recover(store, &worker_id, &instance_id, notices).await;
+                }
+                Err(e) => tracing::warn!(worker_id, error = %e, "lease renewal failed; retrying"),
+            }
+        }
+    }
+
+    /// A renewal found the lease changed: take it back when it is gone or
+    /// lapsed (say, the bucket was lost in a NATS restart); report it lost
+    /// when another session holds it.
+    async fn recover(&self, store: &Store, worker_id: &str, instance_id: &str, notices: &mpsc::Sender<ClusterNotice>) {
+        let current = match store.entry(worker_id).await {
+            Ok(current) => current,
+            Err(e) => {
+                tracing::warn!(worker_id, error = %e, "cannot read a lease; retrying");
+                return;
+            }
+        };
+        let holder = current.as_ref().filter(|e| e.operation == Operation::Put).and_then(|e| Lease::decode(&e.value));
+        let lease = self.lease(instance_id);
+        let retaken = match (&current, &holder) {
+            (Some(entry), Some(h)) if !h.is_live(now_ms()) => {
+                store.update(worker_id, lease.encode(), entry.revision).await.ok()
+            }
+            (Some(_), Some(_)) => None,
+            _ => store.create(worker_id, lease.encode()).await.ok(),
+        };
+        if let Some(revision) = retaken {
+            self.held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(worker_id.to_owned(), (instance_id.to_owned(), revision));
+            return;
+        }
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(worker_id);
+        let same_instance = holder.is_some_and(|h| h.instance_id == instance_id);
+        tracing::warn!(worker_id, same_instance, "lease taken over");
+        let notice = ClusterNotice::WorkerLost { worker_id: worker_id.to_owned(), same_instance };
+        let _ = notices.send(notice).await;
+    }
+
+    /// Follows every change to the bucket until the watch ends.
+    pub async fn watch(&self, store: &Store) -> Result<(), async_nats::Error> {
+        let mut changes = store.watch_all().await?;
+        while let Some(entry) = changes.next().await {
+            let entry = entry?;
+            let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
+            match (entry.operation, Lease::decode(&entry.value)) {
+                (Operation::Put, Some(lease)) => {
+                    seen.insert(entry.key, lease);
+                }
+                _ => {
+                    seen.remove(&entry.key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How often leases are renewed.
+    pub fn renew_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_values_round_trip_and_reject_garbage() {
+        let lease = Lease { instance_id: "i1".into(), broker_id: "b1".into(), expires_at_ms: 42 };
+        assert_eq!(Lease::decode(&lease.encode()), Some(lease));
+        for garbage in [&b""[..], b"i1 b1", b"i1 b1 x", b"i1 b1 1 extra", b"\xff"] {
+            assert_eq!(Lease::decode(garbage), None);
+        }
+    }
+
+    #[test]
+    fn a_lease_is_live_until_it_expires() {
+        let lease = Lease { instance_id: "i".into(), broker_id: "b".into(), expires_at_ms: 1000 };
+        assert!(lease.is_live(999));
+        assert!(!lease.is_live(1000));
+    }
+}
