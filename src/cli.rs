@@ -1,5 +1,6 @@
 //! Command-line interface: one subcommand per role. Every option can also be
-//! set from the environment (`HERALD_*`); flags win over the environment.
+//! set from the environment (`HERALD_*`) or a TOML file ([`crate::config`]);
+//! flags win over the environment, which wins over the file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ pub struct Cli {
     /// Log line format (the level comes from RUST_LOG, default "info").
     #[arg(long, global = true, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// TOML file of option defaults: top-level keys for every role, [broker], [ws], [http] and
+    /// [standalone] tables for one (precedence: flags, then HERALD_* environment, then this file).
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

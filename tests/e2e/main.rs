@@ -11,6 +11,7 @@ mod support;
 mod auth;
 mod classic;
 mod cluster;
+mod config;
 mod gateway;
 mod hardening;
 mod tls;
