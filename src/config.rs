@@ -62,8 +62,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, Confi
     for (key, value) in &table {
         match value {
             toml::Value::Table(section) if roles.iter().any(|r| r == key) => {
-                let role = command.find_subcommand(key).map(Clone::clone).ok_or_else(|| unknown(key, String::new()))?;
-                let mut role = role;
+                let mut role = command.find_subcommand(key).cloned().ok_or_else(|| unknown(key, String::new()))?;
                 for (option, value) in section {
                     let id = arg_id(&role, option)
                         .ok_or_else(|| unknown(option, format!(" in [{key}]: herald {key} has no --{option}")))?;
@@ -84,7 +83,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, Confi
                     command = command.mut_arg(id, |a| a.default_value(value.clone()));
                 }
                 for role in &roles {
-                    let sub = command.find_subcommand(role).map(Clone::clone);
+                    let sub = command.find_subcommand(role).cloned();
                     if let Some(id) = sub.as_ref().and_then(|s| arg_id(s, key)) {
                         known = true;
                         let value = value.clone();
