@@ -42,6 +42,7 @@ impl Component {
             Self::Ws(gateway) if !gateway.is_linked() => {
                 Err(format!("ws gateway {}: not linked to a broker", gateway.worker_id()))
             }
+            Self::Http(http) if !http.is_ready() => Err("http gateway: no broker answers its health check".into()),
             _ => Ok(()),
         }
     }

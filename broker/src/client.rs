@@ -17,8 +17,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::hub::{Hub, Session};
+
+/// The service name brokers report health for.
+const BROKER_SERVICE: &str = "herald.v1.BrokerService";
 
 /// A broker address list could not be parsed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,7 @@ pub struct RemoteBrokers {
 
 struct Remote {
     brokers: Vec<(String, BrokerServiceClient<Channel>)>,
+    health: Vec<HealthClient<Channel>>,
     preferred: AtomicUsize,
     request_timeout: Duration,
     authorization: Option<MetadataValue<Ascii>>,
@@ -74,6 +81,7 @@ impl RemoteBrokers {
     /// addresses. Connections are made lazily, on first use.
     pub fn parse(addresses: &str, options: &RemoteOptions) -> Result<Self, AddressError> {
         let mut brokers = Vec::new();
+        let mut health = Vec::new();
         for address in addresses.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
             let invalid = |reason: String| AddressError::Invalid { address: address.to_owned(), reason };
@@ -83,7 +91,9 @@ impl RemoteBrokers {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10));
-            let client = BrokerServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 * 1024 * 1024);
+            let channel = endpoint.connect_lazy();
+            health.push(HealthClient::new(channel.clone()));
+            let client = BrokerServiceClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
             brokers.push((address.to_owned(), client));
         }
         if brokers.is_empty() {
@@ -96,6 +106,7 @@ impl RemoteBrokers {
         Ok(Self {
             inner: Arc::new(Remote {
                 brokers,
+                health,
                 preferred: AtomicUsize::new(0),
                 request_timeout: options.request_timeout,
                 authorization,
@@ -138,6 +149,19 @@ impl RemoteBrokers {
             let _ =
                 self.inner.preferred.compare_exchange(current, (current + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
         }
+    }
+
+    /// Whether some broker answers its health check with SERVING.
+    async fn probe(&self) -> bool {
+        for (i, _) in self.rotation() {
+            let mut request = tonic::Request::new(HealthCheckRequest { service: BROKER_SERVICE.to_owned() });
+            request.set_timeout(self.inner.request_timeout);
+            let answer = self.inner.health[i].clone().check(request).await;
+            if answer.is_ok_and(|a| a.into_inner().status == ServingStatus::Serving as i32) {
+                return true;
+            }
+        }
+        false
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
@@ -230,6 +254,15 @@ impl BrokerClient {
                 Ok(hub.publish_batch(requests).await?.into_iter().map(crate::service::publish_result).collect())
             }
             Self::Remote(remote) => remote.publish_batch(requests).await,
+        }
+    }
+
+    /// Whether a broker is there to take publishes: always in-process, else
+    /// some broker's `grpc.health.v1` answers SERVING.
+    pub async fn probe(&self) -> bool {
+        match self {
+            Self::Local(hub) => hub.unready_reason().is_none(),
+            Self::Remote(remote) => remote.probe().await,
         }
     }
 

@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use herald_common::metrics::Exposition;
 use herald_proto::names;
@@ -89,6 +89,7 @@ type SessionId = u64;
 struct Routed {
     kind: TargetKind,
     channel: String,
+    content_bytes: usize,
     /// Whether other brokers may have listeners (cluster mode).
     forward: bool,
 }
@@ -182,9 +183,22 @@ impl Hub {
         }
     }
 
-    /// Renders the broker's metrics, cluster state included.
+    /// Renders the broker's metrics, queue depths and cluster state included.
     pub fn render_metrics(&self, out: &mut Exposition) {
         self.shared.metrics.render(out);
+        let capacity = self.shared.limits.session_queue;
+        let depths: Vec<usize> =
+            self.read().sessions.values().map(|e| capacity.saturating_sub(e.sink.tx.capacity())).collect();
+        out.gauge(
+            "herald_broker_session_queue_events",
+            "Events queued for subscriber sessions, summed over sessions.",
+            depths.iter().sum::<usize>() as i64,
+        );
+        out.gauge(
+            "herald_broker_session_queue_events_max",
+            "Events queued for the most backed-up subscriber session.",
+            depths.iter().copied().max().unwrap_or(0) as i64,
+        );
         if let Some(cluster) = self.cluster() {
             out.gauge(
                 "herald_broker_cluster_ready",
@@ -222,7 +236,13 @@ impl Hub {
             }
         };
         metrics.publish_accepted(route.kind);
-        let event = Event { channel: route.channel, target: req.target, content: req.content };
+        metrics.published_bytes.add(route.content_bytes as u64);
+        let event = Event {
+            channel: route.channel,
+            target: req.target,
+            content: req.content,
+            published_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+        };
         let forwarded = match (self.cluster(), route.forward) {
             (Some(cluster), true) => {
                 if let Err(e) = cluster.forward(&event).await {
@@ -276,7 +296,10 @@ impl Hub {
         let subscribers = state.channels.get(&route.channel).cloned();
         // A connection on a gateway of this broker needs no other broker.
         let forward = cluster.is_some() && held_here != Some(true);
-        Ok((Routed { kind: route.kind, channel: route.channel, forward }, subscribers))
+        Ok((
+            Routed { kind: route.kind, channel: route.channel, content_bytes: route.content_bytes, forward },
+            subscribers,
+        ))
     }
 
     /// Delivers an event published on another broker to local listeners.

@@ -15,6 +15,8 @@ pub struct BrokerMetrics {
     rejected_too_large: Counter,
     rejected_shutting_down: Counter,
     rejected_cluster_unavailable: Counter,
+    /// Content bytes of the messages accepted for routing.
+    pub published_bytes: Counter,
     /// Events handed to subscriber sessions.
     pub events_delivered: Counter,
     /// Published events handed to the cluster bus for other brokers.
@@ -79,6 +81,11 @@ impl BrokerMetrics {
                 (&[("reason", "shutting_down")], &self.rejected_shutting_down),
                 (&[("reason", "cluster_unavailable")], &self.rejected_cluster_unavailable),
             ],
+        );
+        out.counter(
+            "herald_broker_published_bytes_total",
+            "Content bytes of the messages accepted for routing.",
+            &self.published_bytes,
         );
         out.counter(
             "herald_broker_events_delivered_total",

@@ -31,6 +31,8 @@ impl TargetKind {
 pub struct Route {
     pub kind: TargetKind,
     pub channel: String,
+    /// Size of the content, in bytes.
+    pub content_bytes: usize,
     /// For a connection target: the worker id that must be held by a live gateway.
     pub worker_id: Option<String>,
 }
@@ -55,15 +57,19 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
         .and_then(|t| t.kind.as_ref())
         .ok_or_else(|| PublishError::Invalid("target is required (broadcast, connection or channel)".into()))?;
     match kind {
-        target::Kind::Broadcast(_) => {
-            Ok(Route { kind: TargetKind::Broadcast, channel: BROADCAST_CHANNEL.to_owned(), worker_id: None })
-        }
+        target::Kind::Broadcast(_) => Ok(Route {
+            kind: TargetKind::Broadcast,
+            channel: BROADCAST_CHANNEL.to_owned(),
+            content_bytes: len,
+            worker_id: None,
+        }),
         target::Kind::Connection(addr) => {
             names::validate_worker_id(&addr.worker_id)?;
             names::validate_connection_id(&addr.connection_id)?;
             Ok(Route {
                 kind: TargetKind::Connection,
                 channel: names::worker_channel(&addr.worker_id),
+                content_bytes: len,
                 worker_id: Some(addr.worker_id.clone()),
             })
         }
@@ -74,7 +80,7 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
                     "channel {channel:?} is reserved for worker routing; address the connection instead"
                 )));
             }
-            Ok(Route { kind: TargetKind::Channel, channel: channel.clone(), worker_id: None })
+            Ok(Route { kind: TargetKind::Channel, channel: channel.clone(), content_bytes: len, worker_id: None })
         }
     }
 }

@@ -65,7 +65,26 @@ pub async fn serve(
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
     let drain = async move {
-        shutdown.cancelled().await;
+        // The health status follows readiness (a clustered broker without
+        // NATS is NOT_SERVING), so publishers' probes move elsewhere.
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut serving = true;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {
+                    let ready = hub.unready_reason().is_none();
+                    if ready != serving {
+                        serving = ready;
+                        if ready {
+                            health.set_serving::<BrokerServiceServer<BrokerGrpc>>().await;
+                        } else {
+                            health.set_not_serving::<BrokerServiceServer<BrokerGrpc>>().await;
+                        }
+                    }
+                }
+            }
+        }
         health.set_not_serving::<BrokerServiceServer<BrokerGrpc>>().await;
         hub.shut_down();
     };

@@ -15,6 +15,8 @@ pub mod json;
 pub mod metrics;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -67,11 +69,20 @@ struct Shared {
     config: HttpConfig,
     broker: BrokerClient,
     metrics: HttpMetrics,
+    /// Whether the last probe found a broker serving.
+    broker_reachable: AtomicBool,
 }
 
 impl HttpGateway {
     pub fn new(config: HttpConfig, broker: BrokerClient) -> Self {
-        Self { shared: Arc::new(Shared { config, broker, metrics: HttpMetrics::default() }) }
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                broker,
+                metrics: HttpMetrics::default(),
+                broker_reachable: AtomicBool::new(false),
+            }),
+        }
     }
 
     pub fn render_metrics(&self, out: &mut Exposition) {
@@ -92,11 +103,26 @@ impl HttpGateway {
             .with_state(self.shared.clone())
     }
 
+    /// Whether a broker was serving at the last probe.
+    pub fn is_ready(&self) -> bool {
+        self.shared.broker_reachable.load(Ordering::Relaxed)
+    }
+
     /// Serves on `listener` (HTTPS when `tls` is given) until `shutdown`,
-    /// letting in-flight requests finish.
+    /// letting in-flight requests finish. Meanwhile probes the brokers each
+    /// second, for [`Self::is_ready`].
     pub async fn run(self, listener: TcpListener, tls: Option<TlsAcceptor>, shutdown: CancellationToken) {
         let options = self.shared.config.server.clone();
+        let shared = self.shared.clone();
+        let probing = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                shared.broker_reachable.store(shared.broker.probe().await, Ordering::Relaxed);
+            }
+        });
         herald_common::http::serve(listener, self.router(), options, tls, shutdown).await;
+        probing.abort();
     }
 }
 
@@ -132,9 +158,10 @@ async fn classic_publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let started = Instant::now();
     if method != Method::GET && method != Method::POST {
         let err = ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("use GET or POST") };
-        shared.metrics.record(err.status);
+        shared.metrics.record(err.status, started);
         return ([(header::ALLOW, "GET, POST")], err).into_response();
     }
     let is_form = headers
@@ -152,17 +179,18 @@ async fn classic_publish(
     match result {
         Ok(_) => {
             shared.metrics.messages_published.inc();
-            shared.metrics.record(StatusCode::OK);
+            shared.metrics.record(StatusCode::OK, started);
             "ok".into_response()
         }
         Err(e) => {
-            shared.metrics.record(e.status);
+            shared.metrics.record(e.status, started);
             with_challenge(e.status, e.into_response())
         }
     }
 }
 
 async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
     let result = async {
         shared.authorize(&headers)?;
         let req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
@@ -172,17 +200,18 @@ async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, bod
     match result {
         Ok(res) => {
             shared.metrics.messages_published.inc();
-            shared.metrics.record(StatusCode::OK);
+            shared.metrics.record(StatusCode::OK, started);
             axum::Json(json::published(&res)).into_response()
         }
         Err(e) => {
-            shared.metrics.record(e.status);
+            shared.metrics.record(e.status, started);
             with_challenge(e.status, e.into_json_response())
         }
     }
 }
 
 async fn json_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
     let result = async {
         shared.authorize(&headers)?;
         let requests = json::parse_body::<json::BatchBody>(&body)?.into_requests()?;
@@ -196,11 +225,11 @@ async fn json_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
                 .filter(|r| matches!(r.outcome, Some(herald_proto::v1::publish_result::Outcome::Published(_))))
                 .count();
             shared.metrics.messages_published.add(accepted as u64);
-            shared.metrics.record(StatusCode::OK);
+            shared.metrics.record(StatusCode::OK, started);
             axum::Json(json::batch_results(&results)).into_response()
         }
         Err(e) => {
-            shared.metrics.record(e.status);
+            shared.metrics.record(e.status, started);
             with_challenge(e.status, e.into_json_response())
         }
     }

@@ -1,9 +1,11 @@
 //! The HTTP gateway's metrics, rendered on its admin port.
 
-use axum::http::StatusCode;
-use herald_common::metrics::{Counter, Exposition};
+use std::time::Instant;
 
-#[derive(Debug, Default)]
+use axum::http::StatusCode;
+use herald_common::metrics::{Counter, Exposition, Histogram};
+
+#[derive(Debug)]
 pub struct HttpMetrics {
     ok: Counter,
     client_error: Counter,
@@ -12,10 +14,27 @@ pub struct HttpMetrics {
     pub messages_published: Counter,
     /// Requests refused for a missing or wrong API key.
     pub auth_failures: Counter,
+    /// Time to answer a publish request (the broker's routing included).
+    request_duration: Histogram,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            ok: Counter::default(),
+            client_error: Counter::default(),
+            broker_error: Counter::default(),
+            messages_published: Counter::default(),
+            auth_failures: Counter::default(),
+            request_duration: Histogram::latency(),
+        }
+    }
 }
 
 impl HttpMetrics {
-    pub fn record(&self, status: StatusCode) {
+    /// Records one answered request that started at `started`.
+    pub fn record(&self, status: StatusCode, started: Instant) {
+        self.request_duration.observe_seconds(started.elapsed().as_secs_f64());
         if status.is_success() {
             self.ok.inc();
         } else if status.is_client_error() {
@@ -39,6 +58,11 @@ impl HttpMetrics {
             "herald_http_auth_failures_total",
             "Requests refused for a missing or wrong API key.",
             &self.auth_failures,
+        );
+        out.histogram(
+            "herald_http_request_duration_seconds",
+            "Time to answer a publish request, the broker's routing included.",
+            &self.request_duration,
         );
         out.counter(
             "herald_http_messages_published_total",

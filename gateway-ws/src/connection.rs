@@ -204,13 +204,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 return shared.close_reason();
             }
             () = outbox.ready() => {
-                match outbox.take(&mut batch) {
-                    Ok(()) => {}
+                let taken = match outbox.take(&mut batch) {
+                    Ok(taken) => taken,
                     Err(Closure::Overflow) => return CloseReason::SlowConsumer,
                     Err(Closure::Unresponsive) => return CloseReason::Unresponsive,
-                }
+                };
                 match timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => shared.metrics.written(taken),
                     Ok(Err(_)) => return CloseReason::ClientGone,
                     Err(_) => return CloseReason::WriteTimeout,
                 }
@@ -220,7 +220,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 match incoming {
                 None => return CloseReason::ClientGone,
                 Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => shared.metrics.client_messages_ignored.inc(),
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    shared.metrics.client_messages_ignored.inc();
+                    shared.metrics.bytes_received.add(message.len() as u64);
+                }
                 Some(Ok(_)) => {}
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
                 Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => return CloseReason::ProtocolError,

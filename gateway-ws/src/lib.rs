@@ -197,6 +197,11 @@ impl Gateway {
 
     pub fn render_metrics(&self, out: &mut Exposition) {
         self.shared.metrics.render(out);
+        out.gauge(
+            "herald_ws_outbox_bytes",
+            "Bytes queued for clients, summed over connections.",
+            self.shared.registry.queued_bytes() as i64,
+        );
     }
 
     /// Accepts clients on `listener` (`wss://` when `tls` is given) and

@@ -180,15 +180,18 @@ fn dispatch(shared: &Shared, event: Event) {
         content::Body::Text(text) => Message::Text(text.into()),
         content::Body::Binary(bytes) => Message::Binary(bytes),
     };
+    let published_us = event
+        .published_at
+        .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0) * 1_000_000 + u64::try_from(t.nanos / 1000).unwrap_or(0));
     let metrics = &shared.metrics;
     match event.target.and_then(|t| t.kind) {
         Some(target::Kind::Broadcast(_)) => {
-            let fanout = shared.registry.broadcast(&frame);
+            let fanout = shared.registry.broadcast(&frame, published_us);
             metrics.frames_queued.add(fanout.delivered);
             metrics.dropped_closing.add(fanout.dropped);
         }
         Some(target::Kind::Connection(address)) if address.worker_id == shared.config.worker_id => {
-            match shared.registry.send_to(&address.connection_id, frame) {
+            match shared.registry.send_to(&address.connection_id, frame, published_us) {
                 Ok(()) => metrics.frames_queued.inc(),
                 Err(SendError::UnknownConnection) => {
                     tracing::debug!(connection_id = %address.connection_id, "message for a connection that is not live");

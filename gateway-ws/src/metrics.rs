@@ -1,10 +1,13 @@
 //! The WebSocket gateway's metrics, rendered on its admin port.
 
-use herald_common::metrics::{Counter, Exposition, Gauge};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use herald_common::metrics::{Counter, Exposition, Gauge, Histogram};
 
 use crate::connection::CloseReason;
+use crate::outbox::Taken;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GatewayMetrics {
     /// Connections currently open.
     pub connections: Gauge,
@@ -22,13 +25,51 @@ pub struct GatewayMetrics {
     pub pings_sent: Counter,
     /// Messages from clients, which herald does not route anywhere.
     pub client_messages_ignored: Counter,
+    /// Payload bytes written to clients.
+    pub bytes_sent: Counter,
+    /// Payload bytes of data messages from clients.
+    pub bytes_received: Counter,
+    /// From the broker routing a message to its frame being written to a
+    /// client, for the oldest frame of each write.
+    pub delivery_latency: Histogram,
     /// 1 while the broker session is established.
     pub broker_linked: Gauge,
     /// Broker sessions lost (each is followed by a reconnect).
     pub broker_disconnects: Counter,
 }
 
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Gauge::default(),
+            connections_opened: Counter::default(),
+            closed: Default::default(),
+            handshakes_failed: Counter::default(),
+            frames_queued: Counter::default(),
+            dropped_unknown_connection: Counter::default(),
+            dropped_closing: Counter::default(),
+            pings_sent: Counter::default(),
+            client_messages_ignored: Counter::default(),
+            bytes_sent: Counter::default(),
+            bytes_received: Counter::default(),
+            delivery_latency: Histogram::latency(),
+            broker_linked: Gauge::default(),
+            broker_disconnects: Counter::default(),
+        }
+    }
+}
+
 impl GatewayMetrics {
+    /// Records one batch written to a client.
+    pub fn written(&self, taken: Taken) {
+        self.bytes_sent.add(taken.bytes as u64);
+        if taken.oldest_published_us > 0 {
+            let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            let latency_us = now_us.saturating_sub(taken.oldest_published_us);
+            self.delivery_latency.observe_seconds(latency_us as f64 / 1e6);
+        }
+    }
+
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
     }
@@ -64,6 +105,17 @@ impl GatewayMetrics {
             &self.client_messages_ignored,
         );
         out.counter("herald_ws_pings_sent_total", "Heartbeat pings sent to clients.", &self.pings_sent);
+        out.counter("herald_ws_sent_bytes_total", "Payload bytes written to clients.", &self.bytes_sent);
+        out.counter(
+            "herald_ws_received_bytes_total",
+            "Payload bytes of data messages from clients.",
+            &self.bytes_received,
+        );
+        out.histogram(
+            "herald_ws_delivery_latency_seconds",
+            "From the broker routing a message to its frame being written to the client (oldest frame of each write).",
+            &self.delivery_latency,
+        );
         out.gauge(
             "herald_ws_broker_linked",
             "1 while the gateway's broker session is established.",

@@ -37,7 +37,18 @@ pub struct Outbox {
 struct State {
     frames: VecDeque<Message>,
     bytes: usize,
+    /// When the oldest queued frame was published (unix µs; 0 if unknown).
+    oldest_published_us: u64,
     closed: Option<Closure>,
+}
+
+/// What one [`Outbox::take`] handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Taken {
+    /// Payload bytes of the frames taken.
+    pub bytes: usize,
+    /// When the oldest of them was published (unix µs; 0 if unknown).
+    pub oldest_published_us: u64,
 }
 
 impl Outbox {
@@ -50,9 +61,10 @@ impl Outbox {
         }
     }
 
-    /// Queues `frame`. When it does not fit, the queue closes as overflowed
-    /// and drops what it holds.
-    pub fn push(&self, frame: Message) -> Result<(), Closure> {
+    /// Queues `frame`, published at `published_us` (unix µs, 0 if unknown).
+    /// When it does not fit, the queue closes as overflowed and drops what
+    /// it holds.
+    pub fn push(&self, frame: Message, published_us: u64) -> Result<(), Closure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(closure) = state.closed {
             return Err(closure);
@@ -64,6 +76,9 @@ impl Outbox {
             return Err(Closure::Overflow);
         }
         let was_empty = state.frames.is_empty();
+        if was_empty {
+            state.oldest_published_us = published_us;
+        }
         state.frames.push_back(frame);
         state.bytes += len;
         drop(state);
@@ -92,7 +107,7 @@ impl Outbox {
     }
 
     /// Moves every queued frame into `batch`, or says why the queue closed.
-    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<(), Closure> {
+    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<Taken, Closure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(closure) = state.closed {
             return Err(closure);
@@ -102,8 +117,15 @@ impl Outbox {
         } else {
             batch.append(&mut state.frames);
         }
+        let taken = Taken { bytes: state.bytes, oldest_published_us: state.oldest_published_us };
         state.bytes = 0;
-        Ok(())
+        state.oldest_published_us = 0;
+        Ok(taken)
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).bytes
     }
 
     /// Records that the client was heard from at `now_ms`.
@@ -126,21 +148,21 @@ mod tests {
     #[tokio::test]
     async fn frames_come_out_in_order_after_a_wakeup() {
         let outbox = Outbox::new(100, 0);
-        outbox.push(Message::text("a")).unwrap();
-        outbox.push(Message::text("b")).unwrap();
+        outbox.push(Message::text("a"), 0).unwrap();
+        outbox.push(Message::text("b"), 0).unwrap();
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
         let mut batch = VecDeque::new();
-        outbox.take(&mut batch).unwrap();
+        assert_eq!(outbox.take(&mut batch), Ok(Taken { bytes: 2, oldest_published_us: 0 }));
         assert_eq!(Vec::from(batch), [Message::text("a"), Message::text("b")]);
     }
 
     #[test]
     fn a_frame_over_the_byte_limit_overflows_the_queue_for_good() {
         let outbox = Outbox::new(10, 0);
-        outbox.push(Message::text("12345")).unwrap();
-        outbox.push(Message::text("12345")).unwrap();
-        assert_eq!(outbox.push(Message::text("1")), Err(Closure::Overflow));
-        assert_eq!(outbox.push(Message::text("")), Err(Closure::Overflow));
+        outbox.push(Message::text("12345"), 0).unwrap();
+        outbox.push(Message::text("12345"), 0).unwrap();
+        assert_eq!(outbox.push(Message::text("1"), 0), Err(Closure::Overflow));
+        assert_eq!(outbox.push(Message::text(""), 0), Err(Closure::Overflow));
         assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Overflow));
     }
 
@@ -149,20 +171,31 @@ mod tests {
         let outbox = Outbox::new(10, 0);
         let mut batch = VecDeque::new();
         for _ in 0..5 {
-            outbox.push(Message::text("1234567890")).unwrap();
+            outbox.push(Message::text("1234567890"), 0).unwrap();
             outbox.take(&mut batch).unwrap();
         }
         assert_eq!(batch.len(), 5);
     }
 
+    #[test]
+    fn the_oldest_publish_time_of_a_batch_is_reported() {
+        let outbox = Outbox::new(100, 0);
+        outbox.push(Message::text("first"), 1_000).unwrap();
+        outbox.push(Message::text("second"), 2_000).unwrap();
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.take(&mut batch).unwrap().oldest_published_us, 1_000);
+        outbox.push(Message::text("third"), 3_000).unwrap();
+        assert_eq!(outbox.take(&mut batch).unwrap(), Taken { bytes: 5, oldest_published_us: 3_000 });
+    }
+
     #[tokio::test]
     async fn closing_wakes_the_connection_and_the_first_reason_sticks() {
         let outbox = Outbox::new(10, 0);
-        outbox.push(Message::text("x")).unwrap();
+        outbox.push(Message::text("x"), 0).unwrap();
         outbox.close(Closure::Unresponsive);
         outbox.close(Closure::Overflow);
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
         assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Unresponsive));
-        assert_eq!(outbox.push(Message::text("y")), Err(Closure::Unresponsive));
+        assert_eq!(outbox.push(Message::text("y"), 0), Err(Closure::Unresponsive));
     }
 }

@@ -65,12 +65,13 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Queues `frame` on every connection. The payload is shared, not copied.
-    pub fn broadcast(&self, frame: &Message) -> Fanout {
+    /// Queues `frame` (published at `published_us`, unix µs) on every
+    /// connection. The payload is shared, not copied.
+    pub fn broadcast(&self, frame: &Message, published_us: u64) -> Fanout {
         let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
         let mut fanout = Fanout::default();
         for outbox in connections.values() {
-            match outbox.push(frame.clone()) {
+            match outbox.push(frame.clone(), published_us) {
                 Ok(()) => fanout.delivered += 1,
                 Err(_) => fanout.dropped += 1,
             }
@@ -78,12 +79,18 @@ impl Registry {
         fanout
     }
 
-    /// Queues `frame` on the connection named `connection_id`.
-    pub fn send_to(&self, connection_id: &str, frame: Message) -> Result<(), SendError> {
+    /// Queues `frame` (published at `published_us`, unix µs) on the
+    /// connection named `connection_id`.
+    pub fn send_to(&self, connection_id: &str, frame: Message, published_us: u64) -> Result<(), SendError> {
         let id: u64 = connection_id.parse().map_err(|_| SendError::UnknownConnection)?;
         let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
         let outbox = connections.get(&id).ok_or(SendError::UnknownConnection)?;
-        outbox.push(frame).map_err(SendError::Closing)
+        outbox.push(frame, published_us).map_err(SendError::Closing)
+    }
+
+    /// Bytes queued on all connections together.
+    pub fn queued_bytes(&self) -> usize {
+        self.connections.read().unwrap_or_else(PoisonError::into_inner).values().map(|o| o.queued_bytes()).sum()
     }
 
     /// Pings every connection heard from since `silent_since_ms`, and closes
@@ -95,7 +102,7 @@ impl Registry {
             if outbox.last_heard() < silent_since_ms {
                 outbox.close(Closure::Unresponsive);
                 sweep.unresponsive += 1;
-            } else if outbox.push(Message::Ping(Default::default())).is_ok() {
+            } else if outbox.push(Message::Ping(Default::default()), 0).is_ok() {
                 sweep.pinged += 1;
             }
         }
@@ -115,7 +122,7 @@ mod tests {
 
     fn drain(outbox: &Outbox) -> Result<Vec<Message>, Closure> {
         let mut batch = VecDeque::new();
-        outbox.take(&mut batch).map(|()| batch.into())
+        outbox.take(&mut batch).map(|_| batch.into())
     }
 
     #[test]
@@ -135,7 +142,7 @@ mod tests {
         for b in &boxes {
             registry.register(b.clone());
         }
-        let fanout = registry.broadcast(&Message::text("all"));
+        let fanout = registry.broadcast(&Message::text("all"), 0);
         assert_eq!(fanout, Fanout { delivered: 3, dropped: 0 });
         for b in &boxes {
             assert_eq!(drain(b), Ok(vec![Message::text("all")]));
@@ -149,7 +156,7 @@ mod tests {
         let b = outbox(1024);
         registry.register(a.clone());
         let b_id = registry.register(b.clone());
-        registry.send_to(&b_id.to_string(), Message::text("just b")).unwrap();
+        registry.send_to(&b_id.to_string(), Message::text("just b"), 0).unwrap();
         assert_eq!(drain(&a), Ok(vec![]));
         assert_eq!(drain(&b), Ok(vec![Message::text("just b")]));
     }
@@ -159,7 +166,7 @@ mod tests {
         let registry = Registry::default();
         registry.register(outbox(1024));
         for id in ["99", "x", "", "-1"] {
-            assert_eq!(registry.send_to(id, Message::text("?")), Err(SendError::UnknownConnection), "{id}");
+            assert_eq!(registry.send_to(id, Message::text("?"), 0), Err(SendError::UnknownConnection), "{id}");
         }
     }
 
@@ -170,7 +177,7 @@ mod tests {
         let big = outbox(1024);
         registry.register(small.clone());
         registry.register(big.clone());
-        let fanout = registry.broadcast(&Message::text("12345"));
+        let fanout = registry.broadcast(&Message::text("12345"), 0);
         assert_eq!(fanout, Fanout { delivered: 1, dropped: 1 });
         assert_eq!(drain(&big), Ok(vec![Message::text("12345")]));
         assert_eq!(drain(&small), Err(Closure::Overflow));

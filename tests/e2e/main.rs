@@ -14,6 +14,7 @@ mod cluster;
 mod config;
 mod gateway;
 mod hardening;
+mod operability;
 mod tls;
 
 mod tools;

@@ -420,6 +420,9 @@ pub fn tool(name: &str) -> Option<PathBuf> {
         }),
         "nats-server" => std::env::var_os("HERALD_NATS_SERVER").map(PathBuf::from).or_else(|| which("nats-server")),
         "python-grpc" => python_output("import grpc, grpc_tools; print('ok')").map(|_| PathBuf::from("python3")),
+        "python-prometheus" => {
+            python_output("import prometheus_client; print('ok')").map(|_| PathBuf::from("python3"))
+        }
         "python-selenium" => python_output("import selenium; print('ok')").map(|_| PathBuf::from("python3")),
         other => which(other),
     }

@@ -1,0 +1,100 @@
+//! Operability: metrics after a known workload, checked with the Prometheus
+//! project's own parser, and readiness that follows each dependency.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::{Client, Herald, get, run_python, tool, wait_until};
+
+/// Every sample of `/metrics`, as parsed by `prometheus_client`.
+fn scrape(herald: &Herald) -> HashMap<String, f64> {
+    let url = format!("http://{}/metrics", herald.addr("admin"));
+    run_python("check_exposition.py", &[&url])
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.replace("{}", ""), v.parse().expect("a number")))
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_workload_exactly() {
+    if tool("python-prometheus").is_none() {
+        return;
+    }
+    let herald = Herald::standalone(&[]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&herald.ws_url()).await);
+    }
+    let base = herald.http_url();
+    for i in 0..5 {
+        assert_eq!(get(&format!("{base}/?content=b{i}")).status, 200);
+    }
+    let (w, c) = (clients[0].worker_id.clone(), clients[0].connection_id.clone());
+    for i in 0..2 {
+        assert_eq!(get(&format!("{base}/?to_worker_id={w}&to_connection_id={c}&content=t{i}")).status, 200);
+    }
+    assert_eq!(get(&format!("{base}/?nothing=here")).status, 400);
+    assert_eq!(get(&format!("{base}/?to_worker_id=ghost&to_connection_id=1&content=x")).status, 404);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let expected = if i == 0 { 7 } else { 5 };
+        for _ in 0..expected {
+            client.recv_text().await;
+        }
+    }
+    clients.pop().unwrap().send(tokio_tungstenite::tungstenite::Message::Close(None)).await;
+    wait_until("the closed client is counted", || herald.metric("herald_ws_connections") == 2.0);
+
+    let m = scrape(&herald);
+    let expect = [
+        ("herald_broker_published_total{target=\"broadcast\"}", 5.0),
+        ("herald_broker_published_total{target=\"connection\"}", 2.0),
+        ("herald_broker_publish_rejected_total{reason=\"unknown_worker\"}", 1.0),
+        ("herald_broker_published_bytes_total", 14.0),
+        ("herald_broker_events_delivered_total", 7.0),
+        ("herald_broker_sessions", 1.0),
+        ("herald_broker_workers", 1.0),
+        ("herald_ws_connections", 2.0),
+        ("herald_ws_connections_opened_total", 3.0),
+        ("herald_ws_connections_closed_total{reason=\"client_closed\"}", 1.0),
+        ("herald_ws_frames_queued_total", 17.0),
+        ("herald_ws_sent_bytes_total", 34.0),
+        ("herald_ws_broker_linked", 1.0),
+        ("herald_http_requests_total{outcome=\"ok\"}", 7.0),
+        ("herald_http_requests_total{outcome=\"client_error\"}", 2.0),
+        ("herald_http_messages_published_total", 7.0),
+        ("herald_http_request_duration_seconds_count", 9.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(m.get(name), Some(&value), "{name}");
+    }
+    let latencies = m["herald_ws_delivery_latency_seconds_count"];
+    assert!((1.0..=17.0).contains(&latencies), "one observation per write: {latencies}");
+    assert!(m["herald_ws_delivery_latency_seconds_sum"] < latencies, "each delivery well under a second");
+}
+
+#[tokio::test]
+async fn readiness_follows_each_dependency() {
+    let mut broker = Herald::broker(&[]);
+    let address = broker.address("broker");
+    let gateway = Herald::ws(&address, &[]);
+    let http = Herald::http(&address, &[]);
+    let readyz = |h: &Herald| get(&format!("http://{}/readyz", h.addr("admin")));
+    let healthz = |h: &Herald| get(&format!("http://{}/healthz", h.addr("admin")));
+    http.wait_ready();
+    assert_eq!(readyz(&broker).status, 200);
+
+    broker.kill();
+    wait_until("the ws gateway is not ready", || readyz(&gateway).status == 503);
+    wait_until("the http gateway is not ready", || readyz(&http).status == 503);
+    assert!(readyz(&gateway).body.contains("not linked to a broker"), "{}", readyz(&gateway).body);
+    assert!(readyz(&http).body.contains("no broker answers"), "{}", readyz(&http).body);
+    assert_eq!(healthz(&gateway).status, 200, "alive, just not ready");
+    assert_eq!(healthz(&http).status, 200);
+
+    let _broker =
+        Herald::start(&["broker", "--listen", &address, "--admin-listen", "127.0.0.1:0"], &["broker", "admin"]);
+    gateway.wait_ready();
+    http.wait_ready();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
