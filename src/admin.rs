@@ -2,9 +2,12 @@
 //!
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /healthz`: 200 while the process serves;
+//! - `GET /` or `/status`: a live status page for people (it reads `/metrics`);
 //! - `GET /readyz`: 200 when the role can do its job (a gateway is linked to a
 //!   broker, a broker is connected to its cluster and not shutting down),
 //!   else 503 with the reason.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -28,6 +31,14 @@ pub enum Component {
 }
 
 impl Component {
+    fn role(&self) -> &'static str {
+        match self {
+            Self::Broker(_) => "broker",
+            Self::Ws(_) => "ws",
+            Self::Http(_) => "http",
+        }
+    }
+
     fn render(&self, out: &mut Exposition) {
         match self {
             Self::Broker(hub) => hub.render_metrics(out),
@@ -48,26 +59,52 @@ impl Component {
     }
 }
 
+/// What the admin endpoints serve.
+#[derive(Clone)]
+struct Admin {
+    components: Vec<Component>,
+    started_unix_seconds: f64,
+}
+
 /// Serves the admin endpoints for `components` until `shutdown`.
 pub async fn run(listener: TcpListener, components: Vec<Component>, shutdown: CancellationToken) {
+    let started_unix_seconds = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(components);
+        .route("/", get(status_page))
+        .route("/status", get(status_page))
+        .with_state(Admin { components, started_unix_seconds });
     herald_common::http::serve(listener, app, HttpServerOptions::default(), None, shutdown).await;
 }
 
-async fn metrics(State(components): State<Vec<Component>>) -> impl IntoResponse {
+/// The live status page: a self-contained HTML page that reads `/metrics`.
+async fn status_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("status.html"))
+}
+
+async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
     let mut out = Exposition::new();
-    for c in &components {
+    let roles: Vec<&str> = admin.components.iter().map(Component::role).collect();
+    out.info(
+        "herald_build_info",
+        "The herald version and the roles this process runs.",
+        &[("version", env!("CARGO_PKG_VERSION")), ("roles", &roles.join(","))],
+    );
+    out.gauge(
+        "herald_process_start_time_seconds",
+        "When this process started, in Unix seconds.",
+        admin.started_unix_seconds,
+    );
+    for c in &admin.components {
         c.render(&mut out);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out.finish())
 }
 
-async fn readyz(State(components): State<Vec<Component>>) -> impl IntoResponse {
-    let problems: Vec<String> = components.iter().filter_map(|c| c.readiness().err()).collect();
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    let problems: Vec<String> = admin.components.iter().filter_map(|c| c.readiness().err()).collect();
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

@@ -200,6 +200,11 @@ impl Hub {
             depths.iter().copied().max().unwrap_or(0) as i64,
         );
         if let Some(cluster) = self.cluster() {
+            out.info(
+                "herald_broker_cluster_info",
+                "This broker's id in its cluster.",
+                &[("broker_id", cluster.broker_id())],
+            );
             out.gauge(
                 "herald_broker_cluster_ready",
                 "1 while connected to NATS with the lease bucket at hand.",

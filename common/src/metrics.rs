@@ -134,9 +134,15 @@ impl Exposition {
         }
     }
 
-    pub fn gauge(&mut self, name: &str, help: &str, value: i64) {
+    pub fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
         self.header(name, "gauge", help);
         self.sample(name, &[], value);
+    }
+
+    /// An info metric: a gauge of value 1 whose labels carry the facts.
+    pub fn info(&mut self, name: &str, help: &str, labels: &[(&str, &str)]) {
+        self.header(name, "gauge", help);
+        self.sample(name, labels, 1);
     }
 
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {

@@ -196,6 +196,7 @@ impl Gateway {
     }
 
     pub fn render_metrics(&self, out: &mut Exposition) {
+        out.info("herald_ws_worker_info", "This gateway's worker id.", &[("worker_id", &self.shared.config.worker_id)]);
         self.shared.metrics.render(out);
         out.gauge(
             "herald_ws_outbox_bytes",

@@ -98,3 +98,68 @@ async fn readiness_follows_each_dependency() {
     http.wait_ready();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn the_status_page_shows_live_figures_that_match_the_metrics() {
+    if tool("python-selenium").is_none() || tool("chromium").is_none() || tool("chromedriver").is_none() {
+        return;
+    }
+    let herald = Herald::standalone(&[]);
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(Client::connect(&herald.ws_url()).await);
+    }
+    for i in 0..3 {
+        assert_eq!(get(&format!("{}/?content=before-{i}", herald.http_url())).body, "ok");
+    }
+    // The clients keep reading, so the writes the page measures really happen.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for _ in 0..18 {
+                    c.recv_text().await;
+                }
+            })
+        })
+        .collect();
+
+    let dir = crate::support::TempDir::new("status");
+    let screenshot = dir.path().join("status.png");
+    let status_url = format!("http://{}/status", herald.addr("admin"));
+    let http_url = herald.http_url();
+    let shot = screenshot.to_str().unwrap().to_owned();
+    let printed = tokio::task::spawn_blocking(move || {
+        run_python(
+            "status_page.py",
+            &[
+                "--status-url",
+                &status_url,
+                "--http-url",
+                &http_url,
+                "--screenshot",
+                &shot,
+                "--connections",
+                "2",
+                "--published-before",
+                "3",
+                "--publish",
+                "15",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+
+    let png = std::fs::read(&screenshot).expect("the screenshot was written");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a real screenshot: {} bytes", png.len());
+    let shown: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    let figure = |name: &str| shown[name].as_str().unwrap().parse::<f64>().unwrap();
+    assert_eq!(figure("connections"), herald.metric("herald_ws_connections"));
+    assert_eq!(figure("published-total"), herald.metric("herald_broker_published_total{target=\"broadcast\"}"));
+    assert_eq!(figure("delivered-total"), herald.metric("herald_ws_frames_queued_total"));
+    assert!(figure("latency-p99") >= figure("latency-p50"));
+}
