@@ -163,3 +163,53 @@ async fn the_status_page_shows_live_figures_that_match_the_metrics() {
     assert_eq!(figure("delivered-total"), herald.metric("herald_ws_frames_queued_total"));
     assert!(figure("latency-p99") >= figure("latency-p50"));
 }
+
+#[tokio::test]
+async fn logs_are_json_lines_with_no_line_per_message_at_info_and_lifecycle_at_debug() {
+    let mut lines_at = Vec::new();
+    for level in ["info", "debug"] {
+        let herald = Herald::start_with_env(
+            &[
+                "standalone",
+                "--log-format",
+                "json",
+                "--broker-listen",
+                "127.0.0.1:0",
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            &["broker", "ws", "http", "admin"],
+            &[("RUST_LOG", level)],
+        );
+        herald.wait_ready();
+        let mut client = Client::connect(&herald.ws_url()).await;
+        for i in 0..100 {
+            assert_eq!(get(&format!("{}/?content=m{i}", herald.http_url())).body, "ok");
+        }
+        for _ in 0..100 {
+            client.recv_text().await;
+        }
+        drop(client);
+        wait_until("the close is seen", || herald.metric("herald_ws_connections") == 0.0);
+        let log = herald.log_text();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+            .collect();
+        assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+        lines_at.push(lines);
+    }
+    let (info, debug) = (&lines_at[0], &lines_at[1]);
+    assert!(info.len() < 10, "100 messages must not log 100 lines at info: {info:#?}");
+    let messages = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines.iter().map(|l| l["fields"]["message"].as_str().unwrap_or_default().to_owned()).collect()
+    };
+    let debug_messages = messages(debug);
+    assert!(debug_messages.iter().any(|m| m == "connection opened"), "{debug_messages:?}");
+    assert!(debug_messages.iter().any(|m| m == "connection closed"), "{debug_messages:?}");
+    assert!(!messages(info).iter().any(|m| m == "connection opened"));
+}
