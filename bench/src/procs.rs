@@ -70,8 +70,10 @@ impl Endpoints {
 
 /// One started herald process, killed when dropped.
 struct Proc {
+    role: String,
     child: Child,
     addrs: HashMap<String, SocketAddr>,
+    log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -84,7 +86,7 @@ impl Drop for Proc {
 /// A herald for one run: started processes (stopped when dropped) or an external one.
 pub struct Herald {
     pub endpoints: Endpoints,
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
 }
 
 impl Herald {
@@ -150,7 +152,7 @@ impl Herald {
                 }
             }
         }
-        Ok(Herald { endpoints, _procs: procs })
+        Ok(Herald { endpoints, procs })
     }
 
     /// A herald that is already running; waits until its admin endpoints say ready.
@@ -167,7 +169,18 @@ impl Herald {
             watched,
             api_key: external.api_key.clone(),
         };
-        Ok(Herald { endpoints, _procs: Vec::new() })
+        Ok(Herald { endpoints, procs: Vec::new() })
+    }
+
+    /// Describes every started process that has exited (it should not have).
+    pub fn exited(&mut self) -> Vec<String> {
+        self.procs
+            .iter_mut()
+            .filter_map(|proc| {
+                let status = proc.child.try_wait().ok()??;
+                Some(format!("herald {} exited during the run ({status}); log: {}", proc.role, proc.log.display()))
+            })
+            .collect()
     }
 }
 
@@ -209,7 +222,7 @@ fn spawn(
             }
         }
     });
-    let mut proc = Proc { child, addrs: HashMap::new() };
+    let mut proc = Proc { role: role.to_owned(), child, addrs: HashMap::new(), log: log_path.clone() };
     let deadline = Instant::now() + STARTUP;
     while !expect.iter().all(|kind| proc.addrs.contains_key(*kind)) {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).map_err(|_| {

@@ -11,7 +11,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Address, Broadcasts, Msg, Source, Via, Window};
 use crate::stats::{Column, Latency, Measurement, Row};
 
-use super::{Bench, gateway_rss, print_table, report_run, rss_per_connection, watched};
+use super::{Bench, check_alive, gateway_rss, print_table, report_run, rss_per_connection, watched};
 
 /// Who each message goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ async fn run_once(
     via: Via,
     connections: usize,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
-    let herald = bench.herald(connections, via == Via::Http).await?;
+    let mut herald = bench.herald(connections, via == Via::Http).await?;
     let endpoints = &herald.endpoints;
     let baseline = gateway_rss(endpoints);
     let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
@@ -145,6 +145,7 @@ async fn run_once(
     m.latency = latency.percentiles();
     m.rss_per_connection_kib = rss_per_connection(baseline, rss, clients);
     m.cpu = cpu;
+    check_alive(&mut herald);
     Ok((m, tally.first_error))
 }
 

@@ -12,7 +12,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Broadcasts, Source, Via};
 use crate::stats::{Column, Latency, Measurement, Row};
 
-use super::{Bench, gateway_rss, print_table, report_run, rss_per_connection, watched};
+use super::{Bench, check_alive, gateway_rss, print_table, report_run, rss_per_connection, watched};
 
 const COLUMNS: [Column; 7] = [
     Column::Connections,
@@ -56,7 +56,7 @@ async fn run_once(
     args: &IdleArgs,
     connections: usize,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
-    let herald = bench.herald(connections, false).await?;
+    let mut herald = bench.herald(connections, false).await?;
     let endpoints = &herald.endpoints;
     let baseline = gateway_rss(endpoints);
     let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
@@ -89,5 +89,6 @@ async fn run_once(
         m.latency = latency.percentiles();
     }
     m.closed = fleet.progress.closed();
+    check_alive(&mut herald);
     Ok((m, first_error))
 }

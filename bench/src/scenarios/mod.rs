@@ -140,6 +140,14 @@ fn watched(endpoints: &Endpoints, fleet: Option<&Fleet>) -> Vec<Watched> {
     watched
 }
 
+/// Warns about herald processes that died during a run: their absence
+/// explains errors and losses.
+fn check_alive(herald: &mut Herald) {
+    for exited in herald.exited() {
+        eprintln!("  warning: {exited}");
+    }
+}
+
 /// Prints one run's figures on standard error.
 fn report_run(label: &str, run: usize, columns: &[Column], m: &Measurement, first_error: Option<&str>) {
     eprintln!("  {label} run {run}: {}", inline(columns, m));

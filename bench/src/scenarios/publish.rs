@@ -9,7 +9,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Broadcasts, Via, WrkRun};
 use crate::stats::{Column, Measurement, Row};
 
-use super::{Bench, print_table, report_run, watched};
+use super::{Bench, check_alive, print_table, report_run, watched};
 
 const COLUMNS: [Column; 4] = [Column::PublishRate, Column::PublishErrors, Column::Latency, Column::Cpu];
 
@@ -67,7 +67,7 @@ async fn run_once(
     path: PublishPath,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
     let http = matches!(path, PublishPath::Http | PublishPath::Wrk);
-    let herald = bench.herald(1, http).await?;
+    let mut herald = bench.herald(1, http).await?;
     let endpoints = &herald.endpoints;
     let duration = args.common.duration;
     let (via, lanes, per_request) = match path {
@@ -89,6 +89,7 @@ async fn run_once(
                 cpu: meter.finish(),
                 ..Measurement::default()
             };
+            check_alive(&mut herald);
             return Ok((m, None));
         }
         PublishPath::Http => (Via::Http, args.http_connections, 1),
@@ -106,5 +107,6 @@ async fn run_once(
         cpu: meter.finish(),
         ..Measurement::default()
     };
+    check_alive(&mut herald);
     Ok((m, tally.first_error))
 }
