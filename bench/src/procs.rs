@@ -68,6 +68,15 @@ impl Endpoints {
     }
 }
 
+/// Stops the started processes in reverse order: clients of the broker first.
+impl Drop for Herald {
+    fn drop(&mut self) {
+        while let Some(proc) = self.procs.pop() {
+            drop(proc);
+        }
+    }
+}
+
 /// One started herald process, killed when dropped.
 struct Proc {
     role: String,
@@ -80,6 +89,13 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep only logs that say something (and their directory while it holds one).
+        if std::fs::metadata(&self.log).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.log);
+            if let Some(dir) = self.log.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
 }
 
