@@ -1,6 +1,6 @@
 //! Fuzzes the `/v1` JSON API: arbitrary bytes as a `POST /v1/publish` body and
 //! as a `POST /v1/batch` body. Parsing and conversion must never panic and
-//! refuse with a 400; every request they produce must either pass
+//! refuse with a 400 and a one-line reason; every request they produce must either pass
 //! `route::resolve` or be refused by it with a typed error.
 
 #![no_main]
@@ -15,6 +15,7 @@ const MAX_CONTENT_BYTES: usize = 64;
 
 fn check_refusal(e: &ApiError) {
     assert_eq!(e.status.as_u16(), 400, "unexpected refusal {e:?}");
+    assert!(!e.message.contains(['\n', '\r']), "the reason must be one line: {:?}", e.message);
 }
 
 fn check_routable(req: &PublishRequest) {

@@ -17,11 +17,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: Code::InvalidArgument, message: message.into() }
+        Self { status: StatusCode::BAD_REQUEST, code: Code::InvalidArgument, message: one_line(&message.into()) }
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::PAYLOAD_TOO_LARGE, code: Code::ResourceExhausted, message: message.into() }
+        Self { status: StatusCode::PAYLOAD_TOO_LARGE, code: Code::ResourceExhausted, message: one_line(&message.into()) }
     }
 
     /// Translates a broker refusal into the HTTP status a caller expects.
@@ -86,5 +86,6 @@ mod tests {
     #[test]
     fn reasons_stay_on_one_line() {
         assert_eq!(ApiError::from_status(&Status::not_found("a\nb")).message, "a b");
+        assert_eq!(ApiError::bad_request("unknown variant `a\r\nb`").message, "unknown variant `a  b`");
     }
 }

@@ -152,6 +152,7 @@ mod tests {
             r#"{"target":{"broadcast":{}},"content":{"text":"x"},"extra":1}"#,
             r#"{"target":{"broadcast":{}},"content":{"binary":"not base64!"}}"#,
             r#"{"target":{"broadcast":{"x":1}},"content":{"text":"x"}}"#,
+            "{\"target\":{\"a\\nb\":{}},\"content\":{\"text\":\"x\"}}",
         ] {
             let err = request(body).unwrap_err();
             assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{body}");
