@@ -99,6 +99,11 @@ impl CloseReason {
 
 /// Serves one accepted TCP connection until it closes, over TLS when an
 /// acceptor is given.
+///
+/// The handshakes' state is large and short-lived, so it is boxed and freed
+/// once the connection is open: an idle connection's task then holds only the
+/// small state of [`serve_open`]. A TLS connection is boxed as a whole, so
+/// that its larger state does not enlarge every plain connection's task.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -107,31 +112,51 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = tls else {
-        return serve_websocket(stream, peer, shared, shutdown).await;
-    };
-    match timeout(shared.config.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_websocket(stream, peer, shared, shutdown).await,
+    match tls {
+        None => serve_plain(stream, peer, &shared, &shutdown).await,
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, peer, &shared, &shutdown)).await,
+    }
+}
+
+async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken) {
+    if let Some(ws) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, peer, shared, shutdown).await;
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let stream = match timeout(shared.config.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             shared.metrics.handshakes_failed.inc();
+            return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
             shared.metrics.handshakes_failed.inc();
+            return;
         }
+    };
+    if let Some(ws) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, peer, shared, shutdown).await;
     }
 }
 
+/// The WebSocket upgrade, with the origin and connection-count checks.
 // The handshake callback's signature, large error included, is tungstenite's.
 #[allow(clippy::result_large_err)]
-async fn serve_websocket<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken)
+async fn websocket_handshake<S>(stream: S, peer: SocketAddr, shared: &Shared) -> Option<Box<WebSocketStream<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = &shared.config;
-    let metrics = &shared.metrics;
-    let max_connections = config.max_connections;
     let registry = &shared.registry;
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         let refuse = |status, reason: &str| {
@@ -143,26 +168,34 @@ where
         if !config.origin_allowed(origin) {
             return refuse(StatusCode::FORBIDDEN, "origin not allowed");
         }
-        if registry.len() >= max_connections {
+        if registry.len() >= config.max_connections {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections on this gateway");
         }
         Ok(response)
     };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config.websocket()));
-    let mut ws = match timeout(config.handshake_timeout, handshake).await {
-        Ok(Ok(ws)) => ws,
+    match timeout(config.handshake_timeout, handshake).await {
+        // Boxed: a pointer is all the connection's task then carries around.
+        Ok(Ok(ws)) => Some(Box::new(ws)),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "WebSocket handshake failed");
-            metrics.handshakes_failed.inc();
-            return;
+            shared.metrics.handshakes_failed.inc();
+            None
         }
         Err(_) => {
             tracing::debug!(%peer, "WebSocket handshake timed out");
-            metrics.handshakes_failed.inc();
-            return;
+            shared.metrics.handshakes_failed.inc();
+            None
         }
-    };
+    }
+}
 
+/// An open connection: greeting, then the delivery loop, then the close.
+async fn serve_open<S>(mut ws: Box<WebSocketStream<S>>, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (config, metrics, registry) = (&shared.config, &shared.metrics, &shared.registry);
     let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()));
     let id = registry.register(outbox.clone());
     metrics.connections.inc();
@@ -171,7 +204,7 @@ where
 
     let greeting = config.greeting.render(&config.worker_id, id);
     let reason = match timeout(config.write_timeout, ws.send(Message::text(greeting))).await {
-        Ok(Ok(())) => run(&mut ws, &outbox, &shared, &shutdown).await,
+        Ok(Ok(())) => run(&mut ws, &outbox, shared, shutdown).await,
         Ok(Err(_)) => CloseReason::ClientGone,
         Err(_) => CloseReason::WriteTimeout,
     };
@@ -263,4 +296,23 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, r
         while let Some(Ok(_)) = ws.next().await {}
     };
     let _ = timeout(CLOSE_LINGER, linger).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Gateway, GatewayConfig};
+
+    /// Every idle connection holds this future for its whole life: the
+    /// handshakes' large state must stay boxed away from it.
+    #[tokio::test]
+    async fn an_open_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let gateway = Gateway::new(GatewayConfig::new("w".into())).unwrap();
+        let task = serve(stream, peer, None, gateway.shared.clone(), CancellationToken::new());
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "the connection task's state is {size} bytes");
+    }
 }
