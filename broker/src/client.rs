@@ -3,15 +3,16 @@
 //! the next address when one is unreachable.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
 use herald_proto::v1::{
     PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, SubscribeRequest, SubscribeResponse,
+    publish_result,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -69,6 +70,8 @@ pub struct RemoteBrokers {
 }
 
 struct Remote {
+    /// Single publishes waiting to go out in a batch (started on first use).
+    coalescer: OnceLock<mpsc::Sender<Pending>>,
     brokers: Vec<(String, BrokerServiceClient<Channel>)>,
     health: Vec<HealthClient<Channel>>,
     preferred: AtomicUsize,
@@ -105,6 +108,7 @@ impl RemoteBrokers {
         };
         Ok(Self {
             inner: Arc::new(Remote {
+                coalescer: OnceLock::new(),
                 brokers,
                 health,
                 preferred: AtomicUsize::new(0),
@@ -164,7 +168,18 @@ impl RemoteBrokers {
         false
     }
 
+    /// Routes one message, in a batch with whatever other single publishes
+    /// are waiting (see [`coalesce`]).
     async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+        let queue = self.inner.coalescer.get_or_init(|| coalesce(Arc::downgrade(&self.inner)));
+        let (reply, answer) = oneshot::channel();
+        if queue.send(Pending { req, reply }).await.is_err() {
+            return Err(Status::unavailable("publisher is shutting down"));
+        }
+        answer.await.map_err(|_| Status::unavailable("publisher is shutting down"))?
+    }
+
+    async fn publish_one(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
         let mut last = Status::unavailable("no broker address");
         let attempts = self.inner.brokers.len();
         let mut req = Some(req);
@@ -225,6 +240,91 @@ impl RemoteBrokers {
             }
         }
         Err(unreachable(last))
+    }
+}
+
+/// A single publish waiting for its batch.
+struct Pending {
+    req: PublishRequest,
+    reply: oneshot::Sender<Result<PublishResponse, Status>>,
+}
+
+/// Batches in flight at once from one publisher process.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// Most single publishes sent in one batch.
+const MAX_COALESCED: usize = 100;
+
+/// Starts the task that turns concurrent single publishes into
+/// `PublishBatch` calls: it takes whatever is waiting (never waiting for
+/// more), so a lone publish goes out at once, and under load one call
+/// carries many. Each publisher's messages keep their order, as a batch is
+/// routed in order. The task ends when the brokers' client is dropped.
+fn coalesce(remote: Weak<Remote>) -> mpsc::Sender<Pending> {
+    let (tx, mut rx) = mpsc::channel::<Pending>(16 * 1024);
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        while let Some(first) = rx.recv().await {
+            // Waiting for a slot lets more publishes join this batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_COALESCED {
+                match rx.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            let Some(inner) = remote.upgrade() else { return };
+            let brokers = RemoteBrokers { inner };
+            tokio::spawn(async move {
+                brokers.send_coalesced(batch).await;
+                drop(slot);
+            });
+        }
+    });
+    tx
+}
+
+impl RemoteBrokers {
+    async fn send_coalesced(&self, batch: Vec<Pending>) {
+        if let [_] = batch.as_slice() {
+            for Pending { req, reply } in batch {
+                let _ = reply.send(self.publish_one(req).await);
+            }
+            return;
+        }
+        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.reply)).unzip();
+        match self.publish_batch(requests.clone()).await {
+            Ok(results) if results.len() == replies.len() => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(match result.outcome {
+                        Some(publish_result::Outcome::Published(published)) => Ok(published),
+                        Some(publish_result::Outcome::Error(e)) => {
+                            let code = Code::from_i32(i32::try_from(e.code).unwrap_or(Code::Unknown as i32));
+                            Err(Status::new(code, e.message))
+                        }
+                        None => Err(Status::internal("broker sent an empty batch result")),
+                    });
+                }
+            }
+            // A broker whose --max-batch is below ours refuses the whole
+            // batch: send the messages one by one instead.
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                for (req, reply) in requests.into_iter().zip(replies) {
+                    let _ = reply.send(self.publish_one(req).await);
+                }
+            }
+            Ok(_) => {
+                let status = Status::internal("broker answered a batch with the wrong number of results");
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+            Err(status) => {
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+        }
     }
 }
 

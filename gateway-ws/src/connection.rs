@@ -1,19 +1,22 @@
 //! One client connection, from the WebSocket handshake to the close frame.
 //!
 //! A single task owns the socket. It greets the client with its address,
-//! then waits on three things: frames queued in its outbox (written as one
-//! batch and one flush), frames from the client (pings are answered by
-//! tungstenite, data is ignored, anything counts as a sign of life for the
-//! heartbeat) and the gateway's shutdown.
+//! then waits on two things: its outbox (frames, written as one batch and one
+//! flush, or a request to close: overflow, silence, shutdown) and frames from
+//! the client (pings are answered by tungstenite, data is ignored, anything
+//! counts as a sign of life for the heartbeat).
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::error::Elapsed;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
@@ -198,13 +201,18 @@ where
     let (config, metrics, registry) = (&shared.config, &shared.metrics, &shared.registry);
     let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()));
     let id = registry.register(outbox.clone());
+    // Shutdown closes every registered outbox after cancelling `shutdown`:
+    // checking after registering means no connection is missed.
+    if shutdown.is_cancelled() {
+        outbox.close(Closure::Shutdown);
+    }
     metrics.connections.inc();
     metrics.connections_opened.inc();
     tracing::debug!(%peer, connection_id = id, "connection opened");
 
     let greeting = config.greeting.render(&config.worker_id, id);
     let reason = match timeout(config.write_timeout, ws.send(Message::text(greeting))).await {
-        Ok(Ok(())) => run(&mut ws, &outbox, shared, shutdown).await,
+        Ok(Ok(())) => run(&mut ws, &outbox, shared).await,
         Ok(Err(_)) => CloseReason::ClientGone,
         Err(_) => CloseReason::WriteTimeout,
     };
@@ -223,29 +231,26 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     outbox: &Outbox,
     shared: &Shared,
-    shutdown: &CancellationToken,
 ) -> CloseReason {
     let mut batch = VecDeque::new();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => {
-                // The broker link drained before this: what is queued was
-                // published before the drain began, so deliver it first.
-                if outbox.take(&mut batch).is_ok() && !batch.is_empty() {
-                    let _ = timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await;
-                }
-                return shared.close_reason();
-            }
             () = outbox.ready() => {
                 let taken = match outbox.take(&mut batch) {
                     Ok(taken) => taken,
                     Err(Closure::Overflow) => return CloseReason::SlowConsumer,
                     Err(Closure::Unresponsive) => return CloseReason::Unresponsive,
+                    Err(Closure::Shutdown) => return shared.close_reason(),
                 };
-                match timeout(shared.config.write_timeout, write_batch(ws, &mut batch)).await {
+                match write_within(shared.config.write_timeout, ws, &mut batch).await {
                     Ok(Ok(())) => shared.metrics.written(taken),
                     Ok(Err(_)) => return CloseReason::ClientGone,
                     Err(_) => return CloseReason::WriteTimeout,
+                }
+                // At shutdown the broker link drained first: what was queued
+                // was published before the drain began, and is now written.
+                if taken.then_close.is_some() {
+                    return shared.close_reason();
                 }
             }
             incoming = ws.next() => {
@@ -265,6 +270,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Writes `batch` within `limit`. Most writes complete at once, so the timer
+/// is only set for a write that has to wait for the client.
+async fn write_within<S: AsyncRead + AsyncWrite + Unpin>(
+    limit: Duration,
+    ws: &mut WebSocketStream<S>,
+    batch: &mut VecDeque<Message>,
+) -> Result<Result<(), WsError>, Elapsed> {
+    let mut write = std::pin::pin!(write_batch(ws, batch));
+    if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return Ok(result);
+    }
+    timeout(limit, write).await
 }
 
 async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(

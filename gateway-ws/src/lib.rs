@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::CloseReason;
 pub use crate::link::LinkError;
 use crate::metrics::GatewayMetrics;
+use crate::outbox::Closure;
 use crate::registry::Registry;
 
 /// How a connection is told its address when it opens.
@@ -255,6 +256,7 @@ impl Gateway {
         }
         link.abort();
         closing.cancel();
+        shared.registry.close_all(Closure::Shutdown);
         connections.close();
         if tokio::time::timeout(shared.config.drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(left = shared.registry.len(), "connections still open after the drain timeout");

@@ -6,28 +6,39 @@
 //! would exceed the byte limit closes the queue as overflowed instead, so
 //! the connection is closed with a clear code rather than silently losing
 //! part of its stream. The heartbeat closes a queue whose client stopped
-//! answering, and reads [`Outbox::last_heard`] to decide.
+//! answering (reading [`Outbox::last_heard`] to decide), and shutdown closes
+//! every queue after what it holds is written.
+//!
+//! Waking is one flag and one registered waker per connection, so a
+//! broadcast to many connections touches no shared lock or waiter list.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Why a queue stopped taking frames; the connection must be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closure {
-    /// A frame did not fit in the byte limit: the client is too slow.
+    /// A frame did not fit in the byte limit: the client is too slow. What
+    /// was queued is dropped.
     Overflow,
-    /// The client did not answer pings in time.
+    /// The client did not answer pings in time. What was queued is dropped.
     Unresponsive,
+    /// The gateway is shutting down: what is queued is written first.
+    Shutdown,
 }
 
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    ready: Notify,
+    /// Set when frames or a closure are waiting for the connection's task.
+    ready: AtomicBool,
+    waker: AtomicWaker,
     limit_bytes: usize,
     /// Milliseconds since the gateway's clock origin at which the client was last heard from.
     last_heard_ms: AtomicU64,
@@ -49,13 +60,16 @@ pub struct Taken {
     pub bytes: usize,
     /// When the oldest of them was published (unix µs; 0 if unknown).
     pub oldest_published_us: u64,
+    /// Set when the connection must be closed once the frames are written.
+    pub then_close: Option<Closure>,
 }
 
 impl Outbox {
     pub fn new(limit_bytes: usize, now_ms: u64) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             limit_bytes,
             last_heard_ms: AtomicU64::new(now_ms),
         }
@@ -83,7 +97,7 @@ impl Outbox {
         state.bytes += len;
         drop(state);
         if was_empty {
-            self.ready.notify_one();
+            self.wake();
         }
         Ok(())
     }
@@ -94,30 +108,49 @@ impl Outbox {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.closed.is_none() {
             state.closed = Some(closure);
-            state.frames = VecDeque::new();
-            state.bytes = 0;
+            if closure != Closure::Shutdown {
+                state.frames = VecDeque::new();
+                state.bytes = 0;
+            }
         }
         drop(state);
-        self.ready.notify_one();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Resolves when frames are queued or the queue was closed.
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        poll_fn(|cx| {
+            if self.ready.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake between the check and the registration must not be lost.
+            if self.ready.swap(false, Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
     }
 
-    /// Moves every queued frame into `batch`, or says why the queue closed.
+    /// Moves every queued frame into `batch`, or says why the queue closed
+    /// with nothing left to write.
     pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<Taken, Closure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(closure) = state.closed {
-            return Err(closure);
+        match state.closed {
+            Some(closure @ (Closure::Overflow | Closure::Unresponsive)) => return Err(closure),
+            Some(Closure::Shutdown) if state.frames.is_empty() => return Err(Closure::Shutdown),
+            _ => {}
         }
         if batch.is_empty() {
             std::mem::swap(batch, &mut state.frames);
         } else {
             batch.append(&mut state.frames);
         }
-        let taken = Taken { bytes: state.bytes, oldest_published_us: state.oldest_published_us };
+        let taken =
+            Taken { bytes: state.bytes, oldest_published_us: state.oldest_published_us, then_close: state.closed };
         state.bytes = 0;
         state.oldest_published_us = 0;
         Ok(taken)
@@ -152,8 +185,20 @@ mod tests {
         outbox.push(Message::text("b"), 0).unwrap();
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
         let mut batch = VecDeque::new();
-        assert_eq!(outbox.take(&mut batch), Ok(Taken { bytes: 2, oldest_published_us: 0 }));
+        assert_eq!(outbox.take(&mut batch), Ok(Taken { bytes: 2, oldest_published_us: 0, then_close: None }));
         assert_eq!(Vec::from(batch), [Message::text("a"), Message::text("b")]);
+    }
+
+    #[tokio::test]
+    async fn a_push_while_waiting_wakes_the_waiter() {
+        let outbox = std::sync::Arc::new(Outbox::new(100, 0));
+        let waiter = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.ready().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(Message::text("x"), 0).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
     }
 
     #[test]
@@ -185,7 +230,7 @@ mod tests {
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch).unwrap().oldest_published_us, 1_000);
         outbox.push(Message::text("third"), 3_000).unwrap();
-        assert_eq!(outbox.take(&mut batch).unwrap(), Taken { bytes: 5, oldest_published_us: 3_000 });
+        assert_eq!(outbox.take(&mut batch).unwrap(), Taken { bytes: 5, oldest_published_us: 3_000, then_close: None });
     }
 
     #[tokio::test]
@@ -197,5 +242,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
         assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Unresponsive));
         assert_eq!(outbox.push(Message::text("y"), 0), Err(Closure::Unresponsive));
+    }
+
+    #[test]
+    fn shutdown_hands_over_what_is_queued_then_closes() {
+        let outbox = Outbox::new(10, 0);
+        outbox.push(Message::text("last"), 0).unwrap();
+        outbox.close(Closure::Shutdown);
+        assert_eq!(outbox.push(Message::text("late"), 0), Err(Closure::Shutdown));
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.take(&mut batch).unwrap().then_close, Some(Closure::Shutdown));
+        assert_eq!(Vec::from(batch), [Message::text("last")]);
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Shutdown));
     }
 }

@@ -88,6 +88,13 @@ impl Registry {
         outbox.push(frame, published_us).map_err(SendError::Closing)
     }
 
+    /// Closes every connection for `closure`.
+    pub fn close_all(&self, closure: Closure) {
+        for outbox in self.connections.read().unwrap_or_else(PoisonError::into_inner).values() {
+            outbox.close(closure);
+        }
+    }
+
     /// Bytes queued on all connections together.
     pub fn queued_bytes(&self) -> usize {
         self.connections.read().unwrap_or_else(PoisonError::into_inner).values().map(|o| o.queued_bytes()).sum()

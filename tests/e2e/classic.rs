@@ -245,3 +245,36 @@ async fn every_bad_publish_gets_its_status_and_a_one_line_reason() {
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert!(reply.body.starts_with("broker unavailable"), "{}", reply.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_each_keep_their_order_through_the_http_gateway() {
+    let t = Topology::start();
+    let mut client = Client::connect(&t.ws[0].ws_url()).await;
+    const PUBLISHERS: usize = 8;
+    const EACH: usize = 200;
+    let base = t.http[1].http_url();
+    // Eight curl processes at once, each one keep-alive connection in order:
+    // the gateway batches their publishes together.
+    let curls: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let urls: Vec<String> = (0..EACH).map(|i| format!("{base}/?content=p{p}-{i}")).collect();
+            std::thread::spawn(move || {
+                let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+                curl(&args)
+            })
+        })
+        .collect();
+    for c in curls {
+        let reply = c.join().unwrap();
+        assert_eq!(reply.body.split("\n200").filter(|b| *b == "ok").count(), EACH);
+    }
+    let mut next = [0usize; PUBLISHERS];
+    for _ in 0..PUBLISHERS * EACH {
+        let text = client.recv_text().await;
+        let (p, i) = text.strip_prefix('p').and_then(|r| r.split_once('-')).unwrap();
+        let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next[p], "publisher {p} out of order");
+        next[p] += 1;
+    }
+    client.expect_silence(QUIET).await;
+}
