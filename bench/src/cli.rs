@@ -31,6 +31,9 @@ pub enum Scenario {
     Idle(IdleArgs),
     /// Publish throughput without clients: HTTP keep-alive, gRPC Publish, gRPC PublishBatch.
     Publish(PublishArgs),
+    /// The machine's floor, without herald: the kernel's cost of one small loopback TCP write
+    /// and read, i.e. the least a fan-out to N connections can cost here.
+    Floor(FloorArgs),
     /// A load-generator process (started by the harness itself).
     #[command(hide = true)]
     Loadgen,
@@ -173,6 +176,22 @@ pub struct IdleArgs {
     /// How long to wait for that broadcast to reach every client.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// Socket pairs (each takes two of this process's file descriptors).
+    #[arg(long, short = 'n', default_value_t = 5000)]
+    pub sockets: usize,
+    /// Bytes written to each socket per round (a 64 B message is a 66 B WebSocket frame).
+    #[arg(long, default_value_t = 66)]
+    pub bytes: usize,
+    /// Rounds of one write per socket, then one read per socket; the table shows medians.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: usize,
+    /// Fan-out sizes to project the cost of one broadcast for.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub project: Vec<usize>,
 }
 
 /// A publish path measured by the publish scenario.

@@ -1,7 +1,7 @@
 //! `herald-bench`: starts (or targets) herald, drives it with real WebSocket
 //! clients and publishers on this machine, and prints markdown tables.
 //!
-//! `cargo run --release -p herald-bench -- <fanout|targeted|idle|publish> [options]`;
+//! `cargo run --release -p herald-bench -- <fanout|targeted|idle|publish|floor> [options]`;
 //! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
 
 mod cli;

@@ -3,6 +3,7 @@
 //! (one line per run on standard error, the median table on standard output).
 
 mod delivery;
+mod floor;
 mod idle;
 mod publish;
 
@@ -26,6 +27,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Targeted(args) => delivery::run(&args, delivery::Targeting::Single).await,
         Scenario::Idle(args) => idle::run(&args).await,
         Scenario::Publish(args) => publish::run(&args).await,
+        Scenario::Floor(args) => floor::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
     }
 }
