@@ -5,25 +5,6 @@ use futures_util::StreamExt;
 
 use crate::support::{Herald, TempDir, repo_root};
 
-fn standalone_args(config: &str) -> Vec<String> {
-    [
-        "standalone",
-        "--config",
-        config,
-        "--broker-listen",
-        "127.0.0.1:0",
-        "--ws-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 async fn greeting(herald: &Herald) -> String {
     let (mut ws, _) = tokio_tungstenite::connect_async(herald.ws_url()).await.unwrap();
     ws.next().await.unwrap().unwrap().into_text().unwrap().to_string()
@@ -32,10 +13,7 @@ async fn greeting(herald: &Herald) -> String {
 #[tokio::test]
 async fn the_example_config_file_loads_and_flags_override_it() {
     let example = repo_root().join("herald.example.toml");
-    let args = standalone_args(example.to_str().unwrap());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let herald = Herald::start(&args, &["broker", "ws", "http", "admin"]);
-    herald.wait_ready();
+    let herald = Herald::standalone(&["--config", example.to_str().unwrap()]);
     assert!(greeting(&herald).await.starts_with("Worker ID:"));
     assert_ne!(herald.addr("ws").port(), 4236, "the --ws-listen flag wins over the file");
 }
@@ -45,12 +23,10 @@ async fn the_environment_wins_over_the_file() {
     let dir = TempDir::new("config");
     let path = dir.path().join("herald.toml");
     std::fs::write(&path, "[standalone]\ngreeting = \"json\"\n").unwrap();
-    let args = standalone_args(path.to_str().unwrap());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-
-    let from_file = Herald::start(&args, &["broker", "ws", "http", "admin"]);
+    let config = ["--config", path.to_str().unwrap()];
+    let from_file = Herald::standalone(&config);
     assert!(greeting(&from_file).await.starts_with('{'), "the file sets the JSON greeting");
-    let from_env = Herald::start_with_env(&args, &["broker", "ws", "http", "admin"], &[("HERALD_GREETING", "text")]);
+    let from_env = Herald::standalone_with_env(&config, &[("HERALD_GREETING", "text")]);
     assert!(greeting(&from_env).await.starts_with("Worker ID:"), "HERALD_GREETING wins over the file");
 }
 

@@ -168,24 +168,7 @@ async fn the_status_page_shows_live_figures_that_match_the_metrics() {
 async fn logs_are_json_lines_with_no_line_per_message_at_info_and_lifecycle_at_debug() {
     let mut lines_at = Vec::new();
     for level in ["info", "debug"] {
-        let herald = Herald::start_with_env(
-            &[
-                "standalone",
-                "--log-format",
-                "json",
-                "--broker-listen",
-                "127.0.0.1:0",
-                "--ws-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ],
-            &["broker", "ws", "http", "admin"],
-            &[("RUST_LOG", level)],
-        );
-        herald.wait_ready();
+        let herald = Herald::standalone_with_env(&["--log-format", "json"], &[("RUST_LOG", level)]);
         let mut client = Client::connect(&herald.ws_url()).await;
         for i in 0..100 {
             assert_eq!(get(&format!("{}/?content=m{i}", herald.http_url())).body, "ok");

@@ -153,6 +153,11 @@ impl Herald {
 
     /// All roles in one process, on ephemeral ports.
     pub fn standalone(extra: &[&str]) -> Herald {
+        Self::standalone_with_env(extra, &[])
+    }
+
+    /// All roles in one process, on ephemeral ports, with `env` set.
+    pub fn standalone_with_env(extra: &[&str], env: &[(&str, &str)]) -> Herald {
         let mut args = vec![
             "standalone",
             "--broker-listen",
@@ -165,7 +170,7 @@ impl Herald {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let herald = Self::start(&args, &["broker", "ws", "http", "admin"]);
+        let herald = Self::start_with_env(&args, &["broker", "ws", "http", "admin"], env);
         herald.wait_ready();
         herald
     }
