@@ -50,19 +50,29 @@ pub struct Common {
     /// Start all roles in one `herald standalone` process instead of a broker plus gateways.
     #[arg(long)]
     pub standalone: bool,
-    /// WebSocket gateway processes to start, sharing one port (SO_REUSEPORT).
-    /// Default: one per 15,000 connections.
+    /// WebSocket gateway processes to start: with one broker they share one port
+    /// (SO_REUSEPORT); with several, each has its own port and clients go round-robin.
+    /// Default: one per 15,000 connections, and at least one per broker.
     #[arg(long)]
     pub gateways: Option<usize>,
+    /// Brokers to start. Above 1 they form a cluster through a nats-server the harness
+    /// starts too; gateway i attaches to broker i mod K (the others as failover), and
+    /// publisher lane i publishes through broker i mod K.
+    #[arg(long, default_value_t = 1, conflicts_with = "standalone", value_parser = clap::value_parser!(u16).range(1..))]
+    pub brokers: u16,
+    /// The nats-server binary for --brokers above 1. Default: `nats-server` on PATH.
+    #[arg(long, env = "HERALD_NATS_SERVER")]
+    pub nats_server: Option<PathBuf>,
     /// WebSocket URL(s) of a running herald (comma-separated); clients go round-robin.
     #[arg(long = "ws-url", value_delimiter = ',')]
     pub ws_urls: Vec<String>,
     /// HTTP gateway of a running herald, e.g. http://127.0.0.1:4237.
     #[arg(long)]
     pub http_url: Option<String>,
-    /// Broker gRPC address of a running herald, e.g. 127.0.0.1:2206.
-    #[arg(long)]
-    pub grpc_addr: Option<String>,
+    /// Broker gRPC address(es) of a running herald (comma-separated), e.g. 127.0.0.1:2206;
+    /// publisher lane i uses address i mod their number.
+    #[arg(long = "grpc-addr", value_delimiter = ',')]
+    pub grpc_addrs: Vec<String>,
     /// Admin URL(s) of a running herald (comma-separated), waited on until /readyz answers 200.
     #[arg(long = "admin-url", value_delimiter = ',')]
     pub admin_urls: Vec<String>,
@@ -101,7 +111,7 @@ impl Common {
 
     /// Whether the scenario targets a herald that is already running.
     pub fn is_external(&self) -> bool {
-        !self.ws_urls.is_empty() || self.http_url.is_some() || self.grpc_addr.is_some()
+        !self.ws_urls.is_empty() || self.http_url.is_some() || !self.grpc_addrs.is_empty()
     }
 }
 
@@ -280,5 +290,18 @@ mod tests {
         assert_eq!(args.connections, [100, 1000]);
         assert_eq!(args.rate, Rate::PerSecond(20.0));
         assert_eq!(args.common.runs, 3);
+        assert_eq!(args.common.brokers, 1);
+    }
+
+    #[test]
+    fn a_cluster_takes_brokers_but_not_standalone() {
+        let cli =
+            Cli::try_parse_from(["herald-bench", "fanout", "--brokers", "3", "--nats-server", "/bin/nats"]).unwrap();
+        let Scenario::Fanout(args) = cli.scenario else { panic!("not fanout") };
+        assert_eq!(args.common.brokers, 3);
+        assert_eq!(args.common.nats_server, Some(PathBuf::from("/bin/nats")));
+        assert!(Cli::try_parse_from(["herald-bench", "fanout", "--brokers", "0"]).is_err());
+        assert!(Cli::try_parse_from(["herald-bench", "fanout", "--brokers", "2", "--standalone"]).is_err());
+        assert!(Cli::try_parse_from(["herald-bench", "fanout", "--standalone"]).is_ok());
     }
 }

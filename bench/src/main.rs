@@ -11,6 +11,7 @@ mod fleet;
 mod http1;
 mod loadgen;
 mod message;
+mod nats;
 mod procfs;
 mod procs;
 mod publishers;

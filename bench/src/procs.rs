@@ -17,17 +17,26 @@ use anyhow::{Context, bail};
 
 use crate::endpoints::{self, WsUrl};
 use crate::http1;
+use crate::nats::Nats;
 use crate::procfs::Watched;
 
 /// How long a started process may take to announce its listeners and get ready.
 const STARTUP: Duration = Duration::from_secs(15);
 
+/// Where started processes listen: loopback, a port of the kernel's choosing.
+const ANY: &str = "127.0.0.1:0";
+
 /// Which herald processes to start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Topology {
     /// One broker, `gateways` WebSocket gateways sharing one port
     /// (SO_REUSEPORT), and an HTTP gateway when needed.
     Split { gateways: usize, http: bool },
+    /// A `nats-server` (the binary at `nats_server`), `brokers` brokers
+    /// joined through it, and `gateways` WebSocket gateways on a port each,
+    /// gateway `i` attached to broker `i mod brokers` with the others as
+    /// failover; an HTTP gateway when needed.
+    Cluster { brokers: usize, gateways: usize, http: bool, nats_server: PathBuf },
     /// All roles in one `herald standalone` process.
     Standalone,
 }
@@ -37,7 +46,7 @@ pub enum Topology {
 pub struct External {
     pub ws_urls: Vec<WsUrl>,
     pub http: Option<SocketAddr>,
-    pub grpc: Option<SocketAddr>,
+    pub grpc: Vec<SocketAddr>,
     pub admin: Vec<SocketAddr>,
     /// Gateway process ids, for memory and CPU figures.
     pub gateway_pids: Vec<u32>,
@@ -49,7 +58,8 @@ pub struct External {
 pub struct Endpoints {
     pub ws_urls: Vec<WsUrl>,
     pub http: Option<SocketAddr>,
-    pub grpc: Option<SocketAddr>,
+    /// Broker gRPC addresses; publisher lane `i` uses `grpc[i % len]`.
+    pub grpc: Vec<SocketAddr>,
     /// Processes holding WebSocket connections (their RSS is the memory figure).
     pub gateway_pids: Vec<u32>,
     /// Every herald process known, by role, for CPU figures.
@@ -63,17 +73,22 @@ impl Endpoints {
         self.http.context("no HTTP gateway address (give --http-url)")
     }
 
-    pub fn grpc(&self) -> anyhow::Result<SocketAddr> {
-        self.grpc.context("no broker gRPC address (give --grpc-addr)")
+    pub fn grpc(&self) -> anyhow::Result<&[SocketAddr]> {
+        if self.grpc.is_empty() {
+            bail!("no broker gRPC address (give --grpc-addr)");
+        }
+        Ok(&self.grpc)
     }
 }
 
-/// Stops the started processes in reverse order: clients of the broker first.
+/// Stops the started processes in reverse order: gateways before their
+/// brokers, brokers before the NATS server they are joined through.
 impl Drop for Herald {
     fn drop(&mut self) {
         while let Some(proc) = self.procs.pop() {
             drop(proc);
         }
+        drop(self.nats.take());
     }
 }
 
@@ -103,72 +118,113 @@ impl Drop for Proc {
 pub struct Herald {
     pub endpoints: Endpoints,
     procs: Vec<Proc>,
+    nats: Option<Nats>,
+}
+
+/// How to start herald processes.
+struct Launcher<'a> {
+    bin: &'a Path,
+    logs: PathBuf,
+    api_key: Option<&'a str>,
 }
 
 impl Herald {
     /// Starts `topology` from the binary at `bin` (requiring `api_key` when
-    /// given) and waits until it is ready.
-    pub async fn start(bin: &Path, topology: Topology, api_key: Option<&str>) -> anyhow::Result<Herald> {
+    /// given) and waits until it is ready. Whatever was started is stopped
+    /// again if that fails.
+    pub async fn start(bin: &Path, topology: &Topology, api_key: Option<&str>) -> anyhow::Result<Herald> {
         let logs = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
         std::fs::create_dir_all(&logs)?;
-        let mut procs = Vec::new();
-        let mut endpoints = Endpoints { api_key: api_key.map(str::to_owned), ..Endpoints::default() };
-        let spawn = |role: &str, args: &[&str], expect: &[&str]| spawn(bin, &logs, role, args, expect, api_key);
-        let any = "127.0.0.1:0";
+        let endpoints = Endpoints { api_key: api_key.map(str::to_owned), ..Endpoints::default() };
+        let mut herald = Herald { endpoints, procs: Vec::new(), nats: None };
+        let launcher = Launcher { bin, logs, api_key };
         match topology {
             Topology::Standalone => {
-                let args = ["--broker-listen", any, "--ws-listen", any, "--http-listen", any, "--admin-listen", any];
-                let herald = spawn("standalone", &args, &["broker", "ws", "http", "admin"])?;
-                wait_ready(herald.addrs["admin"]).await?;
-                endpoints.ws_urls.push(ws_url(herald.addrs["ws"]));
-                endpoints.http = Some(herald.addrs["http"]);
-                endpoints.grpc = Some(herald.addrs["broker"]);
-                endpoints.gateway_pids.push(herald.child.id());
-                endpoints.watched.push(Watched { role: "herald".into(), pid: herald.child.id() });
-                procs.push(herald);
+                let args = ["--broker-listen", ANY, "--ws-listen", ANY, "--http-listen", ANY, "--admin-listen", ANY];
+                let standalone = launcher.spawn("standalone", &args, &["broker", "ws", "http", "admin"])?;
+                let (pid, addrs) = herald.keep("herald", standalone);
+                herald.endpoints.gateway_pids.push(pid);
+                wait_ready(addrs["admin"]).await?;
+                herald.endpoints.ws_urls.push(ws_url(addrs["ws"]));
+                herald.endpoints.http = Some(addrs["http"]);
+                herald.endpoints.grpc.push(addrs["broker"]);
             }
-            Topology::Split { gateways, http } => {
-                let broker = spawn("broker", &["--listen", any, "--admin-listen", any], &["broker", "admin"])?;
-                let broker_addr = broker.addrs["broker"].to_string();
-                endpoints.grpc = Some(broker.addrs["broker"]);
-                endpoints.watched.push(Watched { role: "broker".into(), pid: broker.child.id() });
-                procs.push(broker);
-                let mut listen = any.to_owned();
-                for i in 0..gateways.max(1) {
-                    let worker_id = format!("gw{i}");
-                    let mut args = vec![
-                        "--listen",
-                        &listen,
-                        "--admin-listen",
-                        any,
-                        "--broker",
-                        &broker_addr,
-                        "--worker-id",
-                        &worker_id,
-                    ];
-                    if gateways > 1 {
-                        args.push("--reuse-port");
-                    }
-                    let gateway = spawn("ws", &args, &["ws", "admin"])?;
-                    wait_ready(gateway.addrs["admin"]).await?;
-                    if i == 0 {
-                        listen = gateway.addrs["ws"].to_string();
-                        endpoints.ws_urls.push(ws_url(gateway.addrs["ws"]));
-                    }
-                    endpoints.gateway_pids.push(gateway.child.id());
-                    endpoints.watched.push(Watched { role: "gw".into(), pid: gateway.child.id() });
-                    procs.push(gateway);
-                }
-                if http {
-                    let args = ["--listen", any, "--admin-listen", any, "--broker", &broker_addr];
-                    let gateway = spawn("http", &args, &["http", "admin"])?;
-                    endpoints.http = Some(gateway.addrs["http"]);
-                    endpoints.watched.push(Watched { role: "http".into(), pid: gateway.child.id() });
-                    procs.push(gateway);
-                }
+            Topology::Split { gateways, http } => herald.split(&launcher, None, 1, *gateways, *http).await?,
+            Topology::Cluster { brokers, gateways, http, nats_server } => {
+                let nats = Nats::start(nats_server, &launcher.logs, STARTUP)?;
+                let url = nats.url();
+                herald.endpoints.watched.push(Watched { role: "nats".into(), pid: nats.pid() });
+                herald.nats = Some(nats);
+                herald.split(&launcher, Some(&url), *brokers, *gateways, *http).await?;
             }
         }
-        Ok(Herald { endpoints, procs })
+        Ok(herald)
+    }
+
+    /// Starts `brokers` brokers (joined through `nats` when given), then the
+    /// WebSocket gateways spread over them, then the HTTP gateway if `http`.
+    async fn split(
+        &mut self,
+        launcher: &Launcher<'_>,
+        nats: Option<&str>,
+        brokers: usize,
+        gateways: usize,
+        http: bool,
+    ) -> anyhow::Result<()> {
+        for _ in 0..brokers.max(1) {
+            let mut args = vec!["--listen", ANY, "--admin-listen", ANY];
+            if let Some(url) = nats {
+                args.extend(["--nats", url]);
+            }
+            let (_, addrs) = self.keep("broker", launcher.spawn("broker", &args, &["broker", "admin"])?);
+            wait_ready(addrs["admin"]).await?;
+            self.endpoints.grpc.push(addrs["broker"]);
+        }
+        // One broker: gateways share a port (the kernel spreads connections
+        // evenly). Several: a port each, so clients spread over brokers too.
+        let reuse_port = self.endpoints.grpc.len() == 1 && gateways > 1;
+        let mut listen = ANY.to_owned();
+        for i in 0..gateways.max(1) {
+            let worker_id = format!("gw{i}");
+            let broker_list = self.broker_list(i);
+            let mut args =
+                vec!["--listen", &listen, "--admin-listen", ANY, "--broker", &broker_list, "--worker-id", &worker_id];
+            if reuse_port {
+                args.push("--reuse-port");
+            }
+            let (pid, addrs) = self.keep("gw", launcher.spawn("ws", &args, &["ws", "admin"])?);
+            self.endpoints.gateway_pids.push(pid);
+            wait_ready(addrs["admin"]).await?;
+            if !reuse_port || i == 0 {
+                self.endpoints.ws_urls.push(ws_url(addrs["ws"]));
+            }
+            if reuse_port {
+                listen = addrs["ws"].to_string();
+            }
+        }
+        if http {
+            let broker_list = self.broker_list(0);
+            let args = ["--listen", ANY, "--admin-listen", ANY, "--broker", &broker_list];
+            let (_, addrs) = self.keep("http", launcher.spawn("http", &args, &["http", "admin"])?);
+            self.endpoints.http = Some(addrs["http"]);
+        }
+        Ok(())
+    }
+
+    /// Every broker address, comma-separated, starting with broker `i mod brokers`.
+    fn broker_list(&self, i: usize) -> String {
+        let brokers = &self.endpoints.grpc;
+        let first = i % brokers.len().max(1);
+        brokers[first..].iter().chain(&brokers[..first]).map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// Keeps `proc` (to stop it with the rest) and watches its CPU under
+    /// `role`; returns its process id and announced addresses.
+    fn keep(&mut self, role: &str, proc: Proc) -> (u32, HashMap<String, SocketAddr>) {
+        let (pid, addrs) = (proc.child.id(), proc.addrs.clone());
+        self.endpoints.watched.push(Watched { role: role.into(), pid });
+        self.procs.push(proc);
+        (pid, addrs)
     }
 
     /// A herald that is already running; waits until its admin endpoints say ready.
@@ -180,23 +236,26 @@ impl Herald {
         let endpoints = Endpoints {
             ws_urls: external.ws_urls.clone(),
             http: external.http,
-            grpc: external.grpc,
+            grpc: external.grpc.clone(),
             gateway_pids: external.gateway_pids.clone(),
             watched,
             api_key: external.api_key.clone(),
         };
-        Ok(Herald { endpoints, procs: Vec::new() })
+        Ok(Herald { endpoints, procs: Vec::new(), nats: None })
     }
 
     /// Describes every started process that has exited (it should not have).
     pub fn exited(&mut self) -> Vec<String> {
-        self.procs
+        let mut exited: Vec<String> = self
+            .procs
             .iter_mut()
             .filter_map(|proc| {
                 let status = proc.child.try_wait().ok()??;
                 Some(format!("herald {} exited during the run ({status}); log: {}", proc.role, proc.log.display()))
             })
-            .collect()
+            .collect();
+        exited.extend(self.nats.as_mut().and_then(Nats::exited));
+        exited
     }
 }
 
@@ -204,53 +263,51 @@ fn ws_url(addr: SocketAddr) -> WsUrl {
     WsUrl { addr, path: "/".into() }
 }
 
-/// Starts `herald <role> <args>` and waits for the listeners named in `expect`.
-fn spawn(
-    bin: &Path,
-    logs: &Path,
-    role: &str,
-    args: &[&str],
-    expect: &[&str],
-    api_key: Option<&str>,
-) -> anyhow::Result<Proc> {
-    let log_path: PathBuf = logs.join(format!("{role}-{}.log", unique()));
-    let log = std::fs::File::create(&log_path)?;
-    let mut command = Command::new(bin);
-    if let Some(key) = api_key {
-        command.env("HERALD_API_KEY", key);
-    }
-    let mut child = command
-        .arg(role)
-        .args(args)
-        .env("RUST_LOG", std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {} (build it with `cargo build --release -p herald`)", bin.display()))?;
-    let stdout = child.stdout.take().context("herald stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keeps reading so the process never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+impl Launcher<'_> {
+    /// Starts `herald <role> <args>` and waits for the listeners named in `expect`.
+    fn spawn(&self, role: &str, args: &[&str], expect: &[&str]) -> anyhow::Result<Proc> {
+        let log_path: PathBuf = self.logs.join(format!("{role}-{}.log", unique()));
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = Command::new(self.bin);
+        if let Some(key) = self.api_key {
+            command.env("HERALD_API_KEY", key);
+        }
+        let mut child = command
+            .arg(role)
+            .args(args)
+            .env("RUST_LOG", std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (build it with `cargo build --release -p herald`)", self.bin.display())
+            })?;
+        let stdout = child.stdout.take().context("herald stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps reading so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Proc { role: role.to_owned(), child, addrs: HashMap::new(), log: log_path.clone() };
+        let deadline = Instant::now() + STARTUP;
+        while !expect.iter().all(|kind| proc.addrs.contains_key(*kind)) {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).map_err(|_| {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                anyhow::anyhow!("herald {role} did not announce {expect:?}; its log ({}):\n{log}", log_path.display())
+            })?;
+            if let Some((kind, addr)) = line.strip_prefix("herald: ").and_then(|rest| rest.split_once(" listening on "))
+            {
+                proc.addrs.insert(kind.to_owned(), endpoints::loopback(addr.trim())?);
             }
         }
-    });
-    let mut proc = Proc { role: role.to_owned(), child, addrs: HashMap::new(), log: log_path.clone() };
-    let deadline = Instant::now() + STARTUP;
-    while !expect.iter().all(|kind| proc.addrs.contains_key(*kind)) {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).map_err(|_| {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            anyhow::anyhow!("herald {role} did not announce {expect:?}; its log ({}):\n{log}", log_path.display())
-        })?;
-        if let Some((kind, addr)) = line.strip_prefix("herald: ").and_then(|rest| rest.split_once(" listening on ")) {
-            proc.addrs.insert(kind.to_owned(), endpoints::loopback(addr.trim())?);
-        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Ok(proc)
     }
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Ok(proc)
 }
 
 fn unique() -> u64 {
@@ -279,4 +336,18 @@ async fn probe(admin: SocketAddr) -> anyhow::Result<()> {
         bail!("/readyz answered {status}: {}", String::from_utf8_lossy(&body).trim());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_gateway_lists_its_own_broker_first_then_the_others() {
+        let grpc = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].map(|a| a.parse().unwrap()).to_vec();
+        let herald = Herald { endpoints: Endpoints { grpc, ..Endpoints::default() }, procs: Vec::new(), nats: None };
+        assert_eq!(herald.broker_list(0), "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3");
+        assert_eq!(herald.broker_list(1), "127.0.0.1:2,127.0.0.1:3,127.0.0.1:1");
+        assert_eq!(herald.broker_list(5), "127.0.0.1:3,127.0.0.1:1,127.0.0.1:2");
+    }
 }

@@ -117,8 +117,10 @@ pub enum Lane {
     Http(http1::Conn),
 }
 
-/// `count` lanes for `via`: gRPC lanes share `channels` HTTP/2 connections,
-/// HTTP lanes each have a keep-alive connection.
+/// `count` lanes for `via`: gRPC lanes share `channels` HTTP/2 connections
+/// (at least one per broker, while there are lanes for them), lane `i`
+/// publishing through broker `i mod brokers`; HTTP lanes each have a
+/// keep-alive connection.
 pub async fn lanes(via: Via, endpoints: &Endpoints, count: usize, channels: usize) -> anyhow::Result<Vec<Lane>> {
     let count = count.max(1);
     match via {
@@ -131,9 +133,11 @@ pub async fn lanes(via: Via, endpoints: &Endpoints, count: usize, channels: usiz
             Ok(lanes)
         }
         Via::Grpc | Via::GrpcBatch => {
-            let addr = endpoints.grpc()?;
+            let brokers = endpoints.grpc()?;
+            // A multiple of the brokers, so that lane i's channel is on broker i mod brokers.
+            let channels = channels.max(1).next_multiple_of(brokers.len()).min(count);
             let mut clients = Vec::new();
-            for _ in 0..channels.clamp(1, count) {
+            for addr in brokers.iter().cycle().take(channels) {
                 let channel = Channel::from_shared(format!("http://{addr}"))?
                     .connect()
                     .await

@@ -69,7 +69,7 @@ async fn run_once(
     m.rss_per_connection_kib = rss_per_connection(baseline, rss, clients);
     let mut first_error = None;
     if !args.no_broadcast {
-        let via = if endpoints.grpc.is_some() { Via::Grpc } else { Via::Http };
+        let via = if endpoints.grpc.is_empty() { Via::Http } else { Via::Grpc };
         let mut lane = publishers::lanes(via, endpoints, 1, 1).await?.pop().context("no publisher")?;
         let tally = publishers::once(&mut lane, via, Broadcasts { seq: 0, payload_bytes: 64 }.next()).await;
         let expected = tally.accepted * clients;

@@ -14,6 +14,7 @@ use anyhow::bail;
 use crate::cli::{Common, Scenario};
 use crate::endpoints::{self, SourceAddrs, WsUrl};
 use crate::fleet::{self, Connected, Fleet, Spread};
+use crate::nats;
 use crate::procfs::{self, Watched};
 use crate::procs::{Endpoints, External, Herald, Topology};
 use crate::stats::{Column, Measurement, Row, inline, table, thousands};
@@ -32,19 +33,24 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     }
 }
 
-/// How many gateways `connections` get when `--gateways` is not given.
+/// How many gateways `connections` get when `--gateways` is not given: one
+/// per 15,000 connections, and at least one per broker.
 fn default_gateways(common: &Common, connections: usize) -> usize {
-    common.gateways.unwrap_or_else(|| connections.div_ceil(CONNECTIONS_PER_GATEWAY)).max(1)
+    let brokers = usize::from(common.brokers);
+    common.gateways.unwrap_or_else(|| connections.div_ceil(CONNECTIONS_PER_GATEWAY).max(brokers)).max(1)
 }
 
 /// The herald a row was measured on, as its table label.
 fn topology(common: &Common, connections: usize) -> String {
+    let gateways = default_gateways(common, connections);
     if common.is_external() {
         "running herald".into()
     } else if common.standalone {
         "standalone".into()
+    } else if common.brokers > 1 {
+        format!("{} brokers (NATS) + {gateways} ws gw", common.brokers)
     } else {
-        format!("broker + {} ws gw", default_gateways(common, connections))
+        format!("broker + {gateways} ws gw")
     }
 }
 
@@ -68,12 +74,16 @@ impl<'a> Bench<'a> {
         if common.is_external() {
             return Herald::external(&external(common)?).await;
         }
+        let gateways = default_gateways(common, connections);
         let topology = if common.standalone {
             Topology::Standalone
+        } else if common.brokers > 1 {
+            let nats_server = nats::binary(common.nats_server.as_deref())?;
+            Topology::Cluster { brokers: common.brokers.into(), gateways, http, nats_server }
         } else {
-            Topology::Split { gateways: default_gateways(common, connections), http }
+            Topology::Split { gateways, http }
         };
-        Herald::start(&common.herald_binary()?, topology, common.api_key.as_deref()).await
+        Herald::start(&common.herald_binary()?, &topology, common.api_key.as_deref()).await
     }
 
     /// Starts load generators and connects `connections` clients to `endpoints`.
@@ -112,7 +122,7 @@ fn external(common: &Common) -> anyhow::Result<External> {
     Ok(External {
         ws_urls: common.ws_urls.iter().map(|u| WsUrl::parse(u)).collect::<anyhow::Result<_>>()?,
         http: common.http_url.as_deref().map(endpoints::http_addr).transpose()?,
-        grpc: common.grpc_addr.as_deref().map(endpoints::loopback).transpose()?,
+        grpc: common.grpc_addrs.iter().map(|a| endpoints::loopback(a)).collect::<anyhow::Result<_>>()?,
         admin: common.admin_urls.iter().map(|u| endpoints::http_addr(u)).collect::<anyhow::Result<_>>()?,
         gateway_pids: common.gateway_pids.clone(),
         api_key: common.api_key.clone(),
