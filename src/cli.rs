@@ -82,7 +82,7 @@ pub struct ClusterArgs {
     #[arg(long, env = "HERALD_NATS_KV_REPLICAS", default_value_t = 1)]
     pub nats_kv_replicas: usize,
     /// How long a worker-id lease lasts without renewal (a dead broker's ids free up after this).
-    #[arg(long, env = "HERALD_WORKER_LEASE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_WORKER_LEASE", default_value = "10s", value_parser = herald_common::duration::parse)]
     pub worker_lease: Duration,
 }
 
@@ -230,7 +230,7 @@ pub struct BrokerOptions {
     #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 16 * 1024)]
     pub session_queue: usize,
     /// How long publishers wait on a full session queue before evicting the session (e.g. 2s, 500ms).
-    #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = "2s", value_parser = herald_common::duration::parse)]
     pub slow_session_grace: Duration,
     /// Most concurrent gRPC calls on one connection to the broker.
     #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
@@ -255,20 +255,20 @@ pub struct WsOptions {
     #[arg(long, env = "HERALD_OUTBOX_LIMIT_BYTES", default_value_t = 1024 * 1024)]
     pub outbox_limit_bytes: usize,
     /// Longest time a batch of frames may take to write before the client is closed as too slow.
-    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
     pub write_timeout: Duration,
     /// Longest time a WebSocket handshake may take.
-    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
     pub handshake_timeout: Duration,
     /// Browser origins allowed to connect, comma-separated (e.g. https://app.example.com);
     /// others get HTTP 403. Empty: any origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// How often every connection is pinged (0s: never).
-    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = herald_common::duration::parse)]
     pub ping_interval: Duration,
     /// How long past a ping a silent client is kept before it is closed (1008).
-    #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
     pub pong_timeout: Duration,
     /// Per-connection read buffer, in bytes (allocated for every connection).
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = 4096)]
@@ -289,23 +289,8 @@ pub struct HttpOptions {
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
     /// Longest time a client may take to send request headers; also the idle keep-alive timeout.
-    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = herald_common::duration::parse)]
     pub header_read_timeout: Duration,
-}
-
-/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (try 500ms, 10s or 2m)"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s or m)")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
 impl ContentArgs {
@@ -383,15 +368,5 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_take_common_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
     }
 }

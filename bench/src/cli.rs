@@ -86,7 +86,7 @@ pub struct Common {
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// How long each run publishes (or, for idle, holds its clients): 10s, 500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
     pub duration: Duration,
     /// Most clients per load-generator process.
     #[arg(long, default_value_t = 15_000)]
@@ -169,7 +169,7 @@ pub struct DeliveryArgs {
     #[arg(long, default_value_t = 1)]
     pub lanes: usize,
     /// How long to wait for the last deliveries after publishing stops.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,
 }
 
@@ -184,7 +184,7 @@ pub struct IdleArgs {
     #[arg(long)]
     pub no_broadcast: bool,
     /// How long to wait for that broadcast to reach every client.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,
 }
 
@@ -247,21 +247,6 @@ pub struct PublishArgs {
     pub batch: usize,
 }
 
-/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (try 500ms, 10s or 2m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s or m)")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -274,13 +259,10 @@ mod tests {
     }
 
     #[test]
-    fn rates_and_durations_parse() {
+    fn rates_parse() {
         assert_eq!(parse_rate("max"), Ok(Rate::Max));
         assert_eq!(parse_rate("20"), Ok(Rate::PerSecond(20.0)));
         assert!(parse_rate("0").is_err());
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod backoff;
+pub mod duration;
 pub mod http;
 pub mod metrics;
 pub mod net;
