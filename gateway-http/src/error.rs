@@ -21,7 +21,11 @@ impl ApiError {
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::PAYLOAD_TOO_LARGE, code: Code::ResourceExhausted, message: one_line(&message.into()) }
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: Code::ResourceExhausted,
+            message: one_line(&message.into()),
+        }
     }
 
     /// Translates a broker refusal into the HTTP status a caller expects.
