@@ -201,10 +201,10 @@ impl RemoteBrokers {
         Err(unreachable(last))
     }
 
-    async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
+    async fn publish_batch(&self, requests: &[PublishRequest]) -> Result<Vec<PublishResult>, Status> {
         let mut last = Status::unavailable("no broker address");
         for (i, (address, client)) in self.rotation() {
-            let request = self.request(PublishBatchRequest { requests: requests.clone() }, true);
+            let request = self.request(PublishBatchRequest { requests: requests.to_vec() }, true);
             match client.clone().publish_batch(request).await {
                 Ok(res) => {
                     self.prefer(i);
@@ -293,7 +293,7 @@ impl RemoteBrokers {
             return;
         }
         let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.reply)).unzip();
-        match self.publish_batch(requests.clone()).await {
+        match self.publish_batch(&requests).await {
             Ok(results) if results.len() == replies.len() => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(match result.outcome {
@@ -353,7 +353,7 @@ impl BrokerClient {
             Self::Local(hub) => {
                 Ok(hub.publish_batch(requests).await?.into_iter().map(crate::service::publish_result).collect())
             }
-            Self::Remote(remote) => remote.publish_batch(requests).await,
+            Self::Remote(remote) => remote.publish_batch(&requests).await,
         }
     }
 

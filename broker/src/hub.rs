@@ -337,9 +337,11 @@ impl Hub {
         let Some(subscribers) = subscribers else {
             return 0;
         };
+        let Some(last) = subscribers.len().checked_sub(1) else {
+            return 0;
+        };
         let mut event = Some(event);
         let mut delivered = 0;
-        let last = subscribers.len() - 1;
         for (i, sink) in subscribers.iter().enumerate() {
             let ev = if i == last { event.take() } else { event.clone() };
             let Some(ev) = ev else { break };
