@@ -11,7 +11,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Address, Broadcasts, Msg, Source, Via, Window};
 use crate::stats::{Column, Latency, Measurement, Row};
 
-use super::{Bench, check_alive, gateway_rss, print_table, report_run, rss_per_connection, watched};
+use super::{Bench, check_alive, gateway_rss, measure_runs, print_table, rss_per_connection, watched};
 
 /// Who each message goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,16 +52,11 @@ pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()
             "{label}: {} × {:?}, {} B payloads via {via:?}",
             args.common.runs, args.common.duration, args.payload
         );
-        let mut runs = Vec::new();
-        for run in 1..=args.common.runs {
-            let (measurement, first_error) = run_once(&mut bench, args, targeting, via, connections).await?;
-            report_run(&label, run, &COLUMNS, &measurement, first_error.as_deref());
-            runs.push(measurement);
-        }
-        rows.push(Row {
-            label: super::topology(&args.common, connections),
-            measurement: Measurement::summarize(&runs),
-        });
+        let measurement = measure_runs(&label, args.common.runs, &COLUMNS, async || {
+            run_once(&mut bench, args, targeting, via, connections).await
+        })
+        .await?;
+        rows.push(Row { label: super::topology(&args.common, connections), measurement });
     }
     let batch = match (via, args.rate) {
         (Via::GrpcBatch, Rate::Max) => format!(" ×{}", args.batch),

@@ -12,7 +12,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Broadcasts, Source, Via};
 use crate::stats::{Column, Latency, Measurement, Row};
 
-use super::{Bench, check_alive, gateway_rss, print_table, report_run, rss_per_connection, watched};
+use super::{Bench, check_alive, gateway_rss, measure_runs, print_table, rss_per_connection, watched};
 
 const COLUMNS: [Column; 7] = [
     Column::Connections,
@@ -30,16 +30,10 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<()> {
     for &connections in &args.connections {
         let label = format!("idle {connections}");
         eprintln!("{label}: {} × {:?}", args.common.runs, args.common.duration);
-        let mut runs = Vec::new();
-        for run in 1..=args.common.runs {
-            let (measurement, first_error) = run_once(&mut bench, args, connections).await?;
-            report_run(&label, run, &COLUMNS, &measurement, first_error.as_deref());
-            runs.push(measurement);
-        }
-        rows.push(Row {
-            label: super::topology(&args.common, connections),
-            measurement: Measurement::summarize(&runs),
-        });
+        let measurement =
+            measure_runs(&label, args.common.runs, &COLUMNS, async || run_once(&mut bench, args, connections).await)
+                .await?;
+        rows.push(Row { label: super::topology(&args.common, connections), measurement });
     }
     let check = if args.no_broadcast { "" } else { "; then one broadcast (latency = its delivery to every client)" };
     let title = format!(

@@ -160,12 +160,24 @@ fn check_alive(herald: &mut Herald) {
     }
 }
 
-/// Prints one run's figures on standard error.
-fn report_run(label: &str, run: usize, columns: &[Column], m: &Measurement, first_error: Option<&str>) {
-    eprintln!("  {label} run {run}: {}", inline(columns, m));
-    if let Some(e) = first_error {
-        eprintln!("    first publish error: {e}");
+/// Measures one configuration `runs` times with `once`, printing each run's
+/// figures on standard error under `label`, and returns the medians.
+async fn measure_runs(
+    label: &str,
+    runs: usize,
+    columns: &[Column],
+    mut once: impl AsyncFnMut() -> anyhow::Result<(Measurement, Option<String>)>,
+) -> anyhow::Result<Measurement> {
+    let mut measured = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        let (m, first_error) = once().await?;
+        eprintln!("  {label} run {run}: {}", inline(columns, &m));
+        if let Some(e) = first_error {
+            eprintln!("    first publish error: {e}");
+        }
+        measured.push(m);
     }
+    Ok(Measurement::summarize(&measured))
 }
 
 /// Prints the medians of each configuration as a markdown table under `title`.

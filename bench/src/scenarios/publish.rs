@@ -9,7 +9,7 @@ use crate::procfs::CpuMeter;
 use crate::publishers::{self, Broadcasts, Via, WrkRun};
 use crate::stats::{Column, Measurement, Row};
 
-use super::{Bench, check_alive, print_table, report_run, watched};
+use super::{Bench, check_alive, measure_runs, print_table, watched};
 
 const COLUMNS: [Column; 4] = [Column::PublishRate, Column::PublishErrors, Column::Latency, Column::Cpu];
 
@@ -23,13 +23,9 @@ pub async fn run(args: &PublishArgs) -> anyhow::Result<()> {
         }
         let label = describe(path, args);
         eprintln!("{label}: {} × {:?}", args.common.runs, args.common.duration);
-        let mut runs = Vec::new();
-        for run in 1..=args.common.runs {
-            let (measurement, first_error) = run_once(&bench, args, path).await?;
-            report_run(&label, run, &COLUMNS, &measurement, first_error.as_deref());
-            runs.push(measurement);
-        }
-        rows.push(Row { label, measurement: Measurement::summarize(&runs) });
+        let measurement =
+            measure_runs(&label, args.common.runs, &COLUMNS, async || run_once(&bench, args, path).await).await?;
+        rows.push(Row { label, measurement });
     }
     let title = format!(
         "publish: broadcasts of {} B, no clients; {} s per run, median of {} runs (latency: request round trip)",
