@@ -142,6 +142,30 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Counts and answers a publish request that started at `started`: on
+    /// success, the number of messages the broker accepted and the response;
+    /// else the refusal, rendered by `refusal` (a 401 with its challenge).
+    fn answer(
+        &self,
+        started: Instant,
+        outcome: Result<(u64, Response), ApiError>,
+        refusal: fn(ApiError) -> Response,
+    ) -> Response {
+        match outcome {
+            Ok((published, response)) => {
+                self.metrics.messages_published.add(published);
+                self.metrics.record(StatusCode::OK, started);
+                response
+            }
+            Err(e) => {
+                self.metrics.record(e.status, started);
+                with_challenge(e.status, refusal(e))
+            }
+        }
+    }
+}
+
 /// Adds the challenge a 401 must carry.
 fn with_challenge(status: StatusCode, response: Response) -> Response {
     if status == StatusCode::UNAUTHORIZED {
@@ -161,78 +185,49 @@ async fn classic_publish(
     let started = Instant::now();
     if method != Method::GET && method != Method::POST {
         let err = ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("use GET or POST") };
-        shared.metrics.record(err.status, started);
-        return ([(header::ALLOW, "GET, POST")], err).into_response();
+        return shared.answer(started, Err(err), |e| ([(header::ALLOW, "GET, POST")], e).into_response());
     }
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let form = (method == Method::POST && is_form).then_some(&body[..]);
-    let result = match shared
-        .authorize(&headers)
-        .and_then(|()| classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes))
-    {
-        Ok(req) => shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s)),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(_) => {
-            shared.metrics.messages_published.inc();
-            shared.metrics.record(StatusCode::OK, started);
-            "ok".into_response()
-        }
-        Err(e) => {
-            shared.metrics.record(e.status, started);
-            with_challenge(e.status, e.into_response())
-        }
+    let outcome = async {
+        shared.authorize(&headers)?;
+        let req = classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes)?;
+        shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))?;
+        Ok((1, "ok".into_response()))
     }
+    .await;
+    shared.answer(started, outcome, IntoResponse::into_response)
 }
 
 async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let result = async {
+    let outcome = async {
         shared.authorize(&headers)?;
         let req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
-        shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))
+        let res = shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))?;
+        Ok((1, axum::Json(json::published(&res)).into_response()))
     }
     .await;
-    match result {
-        Ok(res) => {
-            shared.metrics.messages_published.inc();
-            shared.metrics.record(StatusCode::OK, started);
-            axum::Json(json::published(&res)).into_response()
-        }
-        Err(e) => {
-            shared.metrics.record(e.status, started);
-            with_challenge(e.status, e.into_json_response())
-        }
-    }
+    shared.answer(started, outcome, ApiError::into_json_response)
 }
 
 async fn json_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let result = async {
+    let outcome = async {
         shared.authorize(&headers)?;
         let requests = json::parse_body::<json::BatchBody>(&body)?.into_requests()?;
-        shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))
+        let results = shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))?;
+        let accepted = results
+            .iter()
+            .filter(|r| matches!(r.outcome, Some(herald_proto::v1::publish_result::Outcome::Published(_))))
+            .count();
+        Ok((accepted as u64, axum::Json(json::batch_results(&results)).into_response()))
     }
     .await;
-    match result {
-        Ok(results) => {
-            let accepted = results
-                .iter()
-                .filter(|r| matches!(r.outcome, Some(herald_proto::v1::publish_result::Outcome::Published(_))))
-                .count();
-            shared.metrics.messages_published.add(accepted as u64);
-            shared.metrics.record(StatusCode::OK, started);
-            axum::Json(json::batch_results(&results)).into_response()
-        }
-        Err(e) => {
-            shared.metrics.record(e.status, started);
-            with_challenge(e.status, e.into_json_response())
-        }
-    }
+    shared.answer(started, outcome, ApiError::into_json_response)
 }
 
 async fn not_found(uri: Uri) -> ApiError {
