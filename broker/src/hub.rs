@@ -318,8 +318,11 @@ impl Hub {
             }
             ClusterNotice::Undecodable => metrics.cluster_undecodable.inc(),
             ClusterNotice::WorkerLost { worker_id, same_instance } => {
-                let holder = self.read().workers.get(&worker_id).map(|h| h.session_id);
-                let sink = holder.and_then(|id| self.read().sessions.get(&id).map(|e| e.sink.clone()));
+                let sink = {
+                    let state = self.read();
+                    let holder = state.workers.get(&worker_id).map(|h| h.session_id);
+                    holder.and_then(|id| state.sessions.get(&id)).map(|e| e.sink.clone())
+                };
                 if let Some(sink) = sink {
                     let status = if same_instance {
                         Status::aborted(format!("worker id {worker_id:?} moved to another session of the same gateway"))
