@@ -17,9 +17,23 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// Writes `d` the way [`parse`] reads it back: whole seconds as `10s`,
+/// anything finer in milliseconds (`250ms`). For command-line defaults.
+pub fn format(d: Duration) -> String {
+    if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_durations_read_back() {
+        for d in [Duration::from_secs(10), Duration::from_millis(250), Duration::from_millis(1500), Duration::ZERO] {
+            assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
+        }
+        assert_eq!(format(Duration::from_secs(2)), "2s");
+    }
 
     #[test]
     fn durations_take_common_units() {

@@ -26,9 +26,14 @@ pub struct HttpServerOptions {
     pub drain_timeout: Duration,
 }
 
+/// How long a client may take to send request headers, by default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight requests, by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Default for HttpServerOptions {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(30), drain_timeout: Duration::from_secs(10) }
+        Self { header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT, drain_timeout: DEFAULT_DRAIN_TIMEOUT }
     }
 }
 
