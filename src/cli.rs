@@ -2,19 +2,32 @@
 //! set from the environment (`HERALD_*`) or a TOML file ([`crate::config`]);
 //! flags win over the environment, which wins over the file.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use herald_broker::HubLimits;
-use herald_broker::cluster::ClusterConfig;
+use herald_broker::federation::nats::{self, NatsConfig};
+use herald_broker::server::DEFAULT_MAX_CONCURRENT_STREAMS;
+use herald_broker::{HubLimits, hub};
 use herald_common::auth::{ApiKeys, AuthConfigError};
-use herald_common::http::HttpServerOptions;
+use herald_common::duration::format as duration;
+use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, HttpServerOptions};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{GatewayConfig, Greeting};
 use tokio_rustls::TlsAcceptor;
+
+/// A loopback address: every listener's default, so that nothing is exposed
+/// until asked for.
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// The default broker address list of the gateways.
+fn default_brokers() -> String {
+    loopback(herald_broker::DEFAULT_PORT).to_string()
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about = "Distributed WebSocket push server", propagate_version = true)]
@@ -51,10 +64,10 @@ pub enum Role {
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     /// Address of the broker's gRPC service.
-    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value = "127.0.0.1:2206")]
+    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value_t = loopback(herald_broker::DEFAULT_PORT))]
     pub listen: SocketAddr,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "HERALD_BROKER_ADMIN_LISTEN", default_value = "127.0.0.1:2207")]
+    #[arg(long, env = "HERALD_BROKER_ADMIN_LISTEN", default_value_t = loopback(herald_broker::DEFAULT_ADMIN_PORT))]
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
@@ -73,28 +86,29 @@ pub struct ClusterArgs {
     #[arg(long, env = "HERALD_NATS")]
     pub nats: Option<String>,
     /// JetStream key-value bucket holding worker-id leases.
-    #[arg(long, env = "HERALD_NATS_BUCKET", default_value = "herald_workers")]
+    #[arg(long, env = "HERALD_NATS_BUCKET", default_value = nats::DEFAULT_BUCKET)]
     pub nats_bucket: String,
     /// NATS subject prefix of channel messages.
-    #[arg(long, env = "HERALD_NATS_SUBJECT_PREFIX", default_value = "herald.ch")]
+    #[arg(long, env = "HERALD_NATS_SUBJECT_PREFIX", default_value = nats::DEFAULT_SUBJECT_PREFIX)]
     pub nats_subject_prefix: String,
     /// Replicas of the lease bucket (in a clustered NATS).
-    #[arg(long, env = "HERALD_NATS_KV_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "HERALD_NATS_KV_REPLICAS", default_value_t = nats::DEFAULT_KV_REPLICAS)]
     pub nats_kv_replicas: usize,
     /// How long a worker-id lease lasts without renewal (a dead broker's ids free up after this).
-    #[arg(long, env = "HERALD_WORKER_LEASE", default_value = "10s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_WORKER_LEASE", default_value = duration(nats::DEFAULT_LEASE_TTL),
+          value_parser = herald_common::duration::parse)]
     pub worker_lease: Duration,
 }
 
-impl ClusterArgs {
-    /// The cluster to join, if any.
-    pub fn config(&self) -> Option<ClusterConfig> {
-        self.nats.as_ref().map(|urls| ClusterConfig {
-            bucket: self.nats_bucket.clone(),
-            subject_prefix: self.nats_subject_prefix.clone(),
-            kv_replicas: self.nats_kv_replicas.max(1),
-            lease_ttl: self.worker_lease,
-            ..ClusterConfig::new(urls.clone())
+/// The cluster to join, if any.
+impl From<&ClusterArgs> for Option<NatsConfig> {
+    fn from(args: &ClusterArgs) -> Self {
+        args.nats.as_ref().map(|urls| NatsConfig {
+            bucket: args.nats_bucket.clone(),
+            subject_prefix: args.nats_subject_prefix.clone(),
+            kv_replicas: args.nats_kv_replicas,
+            lease_ttl: args.worker_lease,
+            ..NatsConfig::new(urls.clone())
         })
     }
 }
@@ -102,13 +116,13 @@ impl ClusterArgs {
 #[derive(Debug, Args)]
 pub struct WsArgs {
     /// Address WebSocket clients connect to.
-    #[arg(long, env = "HERALD_WS_LISTEN", default_value = "127.0.0.1:4236")]
+    #[arg(long, env = "HERALD_WS_LISTEN", default_value_t = loopback(herald_gateway_ws::DEFAULT_PORT))]
     pub listen: SocketAddr,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "HERALD_WS_ADMIN_LISTEN", default_value = "127.0.0.1:4238")]
+    #[arg(long, env = "HERALD_WS_ADMIN_LISTEN", default_value_t = loopback(herald_gateway_ws::DEFAULT_ADMIN_PORT))]
     pub admin_listen: SocketAddr,
     /// Broker addresses, comma-separated; the gateway fails over between them.
-    #[arg(long = "broker", env = "HERALD_BROKERS", default_value = "127.0.0.1:2206")]
+    #[arg(long = "broker", env = "HERALD_BROKERS", default_value_t = default_brokers())]
     pub brokers: String,
     /// Let several gateway processes listen on the same address (SO_REUSEPORT).
     #[arg(long, env = "HERALD_WS_REUSE_PORT")]
@@ -124,13 +138,13 @@ pub struct WsArgs {
 #[derive(Debug, Args)]
 pub struct HttpArgs {
     /// Address of the HTTP publish API.
-    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "127.0.0.1:4237")]
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value_t = loopback(herald_gateway_http::DEFAULT_PORT))]
     pub listen: SocketAddr,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "HERALD_HTTP_ADMIN_LISTEN", default_value = "127.0.0.1:4239")]
+    #[arg(long, env = "HERALD_HTTP_ADMIN_LISTEN", default_value_t = loopback(herald_gateway_http::DEFAULT_ADMIN_PORT))]
     pub admin_listen: SocketAddr,
     /// Broker addresses, comma-separated; publishes fail over between them.
-    #[arg(long = "broker", env = "HERALD_BROKERS", default_value = "127.0.0.1:2206")]
+    #[arg(long = "broker", env = "HERALD_BROKERS", default_value_t = default_brokers())]
     pub brokers: String,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
@@ -145,16 +159,16 @@ pub struct HttpArgs {
 #[derive(Debug, Args)]
 pub struct StandaloneArgs {
     /// Address of the broker's gRPC service.
-    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value = "127.0.0.1:2206")]
+    #[arg(long, env = "HERALD_BROKER_LISTEN", default_value_t = loopback(herald_broker::DEFAULT_PORT))]
     pub broker_listen: SocketAddr,
     /// Address WebSocket clients connect to.
-    #[arg(long, env = "HERALD_WS_LISTEN", default_value = "127.0.0.1:4236")]
+    #[arg(long, env = "HERALD_WS_LISTEN", default_value_t = loopback(herald_gateway_ws::DEFAULT_PORT))]
     pub ws_listen: SocketAddr,
     /// Address of the HTTP publish API.
-    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value = "127.0.0.1:4237")]
+    #[arg(long, env = "HERALD_HTTP_LISTEN", default_value_t = loopback(herald_gateway_http::DEFAULT_PORT))]
     pub http_listen: SocketAddr,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = "127.0.0.1:4238")]
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value_t = loopback(herald_gateway_ws::DEFAULT_ADMIN_PORT))]
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
@@ -211,29 +225,30 @@ impl TlsArgs {
 #[derive(Debug, Args)]
 pub struct ContentArgs {
     /// Largest message content accepted for publishing, in bytes.
-    #[arg(long, env = "HERALD_MAX_CONTENT_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "HERALD_MAX_CONTENT_BYTES", default_value_t = hub::DEFAULT_MAX_CONTENT_BYTES)]
     pub max_content_bytes: usize,
 }
 
 #[derive(Debug, Args)]
 pub struct BrokerOptions {
     /// Most messages in one batch publish.
-    #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = 1000)]
+    #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = hub::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
     /// Most channels one subscriber session may listen on.
-    #[arg(long, env = "HERALD_MAX_CHANNELS_PER_SESSION", default_value_t = 1024)]
+    #[arg(long, env = "HERALD_MAX_CHANNELS_PER_SESSION", default_value_t = hub::DEFAULT_MAX_CHANNELS_PER_SESSION)]
     pub max_channels_per_session: usize,
     /// Most subscriber sessions (gateways and other subscribers) at once.
-    #[arg(long, env = "HERALD_MAX_SESSIONS", default_value_t = 10_000)]
+    #[arg(long, env = "HERALD_MAX_SESSIONS", default_value_t = hub::DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
     /// Events queued per subscriber session before publishers wait.
-    #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 16 * 1024)]
+    #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = hub::DEFAULT_SESSION_QUEUE)]
     pub session_queue: usize,
     /// How long publishers wait on a full session queue before evicting the session (e.g. 2s, 500ms).
-    #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = "2s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = duration(hub::DEFAULT_SLOW_SESSION_GRACE),
+          value_parser = herald_common::duration::parse)]
     pub slow_session_grace: Duration,
     /// Most concurrent gRPC calls on one connection to the broker.
-    #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
 }
 
@@ -246,32 +261,36 @@ pub struct WsOptions {
     #[arg(long, env = "HERALD_GREETING", value_enum, default_value_t = GreetingArg::Text)]
     pub greeting: GreetingArg,
     /// Most WebSocket connections at once; more are refused with HTTP 503.
-    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = herald_gateway_ws::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Largest message a client may send, in bytes (larger: close 1009).
-    #[arg(long, env = "HERALD_MAX_CLIENT_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "HERALD_MAX_CLIENT_MESSAGE_BYTES", default_value_t = herald_gateway_ws::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_client_message_bytes: usize,
     /// Bytes queued for one connection before it is closed as too slow (close 1008).
-    #[arg(long, env = "HERALD_OUTBOX_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "HERALD_OUTBOX_LIMIT_BYTES", default_value_t = herald_gateway_ws::DEFAULT_OUTBOX_LIMIT_BYTES)]
     pub outbox_limit_bytes: usize,
     /// Longest time a batch of frames may take to write before the client is closed as too slow.
-    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_WRITE_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
     pub write_timeout: Duration,
     /// Longest time a WebSocket handshake may take.
-    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_HANDSHAKE_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
     pub handshake_timeout: Duration,
     /// Browser origins allowed to connect, comma-separated (e.g. https://app.example.com);
     /// others get HTTP 403. Empty: any origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// How often every connection is pinged (0s: never).
-    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "25s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = duration(herald_gateway_ws::DEFAULT_PING_INTERVAL),
+          value_parser = herald_common::duration::parse)]
     pub ping_interval: Duration,
     /// How long past a ping a silent client is kept before it is closed (1008).
-    #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = "10s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_PONG_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
     pub pong_timeout: Duration,
-    /// Per-connection read buffer, in bytes (allocated for every connection).
-    #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = 4096)]
+    /// Per-connection read buffer, in bytes (allocated for every connection; at least 256).
+    #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
 }
 
@@ -286,25 +305,28 @@ pub enum GreetingArg {
 #[derive(Debug, Args)]
 pub struct HttpOptions {
     /// Largest HTTP request body, in bytes.
-    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = herald_gateway_http::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Longest time a client may take to send request headers; also the idle keep-alive timeout.
-    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = herald_common::duration::parse)]
+    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = duration(DEFAULT_HEADER_READ_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
     pub header_read_timeout: Duration,
 }
 
 impl ContentArgs {
+    /// The broker's limits (content from here, the rest from `broker`).
     pub fn hub_limits(&self, broker: &BrokerOptions) -> HubLimits {
         HubLimits {
             max_content_bytes: self.max_content_bytes,
             max_batch: broker.max_batch,
             max_channels_per_session: broker.max_channels_per_session,
             max_sessions: broker.max_sessions,
-            session_queue: broker.session_queue.max(1),
+            session_queue: broker.session_queue,
             slow_session_grace: broker.slow_session_grace,
         }
     }
 
+    /// The HTTP gateway's configuration, with the keys its publishers present.
     pub fn http_config(&self, http: &HttpOptions, api_keys: ApiKeys) -> HttpConfig {
         HttpConfig {
             max_content_bytes: self.max_content_bytes,
@@ -332,28 +354,23 @@ impl PublisherAuthArgs {
     }
 }
 
-impl WsOptions {
-    pub fn gateway_config(&self) -> GatewayConfig {
-        let worker_id = self.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
+impl From<&WsOptions> for GatewayConfig {
+    fn from(ws: &WsOptions) -> Self {
+        let worker_id = ws.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
         GatewayConfig {
-            greeting: match self.greeting {
+            greeting: match ws.greeting {
                 GreetingArg::Text => Greeting::Text,
                 GreetingArg::Json => Greeting::Json,
             },
-            max_connections: self.max_connections,
-            max_message_bytes: self.max_client_message_bytes,
-            outbox_limit_bytes: self.outbox_limit_bytes,
-            write_timeout: self.write_timeout,
-            handshake_timeout: self.handshake_timeout,
-            read_buffer_bytes: self.read_buffer_bytes.max(256),
-            allowed_origins: self
-                .allowed_origins
-                .iter()
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            ping_interval: self.ping_interval,
-            pong_timeout: self.pong_timeout,
+            max_connections: ws.max_connections,
+            max_message_bytes: ws.max_client_message_bytes,
+            outbox_limit_bytes: ws.outbox_limit_bytes,
+            write_timeout: ws.write_timeout,
+            handshake_timeout: ws.handshake_timeout,
+            read_buffer_bytes: ws.read_buffer_bytes,
+            allowed_origins: ws.allowed_origins.clone(),
+            ping_interval: ws.ping_interval,
+            pong_timeout: ws.pong_timeout,
             ..GatewayConfig::new(worker_id)
         }
     }

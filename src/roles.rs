@@ -2,17 +2,18 @@
 //! the library crates together and shuts them down in order.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
-use herald_broker::client::{RemoteBrokers, RemoteOptions};
-use herald_broker::cluster::Cluster;
+use herald_broker::Hub;
+use herald_broker::federation::nats::{NatsConfig, NatsFederation};
 use herald_broker::server::ServerOptions;
-use herald_broker::{BrokerClient, Hub};
+use herald_client::{Broker, RemoteBrokers, RemoteOptions};
 use herald_common::auth::ApiKeys;
 use herald_common::net;
 use herald_common::tls::{ALPN_HTTP, ALPN_WEBSOCKET};
 use herald_gateway_http::HttpGateway;
-use herald_gateway_ws::Gateway;
+use herald_gateway_ws::{Gateway, GatewayConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -25,9 +26,9 @@ fn bind(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpLis
     Ok(listener)
 }
 
-fn remote_brokers(addresses: &str, keys: &ApiKeys) -> anyhow::Result<BrokerClient> {
+fn remote_brokers(addresses: &str, keys: &ApiKeys) -> anyhow::Result<Arc<dyn Broker>> {
     let options = RemoteOptions { api_key: keys.outgoing().map(str::to_owned), ..RemoteOptions::default() };
-    Ok(BrokerClient::Remote(RemoteBrokers::parse(addresses, &options)?))
+    Ok(Arc::new(RemoteBrokers::parse(addresses, &options)?))
 }
 
 fn server_options(keys: ApiKeys, broker: &BrokerOptions) -> ServerOptions {
@@ -53,10 +54,10 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
     let limits = args.content.hub_limits(&args.broker);
-    let hub = match args.cluster.config() {
+    let hub = match Option::<NatsConfig>::from(&args.cluster) {
         Some(config) => {
-            let (cluster, notices) = Cluster::join(config).await?;
-            Hub::clustered(limits, cluster, notices)
+            let (federation, notices) = NatsFederation::join(config).await?;
+            Hub::federated(limits, federation, notices)
         }
         None => Hub::new(limits),
     };
@@ -70,7 +71,7 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
-    let gateway = Gateway::new(args.ws.gateway_config())?;
+    let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
     let listener = bind("ws", args.listen, args.reuse_port)?;
     println!("herald: worker id {}", gateway.worker_id());
     let admin_stop = CancellationToken::new();
@@ -98,8 +99,8 @@ pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result
 pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
     let hub = Hub::new(args.content.hub_limits(&args.broker));
-    let local = BrokerClient::Local(hub.clone());
-    let gateway = Gateway::new(args.ws.gateway_config())?;
+    let local: Arc<dyn Broker> = Arc::new(hub.clone());
+    let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
     let ws_tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let http_tls = args.tls.acceptor(ALPN_HTTP)?;

@@ -2,6 +2,7 @@
 //! that map onto gRPC status codes.
 
 use herald_proto::names::NameError;
+use herald_proto::v1::{PublishError as PublishErrorMessage, PublishResponse, PublishResult, publish_result};
 use tonic::{Code, Status};
 
 /// A publish the broker refused.
@@ -32,22 +33,23 @@ impl PublishError {
             Self::ShuttingDown | Self::ClusterUnavailable(_) => Code::Unavailable,
         }
     }
-
-    /// Short label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Invalid(_) | Self::BadName(_) => "invalid",
-            Self::UnknownWorker(_) => "unknown_worker",
-            Self::TooLarge { .. } | Self::BatchTooLarge { .. } => "too_large",
-            Self::ShuttingDown => "shutting_down",
-            Self::ClusterUnavailable(_) => "cluster_unavailable",
-        }
-    }
 }
 
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
         Status::new(e.code(), e.to_string())
+    }
+}
+
+/// The wire form of one batch item's outcome.
+pub(crate) fn publish_result(r: Result<PublishResponse, PublishError>) -> PublishResult {
+    PublishResult {
+        outcome: Some(match r {
+            Ok(published) => publish_result::Outcome::Published(published),
+            Err(e) => {
+                publish_result::Outcome::Error(PublishErrorMessage { code: e.code() as u32, message: e.to_string() })
+            }
+        }),
     }
 }
 

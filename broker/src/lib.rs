@@ -1,22 +1,28 @@
 //! herald's channel broker.
 //!
-//! - [`hub`]: the routing core (channels, worker ids, session queues), no sockets;
-//! - [`route`]: validation of a publish and the channel it travels on;
-//! - [`service`] and [`server`]: `herald.v1.BrokerService` over gRPC, with
-//!   reflection and `grpc.health.v1`;
-//! - [`client`]: how publishers and gateways reach a broker, in-process or
-//!   over gRPC with failover between several addresses;
-//! - [`cluster`]: several brokers bridged by NATS.
+//! - [`Hub`]: the routing core (the interest index, sessions, publishing),
+//!   no sockets;
+//! - [`route`]: validation of a publish, its channel and its delivery;
+//! - [`federation`]: the seam to other brokers: on its own ([`federation::Local`])
+//!   or bridged by NATS ([`federation::nats`]);
+//! - [`server`]: `herald.v1.BrokerService` over gRPC, with reflection and
+//!   `grpc.health.v1`;
+//! - the hub is also a [`herald_client::Broker`], for gateways in the same
+//!   process.
 
-pub mod client;
-pub mod cluster;
-pub mod error;
+mod error;
+pub mod federation;
 pub mod hub;
-pub mod metrics;
+mod in_process;
+mod metrics;
 pub mod route;
 pub mod server;
-pub mod service;
+mod service;
 
-pub use client::{BrokerClient, BrokerSession};
-pub use error::{CommandError, PublishError};
+pub use error::{CommandError, CommandErrorKind, PublishError};
 pub use hub::{Hub, HubLimits};
+
+/// The broker's gRPC port in the classic layout.
+pub const DEFAULT_PORT: u16 = 2206;
+/// The broker's admin port (metrics, health).
+pub const DEFAULT_ADMIN_PORT: u16 = 2207;

@@ -1,8 +1,10 @@
-//! Turns a `PublishRequest` into a route: the channel it travels on and the
-//! checks the broker makes before routing it. Pure functions, no I/O.
+//! Turns a `PublishRequest` into a route: the checks the broker makes before
+//! routing it, the channel it travels on, and what the receiving gateway does
+//! with it. Delivery is decided here, once, from the target; gateways only
+//! carry it out. Pure functions, no I/O.
 
 use herald_proto::names::{self, BROADCAST_CHANNEL};
-use herald_proto::v1::{PublishRequest, content, target};
+use herald_proto::v1::{ConnectionIds, Delivery, Everyone, PublishRequest, content, delivery, target};
 
 use crate::error::PublishError;
 
@@ -35,6 +37,13 @@ pub struct Route {
     pub content_bytes: usize,
     /// For a connection target: the worker id that must be held by a live gateway.
     pub worker_id: Option<String>,
+    /// What a gateway receiving the event does with it; none for a channel
+    /// target, whose events are for the channel's subscriber sessions.
+    pub delivery: Option<Delivery>,
+}
+
+fn deliver(to: delivery::To) -> Option<Delivery> {
+    Some(Delivery { to: Some(to) })
 }
 
 /// Validates `req` against the grammar and `max_content_bytes`, and names its channel.
@@ -62,6 +71,7 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
             channel: BROADCAST_CHANNEL.to_owned(),
             content_bytes: len,
             worker_id: None,
+            delivery: deliver(delivery::To::Everyone(Everyone {})),
         }),
         target::Kind::Connection(addr) => {
             names::validate_worker_id(&addr.worker_id)?;
@@ -71,6 +81,7 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
                 channel: names::worker_channel(&addr.worker_id),
                 content_bytes: len,
                 worker_id: Some(addr.worker_id.clone()),
+                delivery: deliver(delivery::To::Connections(ConnectionIds { ids: vec![addr.connection_id.clone()] })),
             })
         }
         target::Kind::Channel(channel) => {
@@ -80,7 +91,13 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
                     "channel {channel:?} is reserved for worker routing; address the connection instead"
                 )));
             }
-            Ok(Route { kind: TargetKind::Channel, channel: channel.clone(), content_bytes: len, worker_id: None })
+            Ok(Route {
+                kind: TargetKind::Channel,
+                channel: channel.clone(),
+                content_bytes: len,
+                worker_id: None,
+                delivery: None,
+            })
         }
     }
 }
@@ -109,10 +126,23 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_travels_on_its_worker_channel() {
+    fn a_broadcast_is_delivered_to_everyone_on_each_gateway() {
+        let r = resolve(&req(target::Kind::Broadcast(Broadcast {}), "hi"), 10).unwrap();
+        assert_eq!(r.delivery, deliver(delivery::To::Everyone(Everyone {})));
+    }
+
+    #[test]
+    fn a_connection_travels_on_its_worker_channel_to_that_one_connection() {
         let r = resolve(&req(to("w1", "7"), "hi"), 10).unwrap();
         assert_eq!(r.channel, "worker.w1");
         assert_eq!(r.worker_id.as_deref(), Some("w1"));
+        assert_eq!(r.delivery, deliver(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] })));
+    }
+
+    #[test]
+    fn a_channel_is_for_its_subscriber_sessions_not_for_gateways() {
+        let r = resolve(&req(target::Kind::Channel("news".into()), "hi"), 10).unwrap();
+        assert_eq!((r.kind, r.channel.as_str(), r.delivery), (TargetKind::Channel, "news", None));
     }
 
     #[test]

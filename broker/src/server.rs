@@ -9,11 +9,12 @@ use herald_common::auth::ApiKeys;
 use herald_proto::v1::broker_service_server::BrokerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::hub::Hub;
-use crate::service::BrokerGrpc;
+use crate::service::{Authorize, BrokerGrpc};
 
 /// Why the gRPC server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +37,12 @@ pub struct ServerOptions {
     pub max_concurrent_streams: u32,
 }
 
+/// Most concurrent calls on one HTTP/2 connection, by default.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { api_keys: ApiKeys::default(), max_concurrent_streams: 1024 }
+        Self { api_keys: ApiKeys::default(), max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS }
     }
 }
 
@@ -61,8 +65,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let broker = BrokerServiceServer::new(BrokerGrpc::new(hub.clone(), options.api_keys))
-        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+    let broker = InterceptedService::new(
+        BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+        Authorize::new(options.api_keys, hub.clone()),
+    );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
     let drain = async move {
         // The health status follows readiness (a clustered broker without

@@ -2,47 +2,48 @@
 //! the [`Hub`] and streams session events back.
 
 use herald_proto::v1::broker_service_server::BrokerService;
-use herald_proto::v1::{
-    PublishBatchRequest, PublishBatchResponse, PublishError as PublishErrorMessage, PublishRequest, PublishResponse,
-    PublishResult, SubscribeRequest, publish_result,
-};
+use herald_proto::v1::{PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse, SubscribeRequest};
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use herald_common::auth::ApiKeys;
 
-use crate::error::PublishError;
+use crate::error::publish_result;
 use crate::hub::{Hub, SessionEvents};
 
-/// The wire form of one batch item's outcome.
-pub fn publish_result(r: Result<PublishResponse, PublishError>) -> PublishResult {
-    PublishResult {
-        outcome: Some(match r {
-            Ok(published) => publish_result::Outcome::Published(published),
-            Err(e) => {
-                publish_result::Outcome::Error(PublishErrorMessage { code: e.code() as u32, message: e.to_string() })
-            }
-        }),
-    }
-}
-
-/// The gRPC face of a [`Hub`]. When API keys are configured, every call
-/// must carry `authorization: Bearer <key>` metadata.
-pub struct BrokerGrpc {
+/// The gRPC face of a [`Hub`].
+pub(crate) struct BrokerGrpc {
     hub: Hub,
-    keys: ApiKeys,
 }
 
 impl BrokerGrpc {
-    pub fn new(hub: Hub, keys: ApiKeys) -> Self {
-        Self { hub, keys }
+    pub(crate) fn new(hub: Hub) -> Self {
+        Self { hub }
     }
+}
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+/// Admits a call only with an accepted API key, when keys are configured:
+/// `authorization: Bearer <key>` metadata. One interceptor in front of every
+/// method, so that no method can forget the check.
+#[derive(Clone)]
+pub(crate) struct Authorize {
+    keys: ApiKeys,
+    hub: Hub,
+}
+
+impl Authorize {
+    pub(crate) fn new(keys: ApiKeys, hub: Hub) -> Self {
+        Self { keys, hub }
+    }
+}
+
+impl Interceptor for Authorize {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         if self.keys.authorizes(presented) {
-            return Ok(());
+            return Ok(request);
         }
-        self.hub.metrics().auth_failures.inc();
+        self.hub.count_auth_failure();
         Err(Status::unauthenticated("missing or invalid API key: send metadata 'authorization: Bearer <key>'"))
     }
 }
@@ -50,7 +51,6 @@ impl BrokerGrpc {
 #[tonic::async_trait]
 impl BrokerService for BrokerGrpc {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
-        self.authorize(&request)?;
         Ok(Response::new(self.hub.publish(request.into_inner()).await?))
     }
 
@@ -58,7 +58,6 @@ impl BrokerService for BrokerGrpc {
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
-        self.authorize(&request)?;
         let results = self.hub.publish_batch(request.into_inner().requests).await?;
         let results = results.into_iter().map(publish_result).collect();
         Ok(Response::new(PublishBatchResponse { results }))
@@ -70,7 +69,6 @@ impl BrokerService for BrokerGrpc {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        self.authorize(&request)?;
         let (session, events) = self.hub.open_session();
         let mut commands = request.into_inner();
         // Commands are applied in arrival order by one task. When the caller

@@ -12,7 +12,7 @@
 pub mod classic;
 pub mod error;
 pub mod json;
-pub mod metrics;
+mod metrics;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use bytes::Bytes;
-use herald_broker::BrokerClient;
+use herald_client::Broker;
 use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
@@ -48,11 +48,20 @@ pub struct HttpConfig {
     pub server: HttpServerOptions,
 }
 
+/// The HTTP port in the classic layout.
+pub const DEFAULT_PORT: u16 = 4237;
+/// The HTTP gateway's admin port (metrics, health).
+pub const DEFAULT_ADMIN_PORT: u16 = 4239;
+/// Largest content of one message, in bytes, by default.
+pub const DEFAULT_MAX_CONTENT_BYTES: usize = 64 * 1024;
+/// Largest request body, in bytes, by default.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            max_content_bytes: 64 * 1024,
-            max_body_bytes: 4 * 1024 * 1024,
+            max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             api_keys: ApiKeys::default(),
             server: HttpServerOptions::default(),
         }
@@ -67,14 +76,14 @@ pub struct HttpGateway {
 
 struct Shared {
     config: HttpConfig,
-    broker: BrokerClient,
+    broker: Arc<dyn Broker>,
     metrics: HttpMetrics,
     /// Whether the last probe found a broker serving.
     broker_reachable: AtomicBool,
 }
 
 impl HttpGateway {
-    pub fn new(config: HttpConfig, broker: BrokerClient) -> Self {
+    pub fn new(config: HttpConfig, broker: Arc<dyn Broker>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 config,

@@ -24,81 +24,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
-use crate::outbox::{Closure, Outbox};
+use crate::close::CloseReason;
+use crate::outbox::Outbox;
+use crate::shared::Shared;
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// Why a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client sent a close frame.
-    ClientClosed,
-    /// The TCP connection ended or failed without a close frame.
-    ClientGone,
-    /// The client sent a message over the size limit (close code 1009).
-    MessageTooBig,
-    /// The client broke the WebSocket protocol (close code 1002).
-    ProtocolError,
-    /// The outbound queue overflowed (close code 1008).
-    SlowConsumer,
-    /// A batch of frames could not be written in time (close code 1008).
-    WriteTimeout,
-    /// The client did not answer pings in time (close code 1008).
-    Unresponsive,
-    /// The gateway is shutting down (close code 1001).
-    Shutdown,
-    /// The gateway lost its worker id (close code 1011).
-    WorkerIdLost,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
-        Self::ClientClosed,
-        Self::ClientGone,
-        Self::MessageTooBig,
-        Self::ProtocolError,
-        Self::SlowConsumer,
-        Self::WriteTimeout,
-        Self::Unresponsive,
-        Self::Shutdown,
-        Self::WorkerIdLost,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::ClientClosed => "client_closed",
-            Self::ClientGone => "client_gone",
-            Self::MessageTooBig => "message_too_big",
-            Self::ProtocolError => "protocol_error",
-            Self::SlowConsumer => "slow_consumer",
-            Self::WriteTimeout => "write_timeout",
-            Self::Unresponsive => "ping_timeout",
-            Self::Shutdown => "shutdown",
-            Self::WorkerIdLost => "worker_id_lost",
-        }
-    }
-
-    /// The close frame herald sends for this reason, if it sends one.
-    fn frame(self) -> Option<CloseFrame> {
-        let (code, reason) = match self {
-            Self::ClientClosed | Self::ClientGone => return None,
-            Self::MessageTooBig => (CloseCode::Size, "message too big"),
-            Self::ProtocolError => (CloseCode::Protocol, "protocol error"),
-            Self::SlowConsumer => (CloseCode::Policy, "slow consumer: outbound queue overflowed"),
-            Self::WriteTimeout => (CloseCode::Policy, "slow consumer: write timed out"),
-            Self::Unresponsive => (CloseCode::Policy, "no answer to pings"),
-            Self::Shutdown => (CloseCode::Away, "server shutting down"),
-            Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
-        };
-        Some(CloseFrame { code, reason: reason.into() })
-    }
-}
 
 /// Serves one accepted TCP connection until it closes, over TLS when an
 /// acceptor is given.
@@ -204,7 +137,7 @@ where
     // Shutdown closes every registered outbox after cancelling `shutdown`:
     // checking after registering means no connection is missed.
     if shutdown.is_cancelled() {
-        outbox.close(Closure::Shutdown);
+        outbox.close(shared.close_reason());
     }
     metrics.connections.inc();
     metrics.connections_opened.inc();
@@ -238,9 +171,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             () = outbox.ready() => {
                 let taken = match outbox.take(&mut batch) {
                     Ok(taken) => taken,
-                    Err(Closure::Overflow) => return CloseReason::SlowConsumer,
-                    Err(Closure::Unresponsive) => return CloseReason::Unresponsive,
-                    Err(Closure::Shutdown) => return shared.close_reason(),
+                    Err(reason) => return reason,
                 };
                 match write_within(shared.config.write_timeout, ws, &mut batch).await {
                     Ok(Ok(())) => shared.metrics.written(taken),
@@ -249,8 +180,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 // At shutdown the broker link drained first: what was queued
                 // was published before the drain began, and is now written.
-                if taken.then_close.is_some() {
-                    return shared.close_reason();
+                if let Some(reason) = taken.then_close {
+                    return reason;
                 }
             }
             incoming = ws.next() => {

@@ -1,130 +1,48 @@
 //! herald's WebSocket gateway.
 //!
-//! - [`connection`]: one client connection, handshake to close;
-//! - [`outbox`]: a connection's byte-bounded outbound queue;
-//! - [`registry`]: live connections and delivery into their outboxes;
-//! - [`link`]: the session with the broker (claim, subscribe, reconnect).
+//! - `config`: what a gateway is told at start ([`GatewayConfig`]);
+//! - `connection`: one client connection, handshake to close;
+//! - `close`: why a connection closes, and its close frame;
+//! - `outbox`: a connection's byte-bounded outbound queue;
+//! - `registry`: live connections, and the delivery the broker decided;
+//! - `link`: the session with the broker (claim, subscribe, reconnect);
+//! - `shared`: the state those parts share.
 //!
 //! ```text
 //! broker ──events──▶ link ──▶ registry ──▶ outbox ──▶ connection task ──▶ client
 //! ```
 
-pub mod connection;
-pub mod link;
-pub mod metrics;
-pub mod outbox;
-pub mod registry;
+mod close;
+mod config;
+mod connection;
+mod link;
+mod metrics;
+mod outbox;
+mod registry;
+mod shared;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use herald_broker::BrokerClient;
+use herald_client::Broker;
 use herald_common::metrics::Exposition;
 use herald_proto::names::{self, NameError};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::CloseReason;
+use crate::close::CloseReason;
+pub use crate::config::*;
 pub use crate::link::LinkError;
 use crate::metrics::GatewayMetrics;
-use crate::outbox::Closure;
 use crate::registry::Registry;
+use crate::shared::Shared;
 
-/// How a connection is told its address when it opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Greeting {
-    /// `Worker ID:{worker_id} Connection ID:{connection_id} connected`
-    #[default]
-    Text,
-    /// `{"type":"connected","worker_id":"…","connection_id":"…"}`
-    Json,
-}
-
-impl Greeting {
-    /// The greeting for one connection. Ids are URL-safe tokens, so neither
-    /// form needs escaping.
-    pub fn render(self, worker_id: &str, connection_id: u64) -> String {
-        match self {
-            Self::Text => format!("Worker ID:{worker_id} Connection ID:{connection_id} connected"),
-            Self::Json => {
-                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"}}"#)
-            }
-        }
-    }
-}
-
-/// Everything a gateway needs to know.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// This gateway's cluster-unique worker id.
-    pub worker_id: String,
-    pub greeting: Greeting,
-    /// Most connections held at once; more are refused with HTTP 503.
-    pub max_connections: usize,
-    /// Largest message a client may send, in bytes.
-    pub max_message_bytes: usize,
-    /// Bytes queued for one connection before it is disconnected as too slow.
-    pub outbox_limit_bytes: usize,
-    /// Longest time one batch of frames may take to write.
-    pub write_timeout: Duration,
-    /// Longest time a WebSocket handshake may take.
-    pub handshake_timeout: Duration,
-    /// Per-connection read buffer, allocated up front.
-    pub read_buffer_bytes: usize,
-    /// Bytes gathered before a write to the socket (grown on demand).
-    pub write_buffer_bytes: usize,
-    /// How long each shutdown step (broker drain, client close) may take.
-    pub drain_timeout: Duration,
-    /// Origins allowed to open connections (exact `scheme://host[:port]`);
-    /// empty allows any. Requests without an `Origin` header (non-browser
-    /// clients) are allowed either way.
-    pub allowed_origins: Vec<String>,
-    /// How often every connection is pinged; zero turns heartbeats off.
-    pub ping_interval: Duration,
-    /// How long past a ping a silent client is kept before it is closed.
-    pub pong_timeout: Duration,
-}
-
-impl GatewayConfig {
-    pub fn new(worker_id: String) -> Self {
-        Self {
-            worker_id,
-            greeting: Greeting::Text,
-            max_connections: 100_000,
-            max_message_bytes: 64 * 1024,
-            outbox_limit_bytes: 1024 * 1024,
-            write_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 4096,
-            write_buffer_bytes: 16 * 1024,
-            drain_timeout: Duration::from_secs(5),
-            allowed_origins: Vec::new(),
-            ping_interval: Duration::from_secs(25),
-            pong_timeout: Duration::from_secs(10),
-        }
-    }
-
-    /// Whether a browser page from `origin` may connect.
-    fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        match origin {
-            Some(origin) if !self.allowed_origins.is_empty() => {
-                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
-            }
-            _ => true,
-        }
-    }
-
-    fn websocket(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(self.write_buffer_bytes)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes))
-    }
-}
+/// The WebSocket port in the classic layout.
+pub const DEFAULT_PORT: u16 = 4236;
+/// The gateway's admin port (metrics, health).
+pub const DEFAULT_ADMIN_PORT: u16 = 4238;
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -141,36 +59,10 @@ pub struct Gateway {
     shared: Arc<Shared>,
 }
 
-pub(crate) struct Shared {
-    config: GatewayConfig,
-    /// Random per process: lets this process reclaim its worker id after a reconnect.
-    instance_id: String,
-    registry: Registry,
-    metrics: GatewayMetrics,
-    /// Set when connections must close for a reason other than shutdown.
-    close_reason: OnceLock<CloseReason>,
-    /// Origin of the coarse clock used for heartbeats.
-    epoch: Instant,
-}
-
-impl Shared {
-    /// Milliseconds since the gateway started.
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn set_linked(&self, linked: bool) {
-        self.metrics.broker_linked.set(i64::from(linked));
-    }
-
-    fn close_reason(&self) -> CloseReason {
-        self.close_reason.get().copied().unwrap_or(CloseReason::Shutdown)
-    }
-}
-
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self, GatewayError> {
         names::validate_worker_id(&config.worker_id)?;
+        let config = config.normalized();
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -215,7 +107,7 @@ impl Gateway {
         self,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
-        broker: BrokerClient,
+        broker: Arc<dyn Broker>,
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
         let shared = self.shared;
@@ -256,7 +148,7 @@ impl Gateway {
         }
         link.abort();
         closing.cancel();
-        shared.registry.close_all(Closure::Shutdown);
+        shared.registry.close_all(shared.close_reason());
         connections.close();
         if tokio::time::timeout(shared.config.drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(left = shared.registry.len(), "connections still open after the drain timeout");
@@ -290,22 +182,6 @@ async fn heartbeat(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn greetings_carry_the_address_in_the_classic_text_or_json() {
-        assert_eq!(Greeting::Text.render("w1", 7), "Worker ID:w1 Connection ID:7 connected");
-        assert_eq!(Greeting::Json.render("w1", 7), r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#);
-    }
-
-    #[test]
-    fn origins_are_checked_only_when_an_allow_list_is_set() {
-        let mut config = GatewayConfig::new("w".into());
-        assert!(config.origin_allowed(Some("https://evil.example")));
-        config.allowed_origins = vec!["https://app.example".into()];
-        assert!(config.origin_allowed(Some("https://APP.example")));
-        assert!(!config.origin_allowed(Some("https://evil.example")));
-        assert!(config.origin_allowed(None));
-    }
 
     #[test]
     fn a_malformed_worker_id_is_refused_at_construction() {

@@ -10,21 +10,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_broker::client::Commands;
-use herald_broker::{BrokerClient, BrokerSession};
+use herald_client::{Broker, BrokerSession, SessionCommands};
 use herald_common::backoff::Backoff;
 use herald_proto::names::BROADCAST_CHANNEL;
 use herald_proto::v1::{
     ClaimWorker, Event, SubscribeChannels, SubscribeRequest, UnsubscribeChannels, content, subscribe_request,
-    subscribe_response, target,
+    subscribe_response,
 };
 use tokio_stream::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::Shared;
-use crate::registry::SendError;
+use crate::shared::Shared;
 
 const CLAIM_REQUEST: u64 = 1;
 const SUBSCRIBE_REQUEST: u64 = 2;
@@ -51,10 +49,14 @@ enum SessionEnd {
 /// dispatching until the broker acknowledges. The broker queues that ack
 /// behind every event it queued for this session before, so every message
 /// published before the drain began has then reached a connection's outbox.
-pub(crate) async fn run(shared: Arc<Shared>, broker: BrokerClient, stop: CancellationToken) -> Result<(), LinkError> {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    broker: Arc<dyn Broker>,
+    stop: CancellationToken,
+) -> Result<(), LinkError> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        let (status, linked) = match session(&shared, &broker, &stop).await {
+        let (status, linked) = match session(&shared, broker.as_ref(), &stop).await {
             SessionEnd::Stopped => {
                 shared.set_linked(false);
                 return Ok(());
@@ -82,7 +84,7 @@ pub(crate) async fn run(shared: Arc<Shared>, broker: BrokerClient, stop: Cancell
 }
 
 /// Runs one broker session to its end.
-async fn session(shared: &Shared, broker: &BrokerClient, stop: &CancellationToken) -> SessionEnd {
+async fn session(shared: &Shared, broker: &dyn Broker, stop: &CancellationToken) -> SessionEnd {
     let opened = tokio::select! {
         () = stop.cancelled() => return SessionEnd::Stopped,
         opened = broker.open_session() => opened,
@@ -102,7 +104,7 @@ async fn session(shared: &Shared, broker: &BrokerClient, stop: &CancellationToke
 }
 
 async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &CancellationToken) -> SessionEnd {
-    if let Err(status) = claim_and_subscribe(shared, &session.commands).await {
+    if let Err(status) = claim_and_subscribe(shared, session.commands.as_ref()).await {
         return SessionEnd::Lost { status, linked: false };
     }
     let mut awaiting_acks = 2;
@@ -151,7 +153,7 @@ fn drain_request() -> SubscribeRequest {
     }
 }
 
-async fn claim_and_subscribe(shared: &Shared, commands: &Commands) -> Result<(), Status> {
+async fn claim_and_subscribe(shared: &Shared, commands: &dyn SessionCommands) -> Result<(), Status> {
     commands
         .send(SubscribeRequest {
             request_id: CLAIM_REQUEST,
@@ -171,9 +173,18 @@ async fn claim_and_subscribe(shared: &Shared, commands: &Commands) -> Result<(),
         .await
 }
 
-/// Delivers one broker event to the connections it targets.
+/// Carries out one broker event's delivery: the broker decided which
+/// connections get it; the gateway only queues the frame on them.
 fn dispatch(shared: &Shared, event: Event) {
+    let metrics = &shared.metrics;
+    let Some(to) = event.delivery.and_then(|d| d.to) else {
+        tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");
+        metrics.dropped_malformed.inc();
+        return;
+    };
     let Some(body) = event.content.and_then(|c| c.body) else {
+        tracing::warn!(channel = %event.channel, "dropping a broker event without content");
+        metrics.dropped_malformed.inc();
         return;
     };
     let frame = match body {
@@ -183,23 +194,11 @@ fn dispatch(shared: &Shared, event: Event) {
     let published_us = event
         .published_at
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0) * 1_000_000 + u64::try_from(t.nanos / 1000).unwrap_or(0));
-    let metrics = &shared.metrics;
-    match event.target.and_then(|t| t.kind) {
-        Some(target::Kind::Broadcast(_)) => {
-            let fanout = shared.registry.broadcast(&frame, published_us);
-            metrics.frames_queued.add(fanout.delivered);
-            metrics.dropped_closing.add(fanout.dropped);
-        }
-        Some(target::Kind::Connection(address)) if address.worker_id == shared.config.worker_id => {
-            match shared.registry.send_to(&address.connection_id, frame, published_us) {
-                Ok(()) => metrics.frames_queued.inc(),
-                Err(SendError::UnknownConnection) => {
-                    tracing::debug!(connection_id = %address.connection_id, "message for a connection that is not live");
-                    metrics.dropped_unknown_connection.inc();
-                }
-                Err(SendError::Closing(_)) => metrics.dropped_closing.inc(),
-            }
-        }
-        other => tracing::debug!(target = ?other, channel = %event.channel, "ignoring an event with no target here"),
+    let outcome = shared.registry.deliver(&to, frame, published_us);
+    metrics.frames_queued.add(outcome.queued);
+    metrics.dropped_closing.add(outcome.closing);
+    if outcome.unknown > 0 {
+        tracing::debug!(count = outcome.unknown, "message for a connection that is not live");
+        metrics.dropped_unknown_connection.add(outcome.unknown);
     }
 }

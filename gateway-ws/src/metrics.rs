@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_common::metrics::{Counter, Exposition, Gauge, Histogram};
 
-use crate::connection::CloseReason;
+use crate::close::CloseReason;
 use crate::outbox::Taken;
 
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct GatewayMetrics {
     pub dropped_unknown_connection: Counter,
     /// Frames dropped because their connection is closing (overflowed or unresponsive).
     pub dropped_closing: Counter,
+    /// Broker events dropped because they lacked a delivery or content.
+    pub dropped_malformed: Counter,
     /// Pings sent by the heartbeat.
     pub pings_sent: Counter,
     /// Messages from clients, which herald does not route anywhere.
@@ -48,6 +50,7 @@ impl Default for GatewayMetrics {
             frames_queued: Counter::default(),
             dropped_unknown_connection: Counter::default(),
             dropped_closing: Counter::default(),
+            dropped_malformed: Counter::default(),
             pings_sent: Counter::default(),
             client_messages_ignored: Counter::default(),
             bytes_sent: Counter::default(),
@@ -97,6 +100,7 @@ impl GatewayMetrics {
             &[
                 (&[("reason", "unknown_connection")], &self.dropped_unknown_connection),
                 (&[("reason", "connection_closing")], &self.dropped_closing),
+                (&[("reason", "malformed_event")], &self.dropped_malformed),
             ],
         );
         out.counter(

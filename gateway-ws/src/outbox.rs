@@ -21,17 +21,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Why a queue stopped taking frames; the connection must be closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closure {
-    /// A frame did not fit in the byte limit: the client is too slow. What
-    /// was queued is dropped.
-    Overflow,
-    /// The client did not answer pings in time. What was queued is dropped.
-    Unresponsive,
-    /// The gateway is shutting down: what is queued is written first.
-    Shutdown,
-}
+use crate::close::CloseReason;
 
 #[derive(Debug)]
 pub struct Outbox {
@@ -50,7 +40,7 @@ struct State {
     bytes: usize,
     /// When the oldest queued frame was published (unix µs; 0 if unknown).
     oldest_published_us: u64,
-    closed: Option<Closure>,
+    closed: Option<CloseReason>,
 }
 
 /// What one [`Outbox::take`] handed over.
@@ -61,7 +51,7 @@ pub struct Taken {
     /// When the oldest of them was published (unix µs; 0 if unknown).
     pub oldest_published_us: u64,
     /// Set when the connection must be closed once the frames are written.
-    pub then_close: Option<Closure>,
+    pub then_close: Option<CloseReason>,
 }
 
 impl Outbox {
@@ -78,16 +68,16 @@ impl Outbox {
     /// Queues `frame`, published at `published_us` (unix µs, 0 if unknown).
     /// When it does not fit, the queue closes as overflowed and drops what
     /// it holds.
-    pub fn push(&self, frame: Message, published_us: u64) -> Result<(), Closure> {
+    pub fn push(&self, frame: Message, published_us: u64) -> Result<(), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(closure) = state.closed {
-            return Err(closure);
+        if let Some(reason) = state.closed {
+            return Err(reason);
         }
         let len = frame.len();
         if state.bytes + len > self.limit_bytes {
             drop(state);
-            self.close(Closure::Overflow);
-            return Err(Closure::Overflow);
+            self.close(CloseReason::SlowConsumer);
+            return Err(CloseReason::SlowConsumer);
         }
         let was_empty = state.frames.is_empty();
         if was_empty {
@@ -104,11 +94,11 @@ impl Outbox {
 
     /// Stops the queue for `closure` (the first closure wins) and wakes the
     /// connection's task so that it closes the connection.
-    pub fn close(&self, closure: Closure) {
+    pub fn close(&self, reason: CloseReason) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.closed.is_none() {
-            state.closed = Some(closure);
-            if closure != Closure::Shutdown {
+            state.closed = Some(reason);
+            if !reason.writes_queued() {
                 state.frames = VecDeque::new();
                 state.bytes = 0;
             }
@@ -137,11 +127,10 @@ impl Outbox {
 
     /// Moves every queued frame into `batch`, or says why the queue closed
     /// with nothing left to write.
-    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<Taken, Closure> {
+    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<Taken, CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match state.closed {
-            Some(closure @ (Closure::Overflow | Closure::Unresponsive)) => return Err(closure),
-            Some(Closure::Shutdown) if state.frames.is_empty() => return Err(Closure::Shutdown),
+            Some(reason) if !reason.writes_queued() || state.frames.is_empty() => return Err(reason),
             _ => {}
         }
         if batch.is_empty() {
@@ -206,9 +195,9 @@ mod tests {
         let outbox = Outbox::new(10, 0);
         outbox.push(Message::text("12345"), 0).unwrap();
         outbox.push(Message::text("12345"), 0).unwrap();
-        assert_eq!(outbox.push(Message::text("1"), 0), Err(Closure::Overflow));
-        assert_eq!(outbox.push(Message::text(""), 0), Err(Closure::Overflow));
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Overflow));
+        assert_eq!(outbox.push(Message::text("1"), 0), Err(CloseReason::SlowConsumer));
+        assert_eq!(outbox.push(Message::text(""), 0), Err(CloseReason::SlowConsumer));
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::SlowConsumer));
     }
 
     #[test]
@@ -237,22 +226,22 @@ mod tests {
     async fn closing_wakes_the_connection_and_the_first_reason_sticks() {
         let outbox = Outbox::new(10, 0);
         outbox.push(Message::text("x"), 0).unwrap();
-        outbox.close(Closure::Unresponsive);
-        outbox.close(Closure::Overflow);
+        outbox.close(CloseReason::Unresponsive);
+        outbox.close(CloseReason::SlowConsumer);
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Unresponsive));
-        assert_eq!(outbox.push(Message::text("y"), 0), Err(Closure::Unresponsive));
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::Unresponsive));
+        assert_eq!(outbox.push(Message::text("y"), 0), Err(CloseReason::Unresponsive));
     }
 
     #[test]
     fn shutdown_hands_over_what_is_queued_then_closes() {
         let outbox = Outbox::new(10, 0);
         outbox.push(Message::text("last"), 0).unwrap();
-        outbox.close(Closure::Shutdown);
-        assert_eq!(outbox.push(Message::text("late"), 0), Err(Closure::Shutdown));
+        outbox.close(CloseReason::Shutdown);
+        assert_eq!(outbox.push(Message::text("late"), 0), Err(CloseReason::Shutdown));
         let mut batch = VecDeque::new();
-        assert_eq!(outbox.take(&mut batch).unwrap().then_close, Some(Closure::Shutdown));
+        assert_eq!(outbox.take(&mut batch).unwrap().then_close, Some(CloseReason::Shutdown));
         assert_eq!(Vec::from(batch), [Message::text("last")]);
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(Closure::Shutdown));
+        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::Shutdown));
     }
 }

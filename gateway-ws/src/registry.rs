@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use herald_proto::v1::delivery;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::outbox::{Closure, Outbox};
+use crate::close::CloseReason;
+use crate::outbox::Outbox;
 
 /// Why a frame for one connection was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,14 +18,18 @@ pub enum SendError {
     /// No live connection has that id on this gateway.
     UnknownConnection,
     /// The connection is being closed (it overflowed or stopped answering).
-    Closing(Closure),
+    Closing(CloseReason),
 }
 
-/// What a broadcast did.
+/// What carrying out one delivery did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fanout {
-    pub delivered: u64,
-    pub dropped: u64,
+pub struct Outcome {
+    /// Frames queued on a connection.
+    pub queued: u64,
+    /// Connection ids that are not live on this gateway.
+    pub unknown: u64,
+    /// Connections that are closing (overflowed or unresponsive).
+    pub closing: u64,
 }
 
 /// What a heartbeat sweep did.
@@ -61,37 +67,52 @@ impl Registry {
         self.connections.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Queues `frame` (published at `published_us`, unix µs) on every
-    /// connection. The payload is shared, not copied.
-    pub fn broadcast(&self, frame: &Message, published_us: u64) -> Fanout {
-        let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
-        let mut fanout = Fanout::default();
-        for outbox in connections.values() {
-            match outbox.push(frame.clone(), published_us) {
-                Ok(()) => fanout.delivered += 1,
-                Err(_) => fanout.dropped += 1,
+    /// Queues `frame` (published at `published_us`, unix µs) on the
+    /// connections `to` names, as the broker decided. The payload is shared,
+    /// not copied.
+    pub fn deliver(&self, to: &delivery::To, frame: Message, published_us: u64) -> Outcome {
+        match to {
+            delivery::To::Everyone(_) => self.broadcast(&frame, published_us),
+            delivery::To::Connections(connections) => {
+                let mut outcome = Outcome::default();
+                for id in &connections.ids {
+                    match self.send_to(id, frame.clone(), published_us) {
+                        Ok(()) => outcome.queued += 1,
+                        Err(SendError::UnknownConnection) => outcome.unknown += 1,
+                        Err(SendError::Closing(_)) => outcome.closing += 1,
+                    }
+                }
+                outcome
             }
         }
-        fanout
+    }
+
+    /// Queues `frame` on every connection.
+    fn broadcast(&self, frame: &Message, published_us: u64) -> Outcome {
+        let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
+        let mut outcome = Outcome::default();
+        for outbox in connections.values() {
+            match outbox.push(frame.clone(), published_us) {
+                Ok(()) => outcome.queued += 1,
+                Err(_) => outcome.closing += 1,
+            }
+        }
+        outcome
     }
 
     /// Queues `frame` (published at `published_us`, unix µs) on the
     /// connection named `connection_id`.
-    pub fn send_to(&self, connection_id: &str, frame: Message, published_us: u64) -> Result<(), SendError> {
+    fn send_to(&self, connection_id: &str, frame: Message, published_us: u64) -> Result<(), SendError> {
         let id: u64 = connection_id.parse().map_err(|_| SendError::UnknownConnection)?;
         let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
         let outbox = connections.get(&id).ok_or(SendError::UnknownConnection)?;
         outbox.push(frame, published_us).map_err(SendError::Closing)
     }
 
-    /// Closes every connection for `closure`.
-    pub fn close_all(&self, closure: Closure) {
+    /// Closes every connection for `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
         for outbox in self.connections.read().unwrap_or_else(PoisonError::into_inner).values() {
-            outbox.close(closure);
+            outbox.close(reason);
         }
     }
 
@@ -107,7 +128,7 @@ impl Registry {
         let mut sweep = Sweep::default();
         for outbox in connections.values() {
             if outbox.last_heard() < silent_since_ms {
-                outbox.close(Closure::Unresponsive);
+                outbox.close(CloseReason::Unresponsive);
                 sweep.unresponsive += 1;
             } else if outbox.push(Message::Ping(Default::default()), 0).is_ok() {
                 sweep.pinged += 1;
@@ -121,13 +142,23 @@ impl Registry {
 mod tests {
     use std::collections::VecDeque;
 
+    use herald_proto::v1::{ConnectionIds, Everyone};
+
     use super::*;
 
     fn outbox(limit: usize) -> Arc<Outbox> {
         Arc::new(Outbox::new(limit, 0))
     }
 
-    fn drain(outbox: &Outbox) -> Result<Vec<Message>, Closure> {
+    fn everyone() -> delivery::To {
+        delivery::To::Everyone(Everyone {})
+    }
+
+    fn connections(ids: &[&str]) -> delivery::To {
+        delivery::To::Connections(ConnectionIds { ids: ids.iter().map(|id| id.to_string()).collect() })
+    }
+
+    fn drain(outbox: &Outbox) -> Result<Vec<Message>, CloseReason> {
         let mut batch = VecDeque::new();
         outbox.take(&mut batch).map(|_| batch.into())
     }
@@ -143,38 +174,39 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_reaches_every_connection_once() {
+    fn everyone_means_every_connection_once() {
         let registry = Registry::default();
         let boxes: Vec<_> = (0..3).map(|_| outbox(1024)).collect();
         for b in &boxes {
             registry.register(b.clone());
         }
-        let fanout = registry.broadcast(&Message::text("all"), 0);
-        assert_eq!(fanout, Fanout { delivered: 3, dropped: 0 });
+        let outcome = registry.deliver(&everyone(), Message::text("all"), 0);
+        assert_eq!(outcome, Outcome { queued: 3, ..Outcome::default() });
         for b in &boxes {
             assert_eq!(drain(b), Ok(vec![Message::text("all")]));
         }
     }
 
     #[test]
-    fn a_targeted_frame_reaches_only_its_connection() {
+    fn named_connections_get_the_frame_and_no_other_does() {
         let registry = Registry::default();
-        let a = outbox(1024);
-        let b = outbox(1024);
+        let (a, b, c) = (outbox(1024), outbox(1024), outbox(1024));
         registry.register(a.clone());
-        let b_id = registry.register(b.clone());
-        registry.send_to(&b_id.to_string(), Message::text("just b"), 0).unwrap();
+        let b_id = registry.register(b.clone()).to_string();
+        let c_id = registry.register(c.clone()).to_string();
+        let outcome = registry.deliver(&connections(&[&b_id, &c_id]), Message::text("b and c"), 0);
+        assert_eq!(outcome, Outcome { queued: 2, ..Outcome::default() });
         assert_eq!(drain(&a), Ok(vec![]));
-        assert_eq!(drain(&b), Ok(vec![Message::text("just b")]));
+        assert_eq!(drain(&b), Ok(vec![Message::text("b and c")]));
+        assert_eq!(drain(&c), Ok(vec![Message::text("b and c")]));
     }
 
     #[test]
-    fn unknown_or_malformed_connection_ids_are_reported() {
+    fn unknown_or_malformed_connection_ids_are_counted() {
         let registry = Registry::default();
         registry.register(outbox(1024));
-        for id in ["99", "x", "", "-1"] {
-            assert_eq!(registry.send_to(id, Message::text("?"), 0), Err(SendError::UnknownConnection), "{id}");
-        }
+        let outcome = registry.deliver(&connections(&["99", "x", "", "-1"]), Message::text("?"), 0);
+        assert_eq!(outcome, Outcome { unknown: 4, ..Outcome::default() });
     }
 
     #[test]
@@ -184,10 +216,10 @@ mod tests {
         let big = outbox(1024);
         registry.register(small.clone());
         registry.register(big.clone());
-        let fanout = registry.broadcast(&Message::text("12345"), 0);
-        assert_eq!(fanout, Fanout { delivered: 1, dropped: 1 });
+        let outcome = registry.deliver(&everyone(), Message::text("12345"), 0);
+        assert_eq!(outcome, Outcome { queued: 1, closing: 1, ..Outcome::default() });
         assert_eq!(drain(&big), Ok(vec![Message::text("12345")]));
-        assert_eq!(drain(&small), Err(Closure::Overflow));
+        assert_eq!(drain(&small), Err(CloseReason::SlowConsumer));
     }
 
     #[test]
@@ -201,6 +233,6 @@ mod tests {
         registry.register(silent.clone());
         assert_eq!(registry.heartbeat(2_000), Sweep { pinged: 1, unresponsive: 1 });
         assert_eq!(drain(&live), Ok(vec![Message::Ping(Default::default())]));
-        assert_eq!(drain(&silent), Err(Closure::Unresponsive));
+        assert_eq!(drain(&silent), Err(CloseReason::Unresponsive));
     }
 }

@@ -14,31 +14,29 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
-use super::ClusterNotice;
+use crate::federation::{FederationError, Interest, Notice};
 
-/// A change of this broker's interest in a channel.
+/// What the bus task is asked to do, in order.
 #[derive(Debug)]
-pub enum Interest {
-    /// The channel has its first local listener.
-    Add(String),
-    /// The channel lost its last local listener.
-    Remove(String),
+pub(super) enum Change {
+    /// Follow a change of this broker's interest.
+    Interest(Interest),
     /// Answer once every earlier change has reached the NATS server.
-    Sync(oneshot::Sender<Result<(), String>>),
+    Sync(oneshot::Sender<Result<(), FederationError>>),
 }
 
 /// The NATS subject a channel travels on.
-pub fn subject(prefix: &str, channel: &str) -> String {
+pub(super) fn subject(prefix: &str, channel: &str) -> String {
     format!("{prefix}.{channel}")
 }
 
 /// Applies interest changes and forwards incoming events to the hub until
 /// `stop` or until the hub goes away.
-pub async fn run(
+pub(super) async fn run(
     client: Client,
     prefix: String,
-    mut interest: mpsc::UnboundedReceiver<Interest>,
-    notices: mpsc::Sender<ClusterNotice>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    notices: mpsc::Sender<Notice>,
     stop: CancellationToken,
 ) {
     let mut subscriptions: StreamMap<String, Subscriber> = StreamMap::new();
@@ -46,9 +44,9 @@ pub async fn run(
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            change = interest.recv() => match change {
+            change = changes.recv() => match change {
                 None => return,
-                Some(Interest::Add(channel)) => match client.subscribe(subject(&prefix, &channel)).await {
+                Some(Change::Interest(Interest::Add(channel))) => match client.subscribe(subject(&prefix, &channel)).await {
                     Ok(subscriber) => {
                         subscriptions.insert(channel, subscriber);
                     }
@@ -57,17 +55,17 @@ pub async fn run(
                         failed_since_sync = Some(format!("subscribing to {channel:?}: {e}"));
                     }
                 },
-                Some(Interest::Remove(channel)) => {
+                Some(Change::Interest(Interest::Remove(channel))) => {
                     // Dropping the subscriber unsubscribes.
                     subscriptions.remove(&channel);
                 }
-                Some(Interest::Sync(done)) => {
+                Some(Change::Sync(done)) => {
                     let result = match failed_since_sync.take() {
-                        Some(failure) => Err(failure),
+                        Some(failure) => Err(FederationError(failure)),
                         None => match tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await {
                             Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(format!("flushing to NATS: {e}")),
-                            Err(_) => Err("NATS did not answer within 2s".to_owned()),
+                            Ok(Err(e)) => Err(FederationError(format!("flushing to NATS: {e}"))),
+                            Err(_) => Err(FederationError("NATS did not answer within 2s".to_owned())),
                         },
                     };
                     let _ = done.send(result);
@@ -75,10 +73,10 @@ pub async fn run(
             },
             Some((channel, message)) = subscriptions.next() => {
                 let notice = match Event::decode(message.payload) {
-                    Ok(event) => ClusterNotice::Event(event),
+                    Ok(event) => Notice::Event(event),
                     Err(e) => {
                         tracing::warn!(channel, error = %e, "undecodable event on the cluster bus");
-                        ClusterNotice::Undecodable
+                        Notice::Undecodable
                     }
                 };
                 if notices.send(notice).await.is_err() {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use super::ClusterNotice;
+use crate::federation::{ClaimError, Notice};
 
 /// What a lease's value says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,15 +47,6 @@ impl Lease {
     fn is_live(&self, now_ms: u64) -> bool {
         self.expires_at_ms > now_ms
     }
-}
-
-/// Why a claim failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ClaimError {
-    #[error("worker id is held by another live gateway")]
-    Taken,
-    #[error("cluster lease store unreachable: {0}")]
-    Unavailable(String),
 }
 
 fn now_ms() -> u64 {
@@ -158,7 +149,7 @@ impl Leases {
 
     /// Renews every lease this broker holds. A lease found taken over is
     /// reported as lost, so its local session can be ended.
-    pub async fn renew(&self, store: &Store, notices: &mpsc::Sender<ClusterNotice>) {
+    pub async fn renew(&self, store: &Store, notices: &mpsc::Sender<Notice>) {
         let held: Vec<(String, (String, u64))> = self
             .held
             .lock()
@@ -185,7 +176,7 @@ impl Leases {
     /// A renewal found the lease changed: take it back when it is gone or
     /// lapsed (say, the bucket was lost in a NATS restart); report it lost
     /// when another session holds it.
-    async fn recover(&self, store: &Store, worker_id: &str, instance_id: &str, notices: &mpsc::Sender<ClusterNotice>) {
+    async fn recover(&self, store: &Store, worker_id: &str, instance_id: &str, notices: &mpsc::Sender<Notice>) {
         let current = match store.entry(worker_id).await {
             Ok(current) => current,
             Err(e) => {
@@ -212,7 +203,7 @@ impl Leases {
         self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(worker_id);
         let same_instance = holder.is_some_and(|h| h.instance_id == instance_id);
         tracing::warn!(worker_id, same_instance, "lease taken over");
-        let notice = ClusterNotice::WorkerLost { worker_id: worker_id.to_owned(), same_instance };
+        let notice = Notice::WorkerLost { worker_id: worker_id.to_owned(), same_instance };
         let _ = notices.send(notice).await;
     }
 

@@ -10,85 +10,91 @@
 //! - While NATS is unreachable the broker is not ready: publishes and
 //!   subscriptions are refused with `UNAVAILABLE`, never half-done.
 
-pub mod bus;
-pub mod leases;
+mod bus;
+mod leases;
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::Store;
 use async_nats::{ConnectOptions, ServerAddr};
+use async_trait::async_trait;
+use herald_common::metrics::Exposition;
 use herald_proto::v1::Event;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::bus::Interest;
-use crate::cluster::leases::{ClaimError, Leases};
+use self::bus::Change;
+use self::leases::Leases;
+use super::{ClaimError, Federation, FederationError, Forwarding, Interest, Notice};
+
+/// Key-value bucket holding worker-id leases, by default.
+pub const DEFAULT_BUCKET: &str = "herald_workers";
+/// Subject prefix of channel messages, by default.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "herald.ch";
+/// Replicas of the lease bucket, by default.
+pub const DEFAULT_KV_REPLICAS: usize = 1;
+/// How long a worker-id lease lasts without renewal, by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Notices from NATS queued for the hub before the bus waits.
+const NOTICE_QUEUE: usize = 64 * 1024;
 
 /// How to join a cluster.
 #[derive(Debug, Clone)]
-pub struct ClusterConfig {
+pub struct NatsConfig {
     /// NATS server URLs, comma-separated (`nats://host:4222,...`).
     pub urls: String,
     /// Key-value bucket holding worker-id leases.
     pub bucket: String,
     /// Subject prefix of the channels.
     pub subject_prefix: String,
-    /// Replicas of the lease bucket in a NATS cluster.
+    /// Replicas of the lease bucket in a NATS cluster (at least 1).
     pub kv_replicas: usize,
     /// How long a worker-id lease lasts without renewal.
     pub lease_ttl: Duration,
 }
 
-impl ClusterConfig {
+impl NatsConfig {
     pub fn new(urls: String) -> Self {
         Self {
             urls,
-            bucket: "herald_workers".to_owned(),
-            subject_prefix: "herald.ch".to_owned(),
-            kv_replicas: 1,
-            lease_ttl: Duration::from_secs(10),
+            bucket: DEFAULT_BUCKET.to_owned(),
+            subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
+            kv_replicas: DEFAULT_KV_REPLICAS,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
 
 /// Why joining failed at start.
 #[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
+pub enum JoinError {
     #[error("NATS URL {url:?} is not valid: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("connecting to NATS: {0}")]
     Connect(String),
 }
 
-/// What the cluster tells the hub.
-#[derive(Debug)]
-pub enum ClusterNotice {
-    /// An event published on another broker, for local listeners.
-    Event(Event),
-    /// Bytes on the bus that are not an event (counted, then dropped).
-    Undecodable,
-    /// A lease this broker held was taken over: end the session holding it.
-    WorkerLost { worker_id: String, same_instance: bool },
-}
-
-/// This broker's membership in a cluster.
-pub struct Cluster {
+/// This broker's membership in a NATS-bridged cluster.
+pub struct NatsFederation {
     client: async_nats::Client,
     broker_id: String,
     subject_prefix: String,
-    interest: mpsc::UnboundedSender<Interest>,
+    changes: mpsc::UnboundedSender<Change>,
     leases: Arc<Leases>,
     store: Arc<RwLock<Option<Store>>>,
     stop: CancellationToken,
 }
 
-impl Cluster {
+impl NatsFederation {
     /// Starts joining: the NATS connection and the lease bucket come up in
     /// the background (and come back by themselves after an outage); until
-    /// then [`Cluster::is_ready`] is false.
-    pub async fn join(config: ClusterConfig) -> Result<(Cluster, mpsc::Receiver<ClusterNotice>), ClusterError> {
+    /// then the broker is not ready. The receiver carries what the cluster
+    /// sends this broker.
+    pub async fn join(mut config: NatsConfig) -> Result<(Self, mpsc::Receiver<Notice>), JoinError> {
+        config.kv_replicas = config.kv_replicas.max(1);
         let broker_id = herald_common::token::random_token(12);
         let addrs = config
             .urls
@@ -96,11 +102,11 @@ impl Cluster {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|u| {
-                u.parse::<ServerAddr>().map_err(|e| ClusterError::BadUrl { url: u.to_owned(), reason: e.to_string() })
+                u.parse::<ServerAddr>().map_err(|e| JoinError::BadUrl { url: u.to_owned(), reason: e.to_string() })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if addrs.is_empty() {
-            return Err(ClusterError::BadUrl { url: config.urls.clone(), reason: "no URL".into() });
+            return Err(JoinError::BadUrl { url: config.urls.clone(), reason: "no URL".into() });
         }
         let client = ConnectOptions::new()
             .name(format!("herald-broker-{broker_id}"))
@@ -115,17 +121,17 @@ impl Cluster {
             .event_callback(|event| async move { tracing::info!(%event, "NATS connection event") })
             .connect(addrs)
             .await
-            .map_err(|e| ClusterError::Connect(e.to_string()))?;
+            .map_err(|e| JoinError::Connect(e.to_string()))?;
 
         let stop = CancellationToken::new();
-        let (interest_tx, interest_rx) = mpsc::unbounded_channel();
-        let (notices_tx, notices_rx) = mpsc::channel(64 * 1024);
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+        let (notices_tx, notices_rx) = mpsc::channel(NOTICE_QUEUE);
         let leases = Arc::new(Leases::new(broker_id.clone(), config.lease_ttl));
         let store = Arc::new(RwLock::new(None));
         tokio::spawn(bus::run(
             client.clone(),
             config.subject_prefix.clone(),
-            interest_rx,
+            changes_rx,
             notices_tx.clone(),
             stop.clone(),
         ));
@@ -138,71 +144,72 @@ impl Cluster {
             stop.clone(),
         ));
         tracing::info!(broker_id, urls = %config.urls, "joining the broker cluster");
-        let cluster = Cluster {
-            client,
-            broker_id,
-            subject_prefix: config.subject_prefix,
-            interest: interest_tx,
-            leases,
-            store,
-            stop,
-        };
-        Ok((cluster, notices_rx))
+        let federation =
+            Self { client, broker_id, subject_prefix: config.subject_prefix, changes: changes_tx, leases, store, stop };
+        Ok((federation, notices_rx))
     }
 
     /// Connected to NATS, with the lease bucket at hand.
-    pub fn is_ready(&self) -> bool {
+    fn is_ready(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected && self.current_store().is_some()
     }
 
     fn current_store(&self) -> Option<Store> {
         self.store.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
+}
 
-    pub fn broker_id(&self) -> &str {
-        &self.broker_id
+#[async_trait]
+impl Federation for NatsFederation {
+    fn unready_reason(&self) -> Option<&'static str> {
+        (!self.is_ready()).then_some("not connected to the cluster (NATS)")
     }
 
-    /// Hands `event` to the brokers that have listeners on its channel.
-    pub async fn forward(&self, event: &Event) -> Result<(), String> {
+    fn forward<'a>(&'a self, event: &'a Event) -> Option<Forwarding<'a>> {
         let subject = bus::subject(&self.subject_prefix, &event.channel);
-        self.client.publish(subject, event.encode_to_vec().into()).await.map_err(|e| e.to_string())
+        let payload = event.encode_to_vec().into();
+        Some(Box::pin(async move {
+            self.client.publish(subject, payload).await.map_err(|e| FederationError(e.to_string()))
+        }))
     }
 
-    /// Records a change of local interest; applied in call order.
-    pub fn interest(&self, change: Interest) {
-        let _ = self.interest.send(change);
+    fn interest(&self, change: Interest) {
+        let _ = self.changes.send(Change::Interest(change));
     }
 
-    /// Waits until every interest change so far has reached NATS.
-    pub async fn sync(&self) -> Result<(), String> {
+    async fn sync(&self) -> Result<(), FederationError> {
         let (done, wait) = oneshot::channel();
-        self.interest(Interest::Sync(done));
-        wait.await.map_err(|_| "cluster bus stopped".to_owned())?
+        let _ = self.changes.send(Change::Sync(done));
+        wait.await.map_err(|_| FederationError("cluster bus stopped".to_owned()))?
     }
 
-    /// Leases `worker_id` to `instance_id` cluster-wide.
-    pub async fn claim(&self, worker_id: &str, instance_id: &str) -> Result<(), ClaimError> {
+    async fn claim(&self, worker_id: &str, instance_id: &str) -> Result<(), ClaimError> {
         let store = self.current_store().ok_or_else(|| ClaimError::Unavailable("lease bucket not ready".into()))?;
         self.leases.claim(&store, worker_id, instance_id).await
     }
 
-    /// Gives the lease on `worker_id` back, in the background.
-    pub fn release(&self, worker_id: String) {
+    fn release(&self, worker_id: String) {
         let leases = self.leases.clone();
         if let Some(store) = self.current_store() {
             tokio::spawn(async move { leases.release(&store, &worker_id).await });
         }
     }
 
-    /// Whether a gateway anywhere in the cluster holds `worker_id`.
-    pub fn is_held(&self, worker_id: &str) -> bool {
+    fn held_elsewhere(&self, worker_id: &str) -> bool {
         self.leases.is_held(worker_id)
     }
 
-    /// Stops the bus and the lease upkeep.
-    pub fn leave(&self) {
+    fn leave(&self) {
         self.stop.cancel();
+    }
+
+    fn render_metrics(&self, out: &mut Exposition) {
+        out.info("herald_broker_cluster_info", "This broker's id in its cluster.", &[("broker_id", &self.broker_id)]);
+        out.gauge(
+            "herald_broker_cluster_ready",
+            "1 while connected to NATS with the lease bucket at hand.",
+            i64::from(self.is_ready()),
+        );
     }
 }
 
@@ -211,10 +218,10 @@ impl Cluster {
 /// the bucket was lost) the bucket is opened again, created if need be.
 async fn maintain_leases(
     client: async_nats::Client,
-    config: ClusterConfig,
+    config: NatsConfig,
     leases: Arc<Leases>,
     slot: Arc<RwLock<Option<Store>>>,
-    notices: mpsc::Sender<ClusterNotice>,
+    notices: mpsc::Sender<Notice>,
     stop: CancellationToken,
 ) {
     let jetstream = async_nats::jetstream::new(client);

@@ -1,0 +1,125 @@
+//! The seam between one broker and the others: a [`Federation`] carries
+//! publishes to the brokers that need them, follows this broker's interest in
+//! channels, and leases worker ids across all brokers.
+//!
+//! The hub always holds one federation, never an `Option`: [`Local`] is the
+//! broker on its own (nothing to forward, every lease granted here), and
+//! [`nats`] bridges brokers through NATS. Other engines (Redis, or a
+//! JetStream-backed history) go in beside them.
+
+pub mod nats;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use herald_common::metrics::Exposition;
+use herald_proto::v1::Event;
+
+/// A change of this broker's interest in a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    /// The channel has its first local listener.
+    Add(String),
+    /// The channel lost its last local listener.
+    Remove(String),
+}
+
+/// What a federation tells its hub.
+#[derive(Debug)]
+pub enum Notice {
+    /// An event published on another broker, for local listeners.
+    Event(Event),
+    /// Something arrived that is not an event (counted, then dropped).
+    Undecodable,
+    /// A lease this broker held was taken over: end the session holding it.
+    WorkerLost { worker_id: String, same_instance: bool },
+}
+
+/// The other brokers could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FederationError(pub String);
+
+/// Why a worker-id claim failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("worker id is held by another live gateway")]
+    Taken,
+    #[error("cluster lease store unreachable: {0}")]
+    Unavailable(String),
+}
+
+/// A publish on its way to the other brokers.
+pub type Forwarding<'a> = Pin<Box<dyn Future<Output = Result<(), FederationError>> + Send + 'a>>;
+
+/// How one broker works with the others.
+#[async_trait]
+pub trait Federation: Send + Sync + 'static {
+    /// Why the federation keeps this broker from serving right now, if it does.
+    fn unready_reason(&self) -> Option<&'static str>;
+
+    /// Hands `event` to the brokers that may have listeners for it; `None`
+    /// when there is no other broker.
+    fn forward<'a>(&'a self, event: &'a Event) -> Option<Forwarding<'a>>;
+
+    /// Records a change of this broker's interest. The hub calls it under its
+    /// lock, so changes arrive in the order they were made.
+    fn interest(&self, change: Interest);
+
+    /// Waits until every interest change so far has taken effect, so that
+    /// events published on any broker from then on arrive here.
+    async fn sync(&self) -> Result<(), FederationError>;
+
+    /// Leases `worker_id` to the gateway instance `instance_id`, across all
+    /// brokers.
+    async fn claim(&self, worker_id: &str, instance_id: &str) -> Result<(), ClaimError>;
+
+    /// Gives the lease on `worker_id` back.
+    fn release(&self, worker_id: String);
+
+    /// Whether a gateway on another broker holds `worker_id`.
+    fn held_elsewhere(&self, worker_id: &str) -> bool;
+
+    /// Stops taking part: the broker is shutting down.
+    fn leave(&self);
+
+    /// Renders the federation's own metrics.
+    fn render_metrics(&self, out: &mut Exposition);
+}
+
+/// A broker on its own: nothing to forward, and its own worker ids are all
+/// there is.
+#[derive(Debug, Default)]
+pub struct Local;
+
+#[async_trait]
+impl Federation for Local {
+    fn unready_reason(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn forward<'a>(&'a self, _event: &'a Event) -> Option<Forwarding<'a>> {
+        None
+    }
+
+    fn interest(&self, _change: Interest) {}
+
+    async fn sync(&self) -> Result<(), FederationError> {
+        Ok(())
+    }
+
+    async fn claim(&self, _worker_id: &str, _instance_id: &str) -> Result<(), ClaimError> {
+        Ok(())
+    }
+
+    fn release(&self, _worker_id: String) {}
+
+    fn held_elsewhere(&self, _worker_id: &str) -> bool {
+        false
+    }
+
+    fn leave(&self) {}
+
+    fn render_metrics(&self, _out: &mut Exposition) {}
+}

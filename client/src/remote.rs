@@ -1,0 +1,322 @@
+//! Brokers reached over gRPC: one or more addresses, tried in turn.
+//!
+//! Calls go to the last broker that answered, and move on to the next address
+//! when one is unreachable (`UNAVAILABLE`): that rule lives in one place,
+//! [`Remote::failover`]. The API key is added to every call by an
+//! interceptor. Single publishes are coalesced into batches ([`coalesce`]).
+//!
+//! [`coalesce`]: crate::coalesce
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_proto::v1::broker_service_client::BrokerServiceClient;
+use herald_proto::v1::{PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, SubscribeRequest};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::api_key::ApiKey;
+use crate::coalesce::{self, Pending};
+use crate::{Broker, BrokerSession, SessionCommands};
+
+/// The service name brokers report health for.
+const BROKER_SERVICE: &str = "herald.v1.BrokerService";
+
+/// Largest gRPC message decoded from a broker (a full batch of results).
+const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Commands queued for a remote session before `send` waits.
+const SESSION_COMMAND_QUEUE: usize = 64;
+
+/// How long connecting to a broker may take, by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one call to a broker may take, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Client = BrokerServiceClient<InterceptedService<Channel, ApiKey>>;
+
+/// A broker address list could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("no broker address given")]
+    Empty,
+    #[error("broker address {address:?} is not valid: {reason}")]
+    Invalid { address: String, reason: String },
+    #[error("the API key cannot be sent as gRPC metadata")]
+    BadApiKey,
+}
+
+/// How to call a remote broker.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Presented as `authorization: Bearer <key>` on every call.
+    pub api_key: Option<String>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, request_timeout: DEFAULT_REQUEST_TIMEOUT, api_key: None }
+    }
+}
+
+/// One or more remote brokers. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct RemoteBrokers {
+    inner: Arc<Remote>,
+}
+
+pub(crate) struct Remote {
+    /// Single publishes waiting to go out in a batch (started on first use).
+    coalescer: OnceLock<mpsc::Sender<Pending>>,
+    brokers: Vec<Address>,
+    preferred: AtomicUsize,
+    request_timeout: Duration,
+}
+
+/// One broker address and its (lazily connected) clients.
+struct Address {
+    address: String,
+    client: Client,
+    health: HealthClient<InterceptedService<Channel, ApiKey>>,
+}
+
+impl RemoteBrokers {
+    /// Parses a comma-separated list of `host:port` (or `http://host:port`)
+    /// addresses. Connections are made lazily, on first use.
+    pub fn parse(addresses: &str, options: &RemoteOptions) -> Result<Self, AddressError> {
+        let api_key = ApiKey::new(options.api_key.as_deref()).map_err(|_| AddressError::BadApiKey)?;
+        let mut brokers = Vec::new();
+        for address in addresses.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+            let endpoint = Endpoint::from_shared(uri)
+                .map_err(|e| AddressError::Invalid { address: address.to_owned(), reason: e.to_string() })?
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let channel = endpoint.connect_lazy();
+            brokers.push(Address {
+                address: address.to_owned(),
+                health: HealthClient::with_interceptor(channel.clone(), api_key.clone()),
+                client: BrokerServiceClient::with_interceptor(channel, api_key.clone())
+                    .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+            });
+        }
+        if brokers.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        Ok(Self {
+            inner: Arc::new(Remote {
+                coalescer: OnceLock::new(),
+                brokers,
+                preferred: AtomicUsize::new(0),
+                request_timeout: options.request_timeout,
+            }),
+        })
+    }
+}
+
+impl Remote {
+    /// The brokers, in the order they are tried: the preferred one first.
+    fn rotation(&self) -> impl Iterator<Item = (usize, &Address)> {
+        let n = self.brokers.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| {
+            let i = (first + k) % n;
+            (i, &self.brokers[i])
+        })
+    }
+
+    /// Moves on from `address` if it is the preferred broker, so the next
+    /// attempt starts with another one.
+    fn demote(&self, address: &str) {
+        let n = self.brokers.len();
+        let current = self.preferred.load(Ordering::Relaxed) % n;
+        if self.brokers[current].address == address {
+            let _ = self.preferred.compare_exchange(current, (current + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `call` against each broker in turn, from the preferred one, until
+    /// one answers with anything but `UNAVAILABLE`; that broker becomes the
+    /// preferred one. Returns the answer and the address that gave it.
+    async fn failover<T, F, Fut>(&self, mut call: F) -> Result<(T, &str), Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut failures = Vec::with_capacity(self.brokers.len());
+        for (i, broker) in self.rotation() {
+            match call(broker.client.clone()).await {
+                Ok(answer) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok((answer, &broker.address));
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    tracing::debug!(broker = %broker.address, %status, "broker unreachable; trying the next one");
+                    failures.push(format!("{}: {}", broker.address, describe(&status)));
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(Status::unavailable(format!("no broker reachable ({})", failures.join("; "))))
+    }
+
+    /// Wraps `body` in a request, with the call timeout when `timeout`.
+    fn request<T>(&self, body: T, timeout: bool) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        if timeout {
+            request.set_timeout(self.request_timeout);
+        }
+        request
+    }
+
+    /// Routes one message on its own (no coalescing).
+    pub(crate) async fn publish_one(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+        let answer = self
+            .failover(|mut client| {
+                let request = self.request(req.clone(), true);
+                async move { client.publish(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner())
+    }
+
+    pub(crate) async fn publish_batch(&self, requests: &[PublishRequest]) -> Result<Vec<PublishResult>, Status> {
+        let answer = self
+            .failover(|mut client| {
+                let request = self.request(PublishBatchRequest { requests: requests.to_vec() }, true);
+                async move { client.publish_batch(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner().results)
+    }
+}
+
+/// A status's message and the errors beneath it (for a transport failure,
+/// the OS error), on one line.
+fn describe(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = e.source();
+    }
+    text.replace(['\r', '\n'], " ")
+}
+
+#[async_trait]
+impl Broker for RemoteBrokers {
+    /// Routes one message, in a batch with whatever other single publishes
+    /// are waiting.
+    async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+        let queue = self.inner.coalescer.get_or_init(|| coalesce::start(Arc::downgrade(&self.inner)));
+        let (reply, answer) = oneshot::channel();
+        if queue.send(Pending { req, reply }).await.is_err() {
+            return Err(Status::unavailable("publisher is shutting down"));
+        }
+        answer.await.map_err(|_| Status::unavailable("publisher is shutting down"))?
+    }
+
+    async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
+        self.inner.publish_batch(&requests).await
+    }
+
+    async fn open_session(&self) -> Result<BrokerSession, Status> {
+        let remote = &self.inner;
+        let ((commands, events), broker) = remote
+            .failover(|mut client| {
+                let (tx, rx) = mpsc::channel(SESSION_COMMAND_QUEUE);
+                let request = remote.request(ReceiverStream::new(rx), false);
+                async move { Ok((tx, client.subscribe(request).await?.into_inner())) }
+            })
+            .await?;
+        Ok(BrokerSession {
+            commands: Box::new(RemoteCommands(commands)),
+            events: Box::pin(events),
+            broker: broker.to_owned(),
+        })
+    }
+
+    /// Whether some broker answers its health check with SERVING.
+    async fn probe(&self) -> bool {
+        for (_, broker) in self.inner.rotation() {
+            let request = self.inner.request(HealthCheckRequest { service: BROKER_SERVICE.to_owned() }, true);
+            let answer = broker.health.clone().check(request).await;
+            if answer.is_ok_and(|a| a.into_inner().status == ServingStatus::Serving as i32) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn session_failed(&self, broker: &str) {
+        self.inner.demote(broker);
+    }
+}
+
+/// Commands of a session on a remote broker: the request stream of its call.
+struct RemoteCommands(mpsc::Sender<SubscribeRequest>);
+
+#[async_trait]
+impl SessionCommands for RemoteCommands {
+    async fn send(&self, req: SubscribeRequest) -> Result<(), Status> {
+        self.0.send(req).await.map_err(|_| Status::unavailable("broker session closed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(brokers: &RemoteBrokers) -> Vec<String> {
+        brokers.inner.rotation().map(|(_, b)| b.address.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_broker_is_tried_last() {
+        let brokers = RemoteBrokers::parse("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", &RemoteOptions::default()).unwrap();
+        brokers.session_failed("127.0.0.1:2");
+        assert_eq!(order(&brokers)[0], "127.0.0.1:1", "only the preferred broker is demoted");
+        brokers.session_failed("127.0.0.1:1");
+        assert_eq!(order(&brokers), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]);
+    }
+
+    #[tokio::test]
+    async fn addresses_are_a_comma_separated_list() {
+        let options = RemoteOptions::default();
+        let brokers = RemoteBrokers::parse("127.0.0.1:2206, http://127.0.0.1:2207,", &options).unwrap();
+        assert_eq!(order(&brokers), ["127.0.0.1:2206", "http://127.0.0.1:2207"]);
+        assert!(matches!(RemoteBrokers::parse(" , ", &options), Err(AddressError::Empty)));
+        assert!(matches!(RemoteBrokers::parse("not a uri", &options), Err(AddressError::Invalid { .. })));
+        let bad_key = RemoteOptions { api_key: Some("line\nbreak".into()), ..RemoteOptions::default() };
+        assert!(matches!(RemoteBrokers::parse("127.0.0.1:1", &bad_key), Err(AddressError::BadApiKey)));
+    }
+
+    #[tokio::test]
+    async fn when_no_broker_answers_the_error_names_every_address_and_why() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = listener.local_addr().unwrap();
+        drop(listener);
+        let brokers = RemoteBrokers::parse(&format!("{closed},{closed}"), &RemoteOptions::default()).unwrap();
+        let status = brokers.inner.publish_one(PublishRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        let message = status.message();
+        assert_eq!(message.matches(&closed.to_string()).count(), 2, "{message}");
+        assert!(message.contains("refused"), "the OS error is named: {message}");
+    }
+}

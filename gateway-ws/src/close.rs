@@ -1,0 +1,81 @@
+//! Why a connection closes, and the close frame each reason sends. One type
+//! for every path: the outbox records it when another task asks for a close
+//! (overflow, silence, shutdown), the connection's task returns it when the
+//! client or the socket ends things, and the metrics count it.
+
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The TCP connection ended or failed without a close frame.
+    ClientGone,
+    /// The client sent a message over the size limit (close code 1009).
+    MessageTooBig,
+    /// The client broke the WebSocket protocol (close code 1002).
+    ProtocolError,
+    /// The outbound queue overflowed (close code 1008).
+    SlowConsumer,
+    /// A batch of frames could not be written in time (close code 1008).
+    WriteTimeout,
+    /// The client did not answer pings in time (close code 1008).
+    Unresponsive,
+    /// The gateway is shutting down (close code 1001).
+    Shutdown,
+    /// The gateway lost its worker id (close code 1011).
+    WorkerIdLost,
+}
+
+impl CloseReason {
+    pub(crate) const ALL: [CloseReason; 9] = [
+        Self::ClientClosed,
+        Self::ClientGone,
+        Self::MessageTooBig,
+        Self::ProtocolError,
+        Self::SlowConsumer,
+        Self::WriteTimeout,
+        Self::Unresponsive,
+        Self::Shutdown,
+        Self::WorkerIdLost,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::ClientGone => "client_gone",
+            Self::MessageTooBig => "message_too_big",
+            Self::ProtocolError => "protocol_error",
+            Self::SlowConsumer => "slow_consumer",
+            Self::WriteTimeout => "write_timeout",
+            Self::Unresponsive => "ping_timeout",
+            Self::Shutdown => "shutdown",
+            Self::WorkerIdLost => "worker_id_lost",
+        }
+    }
+
+    /// The close frame herald sends for this reason, if it sends one.
+    pub(crate) fn frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            Self::ClientClosed | Self::ClientGone => return None,
+            Self::MessageTooBig => (CloseCode::Size, "message too big"),
+            Self::ProtocolError => (CloseCode::Protocol, "protocol error"),
+            Self::SlowConsumer => (CloseCode::Policy, "slow consumer: outbound queue overflowed"),
+            Self::WriteTimeout => (CloseCode::Policy, "slow consumer: write timed out"),
+            Self::Unresponsive => (CloseCode::Policy, "no answer to pings"),
+            Self::Shutdown => (CloseCode::Away, "server shutting down"),
+            Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
+        };
+        Some(CloseFrame { code, reason: reason.into() })
+    }
+}
+
+impl CloseReason {
+    /// Whether frames queued before the close are still written: yes when
+    /// the gateway closes in order, no when the client is the problem.
+    pub(crate) fn writes_queued(self) -> bool {
+        matches!(self, Self::Shutdown | Self::WorkerIdLost)
+    }
+}

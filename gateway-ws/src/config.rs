@@ -1,0 +1,166 @@
+//! What a gateway is told at start: its worker id, its greeting and its
+//! limits, each with a `DEFAULT_*` constant that the command line takes as
+//! its default.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Most connections held at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Largest message a client may send, in bytes, by default.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Bytes queued for one connection before it is closed as too slow, by default.
+pub const DEFAULT_OUTBOX_LIMIT_BYTES: usize = 1024 * 1024;
+/// Longest time one batch of frames may take to write, by default.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a WebSocket handshake may take, by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-connection read buffer, by default.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
+/// Smallest per-connection read buffer accepted.
+pub const MIN_READ_BUFFER_BYTES: usize = 256;
+/// Bytes gathered before a write to the socket, by default.
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// How long each shutdown step may take, by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often every connection is pinged, by default.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
+/// How long past a ping a silent client is kept, by default.
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a connection is told its address when it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Greeting {
+    /// `Worker ID:{worker_id} Connection ID:{connection_id} connected`
+    #[default]
+    Text,
+    /// `{"type":"connected","worker_id":"…","connection_id":"…"}`
+    Json,
+}
+
+impl Greeting {
+    /// The greeting for one connection. Ids are URL-safe tokens, so neither
+    /// form needs escaping.
+    pub fn render(self, worker_id: &str, connection_id: u64) -> String {
+        match self {
+            Self::Text => format!("Worker ID:{worker_id} Connection ID:{connection_id} connected"),
+            Self::Json => {
+                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"}}"#)
+            }
+        }
+    }
+}
+
+/// Everything a gateway needs to know.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This gateway's cluster-unique worker id.
+    pub worker_id: String,
+    pub greeting: Greeting,
+    /// Most connections held at once; more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Largest message a client may send, in bytes.
+    pub max_message_bytes: usize,
+    /// Bytes queued for one connection before it is disconnected as too slow.
+    pub outbox_limit_bytes: usize,
+    /// Longest time one batch of frames may take to write.
+    pub write_timeout: Duration,
+    /// Longest time a WebSocket handshake may take.
+    pub handshake_timeout: Duration,
+    /// Per-connection read buffer, allocated up front (at least
+    /// [`MIN_READ_BUFFER_BYTES`]).
+    pub read_buffer_bytes: usize,
+    /// Bytes gathered before a write to the socket (grown on demand).
+    pub write_buffer_bytes: usize,
+    /// How long each shutdown step (broker drain, client close) may take.
+    pub drain_timeout: Duration,
+    /// Origins allowed to open connections (exact `scheme://host[:port]`);
+    /// empty allows any. Requests without an `Origin` header (non-browser
+    /// clients) are allowed either way.
+    pub allowed_origins: Vec<String>,
+    /// How often every connection is pinged; zero turns heartbeats off.
+    pub ping_interval: Duration,
+    /// How long past a ping a silent client is kept before it is closed.
+    pub pong_timeout: Duration,
+}
+
+impl GatewayConfig {
+    pub fn new(worker_id: String) -> Self {
+        Self {
+            worker_id,
+            greeting: Greeting::Text,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            outbox_limit_bytes: DEFAULT_OUTBOX_LIMIT_BYTES,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            allowed_origins: Vec::new(),
+            ping_interval: DEFAULT_PING_INTERVAL,
+            pong_timeout: DEFAULT_PONG_TIMEOUT,
+        }
+    }
+
+    /// The configuration with its values brought within working bounds, and
+    /// empty origins dropped.
+    pub(crate) fn normalized(mut self) -> Self {
+        self.read_buffer_bytes = self.read_buffer_bytes.max(MIN_READ_BUFFER_BYTES);
+        self.allowed_origins =
+            self.allowed_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+        self
+    }
+
+    /// Whether a browser page from `origin` may connect.
+    pub(crate) fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
+            }
+            _ => true,
+        }
+    }
+
+    pub(crate) fn websocket(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(self.write_buffer_bytes)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_carry_the_address_in_the_classic_text_or_json() {
+        assert_eq!(Greeting::Text.render("w1", 7), "Worker ID:w1 Connection ID:7 connected");
+        assert_eq!(Greeting::Json.render("w1", 7), r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#);
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_an_allow_list_is_set() {
+        let mut config = GatewayConfig::new("w".into());
+        assert!(config.origin_allowed(Some("https://evil.example")));
+        config.allowed_origins = vec!["https://app.example".into()];
+        assert!(config.origin_allowed(Some("https://APP.example")));
+        assert!(!config.origin_allowed(Some("https://evil.example")));
+        assert!(config.origin_allowed(None));
+    }
+
+    #[test]
+    fn normalizing_bounds_the_read_buffer_and_trims_origins() {
+        let config = GatewayConfig {
+            read_buffer_bytes: 1,
+            allowed_origins: vec![" https://a ".into(), "".into()],
+            ..GatewayConfig::new("w".into())
+        }
+        .normalized();
+        assert_eq!(config.read_buffer_bytes, MIN_READ_BUFFER_BYTES);
+        assert_eq!(config.allowed_origins, ["https://a"]);
+    }
+}

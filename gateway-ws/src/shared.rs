@@ -1,0 +1,38 @@
+//! The state every part of a running gateway shares: its configuration,
+//! identity, connections and metrics. Owned by [`crate::Gateway`]; the
+//! connection tasks, the broker link and the heartbeat hold an `Arc` of it.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::close::CloseReason;
+use crate::config::GatewayConfig;
+use crate::metrics::GatewayMetrics;
+use crate::registry::Registry;
+
+pub(crate) struct Shared {
+    pub(crate) config: GatewayConfig,
+    /// Random per process: lets this process reclaim its worker id after a reconnect.
+    pub(crate) instance_id: String,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: GatewayMetrics,
+    /// Set when connections must close for a reason other than shutdown.
+    pub(crate) close_reason: OnceLock<CloseReason>,
+    /// Origin of the coarse clock used for heartbeats.
+    pub(crate) epoch: Instant,
+}
+
+impl Shared {
+    /// Milliseconds since the gateway started.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn set_linked(&self, linked: bool) {
+        self.metrics.broker_linked.set(i64::from(linked));
+    }
+
+    pub(crate) fn close_reason(&self) -> CloseReason {
+        self.close_reason.get().copied().unwrap_or(CloseReason::Shutdown)
+    }
+}
