@@ -154,9 +154,9 @@ impl Browser {
         Some(Browser { chromium, chromedriver })
     }
 
-    /// Runs the seed's snippet against `ws_url` while curl publishes through
+    /// Runs the classic Channel example's snippet against `ws_url` while curl publishes through
     /// `http_url`: a broadcast, then a send to the browser's own connection.
-    fn run_seed_session(&self, ws_url: &str, http_url: &str) {
+    fn run_classic_example_session(&self, ws_url: &str, http_url: &str) {
         let chromium = self.chromium.to_string_lossy();
         let chromedriver = self.chromedriver.to_string_lossy();
         let out = run_python(
@@ -168,22 +168,22 @@ impl Browser {
 }
 
 #[test]
-fn the_seed_javascript_in_chromium_alerts_curl_publishes_on_the_classic_topology() {
+fn the_classic_example_javascript_in_chromium_alerts_curl_publishes_on_the_classic_topology() {
     let Some(browser) = Browser::find() else { return };
     let broker = Herald::broker(&[]);
     let address = broker.address("broker");
     let ws = Herald::ws(&address, &[]);
     let http = Herald::http(&address, &[]);
-    browser.run_seed_session(&ws.ws_url(), &http.http_url());
+    browser.run_classic_example_session(&ws.ws_url(), &http.http_url());
     assert_eq!(broker.metric("herald_broker_published_total{target=\"broadcast\"}"), 1.0);
     assert_eq!(ws.metric("herald_ws_connections_opened_total"), 1.0);
 }
 
 #[test]
-fn the_seed_javascript_in_chromium_alerts_curl_publishes_on_a_standalone_herald() {
+fn the_classic_example_javascript_in_chromium_alerts_curl_publishes_on_a_standalone_herald() {
     let Some(browser) = Browser::find() else { return };
     let herald = Herald::standalone(&[]);
-    browser.run_seed_session(&herald.ws_url(), &herald.http_url());
+    browser.run_classic_example_session(&herald.ws_url(), &herald.http_url());
     assert_eq!(herald.metric("herald_broker_published_total{target=\"broadcast\"}"), 1.0);
     assert_eq!(herald.metric("herald_ws_connections_opened_total"), 1.0);
 }

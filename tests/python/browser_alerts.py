@@ -2,7 +2,7 @@
 
 Opens a page served from 127.0.0.1, as a site would be (from about:blank,
 Chromium closes a WebSocket to loopback at once with 1006), and runs in it,
-as if typed into the console, the seed's JavaScript snippet, unchanged but
+as if typed into the console, the classic Channel example's JavaScript snippet, unchanged but
 for the address:
 
     ws = new WebSocket("ws://...");
@@ -153,7 +153,7 @@ def main():
         step(f"opening {page_url}")
         driver.get(page_url)
 
-        step(f"running the seed's snippet against {args.ws_url}")
+        step(f"running the classic Channel example's snippet against {args.ws_url}")
         driver.execute_script(SEED_SNIPPET.format(url=args.ws_url))
         greeting = next_alert(driver, "the greeting")
         match = re.fullmatch(
