@@ -14,5 +14,8 @@ fn main() -> io::Result<()> {
     let descriptors = protox::compile(files, ["."]).map_err(io::Error::other)?;
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| io::Error::other("OUT_DIR unset"))?);
     fs::write(out_dir.join("herald_descriptor.bin"), descriptors.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".herald.v1.Content.binary").compile_fds(descriptors)
+    tonic_prost_build::configure()
+        .bytes(".herald.v1.Content.binary")
+        .codec_path("crate::codec::Codec")
+        .compile_fds(descriptors)
 }

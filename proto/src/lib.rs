@@ -3,6 +3,7 @@
 //! the contract carries (worker ids, connection ids, channels) so that every
 //! role validates them the same way.
 
+pub mod codec;
 pub mod names;
 
 /// Generated messages, client and server of package `herald.v1`.

@@ -8,6 +8,8 @@ use thiserror::Error;
 pub const MAX_ID_LEN: usize = 64;
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 128;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 /// The channel every gateway listens on.
 pub const BROADCAST_CHANNEL: &str = "broadcast";
 /// Prefix of the channel a gateway listens on for its worker id.
@@ -24,6 +26,8 @@ pub enum NameError {
     BadCharacter { what: &'static str, value: String },
     #[error("{what} {value:?} has an empty dot-separated part")]
     EmptyPart { what: &'static str, value: String },
+    #[error("{what} has a character that is not visible ASCII")]
+    NotVisibleAscii { what: &'static str },
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -73,6 +77,17 @@ pub fn validate_connection_id(value: &str) -> Result<(), NameError> {
 /// characters.
 pub fn validate_channel(value: &str) -> Result<(), NameError> {
     check_dotted("channel", value, MAX_CHANNEL_LEN)
+}
+
+/// Checks an idempotency key: 1 to 128 characters of visible ASCII (a UUID,
+/// a hash, a request id).
+pub fn validate_idempotency_key(value: &str) -> Result<(), NameError> {
+    let what = "idempotency key";
+    check_len(what, value, MAX_IDEMPOTENCY_KEY_LEN)?;
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(NameError::NotVisibleAscii { what });
+    }
+    Ok(())
 }
 
 /// The channel on which the gateway holding `worker_id` listens.
