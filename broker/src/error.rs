@@ -20,6 +20,8 @@ pub enum PublishError {
     BatchTooLarge { len: usize, max: usize },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("broker is starting: it takes publishes once its gateways have had {grace:?} to reconnect")]
+    Starting { grace: std::time::Duration },
     #[error("broker cluster unavailable: {0}")]
     ClusterUnavailable(String),
 }
@@ -30,7 +32,7 @@ impl PublishError {
             Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) => Code::NotFound,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
-            Self::ShuttingDown | Self::ClusterUnavailable(_) => Code::Unavailable,
+            Self::ShuttingDown | Self::Starting { .. } | Self::ClusterUnavailable(_) => Code::Unavailable,
         }
     }
 }

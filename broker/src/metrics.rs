@@ -14,6 +14,7 @@ pub struct BrokerMetrics {
     rejected_unknown_worker: Counter,
     rejected_too_large: Counter,
     rejected_shutting_down: Counter,
+    rejected_starting: Counter,
     rejected_cluster_unavailable: Counter,
     /// Content bytes of the messages accepted for routing.
     pub published_bytes: Counter,
@@ -31,6 +32,10 @@ pub struct BrokerMetrics {
     pub claims_refused: Counter,
     /// Calls refused for a missing or wrong API key.
     pub auth_failures: Counter,
+    /// Publishes whose idempotency key was already accepted (not routed again).
+    pub duplicates: Counter,
+    /// Idempotency keys forgotten before their window ended, for room.
+    pub dedup_evicted: Counter,
     /// Live subscriber sessions.
     pub sessions: Gauge,
     /// Channels with at least one listener.
@@ -58,6 +63,7 @@ impl BrokerMetrics {
             PublishError::UnknownWorker(_) => &self.rejected_unknown_worker,
             PublishError::TooLarge { .. } | PublishError::BatchTooLarge { .. } => &self.rejected_too_large,
             PublishError::ShuttingDown => &self.rejected_shutting_down,
+            PublishError::Starting { .. } => &self.rejected_starting,
             PublishError::ClusterUnavailable(_) => &self.rejected_cluster_unavailable,
         }
         .inc();
@@ -79,6 +85,7 @@ impl BrokerMetrics {
                 (&[("reason", "unknown_worker")], &self.rejected_unknown_worker),
                 (&[("reason", "too_large")], &self.rejected_too_large),
                 (&[("reason", "shutting_down")], &self.rejected_shutting_down),
+                (&[("reason", "starting")], &self.rejected_starting),
                 (&[("reason", "cluster_unavailable")], &self.rejected_cluster_unavailable),
             ],
         );
@@ -121,6 +128,16 @@ impl BrokerMetrics {
             "herald_broker_auth_failures_total",
             "Calls refused for a missing or wrong API key.",
             &self.auth_failures,
+        );
+        out.counter(
+            "herald_broker_publish_duplicates_total",
+            "Publishes whose idempotency key was already accepted within the window: not routed again.",
+            &self.duplicates,
+        );
+        out.counter(
+            "herald_broker_idempotency_keys_evicted_total",
+            "Idempotency keys forgotten before the end of their window, to stay within capacity.",
+            &self.dedup_evicted,
         );
         out.gauge("herald_broker_sessions", "Live subscriber sessions.", self.sessions.get());
         out.gauge("herald_broker_channels", "Channels with at least one listener.", self.channels.get());

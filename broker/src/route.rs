@@ -60,6 +60,9 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
     if len > max_content_bytes {
         return Err(PublishError::TooLarge { len, max: max_content_bytes });
     }
+    if !req.idempotency_key.is_empty() {
+        names::validate_idempotency_key(&req.idempotency_key)?;
+    }
     let kind = req
         .target
         .as_ref()
@@ -112,6 +115,7 @@ mod tests {
         PublishRequest {
             target: Some(Target { kind: Some(kind) }),
             content: Some(Content { body: Some(content::Body::Text(text.into())) }),
+            idempotency_key: String::new(),
         }
     }
 
@@ -156,6 +160,8 @@ mod tests {
             req(to("w1", ""), "x"),
             req(target::Kind::Channel("a..b".into()), "x"),
             req(target::Kind::Channel("worker.w1".into()), "x"),
+            PublishRequest { idempotency_key: "a key".into(), ..req(to("w", "1"), "x") },
+            PublishRequest { idempotency_key: "k".repeat(129), ..req(to("w", "1"), "x") },
         ];
         for c in cases {
             assert_eq!(resolve(&c, 10).unwrap_err().code(), tonic::Code::InvalidArgument, "{c:?}");

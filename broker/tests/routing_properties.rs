@@ -280,6 +280,7 @@ impl Model {
         let req = PublishRequest {
             target: Some(Target { kind: Some(kind) }),
             content: Some(Content { body: Some(content::Body::Text(body.clone())) }),
+            idempotency_key: String::new(),
         };
         let result = self.hub.publish(req).await;
         if unheld_worker {

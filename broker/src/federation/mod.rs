@@ -81,6 +81,14 @@ pub trait Federation: Send + Sync + 'static {
     /// Whether a gateway on another broker holds `worker_id`.
     fn held_elsewhere(&self, worker_id: &str) -> bool;
 
+    /// Records an idempotency key for all brokers: true when no other broker
+    /// accepted it within the de-duplication window.
+    async fn first_use(&self, key: &str) -> Result<bool, FederationError>;
+
+    /// Forgets a key recorded by [`Federation::first_use`] whose publish was
+    /// not routed after all, so that a retry is routed.
+    fn forget(&self, key: &str);
+
     /// Stops taking part: the broker is shutting down.
     fn leave(&self);
 
@@ -118,6 +126,12 @@ impl Federation for Local {
     fn held_elsewhere(&self, _worker_id: &str) -> bool {
         false
     }
+
+    async fn first_use(&self, _key: &str) -> Result<bool, FederationError> {
+        Ok(true)
+    }
+
+    fn forget(&self, _key: &str) {}
 
     fn leave(&self) {}
 

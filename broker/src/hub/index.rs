@@ -168,6 +168,7 @@ impl<L: Listener> Index<L> {
     }
 
     /// The sessions listening on `channel`.
+    #[inline]
     pub(crate) fn listeners(&self, channel: &str) -> Option<Listeners<L>> {
         self.channels.get(channel).cloned()
     }

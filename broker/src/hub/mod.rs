@@ -12,16 +12,18 @@
 mod commands;
 mod index;
 mod publish;
+mod recent;
 mod session;
 
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use herald_common::metrics::Exposition;
 use tokio::sync::mpsc;
 
 use self::index::{Changes, Index};
+use self::recent::RecentKeys;
 use self::session::Sink;
 pub use self::session::{Session, SessionEvents};
 use crate::federation::{Federation, Local, Notice};
@@ -39,6 +41,15 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_SESSION_QUEUE: usize = 16 * 1024;
 /// How long a publisher waits on a full session queue, by default.
 pub const DEFAULT_SLOW_SESSION_GRACE: Duration = Duration::from_secs(2);
+/// How long a broker whose gateways run in other processes refuses
+/// publishes after it starts, by default: longer than a gateway's longest
+/// reconnect backoff (2 s), so that the gateways of a restarted broker are
+/// back before it takes a publish as routed.
+pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(3);
+/// How long an idempotency key is remembered, by default.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Most idempotency keys remembered at once, by default.
+pub const DEFAULT_DEDUP_CAPACITY: usize = 100_000;
 
 /// Limits the broker enforces.
 #[derive(Debug, Clone)]
@@ -55,6 +66,13 @@ pub struct HubLimits {
     pub session_queue: usize,
     /// How long a publisher waits on a full session queue before evicting it.
     pub slow_session_grace: Duration,
+    /// How long after start publishes are refused (`UNAVAILABLE`), so that
+    /// gateways reconnect first; zero for none.
+    pub startup_grace: Duration,
+    /// How long an idempotency key is remembered.
+    pub dedup_window: Duration,
+    /// Most idempotency keys remembered at once.
+    pub dedup_capacity: usize,
 }
 
 impl Default for HubLimits {
@@ -66,6 +84,9 @@ impl Default for HubLimits {
             max_sessions: DEFAULT_MAX_SESSIONS,
             session_queue: DEFAULT_SESSION_QUEUE,
             slow_session_grace: DEFAULT_SLOW_SESSION_GRACE,
+            startup_grace: Duration::ZERO,
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            dedup_capacity: DEFAULT_DEDUP_CAPACITY,
         }
     }
 }
@@ -82,6 +103,13 @@ struct Shared {
     metrics: BrokerMetrics,
     next_session_id: AtomicU64,
     federation: Box<dyn Federation>,
+    /// Idempotency keys accepted lately, by this broker.
+    recent: Mutex<RecentKeys>,
+    /// When the hub started (tokio's clock, so that tests can move it).
+    started: tokio::time::Instant,
+    /// Set once the startup grace is over, so that publishes stop reading
+    /// the clock for it.
+    grace_over: AtomicBool,
 }
 
 #[derive(Default)]
@@ -120,10 +148,13 @@ impl Hub {
         Self {
             shared: Arc::new(Shared {
                 state: RwLock::new(State::default()),
-                limits,
                 metrics: BrokerMetrics::default(),
                 next_session_id: AtomicU64::new(1),
                 federation,
+                recent: Mutex::new(RecentKeys::new(limits.dedup_window, limits.dedup_capacity)),
+                started: tokio::time::Instant::now(),
+                grace_over: AtomicBool::new(false),
+                limits,
             }),
         }
     }
@@ -134,7 +165,25 @@ impl Hub {
 
     /// Why the broker cannot do its job right now, if it cannot.
     pub fn unready_reason(&self) -> Option<&'static str> {
-        if self.is_shutting_down() { Some("shutting down") } else { self.federation().unready_reason() }
+        if self.is_shutting_down() {
+            Some("shutting down")
+        } else if self.is_starting() {
+            Some("starting: waiting for gateways to reconnect")
+        } else {
+            self.federation().unready_reason()
+        }
+    }
+
+    /// Whether the startup grace is still running.
+    fn is_starting(&self) -> bool {
+        if self.shared.grace_over.load(Ordering::Relaxed) {
+            return false;
+        }
+        let starting = self.shared.started.elapsed() < self.shared.limits.startup_grace;
+        if !starting {
+            self.shared.grace_over.store(true, Ordering::Relaxed);
+        }
+        starting
     }
 
     /// Renders the broker's metrics, queue depths and federation state included.
@@ -152,6 +201,11 @@ impl Hub {
             "herald_broker_session_queue_events_max",
             "Events queued for the most backed-up subscriber session.",
             depths.iter().copied().max().unwrap_or(0) as i64,
+        );
+        out.gauge(
+            "herald_broker_idempotency_keys",
+            "Idempotency keys this broker remembers (accepted within the de-duplication window).",
+            self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).len() as i64,
         );
         self.federation().render_metrics(out);
     }

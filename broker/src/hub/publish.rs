@@ -8,7 +8,7 @@
 //!
 //! [`route`]: crate::route
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::SystemTime;
 
 use herald_proto::v1::{Event, PublishRequest, PublishResponse, SubscribeResponse, subscribe_response};
@@ -34,9 +34,14 @@ struct Routed {
 
 impl Hub {
     /// Routes one message. Returns how many sessions it was handed to.
-    pub async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, PublishError> {
+    pub async fn publish(&self, mut req: PublishRequest) -> Result<PublishResponse, PublishError> {
         let metrics = &self.shared.metrics;
         let Routed { route, listeners, held_here } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
+        let key = std::mem::take(&mut req.idempotency_key);
+        if !key.is_empty() && !self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
+            metrics.duplicates.inc();
+            return Ok(PublishResponse { subscribers: 0, forwarded: false, duplicate: true });
+        }
         metrics.publish_accepted(route.kind);
         metrics.published_bytes.add(route.content_bytes as u64);
         let event = Event {
@@ -52,6 +57,7 @@ impl Hub {
                 if let Err(e) = forwarding.await {
                     let e = PublishError::ClusterUnavailable(e.0);
                     metrics.publish_rejected(&e);
+                    self.forget(&key);
                     return Err(e);
                 }
                 metrics.events_forwarded.inc();
@@ -60,7 +66,37 @@ impl Hub {
             None => false,
         };
         let delivered = self.deliver(listeners, event).await;
-        Ok(PublishResponse { subscribers: delivered, forwarded })
+        Ok(PublishResponse { subscribers: delivered, forwarded, duplicate: false })
+    }
+
+    /// Records an idempotency key, here and with the federation: false when
+    /// it was accepted before, within the window.
+    async fn first_use(&self, key: &str) -> Result<bool, PublishError> {
+        let (fresh, evicted) = self
+            .shared
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, tokio::time::Instant::now().into_std());
+        self.shared.metrics.dedup_evicted.add(evicted);
+        if !fresh {
+            return Ok(false);
+        }
+        match self.federation().first_use(key).await {
+            Ok(first) => Ok(first),
+            Err(e) => {
+                self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+                Err(PublishError::ClusterUnavailable(e.0))
+            }
+        }
+    }
+
+    /// Forgets an idempotency key whose publish was not routed after all.
+    fn forget(&self, key: &str) {
+        if !key.is_empty() {
+            self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+            self.federation().forget(key);
+        }
     }
 
     /// Routes several messages in order, each on its own.
@@ -86,6 +122,9 @@ impl Hub {
         let state = self.read();
         if state.shutting_down {
             return Err(PublishError::ShuttingDown);
+        }
+        if self.is_starting() {
+            return Err(PublishError::Starting { grace: self.shared.limits.startup_grace });
         }
         if let Some(reason) = self.federation().unready_reason() {
             return Err(PublishError::ClusterUnavailable(reason.to_owned()));

@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::task::Context;
 
 use herald_proto::v1::{
-    Ack, Broadcast, ClaimWorker, ConnectionAddress, Content, Event, PublishRequest, SubscribeChannels,
-    SubscribeRequest, SubscribeResponse, Target, UnsubscribeChannels, content, subscribe_request, subscribe_response,
-    target,
+    Ack, Broadcast, ClaimWorker, ConnectionAddress, ConnectionIds, Content, Delivery, Event, Everyone, PublishRequest,
+    SubscribeChannels, SubscribeRequest, SubscribeResponse, Target, UnsubscribeChannels, content, delivery,
+    subscribe_request, subscribe_response, target,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
@@ -18,6 +18,7 @@ fn text(kind: target::Kind, body: &str) -> PublishRequest {
     PublishRequest {
         target: Some(Target { kind: Some(kind) }),
         content: Some(Content { body: Some(content::Body::Text(body.into())) }),
+        idempotency_key: String::new(),
     }
 }
 
@@ -119,6 +120,27 @@ async fn a_connection_target_reaches_only_its_workers_session() {
     let ev = expect_text(&mut w2_events, "for w2").await;
     assert_eq!(ev.channel, "worker.w2");
     assert!(nothing_pending(&mut w1_events));
+}
+
+#[tokio::test]
+async fn events_carry_the_delivery_the_broker_decided_for_their_target() {
+    let hub = Hub::default();
+    let (gateway, mut events) = hub.open_session();
+    gateway.apply(claim(1, "w1", "i1")).await.unwrap();
+    gateway.apply(subscribe(2, &["broadcast", "news"])).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    expect_ack(&mut events, 2).await;
+
+    hub.publish(broadcast("all")).await.unwrap();
+    let everyone = Delivery { to: Some(delivery::To::Everyone(Everyone {})) };
+    assert_eq!(expect_text(&mut events, "all").await.delivery, Some(everyone));
+
+    hub.publish(to("w1", "7", "one")).await.unwrap();
+    let seven = Delivery { to: Some(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] })) };
+    assert_eq!(expect_text(&mut events, "one").await.delivery, Some(seven));
+
+    hub.publish(text(target::Kind::Channel("news".into()), "for subscribers")).await.unwrap();
+    assert_eq!(expect_text(&mut events, "for subscribers").await.delivery, None);
 }
 
 #[tokio::test]
@@ -288,4 +310,56 @@ async fn batches_route_each_message_and_report_each_outcome() {
     assert_eq!(results[1].as_ref().unwrap_err().code(), Code::NotFound);
     let too_many = vec![broadcast("a"), broadcast("b"), broadcast("c"), broadcast("d")];
     assert_eq!(hub.publish_batch(too_many).await.unwrap_err().code(), Code::ResourceExhausted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_starting_broker_refuses_publishes_until_its_gateways_had_the_grace_to_return() {
+    let hub = Hub::new(HubLimits { startup_grace: Duration::from_secs(3), ..HubLimits::default() });
+    let (gateway, mut events) = hub.open_session();
+    gateway.apply(subscribe(1, &["broadcast"])).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    let err = hub.publish(broadcast("too early")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.to_string().contains("starting"), "{err}");
+    assert!(hub.unready_reason().is_some_and(|r| r.contains("starting")));
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(hub.unready_reason(), None);
+    assert_eq!(hub.publish(broadcast("now")).await.unwrap().subscribers, 1);
+    expect_text(&mut events, "now").await;
+}
+
+fn keyed(mut req: PublishRequest, key: &str) -> PublishRequest {
+    req.idempotency_key = key.into();
+    req
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_is_answered_as_a_duplicate_and_not_routed() {
+    let hub = Hub::default();
+    let (s, mut events) = hub.open_session();
+    s.apply(claim(1, "w1", "i")).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    let first = hub.publish(keyed(to("w1", "1", "once"), "k-1")).await.unwrap();
+    assert_eq!((first.subscribers, first.duplicate), (1, false));
+    let retry = hub.publish(keyed(to("w1", "1", "once"), "k-1")).await.unwrap();
+    assert_eq!((retry.subscribers, retry.duplicate), (0, true));
+    expect_text(&mut events, "once").await;
+    assert!(nothing_pending(&mut events));
+    assert_eq!(hub.shared.metrics.duplicates.get(), 1);
+    let other = hub.publish(keyed(to("w1", "1", "another"), "k-2")).await.unwrap();
+    assert!(!other.duplicate);
+}
+
+#[tokio::test]
+async fn a_refused_publish_does_not_use_up_its_idempotency_key() {
+    let hub = Hub::default();
+    let refused = hub.publish(keyed(to("ghost", "1", "x"), "k-1")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    let (s, mut events) = hub.open_session();
+    s.apply(claim(1, "ghost", "i")).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    let retried = hub.publish(keyed(to("ghost", "1", "x"), "k-1")).await.unwrap();
+    assert_eq!((retried.subscribers, retried.duplicate), (1, false));
+    let bad = hub.publish(keyed(broadcast("x"), "not visible\u{7f}")).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
 }

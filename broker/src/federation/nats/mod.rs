@@ -16,7 +16,7 @@ mod leases;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::Store;
+use async_nats::jetstream::kv::{self, Store};
 use async_nats::{ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use herald_common::metrics::Exposition;
@@ -37,6 +37,8 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "herald.ch";
 pub const DEFAULT_KV_REPLICAS: usize = 1;
 /// How long a worker-id lease lasts without renewal, by default.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Key-value bucket holding recent idempotency keys, by default.
+pub const DEFAULT_DEDUP_BUCKET: &str = "herald_dedup";
 
 /// Notices from NATS queued for the hub before the bus waits.
 const NOTICE_QUEUE: usize = 64 * 1024;
@@ -54,6 +56,10 @@ pub struct NatsConfig {
     pub kv_replicas: usize,
     /// How long a worker-id lease lasts without renewal.
     pub lease_ttl: Duration,
+    /// Key-value bucket holding recent idempotency keys, for all brokers.
+    pub dedup_bucket: String,
+    /// How long an idempotency key is remembered.
+    pub dedup_window: Duration,
 }
 
 impl NatsConfig {
@@ -64,6 +70,8 @@ impl NatsConfig {
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
             kv_replicas: DEFAULT_KV_REPLICAS,
             lease_ttl: DEFAULT_LEASE_TTL,
+            dedup_bucket: DEFAULT_DEDUP_BUCKET.to_owned(),
+            dedup_window: crate::hub::DEFAULT_DEDUP_WINDOW,
         }
     }
 }
@@ -85,6 +93,9 @@ pub struct NatsFederation {
     changes: mpsc::UnboundedSender<Change>,
     leases: Arc<Leases>,
     store: Arc<RwLock<Option<Store>>>,
+    /// The bucket of recent idempotency keys, opened on first use.
+    dedup: Arc<tokio::sync::Mutex<Option<Store>>>,
+    dedup_config: kv::Config,
     stop: CancellationToken,
 }
 
@@ -144,8 +155,24 @@ impl NatsFederation {
             stop.clone(),
         ));
         tracing::info!(broker_id, urls = %config.urls, "joining the broker cluster");
-        let federation =
-            Self { client, broker_id, subject_prefix: config.subject_prefix, changes: changes_tx, leases, store, stop };
+        let federation = Self {
+            client,
+            broker_id,
+            subject_prefix: config.subject_prefix,
+            changes: changes_tx,
+            leases,
+            store,
+            dedup: Arc::default(),
+            dedup_config: kv::Config {
+                bucket: config.dedup_bucket.clone(),
+                description: "herald idempotency keys of recent publishes".to_owned(),
+                history: 1,
+                max_age: config.dedup_window,
+                num_replicas: config.kv_replicas,
+                ..kv::Config::default()
+            },
+            stop,
+        };
         Ok((federation, notices_rx))
     }
 
@@ -157,6 +184,29 @@ impl NatsFederation {
     fn current_store(&self) -> Option<Store> {
         self.store.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
+
+    /// The idempotency-key bucket, opened (or created) on first use.
+    async fn dedup_store(&self) -> Result<Store, FederationError> {
+        let mut slot = self.dedup.lock().await;
+        if let Some(store) = slot.as_ref() {
+            return Ok(store.clone());
+        }
+        let jetstream = async_nats::jetstream::new(self.client.clone());
+        let store = match jetstream.get_key_value(&self.dedup_config.bucket).await {
+            Ok(store) => store,
+            Err(_) => jetstream
+                .create_key_value(self.dedup_config.clone())
+                .await
+                .map_err(|e| FederationError(format!("opening the idempotency-key bucket: {e}")))?,
+        };
+        *slot = Some(store.clone());
+        Ok(store)
+    }
+}
+
+/// An idempotency key as a key-value key (`[0-9a-f]` only).
+fn dedup_key(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 #[async_trait]
@@ -197,6 +247,32 @@ impl Federation for NatsFederation {
 
     fn held_elsewhere(&self, worker_id: &str) -> bool {
         self.leases.is_held(worker_id)
+    }
+
+    async fn first_use(&self, key: &str) -> Result<bool, FederationError> {
+        let store = self.dedup_store().await?;
+        match store.create(dedup_key(key), self.broker_id.clone().into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => {
+                // The bucket may be gone (NATS restarted): open it afresh next time.
+                *self.dedup.lock().await = None;
+                Err(FederationError(format!("recording the idempotency key: {e}")))
+            }
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        let key = dedup_key(key);
+        let slot = self.dedup.clone();
+        tokio::spawn(async move {
+            let store = slot.lock().await.clone();
+            if let Some(store) = store
+                && let Err(e) = store.purge(&key).await
+            {
+                tracing::debug!(error = %e, "could not forget an idempotency key");
+            }
+        });
     }
 
     fn leave(&self) {
