@@ -7,11 +7,11 @@
 
 use std::sync::{Arc, Weak};
 
-use herald_proto::v1::{PublishRequest, PublishResponse, publish_result};
+use std::future::Future;
+
+use herald_proto::v1::{PublishRequest, PublishResponse, PublishResult, publish_result};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Status};
-
-use crate::remote::Remote;
 
 /// Batches in flight at once from one publisher process.
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -26,8 +26,19 @@ pub(crate) struct Pending {
     pub(crate) reply: oneshot::Sender<Result<PublishResponse, Status>>,
 }
 
+/// Where coalesced publishes go.
+pub(crate) trait Publisher: Send + Sync + 'static {
+    /// Routes one message on its own.
+    fn publish_one(&self, req: PublishRequest) -> impl Future<Output = Result<PublishResponse, Status>> + Send;
+    /// Routes several messages in order, one result per message.
+    fn publish_batch(
+        &self,
+        requests: &[PublishRequest],
+    ) -> impl Future<Output = Result<Vec<PublishResult>, Status>> + Send;
+}
+
 /// Starts the coalescing task for `remote`; returns where publishes go.
-pub(crate) fn start(remote: Weak<Remote>) -> mpsc::Sender<Pending> {
+pub(crate) fn start<P: Publisher>(remote: Weak<P>) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE);
     tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
@@ -43,7 +54,7 @@ pub(crate) fn start(remote: Weak<Remote>) -> mpsc::Sender<Pending> {
             }
             let Some(remote) = remote.upgrade() else { return };
             tokio::spawn(async move {
-                send(&remote, batch).await;
+                send(remote.as_ref(), batch).await;
                 drop(slot);
             });
         }
@@ -52,7 +63,7 @@ pub(crate) fn start(remote: Weak<Remote>) -> mpsc::Sender<Pending> {
 }
 
 /// Sends one coalesced batch and answers each of its publishers.
-async fn send(remote: &Remote, batch: Vec<Pending>) {
+async fn send<P: Publisher>(remote: &P, batch: Vec<Pending>) {
     if let [_] = batch.as_slice() {
         for Pending { req, reply } in batch {
             let _ = reply.send(remote.publish_one(req).await);

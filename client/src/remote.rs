@@ -25,7 +25,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::api_key::ApiKey;
-use crate::coalesce::{self, Pending};
+use crate::coalesce::{self, Pending, Publisher};
 use crate::{Broker, BrokerSession, SessionCommands};
 
 /// The service name brokers report health for.
@@ -76,7 +76,7 @@ pub struct RemoteBrokers {
     inner: Arc<Remote>,
 }
 
-pub(crate) struct Remote {
+struct Remote {
     /// Single publishes waiting to go out in a batch (started on first use).
     coalescer: OnceLock<mpsc::Sender<Pending>>,
     brokers: Vec<Address>,
@@ -151,14 +151,33 @@ impl Remote {
     /// Runs `call` against each broker in turn, from the preferred one, until
     /// one answers with anything but `UNAVAILABLE`; that broker becomes the
     /// preferred one. Returns the answer and the address that gave it.
-    async fn failover<T, F, Fut>(&self, mut call: F) -> Result<(T, &str), Status>
+    ///
+    /// A `timed` call that gets no answer within the request timeout ends
+    /// with `DEADLINE_EXCEEDED` and is not tried elsewhere: the broker may
+    /// have acted on it, so its outcome is unknown.
+    async fn failover<T, F, Fut>(&self, timed: bool, mut call: F) -> Result<(T, &str), Status>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut failures = Vec::with_capacity(self.brokers.len());
         for (i, broker) in self.rotation() {
-            match call(broker.client.clone()).await {
+            let answer = call(broker.client.clone());
+            let answer = if timed {
+                match tokio::time::timeout(self.request_timeout, answer).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "broker {} did not answer within {:?}: the message may have been routed \
+                             (retry with the same idempotency key)",
+                            broker.address, self.request_timeout
+                        )));
+                    }
+                }
+            } else {
+                answer.await
+            };
+            match answer {
                 Ok(answer) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok((answer, &broker.address));
@@ -172,31 +191,23 @@ impl Remote {
         }
         Err(Status::unavailable(format!("no broker reachable ({})", failures.join("; "))))
     }
+}
 
-    /// Wraps `body` in a request, with the call timeout when `timeout`.
-    fn request<T>(&self, body: T, timeout: bool) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(body);
-        if timeout {
-            request.set_timeout(self.request_timeout);
-        }
-        request
-    }
-
-    /// Routes one message on its own (no coalescing).
-    pub(crate) async fn publish_one(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
+impl Publisher for Remote {
+    async fn publish_one(&self, req: PublishRequest) -> Result<PublishResponse, Status> {
         let answer = self
-            .failover(|mut client| {
-                let request = self.request(req.clone(), true);
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(req.clone());
                 async move { client.publish(request).await }
             })
             .await?;
         Ok(answer.0.into_inner())
     }
 
-    pub(crate) async fn publish_batch(&self, requests: &[PublishRequest]) -> Result<Vec<PublishResult>, Status> {
+    async fn publish_batch(&self, requests: &[PublishRequest]) -> Result<Vec<PublishResult>, Status> {
         let answer = self
-            .failover(|mut client| {
-                let request = self.request(PublishBatchRequest { requests: requests.to_vec() }, true);
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(PublishBatchRequest { requests: requests.to_vec() });
                 async move { client.publish_batch(request).await }
             })
             .await?;
@@ -239,9 +250,9 @@ impl Broker for RemoteBrokers {
     async fn open_session(&self) -> Result<BrokerSession, Status> {
         let remote = &self.inner;
         let ((commands, events), broker) = remote
-            .failover(|mut client| {
+            .failover(false, |mut client| {
                 let (tx, rx) = mpsc::channel(SESSION_COMMAND_QUEUE);
-                let request = remote.request(ReceiverStream::new(rx), false);
+                let request = tonic::Request::new(ReceiverStream::new(rx));
                 async move { Ok((tx, client.subscribe(request).await?.into_inner())) }
             })
             .await?;
@@ -255,8 +266,9 @@ impl Broker for RemoteBrokers {
     /// Whether some broker answers its health check with SERVING.
     async fn probe(&self) -> bool {
         for (_, broker) in self.inner.rotation() {
-            let request = self.inner.request(HealthCheckRequest { service: BROKER_SERVICE.to_owned() }, true);
-            let answer = broker.health.clone().check(request).await;
+            let request = tonic::Request::new(HealthCheckRequest { service: BROKER_SERVICE.to_owned() });
+            let answer = tokio::time::timeout(self.inner.request_timeout, broker.health.clone().check(request)).await;
+            let Ok(answer) = answer else { continue };
             if answer.is_ok_and(|a| a.into_inner().status == ServingStatus::Serving as i32) {
                 return true;
             }
