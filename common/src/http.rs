@@ -1,8 +1,10 @@
 //! The HTTP/1.1 and HTTP/2 server loop shared by the HTTP gateway and the
 //! admin endpoints, in clear or over TLS: per-connection header-read timeouts (which also bound
-//! idle keep-alive connections and defeat slowloris clients) and graceful
-//! shutdown that lets in-flight requests finish.
+//! idle keep-alive connections and defeat slowloris clients), a cap on
+//! connections with a clear refusal past it, and graceful shutdown that lets
+//! in-flight requests finish.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -11,9 +13,12 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::refusals::WithReasons;
 
 /// Timeouts of an HTTP server.
 #[derive(Debug, Clone)]
@@ -24,17 +29,71 @@ pub struct HttpServerOptions {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Most connections at once; past it a connection is answered 503 and
+    /// closed.
+    pub max_connections: usize,
+    /// Whether connections also count against the process's budget of
+    /// client connections ([`crate::net::connection_slot`]). The admin
+    /// endpoints do not: they live on the descriptors that budget keeps free.
+    pub client_facing: bool,
 }
 
 /// How long a client may take to send request headers, by default.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for in-flight requests, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections of a client-facing HTTP listener, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 impl Default for HttpServerOptions {
     fn default() -> Self {
-        Self { header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT, drain_timeout: DEFAULT_DRAIN_TIMEOUT }
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            client_facing: true,
+        }
     }
+}
+
+/// A connection's places: in the listener's cap, and in the process's
+/// budget for client-facing listeners.
+struct Admission {
+    _listener: OwnedSemaphorePermit,
+    _process: Option<crate::net::ConnectionSlot>,
+}
+
+/// Admits one more connection, or says why not.
+fn admit(listener: &Arc<Semaphore>, options: &HttpServerOptions) -> Result<Admission, String> {
+    let permit = listener
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| format!("too many connections: this listener serves at most {}", options.max_connections))?;
+    let slot = if options.client_facing {
+        Some(crate::net::connection_slot().ok_or("too many connections: the server is at its open-files limit")?)
+    } else {
+        None
+    };
+    Ok(Admission { _listener: permit, _process: slot })
+}
+
+/// Answers a connection that cannot be served with 503 and `reason`, and
+/// closes it at once: in the accept loop, without waiting, so that refusals
+/// never hold descriptors. Over TLS there is no plain answer to give.
+fn refuse(stream: TcpStream, reason: &str, tls: bool) {
+    if !tls {
+        let _ = stream.try_write(refusal(reason).as_bytes());
+    }
+}
+
+/// A 503 answer with `reason` as its body, for a connection about to close.
+pub fn refusal(reason: &str) -> String {
+    let body = format!("{reason}\n");
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until
@@ -51,6 +110,7 @@ pub async fn serve(
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(true);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
     let graceful = GracefulShutdown::new();
+    let capacity = Arc::new(Semaphore::new(options.max_connections.max(1)));
     loop {
         let (stream, _peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -64,6 +124,14 @@ pub async fn serve(
                 }
             },
         };
+        let admission = match admit(&capacity, &options) {
+            Ok(admission) => admission,
+            Err(reason) => {
+                tracing::debug!(reason, "refusing an HTTP connection");
+                refuse(stream, &reason, tls.is_some());
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let app = app.clone();
@@ -72,9 +140,9 @@ pub async fn serve(
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
             let result = match tls {
-                None => serve_connection(&builder, watcher, stream, app).await,
+                None => serve_connection(&builder, watcher, WithReasons::new(stream), app).await,
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(&builder, watcher, tls, app).await,
+                    Ok(Ok(tls)) => serve_connection(&builder, watcher, WithReasons::new(tls), app).await,
                     Ok(Err(e)) => Err(e.into()),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
@@ -82,6 +150,7 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
+            drop(admission);
         });
     }
     drop(listener);

@@ -9,5 +9,6 @@ pub mod duration;
 pub mod http;
 pub mod metrics;
 pub mod net;
+mod refusals;
 pub mod tls;
 pub mod token;
