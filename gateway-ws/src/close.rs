@@ -17,6 +17,8 @@ pub(crate) enum CloseReason {
     MessageTooBig,
     /// The client broke the WebSocket protocol (close code 1002).
     ProtocolError,
+    /// The client sent a text message that is not UTF-8 (close code 1007).
+    InvalidPayload,
     /// The outbound queue overflowed (close code 1008).
     SlowConsumer,
     /// A batch of frames could not be written in time (close code 1008).
@@ -30,11 +32,12 @@ pub(crate) enum CloseReason {
 }
 
 impl CloseReason {
-    pub(crate) const ALL: [CloseReason; 9] = [
+    pub(crate) const ALL: [CloseReason; 10] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::MessageTooBig,
         Self::ProtocolError,
+        Self::InvalidPayload,
         Self::SlowConsumer,
         Self::WriteTimeout,
         Self::Unresponsive,
@@ -48,6 +51,7 @@ impl CloseReason {
             Self::ClientGone => "client_gone",
             Self::MessageTooBig => "message_too_big",
             Self::ProtocolError => "protocol_error",
+            Self::InvalidPayload => "invalid_payload",
             Self::SlowConsumer => "slow_consumer",
             Self::WriteTimeout => "write_timeout",
             Self::Unresponsive => "ping_timeout",
@@ -62,6 +66,7 @@ impl CloseReason {
             Self::ClientClosed | Self::ClientGone => return None,
             Self::MessageTooBig => (CloseCode::Size, "message too big"),
             Self::ProtocolError => (CloseCode::Protocol, "protocol error"),
+            Self::InvalidPayload => (CloseCode::Invalid, "text message is not UTF-8"),
             Self::SlowConsumer => (CloseCode::Policy, "slow consumer: outbound queue overflowed"),
             Self::WriteTimeout => (CloseCode::Policy, "slow consumer: write timed out"),
             Self::Unresponsive => (CloseCode::Policy, "no answer to pings"),

@@ -76,9 +76,12 @@ pub struct GatewayConfig {
     /// How long each shutdown step (broker drain, client close) may take.
     pub drain_timeout: Duration,
     /// Origins allowed to open connections (exact `scheme://host[:port]`);
-    /// empty allows any. Requests without an `Origin` header (non-browser
-    /// clients) are allowed either way.
+    /// empty allows any. With a list, a request without an `Origin` header
+    /// is refused unless `allow_missing_origin`.
     pub allowed_origins: Vec<String>,
+    /// With `allowed_origins`, still accept requests that carry no `Origin`
+    /// (non-browser clients, which can send any origin anyway).
+    pub allow_missing_origin: bool,
     /// How often every connection is pinged; zero turns heartbeats off.
     pub ping_interval: Duration,
     /// How long past a ping a silent client is kept before it is closed.
@@ -99,6 +102,7 @@ impl GatewayConfig {
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             allowed_origins: Vec::new(),
+            allow_missing_origin: false,
             ping_interval: DEFAULT_PING_INTERVAL,
             pong_timeout: DEFAULT_PONG_TIMEOUT,
         }
@@ -114,13 +118,9 @@ impl GatewayConfig {
     }
 
     /// Whether a browser page from `origin` may connect.
-    pub(crate) fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        match origin {
-            Some(origin) if !self.allowed_origins.is_empty() => {
-                self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
-            }
-            _ => true,
-        }
+    pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty()
+            || self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
     }
 
     pub(crate) fn websocket(&self) -> WebSocketConfig {
@@ -145,11 +145,10 @@ mod tests {
     #[test]
     fn origins_are_checked_only_when_an_allow_list_is_set() {
         let mut config = GatewayConfig::new("w".into());
-        assert!(config.origin_allowed(Some("https://evil.example")));
+        assert!(config.origin_allowed("https://evil.example"));
         config.allowed_origins = vec!["https://app.example".into()];
-        assert!(config.origin_allowed(Some("https://APP.example")));
-        assert!(!config.origin_allowed(Some("https://evil.example")));
-        assert!(config.origin_allowed(None));
+        assert!(config.origin_allowed("https://APP.example"));
+        assert!(!config.origin_allowed("https://evil.example"));
     }
 
     #[test]

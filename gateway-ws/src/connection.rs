@@ -22,11 +22,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseReason;
+use crate::handshake;
 use crate::outbox::Outbox;
 use crate::shared::Shared;
 
@@ -51,6 +51,16 @@ pub(crate) async fn serve(
     match tls {
         None => serve_plain(stream, peer, &shared, &shutdown).await,
         Some(acceptor) => Box::pin(serve_tls(stream, acceptor, peer, &shared, &shutdown)).await,
+    }
+}
+
+/// Answers a connection the process has no descriptor to spare for: 503,
+/// and close at once, without waiting (over TLS there is no plain answer to
+/// give).
+pub(crate) fn refuse_at_limit(stream: TcpStream, tls: bool) {
+    if !tls {
+        let answer = herald_common::http::refusal("too many connections: the server is at its open-files limit");
+        let _ = stream.try_write(answer.as_bytes());
     }
 }
 
@@ -85,45 +95,45 @@ async fn serve_tls(
     }
 }
 
-/// The WebSocket upgrade, with the origin and connection-count checks.
-// The handshake callback's signature, large error included, is tungstenite's.
-#[allow(clippy::result_large_err)]
-async fn websocket_handshake<S>(stream: S, peer: SocketAddr, shared: &Shared) -> Option<Box<WebSocketStream<S>>>
+/// The WebSocket upgrade ([`handshake`]), within the handshake timeout.
+/// A refused request gets its HTTP answer; an accepted one becomes a
+/// WebSocket stream.
+async fn websocket_handshake<S>(mut stream: S, peer: SocketAddr, shared: &Shared) -> Option<Box<WebSocketStream<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = &shared.config;
-    let registry = &shared.registry;
-    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let refuse = |status, reason: &str| {
-            let mut refusal = ErrorResponse::new(Some(format!("{reason}\n")));
-            *refusal.status_mut() = status;
-            Err(refusal)
-        };
-        let origin = request.headers().get("origin").and_then(|v| v.to_str().ok());
-        if !config.origin_allowed(origin) {
-            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+    let at_capacity = shared.registry.len() >= config.max_connections;
+    let upgraded = timeout(config.handshake_timeout, async {
+        match handshake::read_request(&mut stream, config, at_capacity).await {
+            Ok(upgrade) => handshake::accept(&mut stream, &upgrade).await.map(|()| upgrade).map_err(|e| e.to_string()),
+            Err(refusal) => {
+                handshake::refuse(&mut stream, &refusal).await;
+                Err(format!("refused with {}: {}", refusal.status, refusal.reason))
+            }
         }
-        if registry.len() >= config.max_connections {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections on this gateway");
-        }
-        Ok(response)
-    };
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config.websocket()));
-    match timeout(config.handshake_timeout, handshake).await {
-        // Boxed: a pointer is all the connection's task then carries around.
-        Ok(Ok(ws)) => Some(Box::new(ws)),
+    })
+    .await;
+    let upgrade = match upgraded {
+        Ok(Ok(upgrade)) => upgrade,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "WebSocket handshake failed");
             shared.metrics.handshakes_failed.inc();
-            None
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "WebSocket handshake timed out");
             shared.metrics.handshakes_failed.inc();
-            None
+            return None;
         }
-    }
+    };
+    let ws = if upgrade.tail.is_empty() {
+        WebSocketStream::from_raw_socket(stream, Role::Server, Some(config.websocket())).await
+    } else {
+        WebSocketStream::from_partially_read(stream, upgrade.tail, Role::Server, Some(config.websocket())).await
+    };
+    // Boxed: a pointer is all the connection's task then carries around.
+    Some(Box::new(ws))
 }
 
 /// An open connection: greeting, then the delivery loop, then the close.
@@ -195,7 +205,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
-                Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => return CloseReason::ProtocolError,
+                Some(Err(WsError::Utf8(_))) => return CloseReason::InvalidPayload,
+                Some(Err(WsError::Protocol(_))) => return CloseReason::ProtocolError,
                 Some(Err(_)) => return CloseReason::ClientGone,
                 }
             }

@@ -2,6 +2,7 @@
 //!
 //! - `config`: what a gateway is told at start ([`GatewayConfig`]);
 //! - `connection`: one client connection, handshake to close;
+//! - `handshake`: the WebSocket upgrade, and its refusals as HTTP answers;
 //! - `close`: why a connection closes, and its close frame;
 //! - `outbox`: a connection's byte-bounded outbound queue;
 //! - `registry`: live connections, and the delivery the broker decided;
@@ -15,6 +16,7 @@
 mod close;
 mod config;
 mod connection;
+mod handshake;
 mod link;
 mod metrics;
 mod outbox;
@@ -127,9 +129,19 @@ impl Gateway {
                     };
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        connections.spawn(connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone()));
-                    }
+                    Ok((stream, peer)) => match herald_common::net::connection_slot() {
+                        Some(slot) => {
+                            let serve = connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone());
+                            connections.spawn(async move {
+                                serve.await;
+                                drop(slot);
+                            });
+                        }
+                        None => {
+                            shared.metrics.handshakes_failed.inc();
+                            connection::refuse_at_limit(stream, tls.is_some());
+                        }
+                    },
                     Err(e) => {
                         // Typically out of file descriptors: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");

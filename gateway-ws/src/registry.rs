@@ -75,13 +75,20 @@ impl Registry {
             delivery::To::Everyone(_) => self.broadcast(&frame, published_us),
             delivery::To::Connections(connections) => {
                 let mut outcome = Outcome::default();
-                for id in &connections.ids {
-                    match self.send_to(id, frame.clone(), published_us) {
-                        Ok(()) => outcome.queued += 1,
-                        Err(SendError::UnknownConnection) => outcome.unknown += 1,
-                        Err(SendError::Closing(_)) => outcome.closing += 1,
-                    }
+                let Some((last, others)) = connections.ids.split_last() else {
+                    return outcome;
+                };
+                let mut count = |sent: Result<(), SendError>| match sent {
+                    Ok(()) => outcome.queued += 1,
+                    Err(SendError::UnknownConnection) => outcome.unknown += 1,
+                    Err(SendError::Closing(_)) => outcome.closing += 1,
+                };
+                for id in others {
+                    count(self.send_to(id, frame.clone(), published_us));
                 }
+                // The last connection takes the frame itself: a clone of a
+                // payload read off the wire costs an allocation.
+                count(self.send_to(last, frame, published_us));
                 outcome
             }
         }

@@ -1,0 +1,262 @@
+//! The WebSocket opening handshake (RFC 6455 §4.2), done by the gateway
+//! itself so that every refusal is an HTTP response with a status and a
+//! one-line reason (tungstenite's own handshake closes the socket without a
+//! word), and so that the origin and capacity checks come before anything
+//! else. Once the 101 answer is written, tungstenite takes the socket over
+//! for framing.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::config::GatewayConfig;
+
+/// Largest request head accepted, in bytes.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Most header fields in a request head.
+const MAX_HEADERS: usize = 64;
+/// The only WebSocket version there is.
+const WEBSOCKET_VERSION: &str = "13";
+
+/// A request that may be upgraded.
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    /// The `Sec-WebSocket-Accept` value that answers the client's key.
+    accept: String,
+    /// Bytes the client sent after its request head (its first frames).
+    pub(crate) tail: Vec<u8>,
+}
+
+/// Why a request is not upgraded: the HTTP answer it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+    /// Header lines (`Name: value`) the answer carries besides the usual ones.
+    headers: Vec<&'static str>,
+}
+
+impl Refusal {
+    fn new(status: u16, reason: impl Into<String>) -> Self {
+        Self { status, reason: reason.into(), headers: Vec::new() }
+    }
+
+    fn with_header(mut self, header: &'static str) -> Self {
+        self.headers.push(header);
+        self
+    }
+
+    /// The whole HTTP answer: status, headers and the reason as the body.
+    fn response(&self) -> String {
+        let body = format!("{}\n", self.reason.replace(['\r', '\n'], " "));
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            phrase(self.status),
+            body.len()
+        );
+        for header in &self.headers {
+            head.push_str(header);
+            head.push_str("\r\n");
+        }
+        head + "\r\n" + &body
+    }
+}
+
+fn phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    }
+}
+
+/// Reads the request head and decides: upgrade, or refuse. `at_capacity`
+/// says whether the gateway holds all the connections it may.
+pub(crate) async fn read_request<S>(
+    stream: &mut S,
+    config: &GatewayConfig,
+    at_capacity: bool,
+) -> Result<Upgrade, Refusal>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        if let Some(end) = find_head_end(&buf) {
+            break end;
+        }
+        if buf.len() >= MAX_HEAD_BYTES {
+            return Err(Refusal::new(431, format!("request head over {MAX_HEAD_BYTES} bytes")));
+        }
+        let mut chunk = [0u8; 1024];
+        let read = stream.read(&mut chunk).await.map_err(|e| Refusal::new(400, format!("reading the request: {e}")))?;
+        if read == 0 {
+            return Err(Refusal::new(400, "connection closed before the end of the request head"));
+        }
+        buf.extend_from_slice(&chunk[..read]);
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::new(400, "malformed HTTP request head")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(431, format!("more than {MAX_HEADERS} header fields")));
+        }
+        Err(e) => return Err(Refusal::new(400, format!("malformed HTTP request: {e}"))),
+    }
+    let key = check(&request, config, at_capacity)?;
+    let accept = derive_accept_key(key.as_bytes());
+    Ok(Upgrade { accept, tail: buf.split_off(head_len) })
+}
+
+/// Checks an upgrade request; returns its `Sec-WebSocket-Key`.
+fn check(request: &httparse::Request<'_, '_>, config: &GatewayConfig, at_capacity: bool) -> Result<String, Refusal> {
+    let values = |name: &str| -> Vec<&str> {
+        request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| std::str::from_utf8(h.value).unwrap_or("\u{fffd}").trim())
+            .collect()
+    };
+    let has_token = |name: &str, token: &str| {
+        values(name).iter().flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if request.method != Some("GET") {
+        return Err(Refusal::new(405, "a WebSocket upgrade is a GET request").with_header("Allow: GET"));
+    }
+    if request.version != Some(1) {
+        return Err(Refusal::new(400, "a WebSocket upgrade needs HTTP/1.1"));
+    }
+    if !has_token("upgrade", "websocket") {
+        return Err(Refusal::new(426, "this is a WebSocket endpoint: send 'Upgrade: websocket'")
+            .with_header("Upgrade: websocket")
+            .with_header("Connection: Upgrade"));
+    }
+    if !has_token("connection", "upgrade") {
+        return Err(Refusal::new(400, "'Connection: Upgrade' is missing"));
+    }
+    if values("sec-websocket-version") != [WEBSOCKET_VERSION] {
+        return Err(Refusal::new(426, "unsupported WebSocket version: use 13").with_header("Sec-WebSocket-Version: 13"));
+    }
+    let key = match values("sec-websocket-key")[..] {
+        [key] if STANDARD.decode(key).is_ok_and(|k| k.len() == 16) => key.to_owned(),
+        [] => return Err(Refusal::new(400, "'Sec-WebSocket-Key' is missing")),
+        _ => return Err(Refusal::new(400, "'Sec-WebSocket-Key' is not one base64-encoded 16-byte value")),
+    };
+    match values("origin")[..] {
+        [] if !config.allowed_origins.is_empty() && !config.allow_missing_origin => {
+            return Err(Refusal::new(403, "an Origin header is required"));
+        }
+        [] => {}
+        [origin] if !config.origin_allowed(origin) => return Err(Refusal::new(403, "origin not allowed")),
+        [_] => {}
+        _ => return Err(Refusal::new(400, "more than one Origin header")),
+    }
+    if at_capacity {
+        return Err(Refusal::new(503, "too many connections on this gateway"));
+    }
+    Ok(key)
+}
+
+/// Where the request head ends (just past its blank line), if it has.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Writes the 101 answer that completes an upgrade.
+pub(crate) async fn accept<S: AsyncWrite + Unpin>(stream: &mut S, upgrade: &Upgrade) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        upgrade.accept
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.flush().await
+}
+
+/// Writes a refusal, then shuts the sending side so the client reads it whole.
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
+    if stream.write_all(refusal.response().as_bytes()).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    async fn decide(head: &str, config: &GatewayConfig) -> Result<Upgrade, Refusal> {
+        read_request(&mut head.as_bytes(), config, false).await
+    }
+
+    fn upgrade_request(extra: &str) -> String {
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_proper_upgrade_is_accepted_with_the_rfc_accept_key() {
+        let upgrade = decide(&(upgrade_request("") + "early"), &GatewayConfig::new("w".into())).await.unwrap();
+        assert_eq!(upgrade.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "RFC 6455's own example");
+        assert_eq!(upgrade.tail, b"early");
+    }
+
+    #[tokio::test]
+    async fn each_malformed_upgrade_gets_its_status_and_reason() {
+        let config = GatewayConfig::new("w".into());
+        let cases = [
+            (upgrade_request("").replace("GET", "POST"), 405),
+            (upgrade_request("").replace("HTTP/1.1", "HTTP/1.0"), 400),
+            (upgrade_request("").replace("Upgrade: websocket\r\n", ""), 426),
+            (upgrade_request("").replace("keep-alive, Upgrade", "keep-alive"), 400),
+            (upgrade_request("").replace("Version: 13", "Version: 8"), 426),
+            (upgrade_request("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""), 400),
+            (upgrade_request("").replace(KEY, "not-a-key"), 400),
+            (upgrade_request(&format!("Sec-WebSocket-Key: {KEY}\r\n")), 400),
+            ("GET /\r\n\r\n".to_owned(), 400),
+            (upgrade_request(&"X-Filler: y\r\n".repeat(MAX_HEADERS)), 431),
+            (upgrade_request(&format!("X-Big: {}\r\n", "y".repeat(MAX_HEAD_BYTES))), 431),
+        ];
+        for (head, status) in cases {
+            let refusal = decide(&head, &config).await.unwrap_err();
+            assert_eq!(refusal.status, status, "{head:?}: {refusal:?}");
+            let response = refusal.response();
+            assert!(response.ends_with(&format!("\r\n\r\n{}\n", refusal.reason)), "{response}");
+            assert!(!refusal.reason.contains('\n'));
+        }
+        let refusal = decide(&upgrade_request("").replace("Version: 13", "Version: 8"), &config).await.unwrap_err();
+        assert!(refusal.response().contains("\r\nSec-WebSocket-Version: 13\r\n"));
+    }
+
+    #[tokio::test]
+    async fn with_an_allow_list_the_origin_must_be_there_once_and_allowed() {
+        let config =
+            GatewayConfig { allowed_origins: vec!["https://app.example".into()], ..GatewayConfig::new("w".into()) };
+        let origin = |o: &str| format!("Origin: {o}\r\n");
+        assert!(decide(&upgrade_request(&origin("https://app.example")), &config).await.is_ok());
+        let status = |r: Result<Upgrade, Refusal>| r.unwrap_err().status;
+        assert_eq!(status(decide(&upgrade_request(&origin("https://evil.example")), &config).await), 403);
+        assert_eq!(status(decide(&upgrade_request(""), &config).await), 403);
+        let twice = origin("https://app.example") + &origin("https://evil.example");
+        assert_eq!(status(decide(&upgrade_request(&twice), &config).await), 400);
+        let lenient = GatewayConfig { allow_missing_origin: true, ..config };
+        assert!(decide(&upgrade_request(""), &lenient).await.is_ok(), "non-browser clients, when allowed");
+    }
+
+    #[tokio::test]
+    async fn a_full_gateway_answers_503() {
+        let refusal =
+            read_request(&mut upgrade_request("").as_bytes(), &GatewayConfig::new("w".into()), true).await.unwrap_err();
+        assert_eq!(refusal.status, 503);
+    }
+}
