@@ -62,6 +62,7 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
     Ok(PublishRequest {
         target: Some(Target { kind: Some(kind) }),
         content: Some(Content { body: Some(content::Body::Text(content)) }),
+        idempotency_key: String::new(),
     })
 }
 

@@ -28,17 +28,26 @@ impl ApiError {
         }
     }
 
-    /// Translates a broker refusal into the HTTP status a caller expects.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::REQUEST_TIMEOUT, code: Code::DeadlineExceeded, message: one_line(&message.into()) }
+    }
+
+    /// Translates a broker refusal into the HTTP status a caller expects:
+    /// 503 when the message was not routed (retrying is safe), 504 when the
+    /// outcome is unknown (it may have been routed: retry with the same
+    /// idempotency key).
     pub fn from_status(status: &tonic::Status) -> Self {
         let http = match status.code() {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable | Code::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
         let message = match http {
             StatusCode::SERVICE_UNAVAILABLE => format!("broker unavailable: {}", status.message()),
+            StatusCode::GATEWAY_TIMEOUT => format!("outcome unknown: {}", status.message()),
             StatusCode::BAD_GATEWAY => format!("broker error ({:?}): {}", status.code(), status.message()),
             _ => status.message().to_owned(),
         };
@@ -51,14 +60,25 @@ impl ApiError {
     }
 
     pub fn into_json_response(self) -> Response {
-        (self.status, axum::Json(self.json_body())).into_response()
+        with_close(self.status, (self.status, axum::Json(self.json_body())).into_response())
     }
 }
 
 /// Plain text, for the classic API.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, format!("{}\n", self.message)).into_response()
+        let status = self.status;
+        with_close(status, (status, format!("{}\n", self.message)).into_response())
+    }
+}
+
+/// A request whose body was not read whole leaves the connection unusable:
+/// say so, so that the client does not send another request on it.
+fn with_close(status: StatusCode, response: Response) -> Response {
+    if status == StatusCode::REQUEST_TIMEOUT {
+        ([(axum::http::header::CONNECTION, "close")], response).into_response()
+    } else {
+        response
     }
 }
 
@@ -79,7 +99,7 @@ mod tests {
             (Status::not_found("x"), StatusCode::NOT_FOUND),
             (Status::resource_exhausted("x"), StatusCode::PAYLOAD_TOO_LARGE),
             (Status::unavailable("x"), StatusCode::SERVICE_UNAVAILABLE),
-            (Status::deadline_exceeded("x"), StatusCode::SERVICE_UNAVAILABLE),
+            (Status::deadline_exceeded("x"), StatusCode::GATEWAY_TIMEOUT),
             (Status::internal("x"), StatusCode::BAD_GATEWAY),
         ];
         for (status, http) in cases {

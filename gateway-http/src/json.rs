@@ -14,8 +14,8 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use herald_proto::v1::{
-    Broadcast, ConnectionAddress, Content, PublishRequest, PublishResponse, PublishResult, Target, content,
-    publish_result, target,
+    Broadcast, ConnectionAddress, Content, PublishError, PublishRequest, PublishResponse, PublishResult, Target,
+    content, publish_result, target,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -27,6 +27,8 @@ use crate::error::ApiError;
 pub struct PublishBody {
     target: TargetBody,
     content: ContentBody,
+    #[serde(default)]
+    idempotency_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,10 +58,12 @@ enum ContentBody {
     Binary(String),
 }
 
+/// A batch: each entry is checked on its own, so one malformed entry does
+/// not refuse the others.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    requests: Vec<PublishBody>,
+    requests: Vec<Value>,
 }
 
 const LENIENT: GeneralPurposeConfig =
@@ -90,24 +94,54 @@ impl PublishBody {
             ContentBody::Text(text) => content::Body::Text(text),
             ContentBody::Binary(b64) => content::Body::Binary(Bytes::from(decode_base64(&b64)?)),
         };
-        Ok(PublishRequest { target: Some(Target { kind: Some(kind) }), content: Some(Content { body: Some(body) }) })
+        Ok(PublishRequest {
+            target: Some(Target { kind: Some(kind) }),
+            content: Some(Content { body: Some(body) }),
+            idempotency_key: self.idempotency_key,
+        })
     }
 }
 
 impl BatchBody {
-    pub fn into_requests(self) -> Result<Vec<PublishRequest>, ApiError> {
+    /// Each entry as a request, or the reason it is refused (naming its index).
+    pub fn into_entries(self) -> Vec<Result<PublishRequest, ApiError>> {
         self.requests
             .into_iter()
             .enumerate()
-            .map(|(i, body)| {
-                body.into_request().map_err(|e| ApiError { message: format!("requests[{i}]: {}", e.message), ..e })
+            .map(|(i, entry)| {
+                serde_json::from_value::<PublishBody>(entry)
+                    .map_err(|e| ApiError::bad_request(format!("invalid entry: {e}")))
+                    .and_then(PublishBody::into_request)
+                    .map_err(|e| ApiError { message: format!("requests[{i}]: {}", e.message), ..e })
             })
             .collect()
     }
 }
 
+/// The JSON form of a publish's outcome, mirroring `herald.v1.PublishResponse`
+/// in the protobuf JSON mapping (false fields left out), except that
+/// `subscribers` is always there. It counts the subscriber sessions
+/// (gateways, mostly) of the broker that took the publish, not WebSocket
+/// clients; `"forwarded": true` says the message also went to the other
+/// brokers of a cluster, whose sessions are not counted; `"duplicate": true`
+/// says its idempotency key was already used, so it was not routed again.
 pub fn published(res: &PublishResponse) -> Value {
-    json!({ "subscribers": res.subscribers })
+    let mut fields = serde_json::Map::new();
+    fields.insert("subscribers".into(), res.subscribers.into());
+    if res.forwarded {
+        fields.insert("forwarded".into(), true.into());
+    }
+    if res.duplicate {
+        fields.insert("duplicate".into(), true.into());
+    }
+    Value::Object(fields)
+}
+
+/// A batch entry refused before it reached the broker, as a batch result.
+pub fn refused(e: &ApiError) -> PublishResult {
+    PublishResult {
+        outcome: Some(publish_result::Outcome::Error(PublishError { code: e.code as u32, message: e.message.clone() })),
+    }
 }
 
 pub fn batch_results(results: &[PublishResult]) -> Value {
@@ -161,9 +195,17 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_batch_item_is_named_by_its_index() {
-        let body = r#"{"requests":[{"target":{"broadcast":{}},"content":{"text":"a"}},{"target":{"broadcast":{}},"content":{"binary":"%"}}]}"#;
-        let err = parse_body::<BatchBody>(body.as_bytes()).unwrap().into_requests().unwrap_err();
-        assert!(err.message.starts_with("requests[1]: "), "{}", err.message);
+    fn each_batch_entry_is_checked_on_its_own_and_a_bad_one_is_named_by_its_index() {
+        let body = r#"{"requests":[{"target":{"broadcast":{}},"content":{"text":"a"}},
+            {"target":{"broadcast":{}},"content":{"binary":"%"}}, {"target":{},"content":{"text":"b"}},
+            {"content":{"text":"c"}}, {"target":{"broadcast":{}},"content":{}}, 7]}"#;
+        let entries = parse_body::<BatchBody>(body.as_bytes()).unwrap().into_entries();
+        assert_eq!(entries.len(), 6);
+        assert!(entries[0].is_ok());
+        for (i, entry) in entries.iter().enumerate().skip(1) {
+            let err = entry.as_ref().unwrap_err();
+            assert!(err.message.starts_with(&format!("requests[{i}]: ")), "{}", err.message);
+            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        }
     }
 }

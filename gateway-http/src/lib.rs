@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
@@ -28,6 +29,7 @@ use herald_client::Broker;
 use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
+use herald_proto::v1::{PublishRequest, PublishResult, publish_result};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +45,9 @@ pub struct HttpConfig {
     pub max_content_bytes: usize,
     /// Largest request body, in bytes (a JSON batch is the biggest).
     pub max_body_bytes: usize,
+    /// Longest time from a request's headers to the end of its body; a
+    /// slower body is answered 408.
+    pub request_timeout: Duration,
     /// Keys publishers must present as `Authorization: Bearer <key>`; none means no auth.
     pub api_keys: ApiKeys,
     pub server: HttpServerOptions,
@@ -56,12 +61,18 @@ pub const DEFAULT_ADMIN_PORT: u16 = 4239;
 pub const DEFAULT_MAX_CONTENT_BYTES: usize = 64 * 1024;
 /// Largest request body, in bytes, by default.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Longest time from a request's headers to the end of its body, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The header that carries a publish's idempotency key.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             api_keys: ApiKeys::default(),
             server: HttpServerOptions::default(),
         }
@@ -184,26 +195,68 @@ fn with_challenge(status: StatusCode, response: Response) -> Response {
     }
 }
 
-async fn classic_publish(
-    State(shared): State<Arc<Shared>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// What every publish request goes through before its body is read, on its
+/// headers alone: request smuggling hygiene, then the API key. The body is
+/// then read within the request deadline, and no further than the limit.
+async fn admit(shared: &Shared, request: Request) -> Result<(Parts, Bytes), ApiError> {
+    let (parts, body) = request.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(ApiError::bad_request("both Content-Length and Transfer-Encoding given: send one"));
+    }
+    shared.authorize(&parts.headers)?;
+    let deadline = shared.config.request_timeout;
+    let limit = shared.config.max_body_bytes;
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok((parts, bytes)),
+        Ok(Err(e)) if is_length_limit(&e) => Err(ApiError::too_large(format!("body over {limit} bytes"))),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
+        Err(_) => {
+            shared.metrics.body_timeouts.inc();
+            Err(ApiError::request_timeout(format!("the request body did not arrive within {deadline:?}")))
+        }
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The idempotency key of a request (`Idempotency-Key` header), if any.
+fn idempotency_key(parts: &Parts) -> Result<String, ApiError> {
+    match parts.headers.get_all(IDEMPOTENCY_KEY).iter().collect::<Vec<_>>()[..] {
+        [] => Ok(String::new()),
+        [value] => value
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::bad_request("the Idempotency-Key header is not visible ASCII")),
+        _ => Err(ApiError::bad_request("more than one Idempotency-Key header")),
+    }
+}
+
+async fn classic_publish(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
+    let method = request.method().clone();
     if method != Method::GET && method != Method::POST {
         let err = ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::bad_request("use GET or POST") };
         return shared.answer(started, Err(err), |e| ([(header::ALLOW, "GET, POST")], e).into_response());
     }
-    let is_form = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let form = (method == Method::POST && is_form).then_some(&body[..]);
     let outcome = async {
-        shared.authorize(&headers)?;
-        let req = classic::parse(uri.query().unwrap_or(""), form, shared.config.max_content_bytes)?;
+        let (parts, body) = admit(&shared, request).await?;
+        let is_form = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        let form = (method == Method::POST && is_form).then_some(&body[..]);
+        let mut req = classic::parse(parts.uri.query().unwrap_or(""), form, shared.config.max_content_bytes)?;
+        req.idempotency_key = idempotency_key(&parts)?;
         shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))?;
         Ok((1, "ok".into_response()))
     }
@@ -211,11 +264,15 @@ async fn classic_publish(
     shared.answer(started, outcome, IntoResponse::into_response)
 }
 
-async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn json_publish(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
     let outcome = async {
-        shared.authorize(&headers)?;
-        let req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
+        let (parts, body) = admit(&shared, request).await?;
+        let mut req = json::parse_body::<json::PublishBody>(&body)?.into_request()?;
+        let header_key = idempotency_key(&parts)?;
+        if !header_key.is_empty() {
+            req.idempotency_key = header_key;
+        }
         let res = shared.broker.publish(req).await.map_err(|s| ApiError::from_status(&s))?;
         Ok((1, axum::Json(json::published(&res)).into_response()))
     }
@@ -223,16 +280,33 @@ async fn json_publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, bod
     shared.answer(started, outcome, ApiError::into_json_response)
 }
 
-async fn json_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+/// Each message of a batch is routed or refused on its own, as gRPC
+/// `PublishBatch` does: a malformed entry gets its own error result, and the
+/// others go to the broker.
+async fn json_batch(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
     let outcome = async {
-        shared.authorize(&headers)?;
-        let requests = json::parse_body::<json::BatchBody>(&body)?.into_requests()?;
-        let results = shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))?;
-        let accepted = results
-            .iter()
-            .filter(|r| matches!(r.outcome, Some(herald_proto::v1::publish_result::Outcome::Published(_))))
-            .count();
+        let (_, body) = admit(&shared, request).await?;
+        let entries = json::parse_body::<json::BatchBody>(&body)?.into_entries();
+        let (valid, refused): (Vec<_>, Vec<_>) = entries.into_iter().enumerate().partition(|(_, e)| e.is_ok());
+        let requests: Vec<PublishRequest> = valid.iter().filter_map(|(_, e)| e.as_ref().ok().cloned()).collect();
+        let routed = if requests.is_empty() {
+            Vec::new()
+        } else {
+            shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))?
+        };
+        let mut results: Vec<Option<PublishResult>> = vec![None; valid.len() + refused.len()];
+        for ((i, _), result) in valid.iter().zip(routed) {
+            results[*i] = Some(result);
+        }
+        for (i, entry) in refused {
+            if let Err(e) = entry {
+                results[i] = Some(json::refused(&e));
+            }
+        }
+        let results: Vec<PublishResult> = results.into_iter().flatten().collect();
+        let accepted =
+            results.iter().filter(|r| matches!(r.outcome, Some(publish_result::Outcome::Published(_)))).count();
         Ok((accepted as u64, axum::Json(json::batch_results(&results)).into_response()))
     }
     .await;

@@ -14,6 +14,8 @@ pub struct HttpMetrics {
     pub messages_published: Counter,
     /// Requests refused for a missing or wrong API key.
     pub auth_failures: Counter,
+    /// Requests answered 408 because their body did not arrive in time.
+    pub body_timeouts: Counter,
     /// Time to answer a publish request (the broker's routing included).
     request_duration: Histogram,
 }
@@ -26,6 +28,7 @@ impl Default for HttpMetrics {
             broker_error: Counter::default(),
             messages_published: Counter::default(),
             auth_failures: Counter::default(),
+            body_timeouts: Counter::default(),
             request_duration: Histogram::latency(),
         }
     }
@@ -58,6 +61,11 @@ impl HttpMetrics {
             "herald_http_auth_failures_total",
             "Requests refused for a missing or wrong API key.",
             &self.auth_failures,
+        );
+        out.counter(
+            "herald_http_body_timeouts_total",
+            "Requests answered 408 because their body did not arrive within the request timeout.",
+            &self.body_timeouts,
         );
         out.histogram(
             "herald_http_request_duration_seconds",
