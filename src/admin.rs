@@ -22,6 +22,10 @@ use herald_gateway_ws::Gateway;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Most connections the admin endpoints serve at once (probes and scrapers);
+/// they live on the descriptors kept free from clients.
+const MAX_CONNECTIONS: usize = 64;
+
 /// A role served by this process.
 #[derive(Clone)]
 pub enum Component {
@@ -76,7 +80,9 @@ pub async fn run(listener: TcpListener, components: Vec<Component>, shutdown: Ca
         .route("/", get(status_page))
         .route("/status", get(status_page))
         .with_state(Admin { components, started_unix_seconds });
-    herald_common::http::serve(listener, app, HttpServerOptions::default(), None, shutdown).await;
+    let options =
+        HttpServerOptions { max_connections: MAX_CONNECTIONS, client_facing: false, ..HttpServerOptions::default() };
+    herald_common::http::serve(listener, app, options, None, shutdown).await;
 }
 
 /// The live status page: a self-contained HTML page that reads `/metrics`.

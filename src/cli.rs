@@ -12,7 +12,7 @@ use herald_broker::server::DEFAULT_MAX_CONCURRENT_STREAMS;
 use herald_broker::{HubLimits, hub};
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::duration::format as duration;
-use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, HttpServerOptions};
+use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{GatewayConfig, Greeting};
@@ -247,6 +247,19 @@ pub struct BrokerOptions {
     #[arg(long, env = "HERALD_SLOW_SESSION_GRACE", default_value = duration(hub::DEFAULT_SLOW_SESSION_GRACE),
           value_parser = herald_common::duration::parse)]
     pub slow_session_grace: Duration,
+    /// After start, refuse publishes (UNAVAILABLE, HTTP 503) this long, so that the gateways
+    /// of a restarted broker are back before a publish is taken as routed [default: 3s for
+    /// `herald broker`, 0s for `herald standalone`, whose gateway is in-process].
+    #[arg(long, env = "HERALD_STARTUP_GRACE", value_parser = herald_common::duration::parse)]
+    pub startup_grace: Option<Duration>,
+    /// How long a publish's idempotency key is remembered: a publish with a key seen within
+    /// this window is answered as a duplicate and not routed again.
+    #[arg(long, env = "HERALD_DEDUP_WINDOW", default_value = duration(hub::DEFAULT_DEDUP_WINDOW),
+          value_parser = herald_common::duration::parse)]
+    pub dedup_window: Duration,
+    /// Most idempotency keys remembered at once (past it the oldest are forgotten early).
+    #[arg(long, env = "HERALD_DEDUP_CAPACITY", default_value_t = hub::DEFAULT_DEDUP_CAPACITY)]
+    pub dedup_capacity: usize,
     /// Most concurrent gRPC calls on one connection to the broker.
     #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
@@ -281,6 +294,10 @@ pub struct WsOptions {
     /// others get HTTP 403. Empty: any origin.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// With --allowed-origins, still accept upgrades that carry no Origin header (non-browser
+    /// clients); without this they get HTTP 403.
+    #[arg(long, env = "HERALD_ALLOW_MISSING_ORIGIN")]
+    pub allow_missing_origin: bool,
     /// How often every connection is pinged (0s: never).
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = duration(herald_gateway_ws::DEFAULT_PING_INTERVAL),
           value_parser = herald_common::duration::parse)]
@@ -311,11 +328,20 @@ pub struct HttpOptions {
     #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT", default_value = duration(DEFAULT_HEADER_READ_TIMEOUT),
           value_parser = herald_common::duration::parse)]
     pub header_read_timeout: Duration,
+    /// Longest time from a request's headers to the end of its body (slower: HTTP 408).
+    #[arg(long, env = "HERALD_REQUEST_TIMEOUT", default_value = duration(herald_gateway_http::DEFAULT_REQUEST_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
+    pub request_timeout: Duration,
+    /// Most HTTP connections at once (more: HTTP 503). Client connections of a process never
+    /// take its last 128 open files, which stay free for the admin port and the broker links.
+    #[arg(long, env = "HERALD_MAX_HTTP_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_http_connections: usize,
 }
 
 impl ContentArgs {
-    /// The broker's limits (content from here, the rest from `broker`).
-    pub fn hub_limits(&self, broker: &BrokerOptions) -> HubLimits {
+    /// The broker's limits (content from here, the rest from `broker`);
+    /// `startup_grace` applies unless the command line sets one.
+    pub fn hub_limits(&self, broker: &BrokerOptions, startup_grace: Duration) -> HubLimits {
         HubLimits {
             max_content_bytes: self.max_content_bytes,
             max_batch: broker.max_batch,
@@ -323,6 +349,9 @@ impl ContentArgs {
             max_sessions: broker.max_sessions,
             session_queue: broker.session_queue,
             slow_session_grace: broker.slow_session_grace,
+            startup_grace: broker.startup_grace.unwrap_or(startup_grace),
+            dedup_window: broker.dedup_window,
+            dedup_capacity: broker.dedup_capacity,
         }
     }
 
@@ -331,8 +360,13 @@ impl ContentArgs {
         HttpConfig {
             max_content_bytes: self.max_content_bytes,
             max_body_bytes: http.max_body_bytes,
+            request_timeout: http.request_timeout,
             api_keys,
-            server: HttpServerOptions { header_read_timeout: http.header_read_timeout, ..HttpServerOptions::default() },
+            server: HttpServerOptions {
+                header_read_timeout: http.header_read_timeout,
+                max_connections: http.max_http_connections,
+                ..HttpServerOptions::default()
+            },
         }
     }
 }
@@ -369,6 +403,7 @@ impl From<&WsOptions> for GatewayConfig {
             handshake_timeout: ws.handshake_timeout,
             read_buffer_bytes: ws.read_buffer_bytes,
             allowed_origins: ws.allowed_origins.clone(),
+            allow_missing_origin: ws.allow_missing_origin,
             ping_interval: ws.ping_interval,
             pong_timeout: ws.pong_timeout,
             ..GatewayConfig::new(worker_id)
@@ -385,5 +420,30 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_libraries_own() {
+        let Role::Standalone(args) = Cli::parse_from(["herald", "standalone"]).role else { panic!() };
+        assert_eq!(args.broker_listen, "127.0.0.1:2206".parse().unwrap());
+        assert_eq!(args.ws_listen, "127.0.0.1:4236".parse().unwrap());
+        assert_eq!(args.http_listen, "127.0.0.1:4237".parse().unwrap());
+        let limits = args.content.hub_limits(&args.broker, Duration::ZERO);
+        let defaults = HubLimits::default();
+        assert_eq!(
+            (limits.max_content_bytes, limits.max_batch, limits.session_queue, limits.slow_session_grace),
+            (defaults.max_content_bytes, defaults.max_batch, defaults.session_queue, defaults.slow_session_grace)
+        );
+        let gateway = GatewayConfig::from(&args.ws);
+        let library = GatewayConfig::new(gateway.worker_id.clone());
+        assert_eq!(
+            (gateway.write_timeout, gateway.ping_interval, gateway.pong_timeout, gateway.read_buffer_bytes),
+            (library.write_timeout, library.ping_interval, library.pong_timeout, library.read_buffer_bytes)
+        );
+        let Role::Broker(args) = Cli::parse_from(["herald", "broker", "--nats", "nats://127.0.0.1:4222"]).role else {
+            panic!()
+        };
+        let nats = Option::<NatsConfig>::from(&args.cluster).unwrap();
+        assert_eq!((nats.bucket.as_str(), nats.lease_ttl), (nats::DEFAULT_BUCKET, nats::DEFAULT_LEASE_TTL));
     }
 }

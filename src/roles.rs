@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use herald_broker::Hub;
@@ -53,9 +54,10 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
-    let limits = args.content.hub_limits(&args.broker);
+    let limits = args.content.hub_limits(&args.broker, herald_broker::hub::DEFAULT_STARTUP_GRACE);
     let hub = match Option::<NatsConfig>::from(&args.cluster) {
         Some(config) => {
+            let config = NatsConfig { dedup_window: args.broker.dedup_window, ..config };
             let (federation, notices) = NatsFederation::join(config).await?;
             Hub::federated(limits, federation, notices)
         }
@@ -98,7 +100,7 @@ pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result
 /// On shutdown the gateways drain first, then the broker.
 pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
-    let hub = Hub::new(args.content.hub_limits(&args.broker));
+    let hub = Hub::new(args.content.hub_limits(&args.broker, Duration::ZERO));
     let local: Arc<dyn Broker> = Arc::new(hub.clone());
     let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());

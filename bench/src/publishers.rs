@@ -164,6 +164,7 @@ fn request(msg: Msg) -> PublishRequest {
     PublishRequest {
         target: Some(Target { kind: Some(kind) }),
         content: Some(Content { body: Some(content::Body::Text(msg.payload)) }),
+        idempotency_key: String::new(),
     }
 }
 

@@ -32,8 +32,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(req) => check_routable(&req),
         Err(e) => check_refusal(&e),
     }
-    match json::parse_body::<BatchBody>(data).and_then(BatchBody::into_requests) {
-        Ok(requests) => requests.iter().for_each(check_routable),
+    match json::parse_body::<BatchBody>(data) {
+        Ok(batch) => batch.into_entries().iter().for_each(|entry| match entry {
+            Ok(req) => check_routable(req),
+            Err(e) => check_refusal(e),
+        }),
         Err(e) => check_refusal(&e),
     }
 });
