@@ -164,9 +164,16 @@ async fn a_gateway_survives_a_broker_restart_and_its_clients_keep_receiving() {
     let down = get(&format!("{}/?content=while-down", http.http_url()));
     assert_eq!(down.status, 503, "a publisher that cannot reach a broker gets an error: {}", down.body);
 
-    let _broker =
+    // Restarted with its default startup grace: until its gateways have had
+    // the time to come back, a publish is refused rather than taken as routed
+    // to nobody.
+    let restarted =
         Herald::start(&["broker", "--listen", &address, "--admin-listen", "127.0.0.1:0"], &["broker", "admin"]);
+    let early = get(&format!("{}/?content=too-early", http.http_url()));
+    assert_eq!(early.status, 503, "{}", early.body);
+    assert!(early.body.contains("broker is starting"), "{}", early.body);
     ws.wait_ready();
+    restarted.wait_ready();
     assert_eq!(get(&format!("{}/?content=after", http.http_url())).body, "ok");
     assert_eq!(client.recv_text().await, "after", "same connection, no reconnect");
     assert_eq!(client.connection_id, "1");

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod attacks;
 mod auth;
 mod classic;
 mod cluster;

@@ -67,6 +67,15 @@ impl Herald {
     }
 
     pub fn start_with_env(args: &[&str], expect: &[&str], env: &[(&str, &str)]) -> Herald {
+        Self::spawn(args, expect, env, None)
+    }
+
+    /// Starts `herald <args>` with its open-files limit lowered to `limit`.
+    pub fn start_with_open_files(args: &[&str], expect: &[&str], limit: u64) -> Herald {
+        Self::spawn(args, expect, &[], Some(limit))
+    }
+
+    fn spawn(args: &[&str], expect: &[&str], env: &[(&str, &str)], open_files: Option<u64>) -> Herald {
         let dir = TempDir::new("log");
         let log = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&log).expect("create log file");
@@ -75,6 +84,20 @@ impl Herald {
         command.env("RUST_LOG", std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "info".into()));
         for (k, v) in env {
             command.env(k, v);
+        }
+        if let Some(limit) = open_files {
+            let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            // SAFETY: setrlimit(2) is async-signal-safe, and the closure only
+            // reads a value copied into it.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let mut child = command.spawn().expect("spawn herald");
         let stdout = child.stdout.take().expect("stdout piped");
@@ -128,9 +151,13 @@ impl Herald {
         }
     }
 
-    /// A broker on ephemeral ports.
+    /// A broker on ephemeral ports. Its startup grace is off unless `extra`
+    /// sets one: tests start their gateways after it, not before.
     pub fn broker(extra: &[&str]) -> Herald {
         let mut args = vec!["broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        if !extra.contains(&"--startup-grace") {
+            args.extend(["--startup-grace", "0s"]);
+        }
         args.extend_from_slice(extra);
         Self::start(&args, &["broker", "admin"])
     }
@@ -283,6 +310,13 @@ pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 pub struct CurlReply {
     pub status: u16,
     pub body: String,
+}
+
+impl CurlReply {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
 }
 
 /// Runs curl with `args`; the status code comes from `-w`.
@@ -478,6 +512,7 @@ pub fn text_publish(kind: herald_proto::v1::target::Kind, text: &str) -> herald_
     herald_proto::v1::PublishRequest {
         target: Some(Target { kind: Some(kind) }),
         content: Some(Content { body: Some(content::Body::Text(text.to_owned())) }),
+        idempotency_key: String::new(),
     }
 }
 
