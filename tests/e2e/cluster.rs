@@ -198,3 +198,24 @@ async fn without_nats_brokers_are_not_ready_and_refuse_then_recover_by_themselve
         last = client.recv_text().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_used_on_one_broker_is_a_duplicate_on_every_other() {
+    let Some(nats) = Nats::start() else { return };
+    let brokers = brokers(&nats);
+    let gateway = Herald::ws(&brokers[0].address("broker"), &[]);
+    let mut client = Client::connect(&gateway.ws_url()).await;
+    let mut keyed = broadcast("once across the cluster");
+    keyed.idempotency_key = "payment-7".into();
+    let mut answers = Vec::new();
+    for broker in &brokers {
+        let mut grpc = grpc_client(&broker.address("broker")).await;
+        answers.push(grpc.publish(keyed.clone()).await.expect("routed or a duplicate").into_inner());
+    }
+    assert!(!answers[0].duplicate, "the first use is routed: {:?}", answers[0]);
+    assert!(answers[1].duplicate && answers[2].duplicate, "later uses anywhere are duplicates: {answers:?}");
+    let mut grpc = grpc_client(&brokers[2].address("broker")).await;
+    grpc.publish(broadcast("marker")).await.unwrap();
+    assert_eq!(client.recv_text().await, "once across the cluster");
+    assert_eq!(client.recv_text().await, "marker", "and delivered once");
+}
