@@ -14,9 +14,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use herald_common::net::ConnectionSlot;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::error::Elapsed;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
@@ -34,7 +34,7 @@ use crate::shared::Shared;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Serves one accepted TCP connection until it closes, over TLS when an
-/// acceptor is given.
+/// acceptor is given, holding its place in the process's connection budget.
 ///
 /// The handshakes' state is large and short-lived, so it is boxed and freed
 /// once the connection is open: an idle connection's task then holds only the
@@ -46,7 +46,11 @@ pub(crate) async fn serve(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    slot: ConnectionSlot,
 ) {
+    // Held here, not by a wrapping future: a future awaited from inside
+    // another is stored twice, which idle connections would pay for.
+    let _slot = slot;
     let _ = stream.set_nodelay(true);
     match tls {
         None => serve_plain(stream, peer, &shared, &shutdown).await,
@@ -183,10 +187,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(taken) => taken,
                     Err(reason) => return reason,
                 };
-                match write_within(shared.config.write_timeout, ws, &mut batch).await {
-                    Ok(Ok(())) => shared.metrics.written(taken),
-                    Ok(Err(_)) => return CloseReason::ClientGone,
-                    Err(_) => return CloseReason::WriteTimeout,
+                match write_within(shared.config.write_timeout, ws, &mut batch, outbox).await {
+                    Written::Done(Ok(())) => shared.metrics.written(taken),
+                    Written::Done(Err(_)) => return CloseReason::ClientGone,
+                    Written::TimedOut => return CloseReason::WriteTimeout,
+                    Written::Abandoned(reason) => return reason,
                 }
                 // At shutdown the broker link drained first: what was queued
                 // was published before the drain began, and is now written.
@@ -214,18 +219,33 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// How a write of one batch ended.
+enum Written {
+    Done(Result<(), WsError>),
+    TimedOut,
+    /// The outbox closed for good while the write waited on the client
+    /// (it overflowed): the connection ends now, not at the write timeout.
+    Abandoned(CloseReason),
+}
+
 /// Writes `batch` within `limit`. Most writes complete at once, so the timer
-/// is only set for a write that has to wait for the client.
+/// is only set for a write that has to wait for the client; while it waits,
+/// an overflow of the outbox ends it.
 async fn write_within<S: AsyncRead + AsyncWrite + Unpin>(
     limit: Duration,
     ws: &mut WebSocketStream<S>,
     batch: &mut VecDeque<Message>,
-) -> Result<Result<(), WsError>, Elapsed> {
+    outbox: &Outbox,
+) -> Written {
     let mut write = std::pin::pin!(write_batch(ws, batch));
     if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-        return Ok(result);
+        return Written::Done(result);
     }
-    timeout(limit, write).await
+    tokio::select! {
+        result = write => Written::Done(result),
+        () = tokio::time::sleep(limit) => Written::TimedOut,
+        reason = outbox.abandoned_wait() => Written::Abandoned(reason),
+    }
 }
 
 async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
@@ -272,7 +292,8 @@ mod tests {
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let gateway = Gateway::new(GatewayConfig::new("w".into())).unwrap();
-        let task = serve(stream, peer, None, gateway.shared.clone(), CancellationToken::new());
+        let slot = herald_common::net::connection_slot().unwrap();
+        let task = serve(stream, peer, None, gateway.shared.clone(), CancellationToken::new(), slot);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "the connection task's state is {size} bytes");
     }

@@ -73,12 +73,22 @@ impl Gateway {
                 metrics: GatewayMetrics::default(),
                 close_reason: OnceLock::new(),
                 epoch: Instant::now(),
+                claim_settled: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
 
     pub fn worker_id(&self) -> &str {
         &self.shared.config.worker_id
+    }
+
+    /// Resolves once the first claim of the worker id is settled: granted,
+    /// or not answered because no broker could be reached yet (the gateway
+    /// then serves its clients and keeps trying). A refused claim never
+    /// settles: [`Gateway::run`] ends with the refusal instead.
+    pub async fn claim_settled(&self) {
+        let mut settled = self.shared.claim_settled.subscribe();
+        let _ = settled.wait_for(|s| *s).await;
     }
 
     /// Whether the broker session is established.
@@ -131,11 +141,7 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => match herald_common::net::connection_slot() {
                         Some(slot) => {
-                            let serve = connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone());
-                            connections.spawn(async move {
-                                serve.await;
-                                drop(slot);
-                            });
+                            connections.spawn(connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone(), slot));
                         }
                         None => {
                             shared.metrics.handshakes_failed.inc();

@@ -55,6 +55,9 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) -> Result<(), LinkError> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // Failed attempts since the link was last up: the first is a warning,
+    // the retries that follow are debug lines.
+    let mut failures = 0u64;
     loop {
         let (status, linked) = match session(&shared, broker.as_ref(), &stop).await {
             SessionEnd::Stopped => {
@@ -70,12 +73,19 @@ pub(crate) async fn run(
                 message: status.message().to_owned(),
             });
         }
+        shared.settle_claim();
         if linked {
             shared.metrics.broker_disconnects.inc();
             backoff.reset();
+            failures = 0;
         }
         let delay = backoff.next_delay();
-        tracing::warn!(code = ?status.code(), reason = status.message(), retry_in = ?delay, "broker session lost");
+        if failures == 0 {
+            tracing::warn!(code = ?status.code(), reason = status.message(), "no broker session; retrying with backoff");
+        } else {
+            tracing::debug!(code = ?status.code(), reason = status.message(), retry_in = ?delay, failures, "still no broker session");
+        }
+        failures += 1;
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}

@@ -145,6 +145,29 @@ impl Outbox {
         Ok(taken)
     }
 
+    /// The reason the queue closed, when it closed dropping what it held
+    /// (overflow, silence): the connection must end now, even in the middle
+    /// of a write.
+    pub fn abandoned(&self) -> Option<CloseReason> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).closed.filter(|r| !r.writes_queued())
+    }
+
+    /// Resolves when the queue closes dropping what it held (overflow,
+    /// silence), with the reason. The connection's task waits on it while a
+    /// write waits on the client; pushes wake it too, and it goes back to
+    /// sleep, leaving them for [`Outbox::ready`].
+    pub async fn abandoned_wait(&self) -> CloseReason {
+        poll_fn(|cx| {
+            if let Some(reason) = self.abandoned() {
+                return Poll::Ready(reason);
+            }
+            self.waker.register(cx.waker());
+            // A close between the check and the registration must not be lost.
+            self.abandoned().map_or(Poll::Pending, Poll::Ready)
+        })
+        .await
+    }
+
     /// Bytes queued now.
     pub fn queued_bytes(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).bytes
@@ -231,6 +254,33 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
         assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::Unresponsive));
         assert_eq!(outbox.push(Message::text("y"), 0), Err(CloseReason::Unresponsive));
+    }
+
+    #[test]
+    fn an_overflow_abandons_the_queue_and_a_shutdown_does_not() {
+        let outbox = Outbox::new(4, 0);
+        assert_eq!(outbox.abandoned(), None);
+        assert!(outbox.push(Message::text("12345"), 0).is_err());
+        assert_eq!(outbox.abandoned(), Some(CloseReason::SlowConsumer));
+        let closing = Outbox::new(4, 0);
+        closing.close(CloseReason::Shutdown);
+        assert_eq!(closing.abandoned(), None);
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_on_its_client_hears_of_an_overflow_and_not_of_a_push() {
+        let outbox = std::sync::Arc::new(Outbox::new(8, 0));
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.abandoned_wait().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(Message::text("1234"), 0).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a push is no reason to stop writing");
+        assert!(outbox.push(Message::text("12345"), 0).is_err());
+        let reason = tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap();
+        assert_eq!(reason, CloseReason::SlowConsumer);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use tokio::sync::watch;
+
 use crate::close::CloseReason;
 use crate::config::GatewayConfig;
 use crate::metrics::GatewayMetrics;
@@ -20,6 +22,9 @@ pub(crate) struct Shared {
     pub(crate) close_reason: OnceLock<CloseReason>,
     /// Origin of the coarse clock used for heartbeats.
     pub(crate) epoch: Instant,
+    /// Set once the first claim of the worker id is settled: granted, or
+    /// not answered because no broker could be reached.
+    pub(crate) claim_settled: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -30,6 +35,13 @@ impl Shared {
 
     pub(crate) fn set_linked(&self, linked: bool) {
         self.metrics.broker_linked.set(i64::from(linked));
+        if linked {
+            self.settle_claim();
+        }
+    }
+
+    pub(crate) fn settle_claim(&self) {
+        self.claim_settled.send_replace(true);
     }
 
     pub(crate) fn close_reason(&self) -> CloseReason {
