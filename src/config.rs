@@ -25,6 +25,33 @@ pub enum ConfigError {
     UnknownKey { path: PathBuf, key: String, where_: String },
     #[error("config file {path}: key {key:?} must be a string, number, boolean or list of them")]
     BadValue { path: PathBuf, key: String },
+    #[error("config file {path}: {key} = {value:?} is not valid: {reason}")]
+    InvalidValue { path: PathBuf, key: String, value: String, reason: String },
+}
+
+/// The values a config file set, to name them when one turns out invalid.
+#[derive(Debug)]
+pub struct FileValues {
+    path: PathBuf,
+    /// (where, as `[table] key` or `key`; long option name; value as given to clap).
+    values: Vec<(String, String, String)>,
+}
+
+impl FileValues {
+    /// The error to report instead of clap's, when clap refused a value
+    /// that came from this file.
+    pub fn explain(&self, e: &clap::Error) -> Option<ConfigError> {
+        use clap::error::{ContextKind, ErrorKind};
+        if !matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+            return None;
+        }
+        let arg = e.get(ContextKind::InvalidArg)?.to_string();
+        let long = arg.split_whitespace().next()?.strip_prefix("--")?.to_owned();
+        let value = e.get(ContextKind::InvalidValue)?.to_string();
+        let (key, _, value) = self.values.iter().find(|(_, l, v)| *l == long && *v == value)?;
+        let reason = std::error::Error::source(e).map_or_else(|| "not accepted".to_owned(), |s| s.to_string());
+        Some(ConfigError::InvalidValue { path: self.path.clone(), key: key.clone(), value: value.clone(), reason })
+    }
 }
 
 /// The config file named on the command line (`--config PATH`,
@@ -47,12 +74,13 @@ pub fn path_from(args: &[OsString]) -> Option<PathBuf> {
 }
 
 /// Reads `path` and installs its values as defaults of `command`'s options.
-pub fn apply_file(command: Command, path: &Path) -> Result<Command, ConfigError> {
+pub fn apply_file(command: Command, path: &Path) -> Result<(Command, FileValues), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     apply(command, &text, path)
 }
 
-fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, ConfigError> {
+fn apply(mut command: Command, text: &str, path: &Path) -> Result<(Command, FileValues), ConfigError> {
+    let mut set = FileValues { path: path.to_owned(), values: Vec::new() };
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
@@ -68,6 +96,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, Confi
                         .ok_or_else(|| unknown(option, format!(" in [{key}]: herald {key} has no --{option}")))?;
                     let value = render(value)
                         .ok_or_else(|| ConfigError::BadValue { path: path.to_owned(), key: option.clone() })?;
+                    set.values.push((format!("[{key}] {option}"), option.clone(), value.clone()));
                     role = role.mut_arg(id, |a| a.default_value(value));
                 }
                 command = command.mut_subcommand(key, |_| role);
@@ -75,6 +104,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, Confi
             _ => {
                 let value =
                     render(value).ok_or_else(|| ConfigError::BadValue { path: path.to_owned(), key: key.clone() })?;
+                set.values.push((key.clone(), key.clone(), value.clone()));
                 let mut known = false;
                 if key != "config"
                     && let Some(id) = arg_id(&command, key)
@@ -96,7 +126,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<Command, Confi
             }
         }
     }
-    Ok(command)
+    Ok((command, set))
 }
 
 /// The id of the option whose long name is `long`.
@@ -124,8 +154,10 @@ mod tests {
     use crate::cli::{Cli, Role};
 
     fn parse(file: &str, args: &[&str]) -> Result<Cli, String> {
-        let command = apply(Cli::command(), file, Path::new("test.toml")).map_err(|e| e.to_string())?;
-        let matches = command.try_get_matches_from(args).map_err(|e| e.to_string())?;
+        let (command, values) = apply(Cli::command(), file, Path::new("test.toml")).map_err(|e| e.to_string())?;
+        let matches = command
+            .try_get_matches_from(args)
+            .map_err(|e| values.explain(&e).map_or_else(|| e.to_string(), |e| e.to_string()))?;
         Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
     }
 
@@ -159,7 +191,11 @@ mod tests {
         let err = parse("[http]\nworker-id = \"w\"\n", &["herald", "http"]).unwrap_err();
         assert!(err.contains("in [http]: herald http has no --worker-id"), "{err}");
         let err = parse("[ws]\nmax-connections = \"many\"\n", &["herald", "ws"]).unwrap_err();
-        assert!(err.contains("--max-connections"), "{err}");
+        assert!(err.starts_with("config file test.toml: [ws] max-connections = \"many\" is not valid: "), "{err}");
+        let err = parse("[broker]\nlisten = \"nope\"\n", &["herald", "broker"]).unwrap_err();
+        assert!(err.contains("[broker] listen = \"nope\" is not valid: invalid socket address"), "{err}");
+        let err = parse("write-timeout = \"soon\"\n", &["herald", "ws"]).unwrap_err();
+        assert!(err.contains("write-timeout = \"soon\" is not valid"), "{err}");
         let err = parse("listen = { a = 1 }\n", &["herald", "ws"]).unwrap_err();
         assert!(err.contains("key \"listen\" must be"), "{err}");
         let err = parse("not toml", &["herald", "ws"]).unwrap_err();

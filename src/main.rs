@@ -37,8 +37,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.role)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Printed once, plainly: not also as a log line.
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("herald: error: {e:#}");
             ExitCode::FAILURE
         }
@@ -49,10 +49,21 @@ fn main() -> ExitCode {
 fn parse_cli() -> Result<Cli, config::ConfigError> {
     let args: Vec<OsString> = std::env::args_os().collect();
     let mut command = Cli::command();
+    let mut file = None;
     if let Some(path) = config::path_from(&args) {
-        command = config::apply_file(command, &path)?;
+        let (with_file, values) = config::apply_file(command, &path)?;
+        command = with_file;
+        file = Some(values);
     }
-    let matches = command.get_matches_from(args);
+    let matches = match command.try_get_matches_from(args) {
+        Ok(matches) => matches,
+        // A bad value from the file is named by its file, table and key,
+        // not as the flag it stands in for.
+        Err(e) => match file.as_ref().and_then(|f| f.explain(&e)) {
+            Some(explained) => return Err(explained),
+            None => e.exit(),
+        },
+    };
     Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
@@ -67,8 +78,13 @@ async fn run(role: Role) -> anyhow::Result<()> {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset: herald's own lines at info, and
+/// the NATS client's only when they are errors (herald logs the connection's
+/// life itself, once).
+const DEFAULT_LOG_FILTER: &str = "info,async_nats=error";
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {

@@ -74,13 +74,24 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
-    let listener = bind("ws", args.listen, args.reuse_port)?;
-    println!("herald: worker id {}", gateway.worker_id());
+    let listen = args.listen;
+    let listener = net::bind(listen, args.reuse_port).with_context(|| format!("cannot listen for ws on {listen}"))?;
+    let address = listener.local_addr()?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Ws(gateway.clone())], admin_stop.clone())?;
-    let result = gateway.run(listener, tls, broker, shutdown).await;
+    let mut run = tokio::spawn(gateway.clone().run(listener, tls, broker, shutdown));
+    // Claim first, announce after: a gateway whose worker id is refused
+    // exits without having said that it listens.
+    let result = tokio::select! {
+        ended = &mut run => ended,
+        () = gateway.claim_settled() => {
+            net::announce("ws", address);
+            println!("herald: worker id {}", gateway.worker_id());
+            run.await
+        }
+    };
     stop_admin(admin_stop, admin).await?;
-    Ok(result?)
+    Ok(result.context("gateway task")??)
 }
 
 pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -189,7 +189,7 @@ impl Remote {
                 Err(status) => return Err(status),
             }
         }
-        Err(Status::unavailable(format!("no broker reachable ({})", failures.join("; "))))
+        Err(Status::unavailable(format!("no broker took the call ({})", failures.join("; "))))
     }
 }
 

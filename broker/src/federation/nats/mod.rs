@@ -40,6 +40,11 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Key-value bucket holding recent idempotency keys, by default.
 pub const DEFAULT_DEDUP_BUCKET: &str = "herald_dedup";
 
+/// The oldest NATS server whose key-value API herald's client speaks.
+pub const MIN_NATS_VERSION: (u64, u64) = (2, 10);
+/// How long joining waits for NATS to say which version it is.
+const VERSION_CHECK_WAIT: Duration = Duration::from_secs(3);
+
 /// Notices from NATS queued for the hub before the bus waits.
 const NOTICE_QUEUE: usize = 64 * 1024;
 
@@ -83,6 +88,15 @@ pub enum JoinError {
     BadUrl { url: String, reason: String },
     #[error("connecting to NATS: {0}")]
     Connect(String),
+    #[error("NATS server {found} at {urls} is too old: herald's cluster mode needs NATS {}.{} or newer (JetStream key-value)", MIN_NATS_VERSION.0, MIN_NATS_VERSION.1)]
+    TooOld { found: String, urls: String },
+}
+
+/// Whether a NATS server `version` (`2.9.10`) is one herald can use.
+fn supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.trim_start_matches('v').parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= MIN_NATS_VERSION
 }
 
 /// This broker's membership in a NATS-bridged cluster.
@@ -129,10 +143,23 @@ impl NatsFederation {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis(100).saturating_mul(1 << attempts.min(5)).min(Duration::from_secs(2))
             })
-            .event_callback(|event| async move { tracing::info!(%event, "NATS connection event") })
+            .event_callback(|event| async move { log_event(&event) })
             .connect(addrs)
             .await
             .map_err(|e| JoinError::Connect(e.to_string()))?;
+        // A server too old to serve the key-value API is refused here, in one
+        // line, rather than retried forever. One that cannot be reached yet
+        // is checked when it can (see maintain_leases).
+        let deadline = tokio::time::Instant::now() + VERSION_CHECK_WAIT;
+        while client.connection_state() != async_nats::connection::State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let version = client.server_info().version;
+        if !version.is_empty() && !supported(&version) {
+            return Err(JoinError::TooOld { found: version, urls: config.urls.clone() });
+        }
 
         let stop = CancellationToken::new();
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
@@ -204,6 +231,23 @@ impl NatsFederation {
     }
 }
 
+/// The version of the NATS server a JetStream context talks to, if known.
+fn client_version(jetstream: &async_nats::jetstream::Context) -> String {
+    jetstream.client().server_info().version
+}
+
+/// Logs one event of the NATS connection, once, at the level it deserves.
+fn log_event(event: &async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+        async_nats::Event::Disconnected => tracing::warn!("lost the NATS connection; reconnecting"),
+        async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) | async_nats::Event::SlowConsumer(_) => {
+            tracing::warn!(%event, "NATS connection trouble")
+        }
+        other => tracing::debug!(event = %other, "NATS connection event"),
+    }
+}
+
 /// An idempotency key as a key-value key (`[0-9a-f]` only).
 fn dedup_key(key: &str) -> String {
     key.bytes().map(|b| format!("{b:02x}")).collect()
@@ -212,7 +256,13 @@ fn dedup_key(key: &str) -> String {
 #[async_trait]
 impl Federation for NatsFederation {
     fn unready_reason(&self) -> Option<&'static str> {
-        (!self.is_ready()).then_some("not connected to the cluster (NATS)")
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            Some("not connected to NATS")
+        } else if self.current_store().is_none() {
+            Some("connected to NATS, but the worker-id lease bucket is not open (see the log)")
+        } else {
+            None
+        }
     }
 
     fn forward<'a>(&'a self, event: &'a Event) -> Option<Forwarding<'a>> {
@@ -301,6 +351,7 @@ async fn maintain_leases(
     stop: CancellationToken,
 ) {
     let jetstream = async_nats::jetstream::new(client);
+    let mut failures = 0u64;
     loop {
         let opened = match jetstream.get_key_value(&config.bucket).await {
             Ok(store) => Ok(store),
@@ -312,13 +363,33 @@ async fn maintain_leases(
         let store = match opened {
             Ok(store) => store,
             Err(e) => {
-                tracing::warn!(bucket = %config.bucket, error = %e, "lease bucket unavailable; retrying");
+                let version = client_version(&jetstream);
+                if !version.is_empty() && !supported(&version) {
+                    if failures == 0 {
+                        tracing::error!(
+                            version,
+                            "this NATS server is too old for herald's cluster mode: it needs NATS {}.{} or newer",
+                            MIN_NATS_VERSION.0,
+                            MIN_NATS_VERSION.1
+                        );
+                    }
+                } else if failures == 0 {
+                    // The first failure is a warning; the retries each second are not.
+                    tracing::warn!(bucket = %config.bucket, error = %e, "lease bucket unavailable; retrying each second");
+                } else {
+                    tracing::debug!(bucket = %config.bucket, error = %e, failures, "lease bucket still unavailable");
+                }
+                failures += 1;
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
+        if failures > 0 {
+            tracing::info!(bucket = %config.bucket, failures, "lease bucket available again");
+            failures = 0;
+        }
         *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(store.clone());
         let renew = async {
             let mut ticker = tokio::time::interval(leases.renew_interval());
@@ -340,5 +411,22 @@ async fn maintain_leases(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_2_10_and_later_are_supported() {
+        for (version, ok) in [("2.9.10", false), ("2.10.0", true), ("2.15.1", true), ("3.0.0", true), ("1.4", false)] {
+            assert_eq!(supported(version), ok, "{version}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_become_hex_bucket_keys() {
+        assert_eq!(dedup_key("a b/é"), "6120622fc3a9");
     }
 }
