@@ -188,12 +188,14 @@ async fn a_second_gateway_claiming_a_live_worker_id_is_refused_and_exits() {
     let first = Herald::ws(&b, &["--worker-id", "gw-1"]);
     let mut second = Herald::start(
         &["ws", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", &b, "--worker-id", "gw-1"],
-        &["ws", "admin"],
+        &["admin"],
     );
     let status = second.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "the duplicate gateway must exit non-zero");
     let log = second.log_text();
     assert!(log.contains("worker id \"gw-1\" is held by another live gateway"), "{log}");
+    assert_eq!(log.matches("is held by another live gateway").count(), 1, "said once: {log}");
+    assert!(!second.announced("ws"), "claim first, announce after: a refused gateway never says it listens");
 
     // The first holder is untouched and still the only destination.
     let http = Herald::http(&b, &[]);

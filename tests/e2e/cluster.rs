@@ -81,9 +81,10 @@ async fn a_worker_id_is_unique_across_the_cluster() {
             "--broker",
             &brokers[1].address("broker"),
         ],
-        &["ws", "admin"],
+        &["admin"],
     );
     assert!(!second.wait_exit(Duration::from_secs(10)).success());
+    assert!(!second.announced("ws"), "a refused gateway never says it listens");
     assert!(second.log_text().contains("worker id \"shared-id\" is held by another live gateway"));
 
     // A publish on the third broker still finds the first holder.
@@ -181,7 +182,7 @@ async fn without_nats_brokers_are_not_ready_and_refuse_then_recover_by_themselve
     nats.kill();
     let readyz = format!("http://{}/readyz", brokers[1].addr("admin"));
     wait_until("brokers notice NATS is gone", || get(&readyz).status == 503);
-    assert!(get(&readyz).body.contains("not connected to the cluster"));
+    assert!(get(&readyz).body.contains("not connected to NATS"), "{}", get(&readyz).body);
     let refused = get(&format!("{}/?content=during", http.http_url()));
     assert_eq!(refused.status, 503, "never ok without the cluster: {}", refused.body);
     let mut grpc = grpc_client(&brokers[2].address("broker")).await;
@@ -218,4 +219,51 @@ async fn an_idempotency_key_used_on_one_broker_is_a_duplicate_on_every_other() {
     grpc.publish(broadcast("marker")).await.unwrap();
     assert_eq!(client.recv_text().await, "once across the cluster");
     assert_eq!(client.recv_text().await, "marker", "and delivered once");
+}
+
+#[test]
+fn a_nats_server_too_old_for_cluster_mode_is_refused_at_start_in_one_line() {
+    let Some(old) = Nats::start_tool("debian-nats-server") else { return };
+    let mut broker = Herald::start(
+        &["broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--nats", &old.url()],
+        &[],
+    );
+    assert!(!broker.wait_exit(Duration::from_secs(15)).success(), "a broker cannot work with NATS 2.9");
+    let log = broker.log_text();
+    let errors: Vec<_> = log.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one line: {log}");
+    assert!(errors[0].contains("2.9.") && errors[0].contains("needs NATS 2.10 or newer"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_works_on_the_oldest_nats_it_supports() {
+    let Some(nats) = Nats::start_tool("nats-server-oldest") else { return };
+    let brokers: Vec<_> = (0..2).map(|_| Herald::broker(&["--nats", &nats.url()])).collect();
+    for b in &brokers {
+        b.wait_ready();
+    }
+    let gateway = Herald::ws(&brokers[0].address("broker"), &["--worker-id", "old-nats"]);
+    let mut client = Client::connect(&gateway.ws_url()).await;
+    let mut grpc = grpc_client(&brokers[1].address("broker")).await;
+    let mut keyed = broadcast("across brokers on the oldest NATS");
+    keyed.idempotency_key = "k".into();
+    assert!(!grpc.publish(keyed.clone()).await.unwrap().into_inner().duplicate);
+    assert!(grpc.publish(keyed).await.unwrap().into_inner().duplicate);
+    assert_eq!(client.recv_text().await, "across brokers on the oldest NATS");
+    let second = Herald::start(
+        &[
+            "ws",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--worker-id",
+            "old-nats",
+            "--broker",
+            &brokers[1].address("broker"),
+        ],
+        &["admin"],
+    );
+    let mut second = second;
+    assert!(!second.wait_exit(Duration::from_secs(10)).success(), "worker-id leases hold on the oldest NATS too");
 }

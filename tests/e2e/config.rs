@@ -36,7 +36,7 @@ fn a_bad_config_file_stops_the_start_and_names_the_key() {
     let path = dir.path().join("herald.toml");
     for (text, expected) in [
         ("[ws]\nmax-conections = 5\n", "unknown key \"max-conections\""),
-        ("[ws]\nmax-connections = -5\n", "--max-connections"),
+        ("[ws]\nmax-connections = -5\n", "herald.toml: [ws] max-connections = \"-5\" is not valid"),
         ("max-connections = [1, {a = 2}]\n", "key \"max-connections\" must be"),
     ] {
         std::fs::write(&path, text).unwrap();

@@ -282,3 +282,23 @@ async fn broker_limits_answer_with_resource_exhausted() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(status.message().contains("limit of 2 subscriber sessions"), "{}", status.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_as_a_slow_consumer_when_its_queue_overflows_not_at_the_write_timeout() {
+    let herald = Herald::standalone(&["--outbox-limit-bytes", "262144", "--write-timeout", "30s"]);
+    let _never_reads = Client::connect(&herald.ws_url()).await;
+    let mut grpc = grpc_client(&herald.address("broker")).await;
+    let padding = "p".repeat(32 * 1024);
+    let started = std::time::Instant::now();
+    for chunk in 0..64 {
+        let requests = (0..16).map(|i| broadcast(&format!("{chunk}-{i}:{padding}"))).collect();
+        grpc.publish_batch(PublishBatchRequest { requests }).await.expect("batch accepted");
+        if herald.metric("herald_ws_connections") == 0.0 {
+            break;
+        }
+    }
+    crate::support::wait_until("the client is closed", || herald.metric("herald_ws_connections") == 0.0);
+    assert!(started.elapsed() < Duration::from_secs(10), "well before the 30 s write timeout: {:?}", started.elapsed());
+    assert_eq!(herald.metric("herald_ws_connections_closed_total{reason=\"slow_consumer\"}"), 1.0);
+    assert_eq!(herald.metric("herald_ws_connections_closed_total{reason=\"write_timeout\"}"), 0.0);
+}

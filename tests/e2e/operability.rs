@@ -196,3 +196,15 @@ async fn logs_are_json_lines_with_no_line_per_message_at_info_and_lifecycle_at_d
     assert!(debug_messages.iter().any(|m| m == "connection closed"), "{debug_messages:?}");
     assert!(!messages(info).iter().any(|m| m == "connection opened"));
 }
+
+#[test]
+fn the_binary_needs_nothing_beside_it_and_runs_from_any_directory() {
+    let elsewhere = crate::support::TempDir::new("cwd");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--version")
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("run herald");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("herald "), "{out:?}");
+}

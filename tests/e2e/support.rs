@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -56,6 +56,8 @@ pub struct Herald {
     addrs: HashMap<String, SocketAddr>,
     worker_id: Option<String>,
     log: PathBuf,
+    /// Standard output lines that came after the announcements waited for.
+    later_stdout: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
 
@@ -115,6 +117,7 @@ impl Herald {
             addrs: HashMap::new(),
             worker_id: None,
             log,
+            later_stdout: Arc::default(),
             _dir: dir,
         };
         let deadline = Instant::now() + PATIENCE;
@@ -137,8 +140,25 @@ impl Herald {
         {
             herald.parse_line(&line);
         }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let later = herald.later_stdout.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = rx.recv() {
+                later.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+            }
+        });
         herald
+    }
+
+    /// Whether the process announced a `kind` listener, at any time so far.
+    pub fn announced(&self, kind: &str) -> bool {
+        let marker = format!("herald: {kind} listening on ");
+        self.addrs.contains_key(kind)
+            || self
+                .later_stdout
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|l| l.starts_with(&marker))
     }
 
     fn parse_line(&mut self, line: &str) {
@@ -458,6 +478,9 @@ pub fn tool(name: &str) -> Option<PathBuf> {
                 .map(PathBuf::from)
         }),
         "nats-server" => std::env::var_os("HERALD_NATS_SERVER").map(PathBuf::from).or_else(|| which("nats-server")),
+        "nats-server-oldest" => std::env::var_os("HERALD_NATS_SERVER_OLDEST").map(PathBuf::from),
+        // Debian's own package (2.9), older than herald's cluster mode supports.
+        "debian-nats-server" => Some(PathBuf::from("/usr/sbin/nats-server")),
         "python-grpc" => python_output("import grpc, grpc_tools; print('ok')").map(|_| PathBuf::from("python3")),
         "python-prometheus" => {
             python_output("import prometheus_client; print('ok')").map(|_| PathBuf::from("python3"))
@@ -533,7 +556,12 @@ impl Nats {
     /// Starts one, or returns `None` (after saying why) when no
     /// `nats-server` is installed and tools are not required.
     pub fn start() -> Option<Nats> {
-        let binary = tool("nats-server")?;
+        Self::start_tool("nats-server")
+    }
+
+    /// Starts the `nats-server` that [`tool`] knows as `name`.
+    pub fn start_tool(name: &str) -> Option<Nats> {
+        let binary = tool(name)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let mut nats = Nats { child: None, binary, port, dir: TempDir::new("nats") };
         nats.restart();
