@@ -92,20 +92,8 @@ async fn a_body_that_never_comes_is_408_and_without_a_key_401_on_the_headers_alo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_held_slow_bodies_under_a_low_descriptor_limit_leave_publishing_and_readiness_answering() {
     let herald = Herald::start_with_open_files(
-        &[
-            "standalone",
-            "--broker-listen",
-            "127.0.0.1:0",
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--request-timeout",
-            "4s",
-        ],
-        &["broker", "ws", "http", "admin"],
+        &Herald::standalone_args(&["--request-timeout", "4s"]),
+        &STANDALONE_LISTENERS,
         256,
     );
     herald.wait_ready();

@@ -186,10 +186,7 @@ async fn a_second_gateway_claiming_a_live_worker_id_is_refused_and_exits() {
     let broker = Herald::broker(&[]);
     let b = broker.address("broker");
     let first = Herald::ws(&b, &["--worker-id", "gw-1"]);
-    let mut second = Herald::start(
-        &["ws", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", &b, "--worker-id", "gw-1"],
-        &["admin"],
-    );
+    let mut second = Herald::ws_refused(&b, "gw-1");
     let status = second.wait_exit(Duration::from_secs(10));
     assert!(!status.success(), "the duplicate gateway must exit non-zero");
     let log = second.log_text();

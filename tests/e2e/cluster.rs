@@ -69,20 +69,7 @@ async fn a_worker_id_is_unique_across_the_cluster() {
     let Some(nats) = Nats::start() else { return };
     let brokers = brokers(&nats);
     let first = Herald::ws(&brokers[0].address("broker"), &["--worker-id", "shared-id"]);
-    let mut second = Herald::start(
-        &[
-            "ws",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--worker-id",
-            "shared-id",
-            "--broker",
-            &brokers[1].address("broker"),
-        ],
-        &["admin"],
-    );
+    let mut second = Herald::ws_refused(&brokers[1].address("broker"), "shared-id");
     assert!(!second.wait_exit(Duration::from_secs(10)).success());
     assert!(!second.announced("ws"), "a refused gateway never says it listens");
     assert!(second.log_text().contains("worker id \"shared-id\" is held by another live gateway"));
@@ -250,20 +237,6 @@ async fn cluster_mode_works_on_the_oldest_nats_it_supports() {
     assert!(!grpc.publish(keyed.clone()).await.unwrap().into_inner().duplicate);
     assert!(grpc.publish(keyed).await.unwrap().into_inner().duplicate);
     assert_eq!(client.recv_text().await, "across brokers on the oldest NATS");
-    let second = Herald::start(
-        &[
-            "ws",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--worker-id",
-            "old-nats",
-            "--broker",
-            &brokers[1].address("broker"),
-        ],
-        &["admin"],
-    );
-    let mut second = second;
+    let mut second = Herald::ws_refused(&brokers[1].address("broker"), "old-nats");
     assert!(!second.wait_exit(Duration::from_secs(10)).success(), "worker-id leases hold on the oldest NATS too");
 }

@@ -61,6 +61,9 @@ pub struct Herald {
     _dir: TempDir,
 }
 
+/// The listeners `herald standalone` announces.
+pub const STANDALONE_LISTENERS: [&str; 4] = ["broker", "ws", "http", "admin"];
+
 impl Herald {
     /// Starts `herald <args>` and waits until every listener named in
     /// `expect` (e.g. `["broker", "admin"]`) is announced.
@@ -182,6 +185,40 @@ impl Herald {
         Self::start(&args, &["broker", "admin"])
     }
 
+    /// The command line of `herald standalone` on ephemeral ports, then `extra`.
+    pub fn standalone_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "standalone",
+            "--broker-listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// A WebSocket gateway claiming `worker_id`, which another live gateway
+    /// holds: it starts (its admin port announced), then must exit.
+    pub fn ws_refused(brokers: &str, worker_id: &str) -> Herald {
+        let args = [
+            "ws",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--broker",
+            brokers,
+            "--worker-id",
+            worker_id,
+        ];
+        Self::start(&args, &["admin"])
+    }
+
     /// A WebSocket gateway on ephemeral ports, linked to `brokers`.
     pub fn ws(brokers: &str, extra: &[&str]) -> Herald {
         let mut args = vec!["ws", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", brokers];
@@ -205,19 +242,7 @@ impl Herald {
 
     /// All roles in one process, on ephemeral ports, with `env` set.
     pub fn standalone_with_env(extra: &[&str], env: &[(&str, &str)]) -> Herald {
-        let mut args = vec![
-            "standalone",
-            "--broker-listen",
-            "127.0.0.1:0",
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        let herald = Self::start_with_env(&args, &["broker", "ws", "http", "admin"], env);
+        let herald = Self::start_with_env(&Self::standalone_args(extra), &STANDALONE_LISTENERS, env);
         herald.wait_ready();
         herald
     }
