@@ -245,6 +245,11 @@ pub struct PublishArgs {
     /// Messages per PublishBatch call.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Give every message an idempotency key of its own (gRPC paths only), to measure what
+    /// de-duplication costs: a local window on one broker, a JetStream key-value write per
+    /// message with --brokers above 1.
+    #[arg(long)]
+    pub keyed: bool,
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub struct Msg {
     /// `None` for a broadcast.
     pub to: Option<Arc<Address>>,
     pub payload: String,
+    /// An idempotency key, for the gRPC paths (empty: none).
+    pub key: String,
 }
 
 /// Makes the messages of a run, stamping each as it is made.
@@ -69,13 +71,16 @@ pub trait Source: Send {
 pub struct Broadcasts {
     pub seq: u64,
     pub payload_bytes: usize,
+    /// When set, each message carries a key unique to it: `<prefix>-<seq>`.
+    pub key_prefix: Option<String>,
 }
 
 impl Source for Broadcasts {
     fn next(&mut self) -> Msg {
         let payload = message::encode(self.seq, message::BROADCAST, self.payload_bytes);
+        let key = self.key_prefix.as_ref().map_or_else(String::new, |prefix| format!("{prefix}-{}", self.seq));
         self.seq += 1;
-        Msg { to: None, payload }
+        Msg { to: None, payload, key }
     }
 }
 
@@ -164,7 +169,7 @@ fn request(msg: Msg) -> PublishRequest {
     PublishRequest {
         target: Some(Target { kind: Some(kind) }),
         content: Some(Content { body: Some(content::Body::Text(msg.payload)) }),
-        idempotency_key: String::new(),
+        idempotency_key: msg.key,
     }
 }
 
@@ -489,15 +494,15 @@ Transfer/sec:     10.00MB
     #[test]
     fn http_paths_carry_the_classic_parameters() {
         let to = Arc::new(Address::parse("gw0/7").unwrap());
-        let msg = Msg { to: Some(to), payload: "1:2:gw0/7:x".into() };
+        let msg = Msg { to: Some(to), payload: "1:2:gw0/7:x".into(), key: String::new() };
         assert_eq!(http_path(&msg), "/?to_worker_id=gw0&to_connection_id=7&content=1:2:gw0/7:x");
-        assert_eq!(http_path(&Msg { to: None, payload: "a b".into() }), "/?content=a%20b");
+        assert_eq!(http_path(&Msg { to: None, payload: "a b".into(), key: String::new() }), "/?content=a%20b");
         assert!(Address::parse("nope").is_err());
     }
 
     #[test]
     fn broadcasts_are_numbered_in_order() {
-        let mut source = Broadcasts { seq: 0, payload_bytes: 64 };
+        let mut source = Broadcasts { seq: 0, payload_bytes: 64, key_prefix: None };
         let (a, b) = (source.next(), source.next());
         assert!(a.payload.starts_with("0:") && b.payload.starts_with("1:"));
         assert_eq!(a.payload.len(), 64);

@@ -48,14 +48,15 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     slot: ConnectionSlot,
 ) {
-    // Held here, not by a wrapping future: a future awaited from inside
-    // another is stored twice, which idle connections would pay for.
-    let _slot = slot;
     let _ = stream.set_nodelay(true);
     match tls {
         None => serve_plain(stream, peer, &shared, &shutdown).await,
         Some(acceptor) => Box::pin(serve_tls(stream, acceptor, peer, &shared, &shutdown)).await,
     }
+    // Held by this future itself, not by a wrapping one: a future awaited
+    // from inside another is stored twice, which idle connections would pay
+    // for.
+    drop(slot);
 }
 
 /// Answers a connection the process has no descriptor to spare for: 503,
@@ -241,6 +242,18 @@ async fn write_within<S: AsyncRead + AsyncWrite + Unpin>(
     if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return Written::Done(result);
     }
+    // Boxed: the timer and the select are only needed by a write that waits,
+    // and idle connections would otherwise carry them in their state.
+    Box::pin(wait_for_write(write, limit, outbox)).await
+}
+
+/// Waits for a write that did not complete at once: its end, the time
+/// limit, or the outbox overflowing meanwhile.
+async fn wait_for_write(
+    write: std::pin::Pin<&mut impl Future<Output = Result<(), WsError>>>,
+    limit: Duration,
+    outbox: &Outbox,
+) -> Written {
     tokio::select! {
         result = write => Written::Done(result),
         () = tokio::time::sleep(limit) => Written::TimedOut,

@@ -94,7 +94,7 @@ async fn run_once(
     let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
     let clients = connected.addresses.len() as u64;
     let source: Box<dyn Source> = match targeting {
-        Targeting::Broadcast => Box::new(Broadcasts { seq: 0, payload_bytes: args.payload }),
+        Targeting::Broadcast => Box::new(Broadcasts { seq: 0, payload_bytes: args.payload, key_prefix: None }),
         Targeting::Single => Box::new(Targets::new(&connected.addresses, args.payload)?),
     };
     let fan = if targeting == Targeting::Broadcast { clients } else { 1 };
@@ -173,7 +173,7 @@ impl Source for Targets {
         let to = self.clients[i].clone();
         let payload = message::encode(self.seqs[i], &to.joined, self.payload_bytes);
         self.seqs[i] += 1;
-        Msg { to: Some(to), payload }
+        Msg { to: Some(to), payload, key: String::new() }
     }
 }
 

@@ -65,7 +65,8 @@ async fn run_once(
     if !args.no_broadcast {
         let via = if endpoints.grpc.is_empty() { Via::Http } else { Via::Grpc };
         let mut lane = publishers::lanes(via, endpoints, 1, 1).await?.pop().context("no publisher")?;
-        let tally = publishers::once(&mut lane, via, Broadcasts { seq: 0, payload_bytes: 64 }.next()).await;
+        let tally =
+            publishers::once(&mut lane, via, Broadcasts { seq: 0, payload_bytes: 64, key_prefix: None }.next()).await;
         let expected = tally.accepted * clients;
         fleet.progress.wait_delivered(expected, args.drain).await;
         m.publish_errors = tally.errors;

@@ -17,6 +17,10 @@ pub async fn run(args: &PublishArgs) -> anyhow::Result<()> {
     let bench = Bench::new(&args.common)?;
     let mut rows = Vec::new();
     for &path in &args.paths {
+        if args.keyed && matches!(path, PublishPath::Http | PublishPath::Wrk) {
+            eprintln!("--keyed applies to the gRPC paths: skipping {path:?}");
+            continue;
+        }
         if path == PublishPath::Wrk && !wrk_installed() {
             eprintln!("wrk is not installed (apt-get install wrk): skipping its row");
             continue;
@@ -28,8 +32,9 @@ pub async fn run(args: &PublishArgs) -> anyhow::Result<()> {
         rows.push(Row { label, measurement });
     }
     let title = format!(
-        "publish: broadcasts of {} B, no clients; {} s per run, median of {} runs (latency: request round trip)",
+        "publish: broadcasts of {} B{}, no clients; {} s per run, median of {} runs (latency: request round trip)",
         args.payload,
+        if args.keyed { ", each with its own idempotency key (gRPC paths)" } else { "" },
         args.common.duration.as_secs_f64(),
         args.common.runs
     );
@@ -51,6 +56,12 @@ fn describe(path: PublishPath, args: &PublishArgs) -> String {
             args.batch, args.batch_concurrency, args.grpc_channels
         ),
     }
+}
+
+/// A number no other run of this process has had.
+fn unique_run() -> u64 {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn wrk_installed() -> bool {
@@ -93,7 +104,10 @@ async fn run_once(
         PublishPath::GrpcBatch => (Via::GrpcBatch, args.batch_concurrency, args.batch),
     };
     let lanes = publishers::lanes(via, endpoints, lanes, args.grpc_channels).await?;
-    let source = Box::new(Broadcasts { seq: 0, payload_bytes: args.payload });
+    // Keys unique to this run: a run's keys must not meet an earlier run's
+    // within the brokers' de-duplication window.
+    let key_prefix = args.keyed.then(|| format!("bench-{}-{}", std::process::id(), unique_run()));
+    let source = Box::new(Broadcasts { seq: 0, payload_bytes: args.payload, key_prefix });
     let meter = CpuMeter::start(&watched(endpoints, None));
     let tally = publishers::flat_out(lanes, via, per_request, duration, source, None).await;
     let m = Measurement {
