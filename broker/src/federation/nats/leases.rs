@@ -7,17 +7,20 @@
 //! renewing, so its leases lapse and the ids become free again. Every change
 //! is made with compare-and-set on the key's revision, so two brokers cannot
 //! both win. Every broker watches the bucket to answer "is this worker held?"
-//! without a round trip.
+//! without a round trip. [`maintain_leases`] keeps the bucket open, through
+//! NATS restarts, and the leases renewed.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 
+use super::{MIN_NATS_VERSION, NatsConfig, client_version, supported};
 use crate::federation::{ClaimError, Notice};
 
 /// What a lease's value says.
@@ -228,6 +231,81 @@ impl Leases {
     /// How often leases are renewed.
     pub fn renew_interval(&self) -> Duration {
         self.ttl / 3
+    }
+}
+
+/// Opens (or creates) the lease bucket, then keeps watching it and renewing
+/// this broker's leases until `stop`. When the watch breaks (NATS restarted,
+/// the bucket was lost) the bucket is opened again, created if need be.
+pub(super) async fn maintain_leases(
+    client: async_nats::Client,
+    config: NatsConfig,
+    leases: Arc<Leases>,
+    slot: Arc<RwLock<Option<Store>>>,
+    notices: mpsc::Sender<Notice>,
+    stop: CancellationToken,
+) {
+    let jetstream = async_nats::jetstream::new(client);
+    let mut failures = 0u64;
+    loop {
+        let opened = match jetstream.get_key_value(&config.bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => jetstream
+                .create_key_value(Leases::bucket_config(&config.bucket, config.kv_replicas, config.lease_ttl))
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        let store = match opened {
+            Ok(store) => store,
+            Err(e) => {
+                let version = client_version(&jetstream);
+                if !version.is_empty() && !supported(&version) {
+                    if failures == 0 {
+                        tracing::error!(
+                            version,
+                            "this NATS server is too old for herald's cluster mode: it needs NATS {}.{} or newer",
+                            MIN_NATS_VERSION.0,
+                            MIN_NATS_VERSION.1
+                        );
+                    }
+                } else if failures == 0 {
+                    // The first failure is a warning; the retries each second are not.
+                    tracing::warn!(bucket = %config.bucket, error = %e, "lease bucket unavailable; retrying each second");
+                } else {
+                    tracing::debug!(bucket = %config.bucket, error = %e, failures, "lease bucket still unavailable");
+                }
+                failures += 1;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if failures > 0 {
+            tracing::info!(bucket = %config.bucket, failures, "lease bucket available again");
+            failures = 0;
+        }
+        *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(store.clone());
+        let renew = async {
+            let mut ticker = tokio::time::interval(leases.renew_interval());
+            loop {
+                ticker.tick().await;
+                leases.renew(&store, &notices).await;
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            watched = leases.watch(&store) => {
+                if let Err(e) = watched {
+                    tracing::debug!(error = %e, "lease watch ended; reopening the bucket");
+                }
+            }
+            () = renew => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
     }
 }
 

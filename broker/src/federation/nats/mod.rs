@@ -11,12 +11,13 @@
 //!   subscriptions are refused with `UNAVAILABLE`, never half-done.
 
 mod bus;
+mod dedup;
 mod leases;
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, Store};
+use async_nats::jetstream::kv::Store;
 use async_nats::{ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use herald_common::metrics::Exposition;
@@ -26,7 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::bus::Change;
-use self::leases::Leases;
+use self::dedup::Dedup;
+use self::leases::{Leases, maintain_leases};
 use super::{ClaimError, Federation, FederationError, Forwarding, Interest, Notice};
 
 /// Key-value bucket holding worker-id leases, by default.
@@ -107,9 +109,7 @@ pub struct NatsFederation {
     changes: mpsc::UnboundedSender<Change>,
     leases: Arc<Leases>,
     store: Arc<RwLock<Option<Store>>>,
-    /// The bucket of recent idempotency keys, opened on first use.
-    dedup: Arc<tokio::sync::Mutex<Option<Store>>>,
-    dedup_config: kv::Config,
+    dedup: Dedup,
     stop: CancellationToken,
 }
 
@@ -182,6 +182,7 @@ impl NatsFederation {
             stop.clone(),
         ));
         tracing::info!(broker_id, urls = %config.urls, "joining the broker cluster");
+        let dedup = Dedup::new(client.clone(), &config);
         let federation = Self {
             client,
             broker_id,
@@ -189,15 +190,7 @@ impl NatsFederation {
             changes: changes_tx,
             leases,
             store,
-            dedup: Arc::default(),
-            dedup_config: kv::Config {
-                bucket: config.dedup_bucket.clone(),
-                description: "herald idempotency keys of recent publishes".to_owned(),
-                history: 1,
-                max_age: config.dedup_window,
-                num_replicas: config.kv_replicas,
-                ..kv::Config::default()
-            },
+            dedup,
             stop,
         };
         Ok((federation, notices_rx))
@@ -210,24 +203,6 @@ impl NatsFederation {
 
     fn current_store(&self) -> Option<Store> {
         self.store.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// The idempotency-key bucket, opened (or created) on first use.
-    async fn dedup_store(&self) -> Result<Store, FederationError> {
-        let mut slot = self.dedup.lock().await;
-        if let Some(store) = slot.as_ref() {
-            return Ok(store.clone());
-        }
-        let jetstream = async_nats::jetstream::new(self.client.clone());
-        let store = match jetstream.get_key_value(&self.dedup_config.bucket).await {
-            Ok(store) => store,
-            Err(_) => jetstream
-                .create_key_value(self.dedup_config.clone())
-                .await
-                .map_err(|e| FederationError(format!("opening the idempotency-key bucket: {e}")))?,
-        };
-        *slot = Some(store.clone());
-        Ok(store)
     }
 }
 
@@ -246,11 +221,6 @@ fn log_event(event: &async_nats::Event) {
         }
         other => tracing::debug!(event = %other, "NATS connection event"),
     }
-}
-
-/// An idempotency key as a key-value key (`[0-9a-f]` only).
-fn dedup_key(key: &str) -> String {
-    key.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 #[async_trait]
@@ -300,29 +270,11 @@ impl Federation for NatsFederation {
     }
 
     async fn first_use(&self, key: &str) -> Result<bool, FederationError> {
-        let store = self.dedup_store().await?;
-        match store.create(dedup_key(key), self.broker_id.clone().into()).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(e) => {
-                // The bucket may be gone (NATS restarted): open it afresh next time.
-                *self.dedup.lock().await = None;
-                Err(FederationError(format!("recording the idempotency key: {e}")))
-            }
-        }
+        self.dedup.first_use(key, &self.broker_id).await
     }
 
     fn forget(&self, key: &str) {
-        let key = dedup_key(key);
-        let slot = self.dedup.clone();
-        tokio::spawn(async move {
-            let store = slot.lock().await.clone();
-            if let Some(store) = store
-                && let Err(e) = store.purge(&key).await
-            {
-                tracing::debug!(error = %e, "could not forget an idempotency key");
-            }
-        });
+        self.dedup.forget(key);
     }
 
     fn leave(&self) {
@@ -339,81 +291,6 @@ impl Federation for NatsFederation {
     }
 }
 
-/// Opens (or creates) the lease bucket, then keeps watching it and renewing
-/// this broker's leases until `stop`. When the watch breaks (NATS restarted,
-/// the bucket was lost) the bucket is opened again, created if need be.
-async fn maintain_leases(
-    client: async_nats::Client,
-    config: NatsConfig,
-    leases: Arc<Leases>,
-    slot: Arc<RwLock<Option<Store>>>,
-    notices: mpsc::Sender<Notice>,
-    stop: CancellationToken,
-) {
-    let jetstream = async_nats::jetstream::new(client);
-    let mut failures = 0u64;
-    loop {
-        let opened = match jetstream.get_key_value(&config.bucket).await {
-            Ok(store) => Ok(store),
-            Err(_) => jetstream
-                .create_key_value(Leases::bucket_config(&config.bucket, config.kv_replicas, config.lease_ttl))
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        let store = match opened {
-            Ok(store) => store,
-            Err(e) => {
-                let version = client_version(&jetstream);
-                if !version.is_empty() && !supported(&version) {
-                    if failures == 0 {
-                        tracing::error!(
-                            version,
-                            "this NATS server is too old for herald's cluster mode: it needs NATS {}.{} or newer",
-                            MIN_NATS_VERSION.0,
-                            MIN_NATS_VERSION.1
-                        );
-                    }
-                } else if failures == 0 {
-                    // The first failure is a warning; the retries each second are not.
-                    tracing::warn!(bucket = %config.bucket, error = %e, "lease bucket unavailable; retrying each second");
-                } else {
-                    tracing::debug!(bucket = %config.bucket, error = %e, failures, "lease bucket still unavailable");
-                }
-                failures += 1;
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        if failures > 0 {
-            tracing::info!(bucket = %config.bucket, failures, "lease bucket available again");
-            failures = 0;
-        }
-        *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(store.clone());
-        let renew = async {
-            let mut ticker = tokio::time::interval(leases.renew_interval());
-            loop {
-                ticker.tick().await;
-                leases.renew(&store, &notices).await;
-            }
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            watched = leases.watch(&store) => {
-                if let Err(e) = watched {
-                    tracing::debug!(error = %e, "lease watch ended; reopening the bucket");
-                }
-            }
-            () = renew => {}
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,10 +300,5 @@ mod tests {
         for (version, ok) in [("2.9.10", false), ("2.10.0", true), ("2.15.1", true), ("3.0.0", true), ("1.4", false)] {
             assert_eq!(supported(version), ok, "{version}");
         }
-    }
-
-    #[test]
-    fn idempotency_keys_become_hex_bucket_keys() {
-        assert_eq!(dedup_key("a b/é"), "6120622fc3a9");
     }
 }
