@@ -24,6 +24,8 @@ pub enum PublishError {
     Starting { grace: std::time::Duration },
     #[error("broker cluster unavailable: {0}")]
     ClusterUnavailable(String),
+    #[error("a publish with this idempotency key is still on its way: retry with the same key")]
+    KeyInFlight,
 }
 
 impl PublishError {
@@ -32,7 +34,9 @@ impl PublishError {
             Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) => Code::NotFound,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
-            Self::ShuttingDown | Self::Starting { .. } | Self::ClusterUnavailable(_) => Code::Unavailable,
+            Self::ShuttingDown | Self::Starting { .. } | Self::ClusterUnavailable(_) | Self::KeyInFlight => {
+                Code::Unavailable
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ pub struct BrokerMetrics {
     rejected_too_large: Counter,
     rejected_shutting_down: Counter,
     rejected_starting: Counter,
+    rejected_key_in_flight: Counter,
     rejected_cluster_unavailable: Counter,
     /// Content bytes of the messages accepted for routing.
     pub published_bytes: Counter,
@@ -64,6 +65,7 @@ impl BrokerMetrics {
             PublishError::TooLarge { .. } | PublishError::BatchTooLarge { .. } => &self.rejected_too_large,
             PublishError::ShuttingDown => &self.rejected_shutting_down,
             PublishError::Starting { .. } => &self.rejected_starting,
+            PublishError::KeyInFlight => &self.rejected_key_in_flight,
             PublishError::ClusterUnavailable(_) => &self.rejected_cluster_unavailable,
         }
         .inc();
@@ -86,6 +88,7 @@ impl BrokerMetrics {
                 (&[("reason", "too_large")], &self.rejected_too_large),
                 (&[("reason", "shutting_down")], &self.rejected_shutting_down),
                 (&[("reason", "starting")], &self.rejected_starting),
+                (&[("reason", "key_in_flight")], &self.rejected_key_in_flight),
                 (&[("reason", "cluster_unavailable")], &self.rejected_cluster_unavailable),
             ],
         );

@@ -17,6 +17,7 @@ use tonic::Status;
 
 use super::Hub;
 use super::index::Listeners;
+use super::recent::Seen;
 use super::session::Sink;
 use crate::error::PublishError;
 use crate::federation::Notice;
@@ -38,9 +39,19 @@ impl Hub {
         let metrics = &self.shared.metrics;
         let Routed { route, listeners, held_here } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
         let key = std::mem::take(&mut req.idempotency_key);
-        if !key.is_empty() && !self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
-            metrics.duplicates.inc();
-            return Ok(PublishResponse { subscribers: 0, forwarded: false, duplicate: true });
+        if !key.is_empty() {
+            match self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
+                Seen::New => {}
+                Seen::Routed => {
+                    metrics.duplicates.inc();
+                    return Ok(PublishResponse { subscribers: 0, forwarded: false, duplicate: true });
+                }
+                Seen::InFlight => {
+                    let e = PublishError::KeyInFlight;
+                    metrics.publish_rejected(&e);
+                    return Err(e);
+                }
+            }
         }
         metrics.publish_accepted(route.kind);
         metrics.published_bytes.add(route.content_bytes as u64);
@@ -66,24 +77,32 @@ impl Hub {
             None => false,
         };
         let delivered = self.deliver(listeners, event).await;
+        if !key.is_empty() {
+            self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).settle(&key);
+        }
         Ok(PublishResponse { subscribers: delivered, forwarded, duplicate: false })
     }
 
-    /// Records an idempotency key, here and with the federation: false when
-    /// it was accepted before, within the window.
-    async fn first_use(&self, key: &str) -> Result<bool, PublishError> {
-        let (fresh, evicted) = self
+    /// Records an idempotency key, here and with the federation. A key that
+    /// another broker recorded counts as routed: only this broker knows
+    /// whether its own publishes are still on their way.
+    async fn first_use(&self, key: &str) -> Result<Seen, PublishError> {
+        let (seen, evicted) = self
             .shared
             .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, tokio::time::Instant::now().into_std());
         self.shared.metrics.dedup_evicted.add(evicted);
-        if !fresh {
-            return Ok(false);
+        if seen != Seen::New {
+            return Ok(seen);
         }
         match self.federation().first_use(key).await {
-            Ok(first) => Ok(first),
+            Ok(true) => Ok(Seen::New),
+            Ok(false) => {
+                self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).settle(key);
+                Ok(Seen::Routed)
+            }
             Err(e) => {
                 self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
                 Err(PublishError::ClusterUnavailable(e.0))

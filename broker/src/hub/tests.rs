@@ -363,3 +363,24 @@ async fn a_refused_publish_does_not_use_up_its_idempotency_key() {
     let bad = hub.publish(keyed(broadcast("x"), "not visible\u{7f}")).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_retry_while_its_first_attempt_is_still_on_its_way_is_told_to_retry_not_that_it_is_a_duplicate() {
+    let limits = HubLimits { session_queue: 1, slow_session_grace: Duration::from_secs(30), ..HubLimits::default() };
+    let hub = Hub::new(limits);
+    let (slow, mut events) = hub.open_session();
+    slow.apply(subscribe(1, &["broadcast"])).await.unwrap();
+    // The ack fills the one-event queue: the keyed publish waits for room.
+    let first = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.publish(keyed(broadcast("once"), "k-1")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let overtaking = hub.publish(keyed(broadcast("once"), "k-1")).await.unwrap_err();
+    assert_eq!(overtaking.code(), Code::Unavailable, "{overtaking}");
+    expect_ack(&mut events, 1).await;
+    assert!(!first.await.unwrap().unwrap().duplicate);
+    expect_text(&mut events, "once").await;
+    assert!(hub.publish(keyed(broadcast("once"), "k-1")).await.unwrap().duplicate, "routed now: a duplicate");
+    assert!(nothing_pending(&mut events));
+}
