@@ -69,31 +69,37 @@ fn admit(listener: &Arc<Semaphore>, options: &HttpServerOptions) -> Result<Admis
         .clone()
         .try_acquire_owned()
         .map_err(|_| format!("too many connections: this listener serves at most {}", options.max_connections))?;
-    let slot = if options.client_facing {
-        Some(crate::net::connection_slot().ok_or("too many connections: the server is at its open-files limit")?)
-    } else {
-        None
-    };
+    let slot =
+        if options.client_facing { Some(crate::net::connection_slot().ok_or(crate::net::NO_SLOT_LEFT)?) } else { None };
     Ok(Admission { _listener: permit, _process: slot })
 }
 
 /// Answers a connection that cannot be served with 503 and `reason`, and
 /// closes it at once: in the accept loop, without waiting, so that refusals
-/// never hold descriptors. Over TLS there is no plain answer to give.
-fn refuse(stream: TcpStream, reason: &str, tls: bool) {
+/// never hold descriptors. Over TLS there is no plain answer to give. Both
+/// the HTTP and the WebSocket listeners refuse this way.
+pub fn refuse(stream: TcpStream, reason: &str, tls: bool) {
     if !tls {
-        let _ = stream.try_write(refusal(reason).as_bytes());
+        let _ = stream.try_write(plain_answer(503, reason, &["retry-after: 1"]).as_bytes());
     }
 }
 
-/// A 503 answer with `reason` as its body, for a connection about to close.
-pub fn refusal(reason: &str) -> String {
-    let body = format!("{reason}\n");
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
-         retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+/// A whole HTTP/1.1 answer for a connection about to close: `status`, the
+/// header lines `headers` (`Name: value`), and `reason` on one line as the
+/// body. Every refusal herald writes by hand is shaped by this.
+pub fn plain_answer(status: u16, reason: &str, headers: &[&str]) -> String {
+    let phrase = axum::http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+    let body = format!("{}\n", reason.replace(['\r', '\n'], " "));
+    let mut answer = format!(
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n",
         body.len()
-    )
+    );
+    for header in headers {
+        answer.push_str(header);
+        answer.push_str("\r\n");
+    }
+    answer + "\r\n" + &body
 }
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until

@@ -48,6 +48,9 @@ pub struct ConnectionSlot {
     _permit: OwnedSemaphorePermit,
 }
 
+/// Why a connection is refused when [`connection_slot`] has no place left.
+pub const NO_SLOT_LEFT: &str = "too many connections: the server is at its open-files limit";
+
 /// Takes a place for one more client connection (HTTP or WebSocket), if the
 /// process has one left: its open-files limit less [`DESCRIPTOR_RESERVE`].
 pub fn connection_slot() -> Option<ConnectionSlot> {

@@ -27,22 +27,19 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The refusals recognised: hyper's status line, and what is sent instead.
-const REFUSALS: [(&[u8], u16, &str, &str); 4] = [
-    (b"HTTP/1.1 400 Bad Request\r\n", 400, "Bad Request", "malformed HTTP request"),
+use crate::http::plain_answer;
+
+/// The refusals recognised: hyper's status line, and the status and reason
+/// sent instead.
+const REFUSALS: [(&[u8], u16, &str); 4] = [
+    (b"HTTP/1.1 400 Bad Request\r\n", 400, "malformed HTTP request"),
     (
         b"HTTP/1.1 414 URI Too Long\r\n",
         413,
-        "Payload Too Large",
         "request line over 65,534 bytes: send content this large in a POST body (form or JSON)",
     ),
-    (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
-        431,
-        "Request Header Fields Too Large",
-        "too many header fields, or fields too large",
-    ),
-    (b"HTTP/1.1 505 HTTP Version Not Supported\r\n", 505, "HTTP Version Not Supported", "use HTTP/1.1 or HTTP/2"),
+    (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", 431, "too many header fields, or fields too large"),
+    (b"HTTP/1.1 505 HTTP Version Not Supported\r\n", 505, "use HTTP/1.1 or HTTP/2"),
 ];
 
 /// The reason given when a request had both framing headers.
@@ -100,15 +97,9 @@ fn with_reason(head: &[u8], both_lengths: bool) -> Option<Vec<u8>> {
     if !head.ends_with(b"\r\n\r\n") || !contains(head, b"\r\ncontent-length: 0\r\n") {
         return None;
     }
-    let (_, status, phrase, reason) = REFUSALS.iter().find(|(line, ..)| head.starts_with(line))?;
+    let (_, status, reason) = REFUSALS.iter().find(|(line, ..)| head.starts_with(line))?;
     let reason = if both_lengths && *status == 400 { BOTH_LENGTHS } else { reason };
-    let body = format!("{reason}\n");
-    let answer = format!(
-        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    Some(answer.into_bytes())
+    Some(plain_answer(*status, reason, &[]).into_bytes())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

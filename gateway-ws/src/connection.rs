@@ -59,16 +59,6 @@ pub(crate) async fn serve(
     drop(slot);
 }
 
-/// Answers a connection the process has no descriptor to spare for: 503,
-/// and close at once, without waiting (over TLS there is no plain answer to
-/// give).
-pub(crate) fn refuse_at_limit(stream: TcpStream, tls: bool) {
-    if !tls {
-        let answer = herald_common::http::refusal("too many connections: the server is at its open-files limit");
-        let _ = stream.try_write(answer.as_bytes());
-    }
-}
-
 async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken) {
     if let Some(ws) = Box::pin(websocket_handshake(stream, peer, shared)).await {
         serve_open(ws, peer, shared, shutdown).await;

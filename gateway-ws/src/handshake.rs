@@ -49,29 +49,7 @@ impl Refusal {
 
     /// The whole HTTP answer: status, headers and the reason as the body.
     fn response(&self) -> String {
-        let body = format!("{}\n", self.reason.replace(['\r', '\n'], " "));
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.status,
-            phrase(self.status),
-            body.len()
-        );
-        for header in &self.headers {
-            head.push_str(header);
-            head.push_str("\r\n");
-        }
-        head + "\r\n" + &body
-    }
-}
-
-fn phrase(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
+        herald_common::http::plain_answer(self.status, &self.reason, &self.headers)
     }
 }
 

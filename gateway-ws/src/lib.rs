@@ -145,7 +145,7 @@ impl Gateway {
                         }
                         None => {
                             shared.metrics.handshakes_failed.inc();
-                            connection::refuse_at_limit(stream, tls.is_some());
+                            herald_common::http::refuse(stream, herald_common::net::NO_SLOT_LEFT, tls.is_some());
                         }
                     },
                     Err(e) => {
