@@ -29,7 +29,7 @@ use herald_client::Broker;
 use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
-use herald_proto::v1::{PublishRequest, PublishResult, publish_result};
+use herald_proto::v1::{PublishResult, publish_result};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -195,14 +195,13 @@ fn with_challenge(status: StatusCode, response: Response) -> Response {
     }
 }
 
-/// What every publish request goes through before its body is read, on its
-/// headers alone: request smuggling hygiene, then the API key. The body is
-/// then read within the request deadline, and no further than the limit.
+/// What every publish request goes through: the API key, on the headers
+/// alone, then its body, read within the request deadline and no further
+/// than the limit. (A request with both Content-Length and
+/// Transfer-Encoding never gets here: hyper drops the former, so the check
+/// is made on the raw head, in herald-common's HTTP server.)
 async fn admit(shared: &Shared, request: Request) -> Result<(Parts, Bytes), ApiError> {
     let (parts, body) = request.into_parts();
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
-        return Err(ApiError::bad_request("both Content-Length and Transfer-Encoding given: send one"));
-    }
     shared.authorize(&parts.headers)?;
     let deadline = shared.config.request_timeout;
     let limit = shared.config.max_body_bytes;
@@ -287,24 +286,27 @@ async fn json_batch(State(shared): State<Arc<Shared>>, request: Request) -> Resp
     let started = Instant::now();
     let outcome = async {
         let (_, body) = admit(&shared, request).await?;
-        let entries = json::parse_body::<json::BatchBody>(&body)?.into_entries();
-        let (valid, refused): (Vec<_>, Vec<_>) = entries.into_iter().enumerate().partition(|(_, e)| e.is_ok());
-        let requests: Vec<PublishRequest> = valid.iter().filter_map(|(_, e)| e.as_ref().ok().cloned()).collect();
-        let routed = if requests.is_empty() {
+        // Entries go to the broker together; each refused one keeps its
+        // place among their results.
+        let mut requests = Vec::new();
+        let mut refusals = Vec::new();
+        for entry in json::parse_body::<json::BatchBody>(&body)?.into_entries() {
+            match entry {
+                Ok(req) => {
+                    requests.push(req);
+                    refusals.push(None);
+                }
+                Err(e) => refusals.push(Some(json::refused(&e))),
+            }
+        }
+        let mut routed = if requests.is_empty() {
             Vec::new()
         } else {
             shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))?
-        };
-        let mut results: Vec<Option<PublishResult>> = vec![None; valid.len() + refused.len()];
-        for ((i, _), result) in valid.iter().zip(routed) {
-            results[*i] = Some(result);
         }
-        for (i, entry) in refused {
-            if let Err(e) = entry {
-                results[i] = Some(json::refused(&e));
-            }
-        }
-        let results: Vec<PublishResult> = results.into_iter().flatten().collect();
+        .into_iter();
+        let results: Vec<PublishResult> =
+            refusals.into_iter().filter_map(|refusal| refusal.or_else(|| routed.next())).collect();
         let accepted =
             results.iter().filter(|r| matches!(r.outcome, Some(publish_result::Outcome::Published(_)))).count();
         Ok((accepted as u64, axum::Json(json::batch_results(&results)).into_response()))
