@@ -22,9 +22,14 @@ use crate::admin::{self, Component};
 use crate::cli::{BrokerArgs, BrokerOptions, HttpArgs, StandaloneArgs, WsArgs};
 
 fn bind(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpListener> {
-    let listener = net::bind(addr, reuse_port).with_context(|| format!("cannot listen for {kind} on {addr}"))?;
+    let listener = bind_unannounced(kind, addr, reuse_port)?;
     net::announce(kind, listener.local_addr()?);
     Ok(listener)
+}
+
+/// Binds a listener to be announced later, when it is really serving.
+fn bind_unannounced(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpListener> {
+    net::bind(addr, reuse_port).with_context(|| format!("cannot listen for {kind} on {addr}"))
 }
 
 fn remote_brokers(addresses: &str, keys: &ApiKeys) -> anyhow::Result<Arc<dyn Broker>> {
@@ -74,8 +79,7 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
-    let listen = args.listen;
-    let listener = net::bind(listen, args.reuse_port).with_context(|| format!("cannot listen for ws on {listen}"))?;
+    let listener = bind_unannounced("ws", args.listen, args.reuse_port)?;
     let address = listener.local_addr()?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Ws(gateway.clone())], admin_stop.clone())?;

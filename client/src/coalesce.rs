@@ -5,9 +5,8 @@
 //! many. Each publisher's messages keep their order, as a batch is routed in
 //! order. The task ends when the brokers' client is dropped.
 
-use std::sync::{Arc, Weak};
-
 use std::future::Future;
+use std::sync::{Arc, Weak};
 
 use herald_proto::v1::{PublishRequest, PublishResponse, PublishResult, publish_result};
 use tokio::sync::{Semaphore, mpsc, oneshot};
