@@ -225,7 +225,7 @@ impl TlsArgs {
 #[derive(Debug, Args)]
 pub struct ContentArgs {
     /// Largest message content accepted for publishing, in bytes.
-    #[arg(long, env = "HERALD_MAX_CONTENT_BYTES", default_value_t = hub::DEFAULT_MAX_CONTENT_BYTES)]
+    #[arg(long, env = "HERALD_MAX_CONTENT_BYTES", default_value_t = herald_proto::DEFAULT_MAX_CONTENT_BYTES)]
     pub max_content_bytes: usize,
 }
 

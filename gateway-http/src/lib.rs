@@ -57,8 +57,6 @@ pub struct HttpConfig {
 pub const DEFAULT_PORT: u16 = 4237;
 /// The HTTP gateway's admin port (metrics, health).
 pub const DEFAULT_ADMIN_PORT: u16 = 4239;
-/// Largest content of one message, in bytes, by default.
-pub const DEFAULT_MAX_CONTENT_BYTES: usize = 64 * 1024;
 /// Largest request body, in bytes, by default.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Longest time from a request's headers to the end of its body, by default.
@@ -70,7 +68,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+            max_content_bytes: herald_proto::DEFAULT_MAX_CONTENT_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             api_keys: ApiKeys::default(),

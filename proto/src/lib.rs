@@ -12,5 +12,10 @@ pub mod v1 {
     tonic::include_proto!("herald.v1");
 }
 
+/// The largest content of one message a broker takes unless configured
+/// otherwise, in bytes. Publishers in front of a broker (the HTTP gateway)
+/// check the same limit before a message leaves them.
+pub const DEFAULT_MAX_CONTENT_BYTES: usize = 64 * 1024;
+
 /// Encoded `FileDescriptorSet` of the herald protos, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/herald_descriptor.bin"));

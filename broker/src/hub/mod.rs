@@ -29,8 +29,6 @@ pub use self::session::{Session, SessionEvents};
 use crate::federation::{Federation, Local, Notice};
 use crate::metrics::BrokerMetrics;
 
-/// Largest content of one message, in bytes, by default.
-pub const DEFAULT_MAX_CONTENT_BYTES: usize = 64 * 1024;
 /// Most messages in one `PublishBatch`, by default.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// Most channels one session may listen on, by default.
@@ -78,7 +76,7 @@ pub struct HubLimits {
 impl Default for HubLimits {
     fn default() -> Self {
         Self {
-            max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+            max_content_bytes: herald_proto::DEFAULT_MAX_CONTENT_BYTES,
             max_batch: DEFAULT_MAX_BATCH,
             max_channels_per_session: DEFAULT_MAX_CHANNELS_PER_SESSION,
             max_sessions: DEFAULT_MAX_SESSIONS,
