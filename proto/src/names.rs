@@ -10,10 +10,16 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_CHANNEL_LEN: usize = 128;
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// Longest user id or group name, in bytes.
+pub const MAX_MEMBER_NAME_LEN: usize = 128;
 /// The channel every gateway listens on.
 pub const BROADCAST_CHANNEL: &str = "broadcast";
 /// Prefix of the channel a gateway listens on for its worker id.
 pub const WORKER_CHANNEL_PREFIX: &str = "worker.";
+/// Prefix of the channel that carries the messages of one user.
+pub const USER_CHANNEL_PREFIX: &str = "user.";
+/// Prefix of the channel that carries the messages of one group.
+pub const GROUP_CHANNEL_PREFIX: &str = "group.";
 
 /// Why a name was refused. The message names the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -90,6 +96,63 @@ pub fn validate_idempotency_key(value: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Checks a user id (a JWT `sub`, or what the backend binds): 1 to 128
+/// characters of visible ASCII, so that e-mail addresses, UUIDs and
+/// `provider|id` forms all fit.
+pub fn validate_user_id(value: &str) -> Result<(), NameError> {
+    check_visible("user id", value)
+}
+
+/// Checks a group name: 1 to 128 characters of visible ASCII.
+pub fn validate_group(value: &str) -> Result<(), NameError> {
+    check_visible("group", value)
+}
+
+fn check_visible(what: &'static str, value: &str) -> Result<(), NameError> {
+    check_len(what, value, MAX_MEMBER_NAME_LEN)?;
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(NameError::NotVisibleAscii { what });
+    }
+    Ok(())
+}
+
+/// The channel on which the gateways holding a connection of `user_id` listen.
+pub fn user_channel(user_id: &str) -> String {
+    member_channel(USER_CHANNEL_PREFIX, user_id)
+}
+
+/// The channel on which the gateways holding a member of `group` listen.
+pub fn group_channel(group: &str) -> String {
+    member_channel(GROUP_CHANNEL_PREFIX, group)
+}
+
+/// `prefix` and `name` made into one channel token: `[A-Za-z0-9-]` stay,
+/// every other byte becomes `_` and two hex digits. One name gives one
+/// channel and two names never share one, and the result is a valid NATS
+/// subject token whatever the name holds.
+fn member_channel(prefix: &str, name: &str) -> String {
+    let mut channel = String::with_capacity(prefix.len() + name.len() * 2);
+    channel.push_str(prefix);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            channel.push(char::from(b));
+        } else {
+            channel.push('_');
+            channel.push(char::from(HEX[usize::from(b >> 4)]));
+            channel.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
+    channel
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Whether `channel` is reserved for routing (worker, user and group
+/// channels): publishers address a connection, a user or a group instead.
+pub fn is_reserved_channel(channel: &str) -> bool {
+    [WORKER_CHANNEL_PREFIX, USER_CHANNEL_PREFIX, GROUP_CHANNEL_PREFIX].iter().any(|p| channel.starts_with(p))
+}
+
 /// The channel on which the gateway holding `worker_id` listens.
 pub fn worker_channel(worker_id: &str) -> String {
     format!("{WORKER_CHANNEL_PREFIX}{worker_id}")
@@ -131,6 +194,34 @@ mod tests {
         assert!(validate_channel("room..42").is_err());
         assert!(validate_channel("room/42").is_err());
         assert!(validate_channel(&"c".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn user_ids_and_groups_are_visible_ascii() {
+        for ok in ["42", "ana@example.com", "auth0|5f1c", "room:1/a"] {
+            assert_eq!(validate_user_id(ok), Ok(()), "{ok}");
+            assert_eq!(validate_group(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a b", "é", "tab\there"] {
+            assert!(validate_user_id(bad).is_err(), "{bad}");
+        }
+        assert!(validate_group(&"g".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn member_channels_are_single_valid_tokens_and_never_collide() {
+        assert_eq!(user_channel("ana-1"), "user.ana-1");
+        assert_eq!(user_channel("a.b"), "user.a_2eb");
+        assert_eq!(group_channel("a_2eb"), "group.a_5f2eb");
+        let names = ["a.b", "a_2eb", "a_b", "a*b", "a>b", "A.B", "x"];
+        let channels: std::collections::HashSet<_> = names.iter().map(|n| user_channel(n)).collect();
+        assert_eq!(channels.len(), names.len());
+        for c in &channels {
+            assert_eq!(validate_channel(c), Ok(()), "{c}");
+            assert_eq!(c.matches('.').count(), 1, "{c}");
+        }
+        assert!(is_reserved_channel("user.x") && is_reserved_channel("group.x") && is_reserved_channel("worker.x"));
+        assert!(!is_reserved_channel("users.x"));
     }
 
     #[test]
