@@ -5,7 +5,7 @@ use herald_proto::names::NameError;
 use herald_proto::v1::{PublishError as PublishErrorMessage, PublishResponse, PublishResult, publish_result};
 use tonic::{Code, Status};
 
-/// A publish the broker refused.
+/// A publish, control or query the broker refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("{0}")]
@@ -14,6 +14,12 @@ pub enum PublishError {
     BadName(#[from] NameError),
     #[error("no live gateway holds worker id {0:?}")]
     UnknownWorker(String),
+    #[error("connection {connection_id:?} is not live on worker {worker_id:?}")]
+    UnknownConnection { worker_id: String, connection_id: String },
+    #[error("gateway {worker_id:?} did not confirm ({why}): the change may or may not have been made")]
+    NotConfirmed { worker_id: String, why: String },
+    #[error("{message}")]
+    Remote { code: Code, message: String },
     #[error("content is {len} bytes; the limit is {max}")]
     TooLarge { len: usize, max: usize },
     #[error("batch has {len} messages; the limit is {max}")]
@@ -32,7 +38,9 @@ impl PublishError {
     pub fn code(&self) -> Code {
         match self {
             Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
-            Self::UnknownWorker(_) => Code::NotFound,
+            Self::UnknownWorker(_) | Self::UnknownConnection { .. } => Code::NotFound,
+            Self::NotConfirmed { .. } => Code::DeadlineExceeded,
+            Self::Remote { code, .. } => *code,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
             Self::ShuttingDown | Self::Starting { .. } | Self::ClusterUnavailable(_) | Self::KeyInFlight => {
                 Code::Unavailable

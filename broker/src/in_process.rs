@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_client::{Broker, BrokerSession, SessionCommands};
-use herald_proto::v1::{PublishRequest, PublishResponse, PublishResult, SubscribeRequest};
+use herald_proto::v1::{
+    ControlRequest, ControlResponse, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse,
+    SubscribeRequest,
+};
 use tonic::Status;
 
 use crate::error::publish_result;
@@ -20,6 +23,14 @@ impl Broker for Hub {
 
     async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
         Ok(Hub::publish_batch(self, requests).await?.into_iter().map(publish_result).collect())
+    }
+
+    async fn control(&self, req: ControlRequest) -> Result<ControlResponse, Status> {
+        Hub::control(self, req).await.map_err(Status::from)
+    }
+
+    async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {
+        Hub::query(self, req).await.map_err(Status::from)
     }
 
     async fn open_session(&self) -> Result<BrokerSession, Status> {

@@ -3,6 +3,7 @@
 //! - [`Hub`]: the routing core (the interest index, sessions, publishing),
 //!   no sockets;
 //! - [`route`]: validation of a publish, its channel and its delivery;
+//! - [`control`]: validation of controls and queries, and where they go;
 //! - [`federation`]: the seam to other brokers: on its own ([`federation::Local`])
 //!   or bridged by NATS ([`federation::nats`]);
 //! - [`server`]: `herald.v1.BrokerService` over gRPC, with reflection and
@@ -10,6 +11,7 @@
 //! - the hub is also a [`herald_client::Broker`], for gateways in the same
 //!   process.
 
+pub mod control;
 mod error;
 pub mod federation;
 pub mod hub;

@@ -2,6 +2,7 @@
 
 use herald_common::metrics::{Counter, Exposition, Gauge};
 
+use crate::control::CONTROL_LABELS;
 use crate::error::PublishError;
 use crate::route::TargetKind;
 
@@ -10,8 +11,13 @@ pub struct BrokerMetrics {
     published_broadcast: Counter,
     published_connection: Counter,
     published_channel: Counter,
+    published_user: Counter,
+    published_group: Counter,
     rejected_invalid: Counter,
     rejected_unknown_worker: Counter,
+    rejected_unknown_connection: Counter,
+    rejected_not_confirmed: Counter,
+    rejected_remote: Counter,
     rejected_too_large: Counter,
     rejected_shutting_down: Counter,
     rejected_starting: Counter,
@@ -37,6 +43,14 @@ pub struct BrokerMetrics {
     pub duplicates: Counter,
     /// Idempotency keys forgotten before their window ended, for room.
     pub dedup_evicted: Counter,
+    /// Controls carried out, by operation (as [`CONTROL_LABELS`]).
+    pub controls: [Counter; CONTROL_LABELS.len()],
+    /// Queries answered.
+    pub queries: Counter,
+    /// Questions and controls answered for other brokers.
+    pub cluster_asks_answered: Counter,
+    /// Gateways left out of an answer because they did not answer in time.
+    pub answers_incomplete: Counter,
     /// Live subscriber sessions.
     pub sessions: Gauge,
     /// Channels with at least one listener.
@@ -55,6 +69,8 @@ impl BrokerMetrics {
             TargetKind::Broadcast => &self.published_broadcast,
             TargetKind::Connection => &self.published_connection,
             TargetKind::Channel => &self.published_channel,
+            TargetKind::User => &self.published_user,
+            TargetKind::Group => &self.published_group,
         }
     }
 
@@ -62,6 +78,9 @@ impl BrokerMetrics {
         match e {
             PublishError::Invalid(_) | PublishError::BadName(_) => &self.rejected_invalid,
             PublishError::UnknownWorker(_) => &self.rejected_unknown_worker,
+            PublishError::UnknownConnection { .. } => &self.rejected_unknown_connection,
+            PublishError::NotConfirmed { .. } => &self.rejected_not_confirmed,
+            PublishError::Remote { .. } => &self.rejected_remote,
             PublishError::TooLarge { .. } | PublishError::BatchTooLarge { .. } => &self.rejected_too_large,
             PublishError::ShuttingDown => &self.rejected_shutting_down,
             PublishError::Starting { .. } => &self.rejected_starting,
@@ -81,10 +100,13 @@ impl BrokerMetrics {
         );
         out.counter_family(
             "herald_broker_publish_rejected_total",
-            "Messages refused, by reason.",
+            "Publishes, controls and queries refused, by reason.",
             &[
                 (&[("reason", "invalid")], &self.rejected_invalid),
                 (&[("reason", "unknown_worker")], &self.rejected_unknown_worker),
+                (&[("reason", "unknown_connection")], &self.rejected_unknown_connection),
+                (&[("reason", "not_confirmed")], &self.rejected_not_confirmed),
+                (&[("reason", "refused_by_other_broker")], &self.rejected_remote),
                 (&[("reason", "too_large")], &self.rejected_too_large),
                 (&[("reason", "shutting_down")], &self.rejected_shutting_down),
                 (&[("reason", "starting")], &self.rejected_starting),
@@ -141,6 +163,20 @@ impl BrokerMetrics {
             "herald_broker_idempotency_keys_evicted_total",
             "Idempotency keys forgotten before the end of their window, to stay within capacity.",
             &self.dedup_evicted,
+        );
+        let controls: Vec<_> = CONTROL_LABELS.iter().zip(&self.controls).map(|(op, c)| ([("op", *op)], c)).collect();
+        let controls: Vec<(&[(&str, &str)], &Counter)> = controls.iter().map(|(l, c)| (&l[..], *c)).collect();
+        out.counter_family("herald_broker_controls_total", "Controls carried out, by operation.", &controls);
+        out.counter("herald_broker_queries_total", "Queries answered.", &self.queries);
+        out.counter(
+            "herald_broker_cluster_asks_answered_total",
+            "Controls and queries this broker answered for other brokers.",
+            &self.cluster_asks_answered,
+        );
+        out.counter(
+            "herald_broker_answers_incomplete_total",
+            "Controls and queries answered without some gateway's part, which did not arrive in time.",
+            &self.answers_incomplete,
         );
         out.gauge("herald_broker_sessions", "Live subscriber sessions.", self.sessions.get());
         out.gauge("herald_broker_channels", "Channels with at least one listener.", self.channels.get());

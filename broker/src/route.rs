@@ -4,7 +4,9 @@
 //! carry it out. Pure functions, no I/O.
 
 use herald_proto::names::{self, BROADCAST_CHANNEL};
-use herald_proto::v1::{ConnectionIds, Delivery, Everyone, PublishRequest, content, delivery, target};
+use herald_proto::v1::{
+    ConnectionAddress, ConnectionIds, Delivery, Everyone, PublishRequest, content, delivery, target,
+};
 
 use crate::error::PublishError;
 
@@ -14,36 +16,58 @@ pub enum TargetKind {
     Broadcast,
     Connection,
     Channel,
+    User,
+    Group,
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 3] = [Self::Broadcast, Self::Connection, Self::Channel];
+    pub const ALL: [TargetKind; 5] = [Self::Broadcast, Self::Connection, Self::Channel, Self::User, Self::Group];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Broadcast => "broadcast",
             Self::Connection => "connection",
             Self::Channel => "channel",
+            Self::User => "user",
+            Self::Group => "group",
         }
     }
 }
 
+/// Most connections one publish may exclude.
+pub const MAX_EXCEPT: usize = 1000;
+
 /// Where a valid publish goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub kind: TargetKind,
     pub channel: String,
     /// Size of the content, in bytes.
     pub content_bytes: usize,
-    /// For a connection target: the worker id that must be held by a live gateway.
-    pub worker_id: Option<String>,
+    /// For a connection target: the worker id that must be held by a live
+    /// gateway, and the connection that must be live on it.
+    pub connection: Option<ConnectionAddress>,
     /// What a gateway receiving the event does with it; none for a channel
     /// target, whose events are for the channel's subscriber sessions.
     pub delivery: Option<Delivery>,
 }
 
-fn deliver(to: delivery::To) -> Option<Delivery> {
-    Some(Delivery { to: Some(to) })
+fn deliver(to: delivery::To, except: &[ConnectionAddress]) -> Option<Delivery> {
+    Some(Delivery { to: Some(to), except: except.to_vec() })
+}
+
+fn check_except(except: &[ConnectionAddress]) -> Result<(), PublishError> {
+    if except.len() > MAX_EXCEPT {
+        return Err(PublishError::Invalid(format!(
+            "except lists {} connections; the limit is {MAX_EXCEPT}",
+            except.len()
+        )));
+    }
+    for address in except {
+        names::validate_worker_id(&address.worker_id)?;
+        names::validate_connection_id(&address.connection_id)?;
+    }
+    Ok(())
 }
 
 /// Validates `req` against the grammar and `max_content_bytes`, and names its channel.
@@ -63,57 +87,70 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
     if !req.idempotency_key.is_empty() {
         names::validate_idempotency_key(&req.idempotency_key)?;
     }
-    let kind = req
-        .target
-        .as_ref()
-        .and_then(|t| t.kind.as_ref())
-        .ok_or_else(|| PublishError::Invalid("target is required (broadcast, connection or channel)".into()))?;
+    let target = req.target.as_ref();
+    let kind = target.and_then(|t| t.kind.as_ref()).ok_or_else(|| {
+        PublishError::Invalid("target is required (broadcast, connection, user, group or channel)".into())
+    })?;
+    let except = target.map_or(&[][..], |t| &t.except);
+    check_except(except)?;
+    let route = |kind, channel, delivery| Route { kind, channel, content_bytes: len, connection: None, delivery };
     match kind {
-        target::Kind::Broadcast(_) => Ok(Route {
-            kind: TargetKind::Broadcast,
-            channel: BROADCAST_CHANNEL.to_owned(),
-            content_bytes: len,
-            worker_id: None,
-            delivery: deliver(delivery::To::Everyone(Everyone {})),
-        }),
+        target::Kind::Broadcast(_) => Ok(route(
+            TargetKind::Broadcast,
+            BROADCAST_CHANNEL.to_owned(),
+            deliver(delivery::To::Everyone(Everyone {}), except),
+        )),
         target::Kind::Connection(addr) => {
             names::validate_worker_id(&addr.worker_id)?;
             names::validate_connection_id(&addr.connection_id)?;
+            let ids = ConnectionIds { ids: vec![addr.connection_id.clone()] };
             Ok(Route {
-                kind: TargetKind::Connection,
-                channel: names::worker_channel(&addr.worker_id),
-                content_bytes: len,
-                worker_id: Some(addr.worker_id.clone()),
-                delivery: deliver(delivery::To::Connections(ConnectionIds { ids: vec![addr.connection_id.clone()] })),
+                connection: Some(addr.clone()),
+                ..route(
+                    TargetKind::Connection,
+                    names::worker_channel(&addr.worker_id),
+                    deliver(delivery::To::Connections(ids), except),
+                )
             })
+        }
+        target::Kind::User(user) => {
+            names::validate_user_id(user)?;
+            Ok(route(TargetKind::User, names::user_channel(user), deliver(delivery::To::User(user.clone()), except)))
+        }
+        target::Kind::Group(group) => {
+            names::validate_group(group)?;
+            Ok(route(
+                TargetKind::Group,
+                names::group_channel(group),
+                deliver(delivery::To::Group(group.clone()), except),
+            ))
         }
         target::Kind::Channel(channel) => {
             names::validate_channel(channel)?;
-            if names::is_worker_channel(channel) {
+            if names::is_reserved_channel(channel) {
                 return Err(PublishError::Invalid(format!(
-                    "channel {channel:?} is reserved for worker routing; address the connection instead"
+                    "channel {channel:?} is reserved for routing; address a connection, a user or a group instead"
                 )));
             }
-            Ok(Route {
-                kind: TargetKind::Channel,
-                channel: channel.clone(),
-                content_bytes: len,
-                worker_id: None,
-                delivery: None,
-            })
+            if !except.is_empty() {
+                return Err(PublishError::Invalid(
+                    "except applies to connections; a channel target reaches subscriber sessions".into(),
+                ));
+            }
+            Ok(route(TargetKind::Channel, channel.clone(), None))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use herald_proto::v1::{Broadcast, ConnectionAddress, Content, Target};
+    use herald_proto::v1::{Broadcast, Content, Target};
 
     use super::*;
 
     fn req(kind: target::Kind, text: &str) -> PublishRequest {
         PublishRequest {
-            target: Some(Target { kind: Some(kind) }),
+            target: Some(Target { kind: Some(kind), except: vec![] }),
             content: Some(Content { body: Some(content::Body::Text(text.into())) }),
             idempotency_key: String::new(),
         }
@@ -126,21 +163,35 @@ mod tests {
     #[test]
     fn broadcast_travels_on_the_broadcast_channel() {
         let r = resolve(&req(target::Kind::Broadcast(Broadcast {}), "hi"), 10).unwrap();
-        assert_eq!((r.kind, r.channel.as_str(), r.worker_id), (TargetKind::Broadcast, "broadcast", None));
+        assert_eq!((r.kind, r.channel.as_str(), r.connection), (TargetKind::Broadcast, "broadcast", None));
     }
 
     #[test]
     fn a_broadcast_is_delivered_to_everyone_on_each_gateway() {
         let r = resolve(&req(target::Kind::Broadcast(Broadcast {}), "hi"), 10).unwrap();
-        assert_eq!(r.delivery, deliver(delivery::To::Everyone(Everyone {})));
+        assert_eq!(r.delivery, deliver(delivery::To::Everyone(Everyone {}), &[]));
     }
 
     #[test]
     fn a_connection_travels_on_its_worker_channel_to_that_one_connection() {
         let r = resolve(&req(to("w1", "7"), "hi"), 10).unwrap();
         assert_eq!(r.channel, "worker.w1");
-        assert_eq!(r.worker_id.as_deref(), Some("w1"));
-        assert_eq!(r.delivery, deliver(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] })));
+        assert_eq!(r.connection.map(|a| a.worker_id).as_deref(), Some("w1"));
+        assert_eq!(r.delivery, deliver(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] }), &[]));
+    }
+
+    #[test]
+    fn users_and_groups_travel_on_their_own_channels_with_their_exceptions() {
+        let sender = ConnectionAddress { worker_id: "w1".into(), connection_id: "7".into() };
+        let mut user = req(target::Kind::User("ana@example.com".into()), "hi");
+        user.target.as_mut().unwrap().except.push(sender.clone());
+        let r = resolve(&user, 10).unwrap();
+        assert_eq!((r.kind, r.channel.as_str()), (TargetKind::User, "user.ana_40example_2ecom"));
+        assert_eq!(r.delivery, deliver(delivery::To::User("ana@example.com".into()), std::slice::from_ref(&sender)));
+        let r = resolve(&req(target::Kind::Group("room 1".into()), "hi"), 10);
+        assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let r = resolve(&req(target::Kind::Group("room-1".into()), "hi"), 10).unwrap();
+        assert_eq!((r.kind, r.channel.as_str()), (TargetKind::Group, "group.room-1"));
     }
 
     #[test]
@@ -160,6 +211,23 @@ mod tests {
             req(to("w1", ""), "x"),
             req(target::Kind::Channel("a..b".into()), "x"),
             req(target::Kind::Channel("worker.w1".into()), "x"),
+            req(target::Kind::Channel("user.x".into()), "x"),
+            req(target::Kind::User(String::new()), "x"),
+            req(target::Kind::Group("a\tb".into()), "x"),
+            PublishRequest {
+                target: Some(Target {
+                    kind: Some(target::Kind::Channel("news".into())),
+                    except: vec![ConnectionAddress { worker_id: "w".into(), connection_id: "1".into() }],
+                }),
+                ..req(to("w", "1"), "x")
+            },
+            PublishRequest {
+                target: Some(Target {
+                    kind: Some(target::Kind::Broadcast(Broadcast {})),
+                    except: vec![ConnectionAddress { worker_id: "w".into(), connection_id: String::new() }],
+                }),
+                ..req(to("w", "1"), "x")
+            },
             PublishRequest { idempotency_key: "a key".into(), ..req(to("w", "1"), "x") },
             PublishRequest { idempotency_key: "k".repeat(129), ..req(to("w", "1"), "x") },
         ];

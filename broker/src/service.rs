@@ -2,7 +2,10 @@
 //! the [`Hub`] and streams session events back.
 
 use herald_proto::v1::broker_service_server::BrokerService;
-use herald_proto::v1::{PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse, SubscribeRequest};
+use herald_proto::v1::{
+    ControlRequest, ControlResponse, PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse,
+    QueryRequest, QueryResponse, SubscribeRequest,
+};
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -61,6 +64,14 @@ impl BrokerService for BrokerGrpc {
         let results = self.hub.publish_batch(request.into_inner().requests).await?;
         let results = results.into_iter().map(publish_result).collect();
         Ok(Response::new(PublishBatchResponse { results }))
+    }
+
+    async fn control(&self, request: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
+        Ok(Response::new(self.hub.control(request.into_inner()).await?))
+    }
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        Ok(Response::new(self.hub.query(request.into_inner()).await?))
     }
 
     type SubscribeStream = SessionEvents;

@@ -16,8 +16,9 @@ use herald_broker::Hub;
 use herald_broker::hub::{Session, SessionEvents};
 use herald_proto::names;
 use herald_proto::v1::{
-    Broadcast, ClaimWorker, ConnectionAddress, Content, PublishRequest, SubscribeChannels, SubscribeRequest, Target,
-    UnsubscribeChannels, content, subscribe_request, subscribe_response, target,
+    Broadcast, ClaimWorker, ConnectionAddress, ConnectionState, Content, DirectoryChange, DirectoryReport,
+    PublishRequest, SubscribeChannels, SubscribeRequest, Target, UnsubscribeChannels, content, directory_change,
+    subscribe_request, subscribe_response, target,
 };
 use proptest::prelude::*;
 use tokio_stream::Stream;
@@ -88,6 +89,7 @@ fn drain(events: &mut SessionEvents) -> (Vec<Item>, Option<Code>) {
         match Pin::new(&mut *events).poll_next(&mut cx) {
             Poll::Ready(Some(Ok(response))) => items.push(match response.kind {
                 Some(subscribe_response::Kind::Ack(ack)) => Item::Ack(ack.request_id),
+                Some(subscribe_response::Kind::Control(control)) => panic!("no control was sent: {control:?}"),
                 Some(subscribe_response::Kind::Event(event)) => {
                     let body = match event.content.and_then(|c| c.body) {
                         Some(content::Body::Text(text)) => text,
@@ -255,9 +257,20 @@ impl Model {
                     self.ended(stale, Code::Aborted);
                 }
                 self.workers.insert(worker, (index, instance));
+                // The gateway reports its one connection, "1", as live.
+                let report_id = self.request_id();
                 let live = self.sessions[index].as_mut().expect("the claiming session is live");
                 live.worker = Some(worker);
                 live.expected.push(Item::Ack(request_id));
+                let opened = DirectoryChange {
+                    connection_id: "1".to_owned(),
+                    change: Some(directory_change::Change::Opened(ConnectionState::default())),
+                };
+                let report =
+                    subscribe_request::Command::Report(DirectoryReport { changes: vec![opened], done: vec![] });
+                let reported = live.session.apply(command(report_id, report)).await.map_err(|e| e.code());
+                assert_eq!(reported, Ok(()), "report of {worker}'s connection");
+                live.expected.push(Item::Ack(report_id));
             }
         }
     }
@@ -275,10 +288,11 @@ impl Model {
                 (names::BROADCAST_CHANNEL.to_owned(), self.listeners(names::BROADCAST_CHANNEL))
             }
             target::Kind::Channel(channel) => (channel.clone(), self.listeners(channel)),
+            target::Kind::User(_) | target::Kind::Group(_) => unreachable!("the model publishes no user or group"),
         };
         let unheld_worker = matches!(&kind, target::Kind::Connection(_)) && recipients.is_empty();
         let req = PublishRequest {
-            target: Some(Target { kind: Some(kind) }),
+            target: Some(Target { kind: Some(kind), except: vec![] }),
             content: Some(Content { body: Some(content::Body::Text(body.clone())) }),
             idempotency_key: String::new(),
         };

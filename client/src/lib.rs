@@ -1,7 +1,8 @@
 //! How gateways and publishers reach a broker, wherever it runs.
 //!
 //! - [`Broker`]: what a broker does for its clients (publish, publish a
-//!   batch, open a subscriber session, answer a probe). The broker crate
+//!   batch, control and query the directory of connections, open a
+//!   subscriber session, answer a probe). The broker crate
 //!   implements it in-process; [`RemoteBrokers`] implements it over gRPC.
 //! - [`remote`]: gRPC to one or more broker addresses, with failover, the API
 //!   key added by an interceptor, and single publishes coalesced into batches.
@@ -16,7 +17,10 @@ pub mod remote;
 use std::pin::Pin;
 
 use async_trait::async_trait;
-use herald_proto::v1::{PublishRequest, PublishResponse, PublishResult, SubscribeRequest, SubscribeResponse};
+use herald_proto::v1::{
+    ControlRequest, ControlResponse, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse,
+    SubscribeRequest, SubscribeResponse,
+};
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -31,6 +35,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Routes several messages in order, each on its own: one result per
     /// message, in order.
     async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status>;
+
+    /// Changes who is on the gateways' connections (binds, groups, data,
+    /// closes), answering once the change is in effect.
+    async fn control(&self, req: ControlRequest) -> Result<ControlResponse, Status>;
+
+    /// Asks who is connected, across the cluster.
+    async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status>;
 
     /// Opens a subscriber session.
     async fn open_session(&self) -> Result<BrokerSession, Status>;

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
-use herald_proto::v1::{PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, SubscribeRequest};
+use herald_proto::v1::{
+    ControlRequest, ControlResponse, PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, QueryRequest,
+    QueryResponse, SubscribeRequest,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -245,6 +248,28 @@ impl Broker for RemoteBrokers {
 
     async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Result<Vec<PublishResult>, Status> {
         self.inner.publish_batch(&requests).await
+    }
+
+    async fn control(&self, req: ControlRequest) -> Result<ControlResponse, Status> {
+        let answer = self
+            .inner
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(req.clone());
+                async move { client.control(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner())
+    }
+
+    async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {
+        let answer = self
+            .inner
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(req.clone());
+                async move { client.query(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner())
     }
 
     async fn open_session(&self) -> Result<BrokerSession, Status> {

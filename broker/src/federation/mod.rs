@@ -7,14 +7,19 @@
 //! [`nats`] bridges brokers through NATS. Other engines (Redis, or a
 //! JetStream-backed history) go in beside them.
 
+mod ask;
 pub mod nats;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_common::metrics::Exposition;
 use herald_proto::v1::Event;
+use tokio::sync::oneshot;
+
+pub use self::ask::{Answer, Ask, Gathered, user_hash};
 
 /// A change of this broker's interest in a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +39,23 @@ pub enum Notice {
     Undecodable,
     /// A lease this broker held was taken over: end the session holding it.
     WorkerLost { worker_id: String, same_instance: bool },
+    /// Another broker asks something of this one's gateways.
+    Ask { ask: Ask, reply: oneshot::Sender<Answer> },
 }
 
 /// The other brokers could not be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct FederationError(pub String);
+
+/// Why a question to other brokers got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// Why a worker-id claim failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +96,15 @@ pub trait Federation: Send + Sync + 'static {
 
     /// Whether a gateway on another broker holds `worker_id`.
     fn held_elsewhere(&self, worker_id: &str) -> bool;
+
+    /// Asks the broker serving `worker_id` (held elsewhere) and waits up to
+    /// `timeout` for its answer.
+    async fn ask_worker(&self, worker_id: &str, ask: &Ask, timeout: Duration) -> Result<Answer, AskError>;
+
+    /// Asks every other broker and gathers the answers that arrive within
+    /// `timeout` (fewer when some broker is gone or slow: the caller sees
+    /// which workers are not covered).
+    async fn ask_all(&self, ask: &Ask, timeout: Duration) -> Result<Gathered, FederationError>;
 
     /// Records an idempotency key for all brokers: true when no other broker
     /// accepted it within the de-duplication window.
@@ -125,6 +150,14 @@ impl Federation for Local {
 
     fn held_elsewhere(&self, _worker_id: &str) -> bool {
         false
+    }
+
+    async fn ask_worker(&self, worker_id: &str, _ask: &Ask, _timeout: Duration) -> Result<Answer, AskError> {
+        Err(AskError::Unavailable(format!("no other broker serves worker id {worker_id:?}")))
+    }
+
+    async fn ask_all(&self, _ask: &Ask, _timeout: Duration) -> Result<Gathered, FederationError> {
+        Ok(Gathered::default())
     }
 
     async fn first_use(&self, _key: &str) -> Result<bool, FederationError> {

@@ -4,14 +4,17 @@
 //! is returned as an error (and the session ends with it).
 
 use herald_proto::names;
-use herald_proto::v1::{Ack, ClaimWorker, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response};
+use herald_proto::v1::{
+    Ack, ClaimWorker, DirectoryReport, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response,
+};
 use tonic::Status;
 
 use super::Hub;
+use super::directory::Directory;
 use super::index::SessionId;
 use super::session::Sink;
 use crate::error::{CommandError, CommandErrorKind};
-use crate::federation::ClaimError;
+use crate::federation::{ClaimError, Interest};
 
 impl Hub {
     pub(super) async fn apply(&self, id: SessionId, sink: &Sink, req: SubscribeRequest) -> Result<(), CommandError> {
@@ -29,9 +32,10 @@ impl Hub {
             subscribe_request::Command::Subscribe(sub) => {
                 for channel in &sub.channels {
                     names::validate_channel(channel).map_err(|e| err(e.into()))?;
-                    if names::is_worker_channel(channel) {
+                    if names::is_reserved_channel(channel) {
                         return Err(err(CommandErrorKind::Invalid(format!(
-                            "channel {channel:?} is a worker channel: claim the worker id instead"
+                            "channel {channel:?} is reserved: worker channels come with a claim, user and group \
+                             channels with a directory report"
                         ))));
                     }
                 }
@@ -49,6 +53,10 @@ impl Hub {
                 self.commit(&state, changes);
                 false
             }
+            subscribe_request::Command::Report(report) => {
+                self.report(id, report).await.map_err(err)?;
+                false
+            }
         };
         // Acknowledge only once the federation has the new interest: from the
         // ack on, events published on any broker arrive.
@@ -59,6 +67,34 @@ impl Hub {
         if sink.tx.try_send(ack).is_err() {
             tracing::debug!(session = id, request_id, "ack not queued: session queue full or closed");
         }
+        Ok(())
+    }
+
+    /// Follows a gateway's directory report: its connections, users and
+    /// groups, and the user and group channels its session listens on.
+    /// The controls it confirms are completed once the new interest has
+    /// reached the federation, so that what is published after a control's
+    /// answer reaches the connections it changed.
+    async fn report(&self, id: SessionId, report: DirectoryReport) -> Result<(), CommandErrorKind> {
+        for change in &report.changes {
+            Directory::check(change)?;
+        }
+        let gained = {
+            let mut state = self.write();
+            let mut members = Vec::new();
+            for change in report.changes {
+                state.directory.apply(id, change, &mut members)?;
+            }
+            let mut changes = Vec::new();
+            Self::follow_members(&mut state, members, &mut changes);
+            let gained = changes.iter().any(|c| matches!(c, Interest::Add(_)));
+            self.commit(&state, changes);
+            gained
+        };
+        if gained {
+            self.federation().sync().await.map_err(|e| CommandErrorKind::ClusterUnavailable(e.0))?;
+        }
+        self.confirm(id, report.done.into_iter().map(|d| (d.control_id, d.connections)));
         Ok(())
     }
 
@@ -91,7 +127,9 @@ impl Hub {
                 return Err(e);
             }
         };
-        if let Some(stale) = stale {
+        state.directory.attach(id, &claim.worker_id);
+        if let Some(stale) = &stale {
+            state.directory.detach(stale.session_id, &mut Vec::new());
             stale.end(Status::aborted(format!(
                 "worker id {:?} was claimed again by a newer session of the same instance",
                 claim.worker_id
@@ -99,6 +137,10 @@ impl Hub {
             self.shared.metrics.sessions.dec();
         }
         self.commit(&state, changes);
+        drop(state);
+        if let Some(stale) = stale {
+            self.abandon_controls(stale.session_id);
+        }
         Ok(())
     }
 }

@@ -40,8 +40,12 @@ pub(crate) struct Index<L> {
 #[derive(Debug)]
 struct Entry<L> {
     listener: L,
-    /// Every channel the session listens on, its worker channel included.
+    /// Every channel the session listens on, its worker channel and its
+    /// user and group channels included.
     channels: HashSet<String>,
+    /// How many of `channels` are user and group channels, which follow the
+    /// gateway's directory and are not counted against the channel limit.
+    members: usize,
     worker_id: Option<String>,
 }
 
@@ -68,7 +72,7 @@ impl<L> Default for Index<L> {
 impl<L: Listener> Index<L> {
     /// Adds a session that listens on nothing yet.
     pub(crate) fn insert(&mut self, listener: L) {
-        let entry = Entry { listener: listener.clone(), channels: HashSet::new(), worker_id: None };
+        let entry = Entry { listener: listener.clone(), channels: HashSet::new(), members: 0, worker_id: None };
         self.sessions.insert(listener.session_id(), entry);
     }
 
@@ -143,7 +147,7 @@ impl<L: Listener> Index<L> {
     ) -> Result<(), CommandErrorKind> {
         let entry = self.sessions.get(&id).ok_or(CommandErrorKind::ShuttingDown)?;
         let new: HashSet<&String> = channels.iter().filter(|c| !entry.channels.contains(*c)).collect();
-        let count = entry.channels.len() + new.len();
+        let count = entry.channels.len() - entry.members + new.len();
         if count > max {
             return Err(CommandErrorKind::TooManyChannels { count, max });
         }
@@ -154,10 +158,35 @@ impl<L: Listener> Index<L> {
         Ok(())
     }
 
-    /// Removes `channels` from session `id`; worker channels stay.
+    /// Makes session `id` listen on a user or group channel: its gateway
+    /// holds a member.
+    pub(crate) fn add_member_channel(&mut self, id: SessionId, channel: String, changes: &mut Changes) {
+        let Some(entry) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !entry.channels.contains(&channel) {
+            entry.members += 1;
+            self.link(id, channel, changes);
+        }
+    }
+
+    /// Stops session `id` listening on a user or group channel: its gateway
+    /// holds no member any more.
+    pub(crate) fn remove_member_channel(&mut self, id: SessionId, channel: &str, changes: &mut Changes) {
+        let Some(entry) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if entry.channels.remove(channel) {
+            entry.members -= 1;
+            self.unlink(id, channel, changes);
+        }
+    }
+
+    /// Removes `channels` from session `id`; worker, user and group
+    /// channels stay.
     pub(crate) fn unsubscribe(&mut self, id: SessionId, channels: &[String], changes: &mut Changes) {
         for channel in channels {
-            if names::is_worker_channel(channel) {
+            if names::is_reserved_channel(channel) {
                 continue;
             }
             let removed = self.sessions.get_mut(&id).is_some_and(|e| e.channels.remove(channel));
@@ -177,6 +206,11 @@ impl<L: Listener> Index<L> {
     pub(crate) fn holder(&self, worker_id: &str) -> Option<&L> {
         let holder = self.workers.get(worker_id)?;
         self.sessions.get(&holder.session_id).map(|e| &e.listener)
+    }
+
+    /// A session, by id.
+    pub(crate) fn session(&self, id: SessionId) -> Option<&L> {
+        self.sessions.get(&id).map(|e| &e.listener)
     }
 
     pub(crate) fn holds(&self, worker_id: &str) -> bool {

@@ -10,11 +10,14 @@
 //! State lives behind one `RwLock` that is never held across an `.await`.
 
 mod commands;
+mod control;
+mod directory;
 mod index;
 mod publish;
 mod recent;
 mod session;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -22,6 +25,9 @@ use std::time::Duration;
 use herald_common::metrics::Exposition;
 use tokio::sync::mpsc;
 
+use self::control::Pending;
+pub(crate) use self::directory::check_data;
+use self::directory::{Directory, MemberChange};
 use self::index::{Changes, Index};
 use self::recent::RecentKeys;
 use self::session::Sink;
@@ -48,6 +54,9 @@ pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(3);
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Most idempotency keys remembered at once, by default.
 pub const DEFAULT_DEDUP_CAPACITY: usize = 100_000;
+/// How long a control waits for its gateways to confirm, and a query for
+/// the other brokers' parts, by default.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Limits the broker enforces.
 #[derive(Debug, Clone)]
@@ -71,6 +80,10 @@ pub struct HubLimits {
     pub dedup_window: Duration,
     /// Most idempotency keys remembered at once.
     pub dedup_capacity: usize,
+    /// How long a control waits for its gateways to confirm, and a query
+    /// (or a publish to a connection on another broker) for the other
+    /// brokers' answers.
+    pub answer_timeout: Duration,
 }
 
 impl Default for HubLimits {
@@ -85,6 +98,7 @@ impl Default for HubLimits {
             startup_grace: Duration::ZERO,
             dedup_window: DEFAULT_DEDUP_WINDOW,
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
         }
     }
 }
@@ -100,6 +114,9 @@ struct Shared {
     limits: HubLimits,
     metrics: BrokerMetrics,
     next_session_id: AtomicU64,
+    next_control_id: AtomicU64,
+    /// Controls handed to gateways and not confirmed yet, by control id.
+    pending: Mutex<HashMap<u64, Pending>>,
     federation: Box<dyn Federation>,
     /// Idempotency keys accepted lately, by this broker.
     recent: Mutex<RecentKeys>,
@@ -113,6 +130,7 @@ struct Shared {
 #[derive(Default)]
 struct State {
     index: Index<Arc<Sink>>,
+    directory: Directory,
     shutting_down: bool,
 }
 
@@ -148,6 +166,8 @@ impl Hub {
                 state: RwLock::new(State::default()),
                 metrics: BrokerMetrics::default(),
                 next_session_id: AtomicU64::new(1),
+                next_control_id: AtomicU64::new(1),
+                pending: Mutex::default(),
                 federation,
                 recent: Mutex::new(RecentKeys::new(limits.dedup_window, limits.dedup_capacity)),
                 started: tokio::time::Instant::now(),
@@ -205,6 +225,17 @@ impl Hub {
             "Idempotency keys this broker remembers (accepted within the de-duplication window).",
             self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).len() as i64,
         );
+        {
+            let state = self.read();
+            let (connections, users, groups) = state.directory.census();
+            out.gauge(
+                "herald_broker_directory_connections",
+                "Live connections of this broker's gateways.",
+                connections as i64,
+            );
+            out.gauge("herald_broker_directory_users", "Distinct user ids among those connections.", users as i64);
+            out.gauge("herald_broker_directory_groups", "Groups with a member among those connections.", groups as i64);
+        }
         self.federation().render_metrics(out);
     }
 
@@ -234,6 +265,19 @@ impl Hub {
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.shared.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the sessions in `members` listen on their user and group
+    /// channels, or stop, collecting the interest changes in `changes`.
+    fn follow_members(state: &mut State, members: Vec<MemberChange>, changes: &mut Changes) {
+        for member in members {
+            match member {
+                MemberChange::Gained { session, channel } => state.index.add_member_channel(session, channel, changes),
+                MemberChange::Lost { session, channel } => {
+                    state.index.remove_member_channel(session, &channel, changes)
+                }
+            }
+        }
     }
 
     /// Publishes the census and passes the interest changes of one locked

@@ -11,16 +11,18 @@
 use std::sync::{Arc, PoisonError};
 use std::time::SystemTime;
 
-use herald_proto::v1::{Event, PublishRequest, PublishResponse, SubscribeResponse, subscribe_response};
+use herald_proto::v1::{
+    ConnectionAddress, Event, PublishRequest, PublishResponse, SubscribeResponse, subscribe_response, target,
+};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::Hub;
 use super::index::Listeners;
 use super::recent::Seen;
 use super::session::Sink;
+use super::{Hub, State};
 use crate::error::PublishError;
-use crate::federation::Notice;
+use crate::federation::{Ask, Notice};
 use crate::route::{self, Route};
 
 /// A publish that passed the checks.
@@ -28,16 +30,26 @@ struct Routed {
     route: Route,
     /// The sessions of this broker listening on its channel.
     listeners: Option<Listeners<Arc<Sink>>>,
-    /// Whether its worker (for a connection target) is held by a session of
-    /// this broker, so that no other broker needs it.
-    held_here: bool,
+    /// Where it goes beyond this broker.
+    beyond: Beyond,
+}
+
+/// Which other brokers a publish goes to.
+enum Beyond {
+    /// Whichever listen on its channel.
+    Listeners,
+    /// None: its connection is on a gateway of this broker.
+    Nowhere,
+    /// The one serving the worker of its connection, which says whether the
+    /// connection is live.
+    Worker(String),
 }
 
 impl Hub {
     /// Routes one message. Returns how many sessions it was handed to.
     pub async fn publish(&self, mut req: PublishRequest) -> Result<PublishResponse, PublishError> {
         let metrics = &self.shared.metrics;
-        let Routed { route, listeners, held_here } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
+        let Routed { route, listeners, beyond } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
         let key = std::mem::take(&mut req.idempotency_key);
         if !key.is_empty() {
             match self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
@@ -62,8 +74,10 @@ impl Hub {
             published_at: Some(prost_types::Timestamp::from(SystemTime::now())),
             delivery: route.delivery,
         };
-        // A connection on a gateway of this broker needs no other broker.
-        let forwarded = match if held_here { None } else { self.federation().forward(&event) } {
+        if let Beyond::Worker(worker_id) = &beyond {
+            return self.publish_beyond(worker_id, event, &key).await;
+        }
+        let forwarded = match matches!(beyond, Beyond::Listeners).then(|| self.federation().forward(&event)).flatten() {
             Some(forwarding) => {
                 if let Err(e) = forwarding.await {
                     let e = PublishError::ClusterUnavailable(e.0);
@@ -77,10 +91,59 @@ impl Hub {
             None => false,
         };
         let delivered = self.deliver(listeners, event).await;
-        if !key.is_empty() {
-            self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).settle(&key);
-        }
+        self.settle(&key);
         Ok(PublishResponse { subscribers: delivered, forwarded, duplicate: false })
+    }
+
+    /// Hands a publish for a connection to the broker serving its worker,
+    /// which delivers it if the connection is live.
+    async fn publish_beyond(&self, worker_id: &str, event: Event, key: &str) -> Result<PublishResponse, PublishError> {
+        let ask = Ask { event: Some(event), ..Ask::default() };
+        match self.ask_worker(worker_id, &ask).await {
+            Ok(_) => {
+                self.shared.metrics.events_forwarded.inc();
+                self.settle(key);
+                Ok(PublishResponse { subscribers: 0, forwarded: true, duplicate: false })
+            }
+            Err(e) => {
+                self.shared.metrics.publish_rejected(&e);
+                // A publish whose outcome is unknown keeps its key: a retry
+                // with it must not be routed twice.
+                if matches!(e, PublishError::NotConfirmed { .. }) {
+                    self.settle(key);
+                } else {
+                    self.forget(key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks an idempotency key's publish as routed.
+    fn settle(&self, key: &str) {
+        if !key.is_empty() {
+            self.shared.recent.lock().unwrap_or_else(PoisonError::into_inner).settle(key);
+        }
+    }
+
+    /// Delivers an event for one connection of a gateway of this broker,
+    /// asked by the broker that took the publish: refused when the
+    /// connection is not live.
+    pub(super) async fn deliver_to_connection_here(&self, event: Event) -> Result<u32, PublishError> {
+        let listeners = {
+            let state = self.read();
+            let address = event.target.as_ref().and_then(|t| t.kind.as_ref()).and_then(|kind| match kind {
+                target::Kind::Connection(address) => Some(address),
+                _ => None,
+            });
+            let Some(address) = address else {
+                return Err(PublishError::Invalid("a publish asked of another broker must name a connection".into()));
+            };
+            check_live(&state, address)?;
+            state.index.listeners(&event.channel)
+        };
+        self.shared.metrics.events_from_cluster.inc();
+        Ok(self.deliver(listeners, event).await)
     }
 
     /// Records an idempotency key, here and with the federation. A key that
@@ -148,15 +211,22 @@ impl Hub {
         if let Some(reason) = self.federation().unready_reason() {
             return Err(PublishError::ClusterUnavailable(reason.to_owned()));
         }
-        let held_here = route.worker_id.as_ref().is_some_and(|w| state.index.holds(w));
-        if let Some(worker_id) = &route.worker_id
-            && !held_here
-            && !self.federation().held_elsewhere(worker_id)
-        {
-            return Err(PublishError::UnknownWorker(worker_id.clone()));
-        }
-        let listeners = state.index.listeners(&route.channel);
-        Ok(Routed { route, listeners, held_here })
+        let beyond = match &route.connection {
+            None => Beyond::Listeners,
+            Some(address) if state.index.holds(&address.worker_id) => {
+                check_live(&state, address)?;
+                Beyond::Nowhere
+            }
+            Some(address) if self.federation().held_elsewhere(&address.worker_id) => {
+                Beyond::Worker(address.worker_id.clone())
+            }
+            Some(address) => return Err(PublishError::UnknownWorker(address.worker_id.clone())),
+        };
+        let listeners = match beyond {
+            Beyond::Worker(_) => None,
+            Beyond::Listeners | Beyond::Nowhere => state.index.listeners(&route.channel),
+        };
+        Ok(Routed { route, listeners, beyond })
     }
 
     /// Handles what the federation sends: events published on other brokers,
@@ -170,6 +240,18 @@ impl Hub {
                 self.deliver(listeners, event).await;
             }
             Notice::Undecodable => metrics.cluster_undecodable.inc(),
+            // A publish to a connection is answered in order, so that the
+            // messages of one publisher keep their order; controls wait for
+            // gateways and must not hold up the events behind them.
+            Notice::Ask { ask, reply } if ask.event.is_some() => {
+                let _ = reply.send(self.answer(ask).await);
+            }
+            Notice::Ask { ask, reply } => {
+                let hub = self.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(hub.answer(ask).await);
+                });
+            }
             Notice::WorkerLost { worker_id, same_instance } => {
                 let holder = self.read().index.holder(&worker_id).cloned();
                 if let Some(sink) = holder {
@@ -231,5 +313,22 @@ impl Hub {
                 "session evicted: its {queued} queued events were not read within {grace:?}"
             )),
         );
+    }
+}
+
+/// Refuses a connection that is not live on the gateway of this broker
+/// holding its worker id.
+fn check_live(state: &State, address: &ConnectionAddress) -> Result<(), PublishError> {
+    let live = state
+        .index
+        .holder(&address.worker_id)
+        .is_some_and(|sink| state.directory.has_connection(sink.session_id, &address.connection_id));
+    if live {
+        Ok(())
+    } else {
+        Err(PublishError::UnknownConnection {
+            worker_id: address.worker_id.clone(),
+            connection_id: address.connection_id.clone(),
+        })
     }
 }

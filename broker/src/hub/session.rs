@@ -94,9 +94,14 @@ impl Hub {
         let Some(removed) = state.index.remove(id, &mut changes) else {
             return;
         };
+        // The index dropped every channel of the session, its user and
+        // group channels included: the directory's own account of those is
+        // not needed.
+        state.directory.detach(id, &mut Vec::new());
         self.shared.metrics.sessions.dec();
         self.commit(&state, changes);
         drop(state);
+        self.abandon_controls(id);
         if let Some(worker_id) = removed.released {
             self.federation().release(worker_id);
         }

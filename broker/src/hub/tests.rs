@@ -4,19 +4,26 @@
 use std::pin::Pin;
 use std::task::Context;
 
+use std::collections::BTreeSet;
+
+use herald_proto::names;
 use herald_proto::v1::{
-    Ack, Broadcast, ClaimWorker, ConnectionAddress, ConnectionIds, Content, Delivery, Event, Everyone, PublishRequest,
-    SubscribeChannels, SubscribeRequest, SubscribeResponse, Target, UnsubscribeChannels, content, delivery,
-    subscribe_request, subscribe_response, target,
+    Ack, BindUser, Broadcast, ClaimWorker, CloseConnections, Closed, ConnectionAddress, ConnectionIds, ConnectionInfo,
+    ConnectionState, Content, ControlDone, ControlRequest, ControlResponse, Delivery, DirectoryChange, DirectoryReport,
+    Event, Everyone, GatewayControl, PublishRequest, QueryRequest, QueryResponse, Selection, SetConnectionData,
+    SubscribeChannels, SubscribeRequest, SubscribeResponse, Target, Totals, UnsubscribeChannels, content,
+    control_request, delivery, directory_change, query_request, selection, subscribe_request, subscribe_response,
+    target,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use super::*;
+use crate::error::PublishError;
 
 fn text(kind: target::Kind, body: &str) -> PublishRequest {
     PublishRequest {
-        target: Some(Target { kind: Some(kind) }),
+        target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(body.into())) }),
         idempotency_key: String::new(),
     }
@@ -58,6 +65,49 @@ fn unsubscribe(request_id: u64, channels: &[&str]) -> SubscribeRequest {
     }
 }
 
+fn report(request_id: u64, changes: Vec<DirectoryChange>, done: Vec<ControlDone>) -> SubscribeRequest {
+    SubscribeRequest {
+        request_id,
+        command: Some(subscribe_request::Command::Report(DirectoryReport { changes, done })),
+    }
+}
+
+fn connection_state(user: &str, groups: &[&str]) -> ConnectionState {
+    ConnectionState {
+        user_id: user.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        data: Default::default(),
+    }
+}
+
+/// A connection opened, bound to `user` (empty: anonymous) and in `groups`.
+fn opened(conn: &str, user: &str, groups: &[&str]) -> DirectoryChange {
+    DirectoryChange {
+        connection_id: conn.into(),
+        change: Some(directory_change::Change::Opened(connection_state(user, groups))),
+    }
+}
+
+/// What is known of a live connection, replaced.
+fn state(conn: &str, user: &str, groups: &[&str]) -> DirectoryChange {
+    DirectoryChange {
+        connection_id: conn.into(),
+        change: Some(directory_change::Change::State(connection_state(user, groups))),
+    }
+}
+
+fn closed(conn: &str) -> DirectoryChange {
+    DirectoryChange { connection_id: conn.into(), change: Some(directory_change::Change::Closed(Closed {})) }
+}
+
+fn done(control_id: u64, connections: u32) -> ControlDone {
+    ControlDone { control_id, connections }
+}
+
+fn addr(worker: &str, conn: &str) -> ConnectionAddress {
+    ConnectionAddress { worker_id: worker.into(), connection_id: conn.into() }
+}
+
 async fn next(events: &mut SessionEvents) -> SubscribeResponse {
     tokio::time::timeout(Duration::from_secs(1), events.next())
         .await
@@ -78,6 +128,13 @@ async fn expect_text(events: &mut SessionEvents, body: &str) -> Event {
             ev
         }
         other => panic!("expected event {body:?}, got {other:?}"),
+    }
+}
+
+async fn expect_control(events: &mut SessionEvents) -> GatewayControl {
+    match next(events).await.kind {
+        Some(subscribe_response::Kind::Control(control)) => control,
+        other => panic!("expected a control, got {other:?}"),
     }
 }
 
@@ -113,8 +170,10 @@ async fn a_connection_target_reaches_only_its_workers_session() {
     let (w2, mut w2_events) = hub.open_session();
     w1.apply(claim(1, "w1", "i1")).await.unwrap();
     w2.apply(claim(1, "w2", "i2")).await.unwrap();
+    w2.apply(report(2, vec![opened("1", "", &[])], vec![])).await.unwrap();
     expect_ack(&mut w1_events, 1).await;
     expect_ack(&mut w2_events, 1).await;
+    expect_ack(&mut w2_events, 2).await;
 
     assert_eq!(hub.publish(to("w2", "1", "for w2")).await.unwrap().subscribers, 1);
     let ev = expect_text(&mut w2_events, "for w2").await;
@@ -128,15 +187,18 @@ async fn events_carry_the_delivery_the_broker_decided_for_their_target() {
     let (gateway, mut events) = hub.open_session();
     gateway.apply(claim(1, "w1", "i1")).await.unwrap();
     gateway.apply(subscribe(2, &["broadcast", "news"])).await.unwrap();
+    gateway.apply(report(3, vec![opened("7", "", &[])], vec![])).await.unwrap();
     expect_ack(&mut events, 1).await;
     expect_ack(&mut events, 2).await;
+    expect_ack(&mut events, 3).await;
 
     hub.publish(broadcast("all")).await.unwrap();
-    let everyone = Delivery { to: Some(delivery::To::Everyone(Everyone {})) };
+    let everyone = Delivery { to: Some(delivery::To::Everyone(Everyone {})), except: Vec::new() };
     assert_eq!(expect_text(&mut events, "all").await.delivery, Some(everyone));
 
     hub.publish(to("w1", "7", "one")).await.unwrap();
-    let seven = Delivery { to: Some(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] })) };
+    let seven =
+        Delivery { to: Some(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] })), except: Vec::new() };
     assert_eq!(expect_text(&mut events, "one").await.delivery, Some(seven));
 
     hub.publish(text(target::Kind::Channel("news".into()), "for subscribers")).await.unwrap();
@@ -176,6 +238,8 @@ async fn the_same_instance_takes_its_worker_id_back_from_a_stale_session() {
     fresh.apply(claim(1, "w1", "instance-a")).await.unwrap();
     assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
     expect_ack(&mut fresh_events, 1).await;
+    fresh.apply(report(2, vec![opened("3", "", &[])], vec![])).await.unwrap();
+    expect_ack(&mut fresh_events, 2).await;
     hub.publish(to("w1", "3", "after takeover")).await.unwrap();
     expect_text(&mut fresh_events, "after takeover").await;
 }
@@ -245,7 +309,9 @@ async fn events_to_one_session_keep_publish_order() {
     let hub = Hub::default();
     let (s, mut events) = hub.open_session();
     s.apply(claim(1, "w1", "i")).await.unwrap();
+    s.apply(report(2, vec![opened("1", "", &[])], vec![])).await.unwrap();
     expect_ack(&mut events, 1).await;
+    expect_ack(&mut events, 2).await;
     for i in 0..1000 {
         hub.publish(to("w1", "1", &i.to_string())).await.unwrap();
     }
@@ -338,7 +404,9 @@ async fn a_retry_with_the_same_idempotency_key_is_answered_as_a_duplicate_and_no
     let hub = Hub::default();
     let (s, mut events) = hub.open_session();
     s.apply(claim(1, "w1", "i")).await.unwrap();
+    s.apply(report(2, vec![opened("1", "", &[])], vec![])).await.unwrap();
     expect_ack(&mut events, 1).await;
+    expect_ack(&mut events, 2).await;
     let first = hub.publish(keyed(to("w1", "1", "once"), "k-1")).await.unwrap();
     assert_eq!((first.subscribers, first.duplicate), (1, false));
     let retry = hub.publish(keyed(to("w1", "1", "once"), "k-1")).await.unwrap();
@@ -357,7 +425,9 @@ async fn a_refused_publish_does_not_use_up_its_idempotency_key() {
     assert_eq!(refused.code(), Code::NotFound);
     let (s, mut events) = hub.open_session();
     s.apply(claim(1, "ghost", "i")).await.unwrap();
+    s.apply(report(2, vec![opened("1", "", &[])], vec![])).await.unwrap();
     expect_ack(&mut events, 1).await;
+    expect_ack(&mut events, 2).await;
     let retried = hub.publish(keyed(to("ghost", "1", "x"), "k-1")).await.unwrap();
     assert_eq!((retried.subscribers, retried.duplicate), (1, false));
     let bad = hub.publish(keyed(broadcast("x"), "not visible\u{7f}")).await.unwrap_err();
@@ -383,4 +453,569 @@ async fn a_retry_while_its_first_attempt_is_still_on_its_way_is_told_to_retry_no
     expect_text(&mut events, "once").await;
     assert!(hub.publish(keyed(broadcast("once"), "k-1")).await.unwrap().duplicate, "routed now: a duplicate");
     assert!(nothing_pending(&mut events));
+}
+
+// Gateways simulated by hand: a gateway is a session that claims a worker
+// id, reports its connections, and answers each control it is handed with a
+// report confirming it.
+
+/// A gateway holding `worker` with `connections` (id, user, groups) open,
+/// its claim (request 1) and first report (request 2) acknowledged.
+async fn gateway(hub: &Hub, worker: &str, connections: &[(&str, &str, &[&str])]) -> (Arc<Session>, SessionEvents) {
+    let (session, mut events) = hub.open_session();
+    session.apply(claim(1, worker, &format!("{worker}-instance"))).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    let opens = connections.iter().map(|(id, user, groups)| opened(id, user, groups)).collect();
+    session.apply(report(2, opens, vec![])).await.unwrap();
+    expect_ack(&mut events, 2).await;
+    (session, events)
+}
+
+fn with_except(mut req: PublishRequest, except: &[ConnectionAddress]) -> PublishRequest {
+    req.target.as_mut().unwrap().except = except.to_vec();
+    req
+}
+
+fn to_user(user: &str, body: &str) -> PublishRequest {
+    text(target::Kind::User(user.into()), body)
+}
+
+fn to_group(group: &str, body: &str) -> PublishRequest {
+    text(target::Kind::Group(group.into()), body)
+}
+
+fn bind_user(worker: &str, conn: &str, user: &str) -> ControlRequest {
+    ControlRequest {
+        op: Some(control_request::Op::BindUser(BindUser {
+            connection: Some(addr(worker, conn)),
+            user_id: user.into(),
+        })),
+    }
+}
+
+fn close_user(user: &str) -> ControlRequest {
+    ControlRequest {
+        op: Some(control_request::Op::Close(CloseConnections {
+            selection: Some(Selection { of: Some(selection::Of::User(user.into())) }),
+            reason: "bye".into(),
+        })),
+    }
+}
+
+/// Runs a control in the background, as a backend calling the broker would.
+fn spawn_control(hub: &Hub, req: ControlRequest) -> tokio::task::JoinHandle<Result<ControlResponse, PublishError>> {
+    let hub = hub.clone();
+    tokio::spawn(async move { hub.control(req).await })
+}
+
+async fn ask(hub: &Hub, question: query_request::Question) -> QueryResponse {
+    let answer = hub.query(QueryRequest { question: Some(question) }).await.unwrap();
+    assert!(answer.missing_workers.is_empty(), "a single broker answers for every gateway: {answer:?}");
+    answer
+}
+
+/// The (worker id, connection id) of each connection of an answer, each once.
+fn addresses(answer: &QueryResponse) -> BTreeSet<(String, String)> {
+    let all: Vec<_> = answer
+        .connections
+        .iter()
+        .map(|c| c.address.clone().unwrap_or_default())
+        .map(|a| (a.worker_id, a.connection_id))
+        .collect();
+    let set: BTreeSet<_> = all.iter().cloned().collect();
+    assert_eq!(set.len(), all.len(), "a connection listed twice: {all:?}");
+    set
+}
+
+fn pairs(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    list.iter().map(|(w, c)| (w.to_string(), c.to_string())).collect()
+}
+
+#[tokio::test]
+async fn a_user_target_reaches_only_the_gateways_holding_a_connection_of_that_user() {
+    let hub = Hub::new(HubLimits::default());
+    let (_w1, mut w1_events) = gateway(&hub, "w1", &[("1", "ana", &[]), ("2", "bob", &[])]).await;
+    let (_w2, mut w2_events) = gateway(&hub, "w2", &[("1", "bob", &[]), ("2", "", &[])]).await;
+    let (_w3, mut w3_events) = gateway(&hub, "w3", &[]).await;
+
+    let sender = addr("w1", "9");
+    let res = hub.publish(with_except(to_user("ana", "for ana"), std::slice::from_ref(&sender))).await.unwrap();
+    assert_eq!(res.subscribers, 1);
+    let ev = expect_text(&mut w1_events, "for ana").await;
+    assert_eq!(ev.channel, names::user_channel("ana"));
+    assert_eq!(ev.delivery, Some(Delivery { to: Some(delivery::To::User("ana".into())), except: vec![sender] }));
+    assert!(nothing_pending(&mut w2_events) && nothing_pending(&mut w3_events));
+
+    assert_eq!(hub.publish(to_user("bob", "for bob")).await.unwrap().subscribers, 2);
+    expect_text(&mut w1_events, "for bob").await;
+    expect_text(&mut w2_events, "for bob").await;
+    assert!(nothing_pending(&mut w3_events));
+
+    assert_eq!(hub.publish(to_user("carol", "for nobody")).await.unwrap().subscribers, 0, "no gateway holds carol");
+    assert!(nothing_pending(&mut w1_events) && nothing_pending(&mut w2_events) && nothing_pending(&mut w3_events));
+}
+
+#[tokio::test]
+async fn a_user_bound_later_is_reached_and_one_unbound_is_not() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+    assert_eq!(hub.publish(to_user("ana", "too early")).await.unwrap().subscribers, 0);
+
+    w1.apply(report(3, vec![state("1", "ana", &[])], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    assert_eq!(hub.publish(to_user("ana", "bound")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "bound").await;
+
+    w1.apply(report(4, vec![state("1", "", &[])], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 4).await;
+    assert_eq!(hub.publish(to_user("ana", "unbound")).await.unwrap().subscribers, 0);
+    assert!(nothing_pending(&mut w1_events));
+}
+
+#[tokio::test]
+async fn a_group_target_reaches_the_gateways_holding_a_member_until_its_last_member_leaves() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &["room"]), ("2", "ana", &["room", "lobby"])]).await;
+    let (_w2, mut w2_events) = gateway(&hub, "w2", &[("1", "", &["lobby"])]).await;
+
+    let sender = addr("w1", "1");
+    let res = hub.publish(with_except(to_group("room", "hi room"), std::slice::from_ref(&sender))).await.unwrap();
+    assert_eq!(res.subscribers, 1);
+    let ev = expect_text(&mut w1_events, "hi room").await;
+    assert_eq!(ev.channel, names::group_channel("room"));
+    assert_eq!(ev.delivery, Some(Delivery { to: Some(delivery::To::Group("room".into())), except: vec![sender] }));
+    assert!(nothing_pending(&mut w2_events));
+    assert_eq!(hub.publish(to_group("lobby", "hi lobby")).await.unwrap().subscribers, 2);
+    expect_text(&mut w1_events, "hi lobby").await;
+    expect_text(&mut w2_events, "hi lobby").await;
+
+    // Connection 2 leaves the room: connection 1 is still in it.
+    w1.apply(report(3, vec![state("2", "ana", &["lobby"])], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    assert_eq!(hub.publish(to_group("room", "still one")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "still one").await;
+
+    // The last member closes: the gateway no longer gets the room's events.
+    w1.apply(report(4, vec![closed("1")], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 4).await;
+    assert_eq!(hub.publish(to_group("room", "nobody left")).await.unwrap().subscribers, 0);
+    assert!(nothing_pending(&mut w1_events) && nothing_pending(&mut w2_events));
+    assert_eq!(hub.publish(to_group("lobby", "lobby still")).await.unwrap().subscribers, 2);
+}
+
+#[tokio::test]
+async fn a_group_listed_twice_in_a_state_is_one_membership() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &["room", "room"])]).await;
+    let count = ask(&hub, query_request::Question::GroupCount("room".into())).await;
+    assert_eq!(count.count, 1);
+    w1.apply(report(3, vec![state("1", "", &[])], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    assert_eq!(hub.publish(to_group("room", "left")).await.unwrap().subscribers, 0);
+    assert_eq!(ask(&hub, query_request::Question::GroupCount("room".into())).await.count, 0);
+}
+
+#[tokio::test]
+async fn a_connection_target_is_refused_not_found_unless_its_gateway_reported_it_live() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+
+    assert_eq!(hub.publish(to("w1", "1", "live")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "live").await;
+
+    let never = hub.publish(to("w1", "2", "never reported")).await.unwrap_err();
+    assert_eq!(never, PublishError::UnknownConnection { worker_id: "w1".into(), connection_id: "2".into() });
+    assert_eq!(never.code(), Code::NotFound);
+
+    w1.apply(report(3, vec![closed("1")], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    let gone = hub.publish(to("w1", "1", "closed")).await.unwrap_err();
+    assert_eq!(gone, PublishError::UnknownConnection { worker_id: "w1".into(), connection_id: "1".into() });
+    assert!(nothing_pending(&mut w1_events));
+
+    w1.apply(report(4, vec![opened("2", "", &[])], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 4).await;
+    assert_eq!(hub.publish(to("w1", "2", "opened now")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "opened now").await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_takes_its_worker_id_back_starts_with_no_connections_until_it_reports_them() {
+    let hub = Hub::new(HubLimits::default());
+    let (_stale, mut stale_events) = gateway(&hub, "w1", &[("1", "ana", &["room"])]).await;
+    let (fresh, mut fresh_events) = hub.open_session();
+    fresh.apply(claim(1, "w1", "w1-instance")).await.unwrap();
+    expect_ack(&mut fresh_events, 1).await;
+    assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
+
+    assert_eq!(hub.publish(to("w1", "1", "x")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(hub.publish(to_user("ana", "x")).await.unwrap().subscribers, 0);
+    assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online);
+
+    fresh.apply(report(2, vec![opened("1", "ana", &["room"])], vec![])).await.unwrap();
+    expect_ack(&mut fresh_events, 2).await;
+    assert_eq!(hub.publish(to_user("ana", "again")).await.unwrap().subscribers, 1);
+    expect_text(&mut fresh_events, "again").await;
+    assert_eq!(hub.publish(to_group("room", "again")).await.unwrap().subscribers, 1);
+    expect_text(&mut fresh_events, "again").await;
+}
+
+#[tokio::test]
+async fn a_control_on_a_connection_goes_to_its_gateway_and_answers_with_what_the_gateway_confirmed() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+    let (_w2, mut w2_events) = gateway(&hub, "w2", &[("1", "", &[])]).await;
+
+    let bind = bind_user("w1", "1", "ana");
+    let answer = spawn_control(&hub, bind.clone());
+    let control = expect_control(&mut w1_events).await;
+    assert_eq!(control.request, Some(bind));
+    assert!(nothing_pending(&mut w2_events), "the other gateway holds no connection w1/1");
+
+    w1.apply(report(3, vec![state("1", "ana", &[])], vec![done(control.control_id, 1)])).await.unwrap();
+    let answer = answer.await.unwrap().unwrap();
+    assert_eq!(answer, ControlResponse { connections: 1, missing_workers: vec![] });
+    expect_ack(&mut w1_events, 3).await;
+
+    // In effect once answered: a publish made now reaches the bound user.
+    assert_eq!(hub.publish(to_user("ana", "bound")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "bound").await;
+}
+
+#[tokio::test]
+async fn a_control_on_a_connection_that_is_not_live_is_not_found_and_reaches_no_gateway() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+
+    let err = hub.control(bind_user("w1", "9", "ana")).await.unwrap_err();
+    assert_eq!(err, PublishError::UnknownConnection { worker_id: "w1".into(), connection_id: "9".into() });
+    assert_eq!(err.code(), Code::NotFound);
+    let err = hub.control(bind_user("w9", "1", "ana")).await.unwrap_err();
+    assert_eq!(err, PublishError::UnknownWorker("w9".into()));
+
+    w1.apply(report(3, vec![closed("1")], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    let err = hub.control(bind_user("w1", "1", "ana")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    assert!(nothing_pending(&mut w1_events));
+}
+
+#[tokio::test]
+async fn a_set_data_control_that_would_overflow_the_connections_data_is_refused_before_the_gateway_sees_it() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[]).await;
+    let full = DirectoryChange {
+        connection_id: "1".into(),
+        change: Some(directory_change::Change::Opened(ConnectionState {
+            data: [("a".to_owned(), "x".repeat(3000))].into(),
+            ..ConnectionState::default()
+        })),
+    };
+    w1.apply(report(3, vec![full], vec![])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    let set = |replace| ControlRequest {
+        op: Some(control_request::Op::SetData(SetConnectionData {
+            connection: Some(addr("w1", "1")),
+            values: [("b".to_owned(), "y".repeat(2000))].into(),
+            remove: vec![],
+            replace,
+        })),
+    };
+    let err = hub.control(set(false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(nothing_pending(&mut w1_events));
+
+    // Replacing the data instead fits.
+    let answer = spawn_control(&hub, set(true));
+    let control = expect_control(&mut w1_events).await;
+    w1.apply(report(4, vec![], vec![done(control.control_id, 1)])).await.unwrap();
+    assert_eq!(answer.await.unwrap().unwrap().connections, 1);
+}
+
+#[tokio::test]
+async fn a_control_the_gateway_never_confirms_is_deadline_exceeded_after_the_answer_timeout() {
+    let timeout = Duration::from_millis(200);
+    let hub = Hub::new(HubLimits { answer_timeout: timeout, ..HubLimits::default() });
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+
+    let started = std::time::Instant::now();
+    let answer = spawn_control(&hub, bind_user("w1", "1", "ana"));
+    let control = expect_control(&mut w1_events).await;
+    let err = answer.await.unwrap().unwrap_err();
+    assert!(started.elapsed() >= timeout, "answered after {:?}", started.elapsed());
+    assert_eq!(
+        err,
+        PublishError::NotConfirmed { worker_id: "w1".into(), why: format!("no answer within {timeout:?}") }
+    );
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+
+    // A confirmation that comes too late changes nothing and is no error.
+    w1.apply(report(3, vec![state("1", "ana", &[])], vec![done(control.control_id, 1)])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+}
+
+#[tokio::test]
+async fn a_control_on_a_connection_whose_gateway_session_ends_while_it_is_pending_answers_at_once() {
+    let hub = Hub::new(HubLimits { answer_timeout: Duration::from_secs(30), ..HubLimits::default() });
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+    let answer = spawn_control(&hub, bind_user("w1", "1", "ana"));
+    expect_control(&mut w1_events).await;
+    drop((w1, w1_events));
+    let err =
+        tokio::time::timeout(Duration::from_secs(2), answer).await.expect("answered at once").unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+}
+
+#[tokio::test]
+async fn a_wide_control_pending_on_a_gateway_whose_session_ends_answers_at_once_naming_its_worker() {
+    let hub = Hub::new(HubLimits { answer_timeout: Duration::from_secs(30), ..HubLimits::default() });
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "ana", &[])]).await;
+    let (w2, mut w2_events) = gateway(&hub, "w2", &[("1", "ana", &[])]).await;
+
+    let answer = spawn_control(&hub, close_user("ana"));
+    expect_control(&mut w1_events).await;
+    let control = expect_control(&mut w2_events).await;
+    w2.apply(report(3, vec![closed("1")], vec![done(control.control_id, 1)])).await.unwrap();
+    drop((w1, w1_events));
+
+    let answer =
+        tokio::time::timeout(Duration::from_secs(2), answer).await.expect("answered at once").unwrap().unwrap();
+    assert_eq!(answer, ControlResponse { connections: 1, missing_workers: vec!["w1".into()] });
+}
+
+#[tokio::test]
+async fn a_control_pending_on_a_session_taken_over_by_its_own_instance_answers_at_once() {
+    let hub = Hub::new(HubLimits { answer_timeout: Duration::from_secs(30), ..HubLimits::default() });
+    let (_stale, mut stale_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
+    let answer = spawn_control(&hub, bind_user("w1", "1", "ana"));
+    expect_control(&mut stale_events).await;
+
+    // The gateway reconnected before its old session was noticed dead.
+    let (fresh, mut fresh_events) = hub.open_session();
+    fresh.apply(claim(1, "w1", "w1-instance")).await.unwrap();
+    expect_ack(&mut fresh_events, 1).await;
+    assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
+
+    // The old session will never confirm: its control is answered now, not
+    // after the 30 s answer timeout.
+    let answered = tokio::time::timeout(Duration::from_secs(2), answer).await;
+    let err = answered.expect("a control pending on a session taken over answers at once").unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+}
+
+#[tokio::test]
+async fn a_user_wide_close_goes_to_every_gateway_holding_the_user_and_sums_what_they_confirmed() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "ana", &[]), ("2", "ana", &[]), ("3", "bob", &[])]).await;
+    let (w2, mut w2_events) = gateway(&hub, "w2", &[("1", "ana", &[])]).await;
+    let (_w3, mut w3_events) = gateway(&hub, "w3", &[("1", "bob", &[])]).await;
+
+    let close = close_user("ana");
+    let answer = spawn_control(&hub, close.clone());
+    let on_w1 = expect_control(&mut w1_events).await;
+    let on_w2 = expect_control(&mut w2_events).await;
+    assert_eq!(on_w1.request.as_ref(), Some(&close));
+    assert_eq!(on_w2.request.as_ref(), Some(&close));
+    assert_ne!(on_w1.control_id, on_w2.control_id, "each gateway confirms its own control");
+    assert!(nothing_pending(&mut w3_events), "w3 holds no connection of ana");
+
+    w1.apply(report(4, vec![closed("1"), closed("2")], vec![done(on_w1.control_id, 2)])).await.unwrap();
+    w2.apply(report(4, vec![closed("1")], vec![done(on_w2.control_id, 1)])).await.unwrap();
+    let answer = answer.await.unwrap().unwrap();
+    assert_eq!(answer, ControlResponse { connections: 3, missing_workers: vec![] });
+
+    assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online);
+    assert_eq!(hub.publish(to_user("ana", "gone")).await.unwrap().subscribers, 0);
+    assert_eq!(hub.publish(to_user("bob", "still here")).await.unwrap().subscribers, 2);
+}
+
+#[tokio::test]
+async fn a_wide_control_names_the_gateways_that_did_not_confirm_in_time() {
+    let timeout = Duration::from_millis(200);
+    let hub = Hub::new(HubLimits { answer_timeout: timeout, ..HubLimits::default() });
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "ana", &[])]).await;
+    let (_w2, mut w2_events) = gateway(&hub, "w2", &[("1", "ana", &[])]).await;
+
+    let answer = spawn_control(&hub, close_user("ana"));
+    let control = expect_control(&mut w1_events).await;
+    expect_control(&mut w2_events).await;
+    w1.apply(report(3, vec![closed("1")], vec![done(control.control_id, 1)])).await.unwrap();
+    let answer = answer.await.unwrap().unwrap();
+    assert_eq!(answer, ControlResponse { connections: 1, missing_workers: vec!["w2".into()] });
+
+    // No gateway holds carol: nothing to wait for.
+    let none = hub.control(close_user("carol")).await.unwrap();
+    assert_eq!(none, ControlResponse { connections: 0, missing_workers: vec![] });
+}
+
+#[tokio::test]
+async fn queries_answer_from_what_the_gateways_reported_and_forget_a_gateway_whose_session_ended() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, w1_events) =
+        gateway(&hub, "w1", &[("1", "ana", &["room"]), ("2", "bob", &["room"]), ("3", "", &[])]).await;
+    let (w2, w2_events) = gateway(&hub, "w2", &[("1", "ana", &["lobby"])]).await;
+    w1.apply(report(
+        3,
+        vec![DirectoryChange {
+            connection_id: "1".into(),
+            change: Some(directory_change::Change::State(ConnectionState {
+                user_id: "ana".into(),
+                groups: vec!["room".into()],
+                data: [("k".to_owned(), "v".to_owned())].into(),
+            })),
+        }],
+        vec![],
+    ))
+    .await
+    .unwrap();
+    use query_request::Question;
+
+    assert!(ask(&hub, Question::UserOnline("ana".into())).await.online);
+    assert!(!ask(&hub, Question::UserOnline("carol".into())).await.online);
+    let ana = ask(&hub, Question::UserConnections("ana".into())).await;
+    assert!(ana.online);
+    assert_eq!(ana.count, 2);
+    assert_eq!(addresses(&ana), pairs(&[("w1", "1"), ("w2", "1")]));
+    let room = ask(&hub, Question::GroupMembers("room".into())).await;
+    assert_eq!(room.count, 2);
+    assert_eq!(addresses(&room), pairs(&[("w1", "1"), ("w1", "2")]));
+    assert_eq!(ask(&hub, Question::GroupCount("room".into())).await.count, 2);
+    assert_eq!(ask(&hub, Question::GroupCount("lobby".into())).await.count, 1);
+    assert_eq!(ask(&hub, Question::GroupCount("nowhere".into())).await.count, 0);
+    let totals = ask(&hub, Question::Totals(Totals {})).await;
+    assert_eq!((totals.count, totals.users), (4, 2), "ana on two gateways is one user");
+    let one = ask(&hub, Question::Connection(addr("w1", "1"))).await;
+    assert_eq!((one.online, one.count), (true, 1));
+    assert_eq!(
+        one.connections,
+        vec![ConnectionInfo {
+            address: Some(addr("w1", "1")),
+            user_id: "ana".into(),
+            groups: vec!["room".into()],
+            data: [("k".to_owned(), "v".to_owned())].into(),
+        }]
+    );
+    let unknown = ask(&hub, Question::Connection(addr("w1", "9"))).await;
+    assert_eq!((unknown.online, unknown.count, unknown.connections.len()), (false, 0, 0));
+
+    drop((w2, w2_events));
+    let ana = ask(&hub, Question::UserConnections("ana".into())).await;
+    assert_eq!((ana.count, addresses(&ana)), (1, pairs(&[("w1", "1")])));
+    assert_eq!(ask(&hub, Question::GroupCount("lobby".into())).await.count, 0);
+    assert!(ask(&hub, Question::GroupMembers("lobby".into())).await.connections.is_empty());
+    let totals = ask(&hub, Question::Totals(Totals {})).await;
+    assert_eq!((totals.count, totals.users), (3, 2));
+    assert!(!ask(&hub, Question::Connection(addr("w2", "1"))).await.online);
+
+    drop((w1, w1_events));
+    assert!(!ask(&hub, Question::UserOnline("ana".into())).await.online);
+    let totals = ask(&hub, Question::Totals(Totals {})).await;
+    assert_eq!((totals.count, totals.users), (0, 0));
+    assert!(ask(&hub, Question::GroupMembers("room".into())).await.connections.is_empty());
+    assert_eq!(hub.census(), (0, 0, 0), "no session, channel or worker id left");
+}
+
+#[tokio::test]
+async fn a_report_before_claiming_a_worker_id_ends_the_session_with_invalid_argument() {
+    let hub = Hub::new(HubLimits::default());
+    let (s, mut events) = hub.open_session();
+    let err = s.apply(report(5, vec![opened("1", "ana", &[])], vec![])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let status = events.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("request 5"), "{}", status.message());
+    assert!(events.next().await.is_none());
+    assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online);
+}
+
+#[tokio::test]
+async fn a_report_with_a_malformed_change_is_refused_and_ends_the_session() {
+    let hub = Hub::new(HubLimits::default());
+    let with_state = |state: ConnectionState| DirectoryChange {
+        connection_id: "1".into(),
+        change: Some(directory_change::Change::Opened(state)),
+    };
+    let malformed = [
+        ("a bad connection id", opened("a b", "", &[])),
+        ("an empty connection id", closed("")),
+        ("a user id with a space", opened("1", "a b", &[])),
+        (
+            "65 groups",
+            with_state(ConnectionState {
+                groups: (0..65).map(|i| format!("g{i}")).collect(),
+                ..ConnectionState::default()
+            }),
+        ),
+        ("a group with a tab", opened("1", "", &["a\tb"])),
+        (
+            "data over 4 KiB",
+            with_state(ConnectionState {
+                data: [("k".to_owned(), "v".repeat(4096))].into(),
+                ..ConnectionState::default()
+            }),
+        ),
+        ("no change", DirectoryChange { connection_id: "1".into(), change: None }),
+    ];
+    for (what, change) in malformed {
+        let (s, mut events) = hub.open_session();
+        s.apply(claim(1, "w1", "i")).await.unwrap();
+        expect_ack(&mut events, 1).await;
+        // The whole report is refused, the good change before the bad one too,
+        // and nothing of the session's directory stays.
+        let err = s.apply(report(2, vec![opened("ok", "ana", &[]), change], vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err}");
+        assert_eq!(events.next().await.unwrap().unwrap_err().code(), Code::InvalidArgument, "{what}");
+        assert!(!hub.worker_is_held("w1"), "{what}: the session ended");
+        assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online, "{what}");
+    }
+
+    // At the limits, accepted.
+    let at_limits = with_state(ConnectionState {
+        user_id: "ana".into(),
+        groups: (0..64).map(|i| format!("g{i}")).collect(),
+        data: [("k".to_owned(), "v".repeat(4095))].into(),
+    });
+    let (s, mut events) = hub.open_session();
+    s.apply(claim(1, "w1", "i")).await.unwrap();
+    s.apply(report(2, vec![at_limits], vec![])).await.unwrap();
+    expect_ack(&mut events, 1).await;
+    expect_ack(&mut events, 2).await;
+    assert_eq!(ask(&hub, query_request::Question::GroupCount("g63".into())).await.count, 1);
+}
+
+#[tokio::test]
+async fn user_and_group_channels_cannot_be_subscribed_to_directly() {
+    let hub = Hub::new(HubLimits::default());
+    for channel in ["user.x", "group.x"] {
+        let (s, mut events) = hub.open_session();
+        let err = s.apply(subscribe(1, &["news", channel])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{channel}");
+        assert_eq!(events.next().await.unwrap().unwrap_err().code(), Code::InvalidArgument);
+        let err = hub.publish(text(target::Kind::Channel(channel.into()), "x")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{channel}");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_cannot_unsubscribe_from_the_channels_of_the_users_it_holds() {
+    let hub = Hub::new(HubLimits::default());
+    let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "x", &["y"])]).await;
+    w1.apply(unsubscribe(3, &["user.x", "group.y"])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    assert_eq!(hub.publish(to_user("x", "still")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "still").await;
+    assert_eq!(hub.publish(to_group("y", "still")).await.unwrap().subscribers, 1);
+    expect_text(&mut w1_events, "still").await;
+}
+
+#[tokio::test]
+async fn user_and_group_channels_do_not_count_against_a_sessions_channel_limit() {
+    let hub = Hub::new(HubLimits { max_channels_per_session: 2, ..HubLimits::default() });
+    let many: Vec<(String, String)> = (0..10).map(|i| (i.to_string(), format!("user-{i}"))).collect();
+    let connections: Vec<(&str, &str, &[&str])> =
+        many.iter().map(|(id, user)| (id.as_str(), user.as_str(), &["room"][..])).collect();
+    let (w1, mut w1_events) = gateway(&hub, "w1", &connections).await;
+    w1.apply(subscribe(3, &["broadcast"])).await.unwrap();
+    expect_ack(&mut w1_events, 3).await;
+    assert_eq!(w1.apply(subscribe(4, &["news"])).await.unwrap_err().code(), Code::ResourceExhausted);
 }

@@ -14,6 +14,7 @@ mod bus;
 mod dedup;
 mod leases;
 
+use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -24,12 +25,13 @@ use herald_common::metrics::Exposition;
 use herald_proto::v1::Event;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use self::bus::Change;
 use self::dedup::Dedup;
 use self::leases::{Leases, maintain_leases};
-use super::{ClaimError, Federation, FederationError, Forwarding, Interest, Notice};
+use super::{Answer, Ask, AskError, ClaimError, Federation, FederationError, Forwarding, Gathered, Interest, Notice};
 
 /// Key-value bucket holding worker-id leases, by default.
 pub const DEFAULT_BUCKET: &str = "herald_workers";
@@ -267,6 +269,54 @@ impl Federation for NatsFederation {
 
     fn held_elsewhere(&self, worker_id: &str) -> bool {
         self.leases.is_held(worker_id)
+    }
+
+    async fn ask_worker(&self, worker_id: &str, ask: &Ask, timeout: Duration) -> Result<Answer, AskError> {
+        let subject = bus::ask_worker_subject(&self.subject_prefix, worker_id);
+        let request = self.client.request(subject, ask.encode_to_vec().into());
+        let reply = tokio::time::timeout(timeout, request).await.map_err(|_| AskError::TimedOut(timeout))?.map_err(
+            |e| match e.kind() {
+                async_nats::RequestErrorKind::TimedOut => AskError::TimedOut(timeout),
+                async_nats::RequestErrorKind::NoResponders => {
+                    AskError::Unavailable(format!("no broker serves worker id {worker_id:?} any more"))
+                }
+                _ => AskError::Unavailable(e.to_string()),
+            },
+        )?;
+        Answer::decode(reply.payload).map_err(|e| AskError::Unavailable(format!("undecodable answer: {e}")))
+    }
+
+    async fn ask_all(&self, ask: &Ask, timeout: Duration) -> Result<Gathered, FederationError> {
+        let expected_workers = self.leases.held_by_others();
+        let mut gathered = Gathered { answers: Vec::new(), expected_workers };
+        if gathered.expected_workers.is_empty() {
+            return Ok(gathered);
+        }
+        let unavailable = |e: &dyn std::fmt::Display| FederationError(e.to_string());
+        let inbox = self.client.new_inbox();
+        let mut answers = self.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(&e))?;
+        let subject = bus::ask_all_subject(&self.subject_prefix);
+        self.client
+            .publish_with_reply(subject, inbox, ask.encode_to_vec().into())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut uncovered: HashSet<String> = gathered.expected_workers.iter().cloned().collect();
+        while !uncovered.is_empty() {
+            let Ok(Some(message)) = tokio::time::timeout_at(deadline, answers.next()).await else {
+                break;
+            };
+            match Answer::decode(message.payload) {
+                Ok(answer) => {
+                    for worker in &answer.workers {
+                        uncovered.remove(worker);
+                    }
+                    gathered.answers.push(answer);
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable answer from another broker"),
+            }
+        }
+        Ok(gathered)
     }
 
     async fn first_use(&self, key: &str) -> Result<bool, FederationError> {
