@@ -6,6 +6,11 @@
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+/// The close code of a connection a backend closed.
+pub(crate) const KICKED: u16 = 4000;
+/// The close code of a connection whose token expired.
+pub(crate) const TOKEN_EXPIRED: u16 = 4001;
+
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReason {
@@ -29,10 +34,15 @@ pub(crate) enum CloseReason {
     Shutdown,
     /// The gateway lost its worker id (close code 1011).
     WorkerIdLost,
+    /// A backend closed the connection (close code 4000, with the
+    /// backend's reason when it gave one).
+    Kicked,
+    /// The client's token expired (close code 4001).
+    TokenExpired,
 }
 
 impl CloseReason {
-    pub(crate) const ALL: [CloseReason; 10] = [
+    pub(crate) const ALL: [CloseReason; 12] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::MessageTooBig,
@@ -43,6 +53,8 @@ impl CloseReason {
         Self::Unresponsive,
         Self::Shutdown,
         Self::WorkerIdLost,
+        Self::Kicked,
+        Self::TokenExpired,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -57,6 +69,8 @@ impl CloseReason {
             Self::Unresponsive => "ping_timeout",
             Self::Shutdown => "shutdown",
             Self::WorkerIdLost => "worker_id_lost",
+            Self::Kicked => "closed_by_backend",
+            Self::TokenExpired => "token_expired",
         }
     }
 
@@ -72,6 +86,8 @@ impl CloseReason {
             Self::Unresponsive => (CloseCode::Policy, "no answer to pings"),
             Self::Shutdown => (CloseCode::Away, "server shutting down"),
             Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
+            Self::Kicked => (CloseCode::Library(KICKED), "closed by the server"),
+            Self::TokenExpired => (CloseCode::Library(TOKEN_EXPIRED), "token expired"),
         };
         Some(CloseFrame { code, reason: reason.into() })
     }
@@ -81,6 +97,6 @@ impl CloseReason {
     /// Whether frames queued before the close are still written: yes when
     /// the gateway closes in order, no when the client is the problem.
     pub(crate) fn writes_queued(self) -> bool {
-        matches!(self, Self::Shutdown | Self::WorkerIdLost)
+        matches!(self, Self::Shutdown | Self::WorkerIdLost | Self::Kicked)
     }
 }

@@ -2,9 +2,12 @@
 //! limits, each with a `DEFAULT_*` constant that the command line takes as
 //! its default.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::client_auth::ClientAuth;
 
 /// Most connections held at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
@@ -35,21 +38,28 @@ pub enum Greeting {
     /// `Worker ID:{worker_id} Connection ID:{connection_id} connected`
     #[default]
     Text,
-    /// `{"type":"connected","worker_id":"…","connection_id":"…"}`
+    /// `{"type":"connected","worker_id":"…","connection_id":"…","user_id":"…"}`
+    /// (`user_id` only when the connection has one).
     Json,
 }
 
 impl Greeting {
-    /// The greeting for one connection. Ids are URL-safe tokens, so neither
-    /// form needs escaping.
-    pub fn render(self, worker_id: &str, connection_id: u64) -> String {
+    /// The greeting for one connection. Ids are URL-safe tokens, so they
+    /// need no escaping; a user id is visible ASCII, escaped for JSON.
+    pub fn render(self, worker_id: &str, connection_id: u64, user_id: Option<&str>) -> String {
         match self {
             Self::Text => format!("Worker ID:{worker_id} Connection ID:{connection_id} connected"),
             Self::Json => {
-                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"}}"#)
+                let user = user_id.map(|u| format!(r#","user_id":"{}""#, json_escape(u))).unwrap_or_default();
+                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"{user}}}"#)
             }
         }
     }
+}
+
+/// Escapes the two characters of visible ASCII that JSON strings cannot hold.
+fn json_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Everything a gateway needs to know.
@@ -86,6 +96,9 @@ pub struct GatewayConfig {
     pub ping_interval: Duration,
     /// How long past a ping a silent client is kept before it is closed.
     pub pong_timeout: Duration,
+    /// Checks a JWT at every handshake when set (`--client-auth jwt`);
+    /// connections are anonymous when not.
+    pub client_auth: Option<Arc<ClientAuth>>,
 }
 
 impl GatewayConfig {
@@ -105,6 +118,7 @@ impl GatewayConfig {
             allow_missing_origin: false,
             ping_interval: DEFAULT_PING_INTERVAL,
             pong_timeout: DEFAULT_PONG_TIMEOUT,
+            client_auth: None,
         }
     }
 
@@ -138,8 +152,15 @@ mod tests {
 
     #[test]
     fn greetings_carry_the_address_in_the_classic_text_or_json() {
-        assert_eq!(Greeting::Text.render("w1", 7), "Worker ID:w1 Connection ID:7 connected");
-        assert_eq!(Greeting::Json.render("w1", 7), r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#);
+        assert_eq!(Greeting::Text.render("w1", 7, Some("ana")), "Worker ID:w1 Connection ID:7 connected");
+        assert_eq!(
+            Greeting::Json.render("w1", 7, None),
+            r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#
+        );
+        assert_eq!(
+            Greeting::Json.render("w1", 7, Some(r#"a"b\c"#)),
+            r#"{"type":"connected","worker_id":"w1","connection_id":"7","user_id":"a\"b\\c"}"#
+        );
     }
 
     #[test]

@@ -28,10 +28,14 @@ use tokio_util::sync::CancellationToken;
 use crate::close::CloseReason;
 use crate::handshake;
 use crate::outbox::Outbox;
+use crate::registry::Identity;
 use crate::shared::Shared;
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long a new connection waits for the broker to follow its opening
+/// before it is greeted anyway (the broker is slow or being reconnected to).
+const ADDRESSABLE_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves one accepted TCP connection until it closes, over TLS when an
 /// acceptor is given, holding its place in the process's connection budget.
@@ -60,8 +64,8 @@ pub(crate) async fn serve(
 }
 
 async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken) {
-    if let Some(ws) = Box::pin(websocket_handshake(stream, peer, shared)).await {
-        serve_open(ws, peer, shared, shutdown).await;
+    if let Some((ws, identity)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, identity, peer, shared, shutdown).await;
     }
 }
 
@@ -85,15 +89,19 @@ async fn serve_tls(
             return;
         }
     };
-    if let Some(ws) = Box::pin(websocket_handshake(stream, peer, shared)).await {
-        serve_open(ws, peer, shared, shutdown).await;
+    if let Some((ws, identity)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, identity, peer, shared, shutdown).await;
     }
 }
 
 /// The WebSocket upgrade ([`handshake`]), within the handshake timeout.
 /// A refused request gets its HTTP answer; an accepted one becomes a
-/// WebSocket stream.
-async fn websocket_handshake<S>(mut stream: S, peer: SocketAddr, shared: &Shared) -> Option<Box<WebSocketStream<S>>>
+/// WebSocket stream, with who is on it.
+async fn websocket_handshake<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(Box<WebSocketStream<S>>, Box<Identity>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -103,6 +111,9 @@ where
         match handshake::read_request(&mut stream, config, at_capacity).await {
             Ok(upgrade) => handshake::accept(&mut stream, &upgrade).await.map(|()| upgrade).map_err(|e| e.to_string()),
             Err(refusal) => {
+                if let Some(rejection) = refusal.token_rejection {
+                    shared.metrics.token_refused(rejection);
+                }
                 handshake::refuse(&mut stream, &refusal).await;
                 Err(format!("refused with {}: {}", refusal.status, refusal.reason))
             }
@@ -128,17 +139,22 @@ where
         WebSocketStream::from_partially_read(stream, upgrade.tail, Role::Server, Some(config.websocket())).await
     };
     // Boxed: a pointer is all the connection's task then carries around.
-    Some(Box::new(ws))
+    Some((Box::new(ws), Box::new(upgrade.identity)))
 }
 
 /// An open connection: greeting, then the delivery loop, then the close.
-async fn serve_open<S>(mut ws: Box<WebSocketStream<S>>, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken)
-where
+async fn serve_open<S>(
+    mut ws: Box<WebSocketStream<S>>,
+    identity: Box<Identity>,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (config, metrics, registry) = (&shared.config, &shared.metrics, &shared.registry);
     let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()));
-    let id = registry.register(outbox.clone());
+    let (id, journaled) = registry.register(outbox.clone(), &identity);
     // Shutdown closes every registered outbox after cancelling `shutdown`:
     // checking after registering means no connection is missed.
     if shutdown.is_cancelled() {
@@ -148,7 +164,13 @@ where
     metrics.connections_opened.inc();
     tracing::debug!(%peer, connection_id = id, "connection opened");
 
-    let greeting = config.greeting.render(&config.worker_id, id);
+    // The client learns its address from the greeting and may hand it to a
+    // backend at once: the broker must know the connection by then.
+    if let Some(position) = journaled {
+        Box::pin(addressable(shared, position)).await;
+    }
+    let greeting = config.greeting.render(&config.worker_id, id, identity.user_id.as_deref());
+    drop(identity);
     let reason = match timeout(config.write_timeout, ws.send(Message::text(greeting))).await {
         Ok(Ok(())) => run(&mut ws, &outbox, shared).await,
         Ok(Err(_)) => CloseReason::ClientGone,
@@ -162,7 +184,14 @@ where
     } else {
         tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
     }
-    close(&mut ws, reason).await;
+    close(&mut ws, reason, outbox.close_text()).await;
+}
+
+/// Waits (a bounded time) until the broker has followed the directory
+/// journal up to `position`.
+async fn addressable(shared: &Shared, position: u64) {
+    let mut reported = shared.reported.subscribe();
+    let _ = timeout(ADDRESSABLE_WAIT, reported.wait_for(|upto| *upto >= position)).await;
 }
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -261,12 +290,20 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
     ws.flush().await
 }
 
-/// Sends herald's close frame (if the reason has one) and waits briefly for
-/// the client's, so the client reads the close code before the TCP close.
-async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason) {
+/// Sends herald's close frame (if the reason has one, with `text` when a
+/// backend gave one) and waits briefly for the client's, so the client
+/// reads the close code before the TCP close.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    reason: CloseReason,
+    text: Option<Box<str>>,
+) {
     let linger = async {
         match reason.frame() {
-            Some(frame) => {
+            Some(mut frame) => {
+                if let Some(text) = text {
+                    frame.reason = String::from(text).into();
+                }
                 if ws.close(Some(frame)).await.is_err() {
                     return;
                 }

@@ -10,7 +10,9 @@ use base64::engine::general_purpose::STANDARD;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::client_auth::TokenRejection;
 use crate::config::GatewayConfig;
+use crate::registry::Identity;
 
 /// Largest request head accepted, in bytes.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -26,6 +28,8 @@ pub(crate) struct Upgrade {
     accept: String,
     /// Bytes the client sent after its request head (its first frames).
     pub(crate) tail: Vec<u8>,
+    /// Who the client is, from its token (anonymous without client auth).
+    pub(crate) identity: Identity,
 }
 
 /// Why a request is not upgraded: the HTTP answer it gets.
@@ -35,11 +39,20 @@ pub(crate) struct Refusal {
     pub(crate) reason: String,
     /// Header lines (`Name: value`) the answer carries besides the usual ones.
     headers: Vec<&'static str>,
+    /// For a refused token: why, as a metric label.
+    pub(crate) token_rejection: Option<&'static str>,
 }
 
 impl Refusal {
     fn new(status: u16, reason: impl Into<String>) -> Self {
-        Self { status, reason: reason.into(), headers: Vec::new() }
+        Self { status, reason: reason.into(), headers: Vec::new(), token_rejection: None }
+    }
+
+    fn unauthorized(label: &'static str, reason: String) -> Self {
+        Self {
+            token_rejection: Some(label),
+            ..Self::new(401, reason).with_header(r#"WWW-Authenticate: Bearer realm="herald""#)
+        }
     }
 
     fn with_header(mut self, header: &'static str) -> Self {
@@ -89,8 +102,83 @@ where
         Err(e) => return Err(Refusal::new(400, format!("malformed HTTP request: {e}"))),
     }
     let key = check(&request, config, at_capacity)?;
+    let identity = authenticate(&request, config)?;
     let accept = derive_accept_key(key.as_bytes());
-    Ok(Upgrade { accept, tail: buf.split_off(head_len) })
+    Ok(Upgrade { accept, tail: buf.split_off(head_len), identity })
+}
+
+/// Who the client is: with client auth on, the token it gives as
+/// `Authorization: Bearer <jwt>` or, for browsers (which cannot set
+/// headers on a WebSocket), as `?token=<jwt>`, checked; without, nobody.
+fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> Result<Identity, Refusal> {
+    let Some(auth) = &config.client_auth else {
+        return Ok(Identity::default());
+    };
+    let header = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer ").or_else(|| v.trim().strip_prefix("bearer ")))
+        .map(|t| t.trim().to_owned());
+    let token = header.or_else(|| query_param(request.path.unwrap_or("/"), "token"));
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Err(Refusal::unauthorized(
+            "missing",
+            "a token is required: send 'Authorization: Bearer <jwt>' or connect with ?token=<jwt>".into(),
+        ));
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match auth.verify(&token, now) {
+        Ok(identity) => {
+            Ok(Identity { user_id: Some(identity.user_id), groups: identity.groups, expires_at: identity.expires_at })
+        }
+        Err(rejection) => Err(Refusal::unauthorized(rejection.label(), rejection.to_string())),
+    }
+}
+
+/// Every metric label of a refused token.
+pub(crate) const TOKEN_REFUSALS: [&str; TokenRejection::LABELS.len() + 1] = {
+    let mut labels = ["missing"; TokenRejection::LABELS.len() + 1];
+    let mut i = 0;
+    while i < TokenRejection::LABELS.len() {
+        labels[i + 1] = TokenRejection::LABELS[i];
+        i += 1;
+    }
+    labels
+};
+
+/// The percent-decoded value of parameter `name` in a request target's query.
+fn query_param(target: &str, name: &str) -> Option<String> {
+    let query = target.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Checks an upgrade request; returns its `Sec-WebSocket-Key`.
@@ -168,6 +256,7 @@ pub(crate) async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client_auth::{ClientAuth, ClientAuthConfig};
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
@@ -229,6 +318,64 @@ mod tests {
         assert_eq!(status(decide(&upgrade_request(&twice), &config).await), 400);
         let lenient = GatewayConfig { allow_missing_origin: true, ..config };
         assert!(decide(&upgrade_request(""), &lenient).await.is_ok(), "non-browser clients, when allowed");
+    }
+
+    fn with_jwt_auth() -> GatewayConfig {
+        let auth = ClientAuthConfig { hs256_secrets: vec![SECRET.into()], ..ClientAuthConfig::default() };
+        GatewayConfig {
+            client_auth: Some(std::sync::Arc::new(ClientAuth::new(auth).unwrap())),
+            ..GatewayConfig::new("w".into())
+        }
+    }
+
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+    fn token(claims: &serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_client_auth_a_token_in_the_header_or_the_query_says_who_connects() {
+        let config = with_jwt_auth();
+        let jwt = token(&serde_json::json!({"sub": "ana", "groups": ["room"], "exp": 4_000_000_000u64}));
+        let by_header = decide(&upgrade_request(&format!("Authorization: Bearer {jwt}\r\n")), &config).await.unwrap();
+        assert_eq!(by_header.identity.user_id.as_deref(), Some("ana"));
+        assert_eq!(by_header.identity.groups, ["room"]);
+        assert_eq!(by_header.identity.expires_at, Some(4_000_000_000));
+        let by_query = upgrade_request("").replace("GET / ", &format!("GET /?x=1&token={jwt} "));
+        assert_eq!(decide(&by_query, &config).await.unwrap().identity.user_id.as_deref(), Some("ana"));
+    }
+
+    #[tokio::test]
+    async fn with_client_auth_a_missing_or_bad_token_is_refused_with_401_and_a_reason() {
+        let config = with_jwt_auth();
+        let expired = token(&serde_json::json!({"sub": "ana", "exp": 1}));
+        let cases = [
+            (upgrade_request(""), "missing"),
+            (upgrade_request("Authorization: Bearer not.a.jwt\r\n"), "malformed"),
+            (upgrade_request(&format!("Authorization: Bearer {expired}\r\n")), "expired"),
+        ];
+        for (head, label) in cases {
+            let refusal = decide(&head, &config).await.unwrap_err();
+            assert_eq!((refusal.status, refusal.token_rejection), (401, Some(label)), "{refusal:?}");
+            assert!(refusal.response().contains("WWW-Authenticate: Bearer"), "{}", refusal.response());
+        }
+        assert!(TOKEN_REFUSALS.contains(&"missing") && TOKEN_REFUSALS.contains(&"bad_signature"));
+    }
+
+    #[tokio::test]
+    async fn without_client_auth_connections_stay_anonymous() {
+        let upgrade = decide(&upgrade_request(""), &GatewayConfig::new("w".into())).await.unwrap();
+        assert_eq!(upgrade.identity, Identity::default());
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        assert_eq!(query_param("/?a=1&token=x%2Ey+z", "token").as_deref(), Some("x.y z"));
+        assert_eq!(query_param("/?tokens=1", "token"), None);
+        assert_eq!(query_param("/", "token"), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! herald's WebSocket gateway.
 //!
 //! - `config`: what a gateway is told at start ([`GatewayConfig`]);
+//! - `client_auth`: the JWT a client connects with, checked ([`ClientAuth`]);
 //! - `connection`: one client connection, handshake to close;
 //! - `handshake`: the WebSocket upgrade, and its refusals as HTTP answers;
 //! - `close`: why a connection closes, and its close frame;
@@ -13,6 +14,7 @@
 //! broker ──events──▶ link ──▶ registry ──▶ outbox ──▶ connection task ──▶ client
 //! ```
 
+pub mod client_auth;
 mod close;
 mod config;
 mod connection;
@@ -34,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::client_auth::{ClientAuth, ClientAuthConfig, ClientAuthError};
 use crate::close::CloseReason;
 pub use crate::config::*;
 pub use crate::link::LinkError;
@@ -74,6 +77,7 @@ impl Gateway {
                 close_reason: OnceLock::new(),
                 epoch: Instant::now(),
                 claim_settled: tokio::sync::watch::Sender::new(false),
+                reported: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -108,6 +112,9 @@ impl Gateway {
             "Bytes queued for clients, summed over connections.",
             self.shared.registry.queued_bytes() as i64,
         );
+        let (users, groups) = self.shared.registry.census();
+        out.gauge("herald_ws_users", "Distinct user ids bound to this gateway's connections.", users as i64);
+        out.gauge("herald_ws_groups", "Groups with a member on this gateway.", groups as i64);
     }
 
     /// Accepts clients on `listener` (`wss://` when `tls` is given) and
@@ -128,6 +135,7 @@ impl Gateway {
         let link_stop = CancellationToken::new();
         let mut link = tokio::spawn(link::run(shared.clone(), broker, link_stop.clone()));
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+        let expiry = tokio::spawn(expire_tokens(shared.clone()));
         let result = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
@@ -158,6 +166,7 @@ impl Gateway {
         };
         drop(listener);
         heartbeat.abort();
+        expiry.abort();
         if !link.is_finished() {
             link_stop.cancel();
             if tokio::time::timeout(shared.config.drain_timeout, &mut link).await.is_err() {
@@ -193,6 +202,24 @@ async fn heartbeat(shared: Arc<Shared>) {
         shared.metrics.pings_sent.add(sweep.pinged);
         if sweep.unresponsive > 0 {
             tracing::debug!(count = sweep.unresponsive, "closing connections that stopped answering pings");
+        }
+    }
+}
+
+/// Closes connections whose token expired (close code 4001), checked every
+/// second. Only runs with client auth: anonymous connections never expire.
+async fn expire_tokens(shared: Arc<Shared>) {
+    if shared.config.client_auth.is_none() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let expired = shared.registry.expire(now);
+        if expired > 0 {
+            tracing::debug!(count = expired, "closing connections whose token expired");
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The gateway's session with its broker.
 //!
 //! The link claims the gateway's worker id and subscribes to `broadcast`,
-//! then hands every event to the registry. When the session breaks it
+//! then reports the gateway's directory (every live connection, then every
+//! change as it happens) and hands every event to the registry, and every
+//! control to the registry to carry out. When the session breaks it
 //! reconnects with backoff (to the next broker address when several are
 //! given) and claims and subscribes again by itself; clients stay connected
 //! throughout. Losing the worker id to another live gateway is fatal.
 //! When the gateway shuts down, the link drains (see [`run`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +17,8 @@ use herald_client::{Broker, BrokerSession, SessionCommands};
 use herald_common::backoff::Backoff;
 use herald_proto::names::BROADCAST_CHANNEL;
 use herald_proto::v1::{
-    ClaimWorker, Event, SubscribeChannels, SubscribeRequest, UnsubscribeChannels, content, subscribe_request,
-    subscribe_response,
+    ClaimWorker, ControlDone, DirectoryChange, DirectoryReport, Event, SubscribeChannels, SubscribeRequest,
+    UnsubscribeChannels, content, subscribe_request, subscribe_response,
 };
 use tokio_stream::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,6 +30,9 @@ use crate::shared::Shared;
 const CLAIM_REQUEST: u64 = 1;
 const SUBSCRIBE_REQUEST: u64 = 2;
 const DRAIN_REQUEST: u64 = 3;
+/// Directory reports carry this plus the journal position they reach, so
+/// that their acks say how far the broker has followed.
+const REPORT_REQUEST_BASE: u64 = 1 << 32;
 
 /// The link cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +123,12 @@ async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &Cancell
     if let Err(status) = claim_and_subscribe(shared, session.commands.as_ref()).await {
         return SessionEnd::Lost { status, linked: false };
     }
+    let end = follow(shared, &mut session, stop).await;
+    shared.registry.unfollow();
+    end
+}
+
+async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &CancellationToken) -> SessionEnd {
     let mut awaiting_acks = 2;
     let mut draining = false;
     loop {
@@ -126,6 +138,12 @@ async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &Cancell
                     return SessionEnd::Stopped;
                 }
                 draining = true;
+                continue;
+            }
+            () = shared.registry.changed(), if awaiting_acks == 0 => {
+                if let Err(status) = report_changes(shared, session.commands.as_ref()).await {
+                    return SessionEnd::Lost { status, linked: true };
+                }
                 continue;
             }
             item = session.events.next() => item,
@@ -141,16 +159,48 @@ async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &Cancell
         };
         match response.kind {
             Some(subscribe_response::Kind::Event(event)) => dispatch(shared, event),
+            Some(subscribe_response::Kind::Control(control)) => {
+                let request = control.request.unwrap_or_default();
+                shared.metrics.controls.inc();
+                shared.registry.apply_control(&shared.config.worker_id, control.control_id, request);
+                if let Err(status) = report_changes(shared, session.commands.as_ref()).await {
+                    return SessionEnd::Lost { status, linked: true };
+                }
+            }
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
+            Some(subscribe_response::Kind::Ack(ack)) if ack.request_id >= REPORT_REQUEST_BASE => {
+                shared.reported.send_replace(ack.request_id - REPORT_REQUEST_BASE);
+            }
             Some(subscribe_response::Kind::Ack(_)) => {
                 awaiting_acks -= 1;
                 if awaiting_acks == 0 {
+                    // The broker follows the directory from this snapshot on.
+                    let (changes, upto) = shared.registry.snapshot();
+                    let count = changes.len();
+                    if let Err(status) = session.commands.send(report(changes, Vec::new(), upto)).await {
+                        return SessionEnd::Lost { status, linked: false };
+                    }
                     shared.set_linked(true);
-                    tracing::info!(broker = %session.broker, worker_id = %shared.config.worker_id, "linked to broker");
+                    tracing::info!(broker = %session.broker, worker_id = %shared.config.worker_id, connections = count, "linked to broker");
                 }
             }
             None => {}
         }
+    }
+}
+
+/// Sends what the directory journaled since the last report, if anything.
+async fn report_changes(shared: &Shared, commands: &dyn SessionCommands) -> Result<(), Status> {
+    match shared.registry.take_journal() {
+        Some((changes, done, upto)) => commands.send(report(changes, done, upto)).await,
+        None => Ok(()),
+    }
+}
+
+fn report(changes: Vec<DirectoryChange>, done: Vec<ControlDone>, upto: u64) -> SubscribeRequest {
+    SubscribeRequest {
+        request_id: REPORT_REQUEST_BASE + upto,
+        command: Some(subscribe_request::Command::Report(DirectoryReport { changes, done })),
     }
 }
 
@@ -187,11 +237,15 @@ async fn claim_and_subscribe(shared: &Shared, commands: &dyn SessionCommands) ->
 /// connections get it; the gateway only queues the frame on them.
 fn dispatch(shared: &Shared, event: Event) {
     let metrics = &shared.metrics;
-    let Some(to) = event.delivery.and_then(|d| d.to) else {
+    let Some((to, except)) = event.delivery.and_then(|d| Some((d.to?, d.except))) else {
         tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");
         metrics.dropped_malformed.inc();
         return;
     };
+    metrics.broker_event(&to);
+    let worker_id = &shared.config.worker_id;
+    let except: HashSet<u64> =
+        except.iter().filter(|a| a.worker_id == *worker_id).filter_map(|a| a.connection_id.parse().ok()).collect();
     let Some(body) = event.content.and_then(|c| c.body) else {
         tracing::warn!(channel = %event.channel, "dropping a broker event without content");
         metrics.dropped_malformed.inc();
@@ -204,7 +258,7 @@ fn dispatch(shared: &Shared, event: Event) {
     let published_us = event
         .published_at
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0) * 1_000_000 + u64::try_from(t.nanos / 1000).unwrap_or(0));
-    let outcome = shared.registry.deliver(&to, frame, published_us);
+    let outcome = shared.registry.deliver(&to, &except, frame, published_us);
     metrics.frames_queued.add(outcome.queued);
     metrics.dropped_closing.add(outcome.closing);
     if outcome.unknown > 0 {

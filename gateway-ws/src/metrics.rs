@@ -3,8 +3,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_common::metrics::{Counter, Exposition, Gauge, Histogram};
+use herald_proto::v1::delivery;
 
 use crate::close::CloseReason;
+use crate::handshake::TOKEN_REFUSALS;
 use crate::outbox::Taken;
 
 #[derive(Debug)]
@@ -38,7 +40,18 @@ pub struct GatewayMetrics {
     pub broker_linked: Gauge,
     /// Broker sessions lost (each is followed by a reconnect).
     pub broker_disconnects: Counter,
+    /// Events received from the broker, by delivery (everyone,
+    /// connections, user, group).
+    broker_events: [Counter; 4],
+    /// Controls received from the broker and carried out.
+    pub controls: Counter,
+    /// Handshakes refused for their token, by reason (as [`TOKEN_REFUSALS`]).
+    token_refused: [Counter; TOKEN_REFUSALS.len()],
 }
+
+/// The delivery labels of `herald_ws_broker_events_total`, in the order of
+/// `broker_events`.
+const DELIVERIES: [&str; 4] = ["everyone", "connections", "user", "group"];
 
 impl Default for GatewayMetrics {
     fn default() -> Self {
@@ -58,6 +71,9 @@ impl Default for GatewayMetrics {
             delivery_latency: Histogram::latency(),
             broker_linked: Gauge::default(),
             broker_disconnects: Counter::default(),
+            broker_events: Default::default(),
+            controls: Counter::default(),
+            token_refused: Default::default(),
         }
     }
 }
@@ -70,6 +86,24 @@ impl GatewayMetrics {
             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             let latency_us = now_us.saturating_sub(taken.oldest_published_us);
             self.delivery_latency.observe_seconds(latency_us as f64 / 1e6);
+        }
+    }
+
+    /// Counts one event received from the broker.
+    pub fn broker_event(&self, to: &delivery::To) {
+        let i = match to {
+            delivery::To::Everyone(_) => 0,
+            delivery::To::Connections(_) => 1,
+            delivery::To::User(_) => 2,
+            delivery::To::Group(_) => 3,
+        };
+        self.broker_events[i].inc();
+    }
+
+    /// Counts one handshake refused for its token.
+    pub fn token_refused(&self, label: &str) {
+        if let Some(i) = TOKEN_REFUSALS.iter().position(|l| *l == label) {
+            self.token_refused[i].inc();
         }
     }
 
@@ -126,5 +160,21 @@ impl GatewayMetrics {
             self.broker_linked.get(),
         );
         out.counter("herald_ws_broker_disconnects_total", "Broker sessions lost.", &self.broker_disconnects);
+        let events: Vec<_> = DELIVERIES.iter().zip(&self.broker_events).map(|(d, c)| ([("delivery", *d)], c)).collect();
+        let events: Vec<(&[(&str, &str)], &Counter)> = events.iter().map(|(l, c)| (&l[..], *c)).collect();
+        out.counter_family(
+            "herald_ws_broker_events_total",
+            "Events received from the broker, by delivery: a gateway receives only those with a recipient on it.",
+            &events,
+        );
+        out.counter("herald_ws_controls_total", "Controls received from the broker and carried out.", &self.controls);
+        let refused: Vec<_> =
+            TOKEN_REFUSALS.iter().zip(&self.token_refused).map(|(r, c)| ([("reason", *r)], c)).collect();
+        let refused: Vec<(&[(&str, &str)], &Counter)> = refused.iter().map(|(l, c)| (&l[..], *c)).collect();
+        out.counter_family(
+            "herald_ws_tokens_refused_total",
+            "WebSocket handshakes refused with 401 for their token, by reason.",
+            &refused,
+        );
     }
 }

@@ -41,6 +41,8 @@ struct State {
     /// When the oldest queued frame was published (unix µs; 0 if unknown).
     oldest_published_us: u64,
     closed: Option<CloseReason>,
+    /// The close frame's text, when a backend gave one.
+    close_text: Option<Box<str>>,
 }
 
 /// What one [`Outbox::take`] handed over.
@@ -95,9 +97,15 @@ impl Outbox {
     /// Stops the queue for `closure` (the first closure wins) and wakes the
     /// connection's task so that it closes the connection.
     pub fn close(&self, reason: CloseReason) {
+        self.close_with(reason, None);
+    }
+
+    /// Like [`Outbox::close`], with the text of the close frame.
+    pub fn close_with(&self, reason: CloseReason, text: Option<Box<str>>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.closed.is_none() {
             state.closed = Some(reason);
+            state.close_text = text;
             if !reason.writes_queued() {
                 state.frames = VecDeque::new();
                 state.bytes = 0;
@@ -123,6 +131,11 @@ impl Outbox {
             if self.ready.swap(false, Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
         })
         .await;
+    }
+
+    /// The close frame's text given with the closure, if any.
+    pub fn close_text(&self) -> Option<Box<str>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).close_text.take()
     }
 
     /// Moves every queued frame into `batch`, or says why the queue closed

@@ -1,25 +1,32 @@
-//! The gateway's live connections: connection id allocation, delivery of
-//! frames into their outboxes, and the heartbeat sweep. No sockets here, so
-//! routing is testable alone.
+//! The gateway's live connections and its directory: who is on each
+//! connection (user id, groups, data), the delivery of frames into their
+//! outboxes as the broker decided, the controls backends send, and the
+//! heartbeat and token-expiry sweeps. No sockets here, so routing and the
+//! directory are testable alone.
+//!
+//! The gateway holds the truth about its connections; its broker keeps a
+//! copy. Every change is written, under the same lock as the change itself,
+//! to a [`Journal`] that the broker link sends as directory reports, so that
+//! the copy sees the changes in the order they were made. A new broker
+//! session starts from a snapshot instead.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use herald_proto::v1::delivery;
+use herald_proto::v1::{
+    ConnectionAddress, ConnectionState, ControlDone, ControlRequest, DirectoryChange, control_request, delivery,
+    directory_change, selection,
+};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::CloseReason;
 use crate::outbox::Outbox;
 
-/// Why a frame for one connection was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendError {
-    /// No live connection has that id on this gateway.
-    UnknownConnection,
-    /// The connection is being closed (it overflowed or stopped answering).
-    Closing(CloseReason),
-}
+/// Most groups one connection may be in; joins beyond it are ignored.
+pub const MAX_GROUPS_PER_CONNECTION: usize = 64;
 
 /// What carrying out one delivery did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,101 +46,335 @@ pub struct Sweep {
     pub unresponsive: u64,
 }
 
+/// Who a new connection is, from its token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: Option<String>,
+    pub groups: Vec<String>,
+    /// When its token expires, in unix seconds.
+    pub expires_at: Option<u64>,
+}
+
+/// Directory changes not yet reported to the broker, and the controls
+/// carried out since the last report.
+#[derive(Debug, Default)]
+struct Journal {
+    changes: Vec<DirectoryChange>,
+    done: Vec<ControlDone>,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     next_id: AtomicU64,
-    connections: RwLock<HashMap<u64, Arc<Outbox>>>,
+    state: RwLock<State>,
+    /// Woken when something was journaled.
+    journaled: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    connections: HashMap<u64, Entry>,
+    users: HashMap<Arc<str>, Members>,
+    groups: HashMap<Arc<str>, Members>,
+    /// Token expiries: (unix seconds, connection id).
+    expiries: BTreeSet<(u64, u64)>,
+    /// `None` while no broker session follows the directory: the next
+    /// session starts from a snapshot, so nothing is journaled meanwhile.
+    journal: Option<Journal>,
+    /// Changes made so far, journaled or not: a report covers up to a
+    /// position, and positions never go back.
+    seq: u64,
+}
+
+/// The connections of one user or group, with their outboxes, so that a
+/// delivery to them needs one lookup.
+type Members = HashMap<u64, Arc<Outbox>>;
+
+#[derive(Debug)]
+struct Entry {
+    outbox: Arc<Outbox>,
+    user: Option<Arc<str>>,
+    groups: Vec<Arc<str>>,
+    data: BTreeMap<String, String>,
+    /// Taken out of the directory already (closed by a control, or its
+    /// token expired) while its task finishes.
+    detached: bool,
+}
+
+/// The first connection id of a gateway process: its start time in
+/// milliseconds, times 1000. Ids then count up by one, so a gateway that
+/// restarts with the same worker id starts above every id it gave before,
+/// unless it gave more than a thousand ids per millisecond of its life, or
+/// the clock went back between the two runs.
+fn first_connection_id() -> u64 {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    ms.saturating_mul(1000) + 1
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { next_id: AtomicU64::new(1), connections: RwLock::default() }
+        Self::starting_at(first_connection_id())
     }
 }
 
 impl Registry {
-    /// Adds a connection and gives it an id never used before by this gateway.
-    pub fn register(&self, outbox: Arc<Outbox>) -> u64 {
+    /// A registry whose first connection id is `first_id`.
+    pub fn starting_at(first_id: u64) -> Self {
+        Self { next_id: AtomicU64::new(first_id), state: RwLock::default(), journaled: Notify::new() }
+    }
+
+    /// Resolves once something was journaled since the last call.
+    pub async fn changed(&self) {
+        self.journaled.notified().await;
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a connection and gives it an id never used before by this
+    /// gateway. Returns the id and, when a broker session follows the
+    /// directory, the journal position the broker must have acknowledged
+    /// before the connection can be addressed.
+    pub fn register(&self, outbox: Arc<Outbox>, identity: &Identity) -> (u64, Option<u64>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.connections.write().unwrap_or_else(PoisonError::into_inner).insert(id, outbox);
-        id
-    }
-
-    pub fn remove(&self, id: u64) {
-        self.connections.write().unwrap_or_else(PoisonError::into_inner).remove(&id);
-    }
-
-    pub fn len(&self) -> usize {
-        self.connections.read().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Queues `frame` (published at `published_us`, unix µs) on the
-    /// connections `to` names, as the broker decided. The payload is shared,
-    /// not copied.
-    pub fn deliver(&self, to: &delivery::To, frame: Message, published_us: u64) -> Outcome {
-        match to {
-            delivery::To::Everyone(_) => self.broadcast(&frame, published_us),
-            delivery::To::Connections(connections) => {
-                let mut outcome = Outcome::default();
-                let Some((last, others)) = connections.ids.split_last() else {
-                    return outcome;
-                };
-                let mut count = |sent: Result<(), SendError>| match sent {
-                    Ok(()) => outcome.queued += 1,
-                    Err(SendError::UnknownConnection) => outcome.unknown += 1,
-                    Err(SendError::Closing(_)) => outcome.closing += 1,
-                };
-                for id in others {
-                    count(self.send_to(id, frame.clone(), published_us));
-                }
-                // The last connection takes the frame itself: a clone of a
-                // payload read off the wire costs an allocation.
-                count(self.send_to(last, frame, published_us));
-                outcome
+        let mut state = self.write();
+        let user = identity.user_id.as_deref().map(Arc::from);
+        let mut groups: Vec<Arc<str>> = Vec::new();
+        for group in identity.groups.iter().take(MAX_GROUPS_PER_CONNECTION) {
+            if !groups.iter().any(|g| **g == **group) {
+                groups.push(Arc::from(group.as_str()));
             }
+        }
+        let entry = Entry { outbox, user, groups, data: BTreeMap::new(), detached: false };
+        state.index(id, &entry);
+        if let Some(expires_at) = identity.expires_at {
+            state.expiries.insert((expires_at, id));
+        }
+        let change = directory_change::Change::Opened(entry.snapshot());
+        state.connections.insert(id, entry);
+        let seq = state.journal(id, change);
+        drop(state);
+        if seq.is_some() {
+            self.journaled.notify_one();
+        }
+        (id, seq)
+    }
+
+    /// Takes a closed connection out.
+    pub fn remove(&self, id: u64) {
+        let mut state = self.write();
+        let journaled = state.detach(id);
+        state.connections.remove(&id);
+        drop(state);
+        if journaled {
+            self.journaled.notify_one();
         }
     }
 
-    /// Queues `frame` on every connection.
-    fn broadcast(&self, frame: &Message, published_us: u64) -> Outcome {
-        let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
+    pub fn len(&self) -> usize {
+        self.read().connections.len()
+    }
+
+    /// Counts of distinct users and of groups with a member.
+    pub fn census(&self) -> (usize, usize) {
+        let state = self.read();
+        (state.users.len(), state.groups.len())
+    }
+
+    /// Starts journaling for a new broker session: every live connection,
+    /// as opened, and the journal position it covers.
+    pub fn snapshot(&self) -> (Vec<DirectoryChange>, u64) {
+        let mut state = self.write();
+        let changes = state
+            .connections
+            .iter()
+            .filter(|(_, e)| !e.detached)
+            .map(|(id, e)| change(*id, directory_change::Change::Opened(e.snapshot())))
+            .collect();
+        state.journal = Some(Journal::default());
+        (changes, state.seq)
+    }
+
+    /// Stops journaling: the broker session ended.
+    pub fn unfollow(&self) {
+        self.write().journal = None;
+    }
+
+    /// Takes what was journaled since the last call, with the journal
+    /// position it reaches; `None` when there is nothing.
+    pub fn take_journal(&self) -> Option<(Vec<DirectoryChange>, Vec<ControlDone>, u64)> {
+        let mut state = self.write();
+        let seq = state.seq;
+        let journal = state.journal.as_mut()?;
+        if journal.changes.is_empty() && journal.done.is_empty() {
+            return None;
+        }
+        Some((std::mem::take(&mut journal.changes), std::mem::take(&mut journal.done), seq))
+    }
+
+    /// Carries out a control for this gateway (`worker_id`), journals its
+    /// changes and its confirmation, and returns how many connections it
+    /// applied to.
+    pub fn apply_control(&self, worker_id: &str, control_id: u64, request: ControlRequest) -> u32 {
+        let mut state = self.write();
+        let mine = |a: &ConnectionAddress| a.worker_id == worker_id;
+        let applied = match request.op {
+            None => 0,
+            Some(control_request::Op::BindUser(bind)) => {
+                let target = bind.connection.filter(mine).and_then(|a| a.connection_id.parse().ok());
+                state.edit(target, |e| e.user = Some(Arc::from(bind.user_id.as_str())))
+            }
+            Some(control_request::Op::UnbindUser(address)) => {
+                let target = Some(address).filter(mine).and_then(|a| a.connection_id.parse().ok());
+                state.edit(target, |e| e.user = None)
+            }
+            Some(control_request::Op::JoinGroups(change)) => {
+                let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
+                let groups = change.groups;
+                state.edit_all(&ids, |e| {
+                    for group in &groups {
+                        if e.groups.len() < MAX_GROUPS_PER_CONNECTION && !e.groups.iter().any(|g| **g == **group) {
+                            e.groups.push(Arc::from(group.as_str()));
+                        }
+                    }
+                })
+            }
+            Some(control_request::Op::LeaveGroups(change)) => {
+                let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
+                let groups: HashSet<String> = change.groups.into_iter().collect();
+                state.edit_all(&ids, |e| e.groups.retain(|g| !groups.contains(&**g)))
+            }
+            Some(control_request::Op::DissolveGroup(group)) => {
+                let ids: Vec<u64> =
+                    state.groups.get(group.as_str()).map(|m| m.keys().copied().collect()).unwrap_or_default();
+                state.edit_all(&ids, |e| e.groups.retain(|g| **g != *group))
+            }
+            Some(control_request::Op::Close(close)) => {
+                let ids = state.selected(close.selection.and_then(|s| s.of), worker_id);
+                let text = (!close.reason.is_empty()).then(|| Box::<str>::from(close.reason.as_str()));
+                for id in &ids {
+                    if let Some(entry) = state.connections.get(id) {
+                        entry.outbox.close_with(CloseReason::Kicked, text.clone());
+                    }
+                    state.detach(*id);
+                }
+                u32::try_from(ids.len()).unwrap_or(u32::MAX)
+            }
+            Some(control_request::Op::SetData(set)) => {
+                let target = set.connection.filter(mine).and_then(|a| a.connection_id.parse().ok());
+                state.edit(target, |e| {
+                    if set.replace {
+                        e.data.clear();
+                    }
+                    for key in &set.remove {
+                        e.data.remove(key);
+                    }
+                    e.data.extend(set.values);
+                })
+            }
+        };
+        if let Some(journal) = state.journal.as_mut() {
+            journal.done.push(ControlDone { control_id, connections: applied });
+        }
+        applied
+    }
+
+    /// Closes the connections whose token expired by `now` (unix seconds);
+    /// returns how many.
+    pub fn expire(&self, now: u64) -> usize {
+        let mut state = self.write();
+        let mut expired = Vec::new();
+        while let Some(&(at, id)) = state.expiries.first() {
+            if at > now {
+                break;
+            }
+            state.expiries.pop_first();
+            expired.push(id);
+        }
+        let mut journaled = false;
+        for id in &expired {
+            if let Some(entry) = state.connections.get(id) {
+                entry.outbox.close(CloseReason::TokenExpired);
+            }
+            journaled |= state.detach(*id);
+        }
+        drop(state);
+        if journaled {
+            self.journaled.notify_one();
+        }
+        expired.len()
+    }
+
+    /// Queues `frame` (published at `published_us`, unix µs) on the
+    /// connections `to` names, as the broker decided, except `except` (the
+    /// connection ids of this gateway the publisher left out). The payload
+    /// is shared, not copied.
+    pub fn deliver(&self, to: &delivery::To, except: &HashSet<u64>, frame: Message, published_us: u64) -> Outcome {
+        let state = self.read();
         let mut outcome = Outcome::default();
-        for outbox in connections.values() {
-            match outbox.push(frame.clone(), published_us) {
+        let mut push = |id: &u64, outbox: &Outbox, frame: Message| {
+            if except.contains(id) {
+                return;
+            }
+            match outbox.push(frame, published_us) {
                 Ok(()) => outcome.queued += 1,
                 Err(_) => outcome.closing += 1,
+            }
+        };
+        match to {
+            delivery::To::Everyone(_) => {
+                for (id, entry) in &state.connections {
+                    push(id, &entry.outbox, frame.clone());
+                }
+            }
+            delivery::To::User(user) => {
+                for (id, outbox) in state.users.get(user.as_str()).into_iter().flatten() {
+                    push(id, outbox, frame.clone());
+                }
+            }
+            delivery::To::Group(group) => {
+                for (id, outbox) in state.groups.get(group.as_str()).into_iter().flatten() {
+                    push(id, outbox, frame.clone());
+                }
+            }
+            delivery::To::Connections(connections) => {
+                for connection_id in &connections.ids {
+                    let entry =
+                        connection_id.parse::<u64>().ok().and_then(|id| state.connections.get(&id).map(|e| (id, e)));
+                    match entry {
+                        Some((id, entry)) => push(&id, &entry.outbox, frame.clone()),
+                        None => outcome.unknown += 1,
+                    }
+                }
             }
         }
         outcome
     }
 
-    /// Queues `frame` (published at `published_us`, unix µs) on the
-    /// connection named `connection_id`.
-    fn send_to(&self, connection_id: &str, frame: Message, published_us: u64) -> Result<(), SendError> {
-        let id: u64 = connection_id.parse().map_err(|_| SendError::UnknownConnection)?;
-        let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
-        let outbox = connections.get(&id).ok_or(SendError::UnknownConnection)?;
-        outbox.push(frame, published_us).map_err(SendError::Closing)
-    }
-
     /// Closes every connection for `reason`.
     pub fn close_all(&self, reason: CloseReason) {
-        for outbox in self.connections.read().unwrap_or_else(PoisonError::into_inner).values() {
-            outbox.close(reason);
+        for entry in self.read().connections.values() {
+            entry.outbox.close(reason);
         }
     }
 
     /// Bytes queued on all connections together.
     pub fn queued_bytes(&self) -> usize {
-        self.connections.read().unwrap_or_else(PoisonError::into_inner).values().map(|o| o.queued_bytes()).sum()
+        self.read().connections.values().map(|e| e.outbox.queued_bytes()).sum()
     }
 
     /// Pings every connection heard from since `silent_since_ms`, and closes
     /// the others as unresponsive.
     pub fn heartbeat(&self, silent_since_ms: u64) -> Sweep {
-        let connections = self.connections.read().unwrap_or_else(PoisonError::into_inner);
+        let state = self.read();
         let mut sweep = Sweep::default();
-        for outbox in connections.values() {
+        for entry in state.connections.values() {
+            let outbox = &entry.outbox;
             if outbox.last_heard() < silent_since_ms {
                 outbox.close(CloseReason::Unresponsive);
                 sweep.unresponsive += 1;
@@ -145,101 +386,119 @@ impl Registry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use herald_proto::v1::{ConnectionIds, Everyone};
-
-    use super::*;
-
-    fn outbox(limit: usize) -> Arc<Outbox> {
-        Arc::new(Outbox::new(limit, 0))
+impl State {
+    /// Journals a change of connection `id`; returns its position when a
+    /// broker session follows the directory.
+    fn journal(&mut self, id: u64, what: directory_change::Change) -> Option<u64> {
+        self.seq += 1;
+        let journal = self.journal.as_mut()?;
+        journal.changes.push(change(id, what));
+        Some(self.seq)
     }
 
-    fn everyone() -> delivery::To {
-        delivery::To::Everyone(Everyone {})
-    }
-
-    fn connections(ids: &[&str]) -> delivery::To {
-        delivery::To::Connections(ConnectionIds { ids: ids.iter().map(|id| id.to_string()).collect() })
-    }
-
-    fn drain(outbox: &Outbox) -> Result<Vec<Message>, CloseReason> {
-        let mut batch = VecDeque::new();
-        outbox.take(&mut batch).map(|_| batch.into())
-    }
-
-    #[test]
-    fn ids_are_never_reused() {
-        let registry = Registry::default();
-        let a = registry.register(outbox(1024));
-        registry.remove(a);
-        let b = registry.register(outbox(1024));
-        assert_ne!(a, b);
-        assert_eq!(registry.len(), 1);
-    }
-
-    #[test]
-    fn everyone_means_every_connection_once() {
-        let registry = Registry::default();
-        let boxes: Vec<_> = (0..3).map(|_| outbox(1024)).collect();
-        for b in &boxes {
-            registry.register(b.clone());
+    fn index(&mut self, id: u64, entry: &Entry) {
+        if let Some(user) = &entry.user {
+            self.users.entry(user.clone()).or_default().insert(id, entry.outbox.clone());
         }
-        let outcome = registry.deliver(&everyone(), Message::text("all"), 0);
-        assert_eq!(outcome, Outcome { queued: 3, ..Outcome::default() });
-        for b in &boxes {
-            assert_eq!(drain(b), Ok(vec![Message::text("all")]));
+        for group in &entry.groups {
+            self.groups.entry(group.clone()).or_default().insert(id, entry.outbox.clone());
         }
     }
 
-    #[test]
-    fn named_connections_get_the_frame_and_no_other_does() {
-        let registry = Registry::default();
-        let (a, b, c) = (outbox(1024), outbox(1024), outbox(1024));
-        registry.register(a.clone());
-        let b_id = registry.register(b.clone()).to_string();
-        let c_id = registry.register(c.clone()).to_string();
-        let outcome = registry.deliver(&connections(&[&b_id, &c_id]), Message::text("b and c"), 0);
-        assert_eq!(outcome, Outcome { queued: 2, ..Outcome::default() });
-        assert_eq!(drain(&a), Ok(vec![]));
-        assert_eq!(drain(&b), Ok(vec![Message::text("b and c")]));
-        assert_eq!(drain(&c), Ok(vec![Message::text("b and c")]));
+    fn unindex(&mut self, id: u64, user: Option<&Arc<str>>, groups: &[Arc<str>]) {
+        if let Some(user) = user {
+            remove_member(&mut self.users, user, id);
+        }
+        for group in groups {
+            remove_member(&mut self.groups, group, id);
+        }
     }
 
-    #[test]
-    fn unknown_or_malformed_connection_ids_are_counted() {
-        let registry = Registry::default();
-        registry.register(outbox(1024));
-        let outcome = registry.deliver(&connections(&["99", "x", "", "-1"]), Message::text("?"), 0);
-        assert_eq!(outcome, Outcome { unknown: 4, ..Outcome::default() });
+    /// Takes connection `id` out of the directory (not out of delivery:
+    /// its outbox still takes frames until its task ends). Returns whether
+    /// the change was journaled.
+    fn detach(&mut self, id: u64) -> bool {
+        let Some(entry) = self.connections.get_mut(&id) else {
+            return false;
+        };
+        if entry.detached {
+            return false;
+        }
+        entry.detached = true;
+        let (user, groups) = (entry.user.take(), std::mem::take(&mut entry.groups));
+        entry.data = BTreeMap::new();
+        self.unindex(id, user.as_ref(), &groups);
+        self.journal(id, directory_change::Change::Closed(herald_proto::v1::Closed {})).is_some()
     }
 
-    #[test]
-    fn a_full_connection_overflows_without_affecting_the_others() {
-        let registry = Registry::default();
-        let small = outbox(4);
-        let big = outbox(1024);
-        registry.register(small.clone());
-        registry.register(big.clone());
-        let outcome = registry.deliver(&everyone(), Message::text("12345"), 0);
-        assert_eq!(outcome, Outcome { queued: 1, closing: 1, ..Outcome::default() });
-        assert_eq!(drain(&big), Ok(vec![Message::text("12345")]));
-        assert_eq!(drain(&small), Err(CloseReason::SlowConsumer));
+    /// The live connections `of` selects on this gateway (`worker_id`).
+    fn selected(&self, of: Option<selection::Of>, worker_id: &str) -> Vec<u64> {
+        match of {
+            Some(selection::Of::Connection(address)) if address.worker_id == worker_id => address
+                .connection_id
+                .parse()
+                .ok()
+                .filter(|id| self.connections.get(id).is_some_and(|e| !e.detached))
+                .into_iter()
+                .collect(),
+            Some(selection::Of::User(user)) => {
+                self.users.get(user.as_str()).map(|m| m.keys().copied().collect()).unwrap_or_default()
+            }
+            Some(selection::Of::Connection(_)) | None => Vec::new(),
+        }
     }
 
-    #[test]
-    fn the_heartbeat_pings_live_clients_and_closes_silent_ones() {
-        let registry = Registry::default();
-        let live = outbox(1024);
-        let silent = outbox(1024);
-        live.heard(5_000);
-        silent.heard(1_000);
-        registry.register(live.clone());
-        registry.register(silent.clone());
-        assert_eq!(registry.heartbeat(2_000), Sweep { pinged: 1, unresponsive: 1 });
-        assert_eq!(drain(&live), Ok(vec![Message::Ping(Default::default())]));
-        assert_eq!(drain(&silent), Err(CloseReason::Unresponsive));
+    /// Changes connection `id` (when live) with `edit`, keeping the indexes
+    /// and the journal in step. Returns 1 when it was changed, else 0.
+    fn edit(&mut self, id: Option<u64>, edit: impl FnOnce(&mut Entry)) -> u32 {
+        let Some(id) = id else {
+            return 0;
+        };
+        let Some(entry) = self.connections.get_mut(&id).filter(|e| !e.detached) else {
+            return 0;
+        };
+        let (old_user, old_groups) = (entry.user.clone(), entry.groups.clone());
+        edit(entry);
+        let (user, groups, outbox, snapshot) =
+            (entry.user.clone(), entry.groups.clone(), entry.outbox.clone(), entry.snapshot());
+        self.unindex(id, old_user.as_ref(), &old_groups);
+        if let Some(user) = user {
+            self.users.entry(user).or_default().insert(id, outbox.clone());
+        }
+        for group in groups {
+            self.groups.entry(group).or_default().insert(id, outbox.clone());
+        }
+        self.journal(id, directory_change::Change::State(snapshot));
+        1
+    }
+
+    fn edit_all(&mut self, ids: &[u64], edit: impl Fn(&mut Entry)) -> u32 {
+        ids.iter().map(|id| self.edit(Some(*id), &edit)).sum()
     }
 }
+
+impl Entry {
+    fn snapshot(&self) -> ConnectionState {
+        ConnectionState {
+            user_id: self.user.as_deref().unwrap_or_default().to_owned(),
+            groups: self.groups.iter().map(|g| g.to_string()).collect(),
+            data: self.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+fn change(id: u64, what: directory_change::Change) -> DirectoryChange {
+    DirectoryChange { connection_id: id.to_string(), change: Some(what) }
+}
+
+fn remove_member(index: &mut HashMap<Arc<str>, Members>, name: &str, id: u64) {
+    if let Some(members) = index.get_mut(name) {
+        members.remove(&id);
+        if members.is_empty() {
+            index.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -25,6 +25,9 @@ pub(crate) struct Shared {
     /// Set once the first claim of the worker id is settled: granted, or
     /// not answered because no broker could be reached.
     pub(crate) claim_settled: watch::Sender<bool>,
+    /// How far the broker has followed the directory journal: a connection
+    /// whose opening is at or below it can be addressed through the broker.
+    pub(crate) reported: watch::Sender<u64>,
 }
 
 impl Shared {
