@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -15,7 +16,7 @@ use herald_common::duration::format as duration;
 use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
-use herald_gateway_ws::{GatewayConfig, Greeting};
+use herald_gateway_ws::{ClientAuth, ClientAuthConfig, GatewayConfig, Greeting};
 use tokio_rustls::TlsAcceptor;
 
 /// A loopback address: every listener's default, so that nothing is exposed
@@ -58,7 +59,7 @@ pub enum Role {
     /// An HTTP gateway: turns HTTP publish requests into broker publishes.
     Http(HttpArgs),
     /// Broker, WebSocket gateway and HTTP gateway in one process (no other server needed).
-    Standalone(StandaloneArgs),
+    Standalone(Box<StandaloneArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +264,12 @@ pub struct BrokerOptions {
     /// Most concurrent gRPC calls on one connection to the broker.
     #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
+    /// How long a control waits for the gateways to confirm it (then DEADLINE_EXCEEDED, or the
+    /// gateway listed in missing_workers), and a query or a publish to a connection on another
+    /// broker waits for the other brokers.
+    #[arg(long, env = "HERALD_ANSWER_TIMEOUT", default_value = duration(hub::DEFAULT_ANSWER_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
+    pub answer_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +316,87 @@ pub struct WsOptions {
     /// Per-connection read buffer, in bytes (allocated for every connection; at least 256).
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
+    #[command(flatten)]
+    pub client_auth: Box<ClientAuthArgs>,
+}
+
+/// Who may open a WebSocket connection.
+#[derive(Debug, Args)]
+pub struct ClientAuthArgs {
+    /// `jwt`: every WebSocket handshake must carry a valid JWT (`Authorization: Bearer <jwt>`,
+    /// or `?token=<jwt>` from browsers), else HTTP 401; its `sub` is the connection's user id.
+    /// `none`: connections are anonymous.
+    #[arg(long, env = "HERALD_CLIENT_AUTH", value_enum, default_value_t = ClientAuthMode::None)]
+    pub client_auth: ClientAuthMode,
+    /// HS256 secrets, comma-separated (any of them may have signed a token, for rotation; at
+    /// least 32 bytes each).
+    #[arg(long, env = "HERALD_JWT_SECRET", value_delimiter = ',', hide_env_values = true)]
+    pub jwt_secret: Vec<String>,
+    /// PEM files of the public keys that may sign tokens, comma-separated: RSA keys for RS256,
+    /// EC P-256 keys for ES256.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<PathBuf>,
+    /// The `aud` a token must carry (unchecked when unset).
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The `iss` a token must carry (unchecked when unset).
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The claim listing the groups a connection joins when it opens (an array of strings).
+    #[arg(long, env = "HERALD_JWT_GROUPS_CLAIM", default_value = herald_gateway_ws::client_auth::DEFAULT_GROUPS_CLAIM)]
+    pub jwt_groups_claim: String,
+    /// Clock skew allowed when checking a token's `exp` and `nbf`.
+    #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "0s", value_parser = herald_common::duration::parse)]
+    pub jwt_leeway: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthMode {
+    /// Anonymous connections.
+    None,
+    /// A JWT at every handshake.
+    Jwt,
+}
+
+/// Why the client-auth options cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientAuthArgsError {
+    #[error("--jwt-secret or --jwt-public-key is given without --client-auth jwt: connections would stay anonymous")]
+    KeysWithoutJwt,
+    #[error("cannot read --jwt-public-key {path}: {source}")]
+    ReadKey { path: PathBuf, source: std::io::Error },
+    #[error("--client-auth jwt: {0}")]
+    Invalid(#[from] herald_gateway_ws::ClientAuthError),
+}
+
+impl ClientAuthArgs {
+    /// The token checker, when client auth is on.
+    pub fn client_auth(&self) -> Result<Option<Arc<ClientAuth>>, ClientAuthArgsError> {
+        if self.client_auth == ClientAuthMode::None {
+            if !self.jwt_secret.is_empty() || !self.jwt_public_key.is_empty() {
+                return Err(ClientAuthArgsError::KeysWithoutJwt);
+            }
+            return Ok(None);
+        }
+        let public_keys = self
+            .jwt_public_key
+            .iter()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|pem| (path.clone(), pem))
+                    .map_err(|source| ClientAuthArgsError::ReadKey { path: path.clone(), source })
+            })
+            .collect::<Result<_, _>>()?;
+        let config = ClientAuthConfig {
+            hs256_secrets: self.jwt_secret.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            public_keys,
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            groups_claim: self.jwt_groups_claim.clone(),
+            leeway: self.jwt_leeway,
+        };
+        Ok(Some(Arc::new(ClientAuth::new(config)?)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -352,6 +440,7 @@ impl ContentArgs {
             startup_grace: broker.startup_grace.unwrap_or(startup_grace),
             dedup_window: broker.dedup_window,
             dedup_capacity: broker.dedup_capacity,
+            answer_timeout: broker.answer_timeout,
         }
     }
 
@@ -388,10 +477,12 @@ impl PublisherAuthArgs {
     }
 }
 
-impl From<&WsOptions> for GatewayConfig {
-    fn from(ws: &WsOptions) -> Self {
+impl WsOptions {
+    /// The gateway's configuration; fails when the client-auth options do.
+    pub fn gateway_config(&self) -> Result<GatewayConfig, ClientAuthArgsError> {
+        let ws = self;
         let worker_id = ws.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
-        GatewayConfig {
+        Ok(GatewayConfig {
             greeting: match ws.greeting {
                 GreetingArg::Text => Greeting::Text,
                 GreetingArg::Json => Greeting::Json,
@@ -406,8 +497,9 @@ impl From<&WsOptions> for GatewayConfig {
             allow_missing_origin: ws.allow_missing_origin,
             ping_interval: ws.ping_interval,
             pong_timeout: ws.pong_timeout,
+            client_auth: ws.client_auth.client_auth()?,
             ..GatewayConfig::new(worker_id)
-        }
+        })
     }
 }
 
@@ -434,7 +526,8 @@ mod tests {
             (limits.max_content_bytes, limits.max_batch, limits.session_queue, limits.slow_session_grace),
             (defaults.max_content_bytes, defaults.max_batch, defaults.session_queue, defaults.slow_session_grace)
         );
-        let gateway = GatewayConfig::from(&args.ws);
+        let gateway = args.ws.gateway_config().unwrap();
+        assert!(gateway.client_auth.is_none(), "connections are anonymous by default");
         let library = GatewayConfig::new(gateway.worker_id.clone());
         assert_eq!(
             (gateway.write_timeout, gateway.ping_interval, gateway.pong_timeout, gateway.read_buffer_bytes),

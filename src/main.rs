@@ -74,7 +74,7 @@ async fn run(role: Role) -> anyhow::Result<()> {
         Role::Broker(args) => roles::broker(args, shutdown).await,
         Role::Ws(args) => roles::ws(args, shutdown).await,
         Role::Http(args) => roles::http(args, shutdown).await,
-        Role::Standalone(args) => roles::standalone(args, shutdown).await,
+        Role::Standalone(args) => roles::standalone(*args, shutdown).await,
     }
 }
 

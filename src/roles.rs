@@ -14,7 +14,7 @@ use herald_common::auth::ApiKeys;
 use herald_common::net;
 use herald_common::tls::{ALPN_HTTP, ALPN_WEBSOCKET};
 use herald_gateway_http::HttpGateway;
-use herald_gateway_ws::{Gateway, GatewayConfig};
+use herald_gateway_ws::Gateway;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,7 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
-    let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
+    let gateway = Gateway::new(args.ws.gateway_config()?)?;
     let listener = bind_unannounced("ws", args.listen, args.reuse_port)?;
     let address = listener.local_addr()?;
     let admin_stop = CancellationToken::new();
@@ -117,7 +117,7 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
     let hub = Hub::new(args.content.hub_limits(&args.broker, Duration::ZERO));
     let local: Arc<dyn Broker> = Arc::new(hub.clone());
-    let gateway = Gateway::new(GatewayConfig::from(&args.ws))?;
+    let gateway = Gateway::new(args.ws.gateway_config()?)?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
     let ws_tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let http_tls = args.tls.acceptor(ALPN_HTTP)?;

@@ -167,7 +167,7 @@ fn request(msg: Msg) -> PublishRequest {
         }),
     };
     PublishRequest {
-        target: Some(Target { kind: Some(kind) }),
+        target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(msg.payload)) }),
         idempotency_key: msg.key,
     }

@@ -2,7 +2,13 @@
 //! example had it:
 //!
 //! - `?content=X` sends X to every connection (channel `broadcast`);
-//! - `?to_worker_id=W&to_connection_id=C&content=X` sends X to one connection.
+//! - `?to_worker_id=W&to_connection_id=C&content=X` sends X to one connection;
+//!
+//! and, in GatewayWorker's terms (`sendToUid`, `sendToGroup`):
+//!
+//! - `?to_uid=U&content=X` sends X to every connection of user U;
+//! - `?to_group=G&content=X` sends X to every member of group G;
+//! - `exclude=W:C,W:C` (with any target) leaves those connections out.
 //!
 //! Unlike the classic example, malformed requests are refused rather than
 //! answered `ok` and dropped (or, worse, broadcast): an empty or missing
@@ -19,12 +25,18 @@ use crate::error::ApiError;
 const CONTENT: &str = "content";
 const TO_WORKER_ID: &str = "to_worker_id";
 const TO_CONNECTION_ID: &str = "to_connection_id";
+const TO_UID: &str = "to_uid";
+const TO_GROUP: &str = "to_group";
+const EXCLUDE: &str = "exclude";
 
 #[derive(Default)]
 struct Params {
     content: Option<String>,
     to_worker_id: Option<String>,
     to_connection_id: Option<String>,
+    to_uid: Option<String>,
+    to_group: Option<String>,
+    exclude: Option<String>,
 }
 
 /// Parses the classic parameters from a query string and, for a form POST,
@@ -45,8 +57,23 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
             content.len()
         )));
     }
+    let except = params.exclude.as_deref().map(parse_exclude).transpose()?.unwrap_or_default();
+    let named = [params.to_uid.is_some(), params.to_group.is_some(), params.to_worker_id.is_some()];
+    if named.iter().filter(|n| **n).count() > 1 {
+        return Err(ApiError::bad_request("give one target: to_uid, to_group or to_worker_id with to_connection_id"));
+    }
     let kind = match (params.to_worker_id, params.to_connection_id) {
-        (None, None) => target::Kind::Broadcast(Broadcast {}),
+        (None, None) => match (params.to_uid, params.to_group) {
+            (Some(uid), _) => {
+                names::validate_user_id(&uid).map_err(|e| ApiError::bad_request(format!("to_uid: {e}")))?;
+                target::Kind::User(uid)
+            }
+            (None, Some(group)) => {
+                names::validate_group(&group).map_err(|e| ApiError::bad_request(format!("to_group: {e}")))?;
+                target::Kind::Group(group)
+            }
+            (None, None) => target::Kind::Broadcast(Broadcast {}),
+        },
         (Some(worker_id), Some(connection_id)) => {
             names::validate_worker_id(&worker_id).map_err(|e| ApiError::bad_request(format!("to_worker_id: {e}")))?;
             names::validate_connection_id(&connection_id)
@@ -60,10 +87,25 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
         }
     };
     Ok(PublishRequest {
-        target: Some(Target { kind: Some(kind) }),
+        target: Some(Target { kind: Some(kind), except }),
         content: Some(Content { body: Some(content::Body::Text(content)) }),
         idempotency_key: String::new(),
     })
+}
+
+/// Parses `W:C,W:C` (worker id, colon, connection id; comma-separated).
+fn parse_exclude(list: &str) -> Result<Vec<ConnectionAddress>, ApiError> {
+    list.split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (worker_id, connection_id) = item
+                .split_once(':')
+                .ok_or_else(|| ApiError::bad_request(format!("exclude: {item:?} is not worker_id:connection_id")))?;
+            names::validate_worker_id(worker_id).map_err(|e| ApiError::bad_request(format!("exclude: {e}")))?;
+            names::validate_connection_id(connection_id).map_err(|e| ApiError::bad_request(format!("exclude: {e}")))?;
+            Ok(ConnectionAddress { worker_id: worker_id.to_owned(), connection_id: connection_id.to_owned() })
+        })
+        .collect()
 }
 
 fn collect(input: &[u8], params: &mut Params) -> Result<(), ApiError> {
@@ -77,6 +119,9 @@ fn collect(input: &[u8], params: &mut Params) -> Result<(), ApiError> {
             CONTENT => &mut params.content,
             TO_WORKER_ID => &mut params.to_worker_id,
             TO_CONNECTION_ID => &mut params.to_connection_id,
+            TO_UID => &mut params.to_uid,
+            TO_GROUP => &mut params.to_group,
+            EXCLUDE => &mut params.exclude,
             _ => continue,
         };
         if slot.is_some() {
@@ -145,6 +190,17 @@ mod tests {
     }
 
     #[test]
+    fn gatewayworker_style_targets_name_a_user_or_a_group_and_may_exclude_connections() {
+        let req = parse("to_uid=ana%40example.com&content=hi", None, 100).unwrap();
+        assert_eq!(target_of(&req), &target::Kind::User("ana@example.com".into()));
+        let req = parse("to_group=room-1&exclude=w1:7,w2:9&content=hi", None, 100).unwrap();
+        assert_eq!(target_of(&req), &target::Kind::Group("room-1".into()));
+        let except = &req.target.as_ref().unwrap().except;
+        let except: Vec<_> = except.iter().map(|a| (a.worker_id.as_str(), a.connection_id.as_str())).collect();
+        assert_eq!(except, [("w1", "7"), ("w2", "9")]);
+    }
+
+    #[test]
     fn a_form_body_counts_like_the_query_string() {
         let req = parse("to_worker_id=w1", Some(b"to_connection_id=2&content=%C3%A9"), 100).unwrap();
         assert_eq!(text_of(&req), "é");
@@ -163,6 +219,12 @@ mod tests {
             ("content=%ff", "not valid UTF-8"),
             ("to_worker_id=a%20b&to_connection_id=1&content=x", "to_worker_id: worker id"),
             ("to_worker_id=w&to_connection_id=&content=x", "to_connection_id: connection id is empty"),
+            ("to_uid=a&to_group=g&content=x", "give one target"),
+            ("to_uid=a&to_worker_id=w&to_connection_id=1&content=x", "give one target"),
+            ("to_uid=a+b&content=x", "to_uid: user id"),
+            ("to_group=&content=x", "to_group: group is empty"),
+            ("exclude=w1&content=x", "exclude: \"w1\" is not worker_id:connection_id"),
+            ("exclude=w..1:2&content=x", "exclude: worker id"),
         ];
         for (query, reason) in cases {
             let err = parse(query, None, 100).unwrap_err();

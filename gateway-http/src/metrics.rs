@@ -12,11 +12,15 @@ pub struct HttpMetrics {
     broker_error: Counter,
     /// Messages handed to the broker (one per classic or /v1/publish request, N per batch).
     pub messages_published: Counter,
+    /// Controls the broker carried out (`/v1/control`).
+    pub controls: Counter,
+    /// Queries the broker answered (`/v1/query` and the `GET /v1/…` views).
+    pub queries: Counter,
     /// Requests refused for a missing or wrong API key.
     pub auth_failures: Counter,
     /// Requests answered 408 because their body did not arrive in time.
     pub body_timeouts: Counter,
-    /// Time to answer a publish request (the broker's routing included).
+    /// Time to answer a request (the broker's part included).
     request_duration: Histogram,
 }
 
@@ -27,6 +31,8 @@ impl Default for HttpMetrics {
             client_error: Counter::default(),
             broker_error: Counter::default(),
             messages_published: Counter::default(),
+            controls: Counter::default(),
+            queries: Counter::default(),
             auth_failures: Counter::default(),
             body_timeouts: Counter::default(),
             request_duration: Histogram::latency(),
@@ -50,7 +56,7 @@ impl HttpMetrics {
     pub fn render(&self, out: &mut Exposition) {
         out.counter_family(
             "herald_http_requests_total",
-            "Publish requests answered, by outcome.",
+            "Requests answered (publishes, controls and queries), by outcome.",
             &[
                 (&[("outcome", "ok")], &self.ok),
                 (&[("outcome", "client_error")], &self.client_error),
@@ -69,7 +75,7 @@ impl HttpMetrics {
         );
         out.histogram(
             "herald_http_request_duration_seconds",
-            "Time to answer a publish request, the broker's routing included.",
+            "Time to answer a request, the broker's part included.",
             &self.request_duration,
         );
         out.counter(
@@ -77,5 +83,11 @@ impl HttpMetrics {
             "Messages handed to the broker and accepted.",
             &self.messages_published,
         );
+        out.counter(
+            "herald_http_controls_total",
+            "Controls (binds, groups, data, closes) the broker carried out.",
+            &self.controls,
+        );
+        out.counter("herald_http_queries_total", "Queries the broker answered.", &self.queries);
     }
 }

@@ -558,7 +558,7 @@ pub async fn grpc_client(
 pub fn text_publish(kind: herald_proto::v1::target::Kind, text: &str) -> herald_proto::v1::PublishRequest {
     use herald_proto::v1::{Content, Target, content};
     herald_proto::v1::PublishRequest {
-        target: Some(Target { kind: Some(kind) }),
+        target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(text.to_owned())) }),
         idempotency_key: String::new(),
     }
