@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(!text.is_empty() && text.len() <= max_content_bytes);
             match req.target.as_ref().and_then(|t| t.kind.as_ref()) {
                 Some(target::Kind::Broadcast(_)) => assert_eq!(route.channel, "broadcast"),
-                Some(target::Kind::Connection(addr)) => assert_eq!(route.worker_id.as_ref(), Some(&addr.worker_id)),
+                Some(target::Kind::Connection(addr)) => assert_eq!(route.connection.as_ref(), Some(addr)),
                 other => panic!("the classic API targets broadcast or a connection, got {other:?}"),
             }
         }

@@ -59,6 +59,7 @@ impl Subscriber {
                 Poll::Ready(Some(Ok(response))) => match response.kind {
                     Some(subscribe_response::Kind::Ack(ack)) => out.acks.push(ack.request_id),
                     Some(subscribe_response::Kind::Event(_)) => out.events += 1,
+                    Some(subscribe_response::Kind::Control(_)) => panic!("no control was asked for"),
                     None => panic!("the hub queued a response without a kind"),
                 },
                 Poll::Ready(Some(Err(status))) => out.end = Some(status.code()),
@@ -117,12 +118,17 @@ impl Harness {
 
     async fn publish(&mut self, req: PublishRequest) {
         let resolved = route::resolve(&req, MAX_CONTENT_BYTES);
-        let held = resolved.as_ref().ok().and_then(|r| r.worker_id.clone()).map(|w| self.hub.worker_is_held(&w));
+        let held = resolved
+            .as_ref()
+            .ok()
+            .and_then(|r| r.connection.as_ref())
+            .map(|address| self.hub.worker_is_held(&address.worker_id));
         let result = self.hub.publish(req).await;
         let delivered: u32 = self.drain_all().iter().map(|d| d.events).sum();
         match (resolved, result) {
             (Err(expected), Err(got)) => assert_eq!(expected, got, "the hub and route::resolve disagree"),
             (Ok(_), Err(PublishError::UnknownWorker(_))) => assert_eq!(held, Some(false)),
+            (Ok(_), Err(PublishError::UnknownConnection { .. })) => assert_eq!(held, Some(true)),
             (Ok(_), Ok(res)) => {
                 assert_ne!(held, Some(false), "published to an unheld worker");
                 assert_eq!(res.subscribers, delivered, "subscribers does not count the events delivered");

@@ -316,44 +316,35 @@ impl Registry {
     /// is shared, not copied.
     pub fn deliver(&self, to: &delivery::To, except: &HashSet<u64>, frame: Message, published_us: u64) -> Outcome {
         let state = self.read();
-        let mut outcome = Outcome::default();
-        let mut push = |id: &u64, outbox: &Outbox, frame: Message| {
-            if except.contains(id) {
-                return;
-            }
-            match outbox.push(frame, published_us) {
-                Ok(()) => outcome.queued += 1,
-                Err(_) => outcome.closing += 1,
-            }
-        };
+        let mut fan = Fan { except, published_us, outcome: Outcome::default() };
         match to {
-            delivery::To::Everyone(_) => {
-                for (id, entry) in &state.connections {
-                    push(id, &entry.outbox, frame.clone());
-                }
-            }
+            delivery::To::Everyone(_) => fan.out(state.connections.iter().map(|(id, e)| (*id, &e.outbox)), frame),
             delivery::To::User(user) => {
-                for (id, outbox) in state.users.get(user.as_str()).into_iter().flatten() {
-                    push(id, outbox, frame.clone());
+                if let Some(members) = state.users.get(user.as_str()) {
+                    fan.out(members.iter().map(|(id, outbox)| (*id, outbox)), frame);
                 }
             }
             delivery::To::Group(group) => {
-                for (id, outbox) in state.groups.get(group.as_str()).into_iter().flatten() {
-                    push(id, outbox, frame.clone());
+                if let Some(members) = state.groups.get(group.as_str()) {
+                    fan.out(members.iter().map(|(id, outbox)| (*id, outbox)), frame);
                 }
             }
             delivery::To::Connections(connections) => {
+                let mut live = Vec::with_capacity(connections.ids.len());
                 for connection_id in &connections.ids {
-                    let entry =
-                        connection_id.parse::<u64>().ok().and_then(|id| state.connections.get(&id).map(|e| (id, e)));
-                    match entry {
-                        Some((id, entry)) => push(&id, &entry.outbox, frame.clone()),
-                        None => outcome.unknown += 1,
+                    match connection_id
+                        .parse::<u64>()
+                        .ok()
+                        .and_then(|id| Some((id, &state.connections.get(&id)?.outbox)))
+                    {
+                        Some(found) => live.push(found),
+                        None => fan.outcome.unknown += 1,
                     }
                 }
+                fan.out(live.into_iter(), frame);
             }
         }
-        outcome
+        fan.outcome
     }
 
     /// Closes every connection for `reason`.
@@ -483,6 +474,35 @@ impl Entry {
             user_id: self.user.as_deref().unwrap_or_default().to_owned(),
             groups: self.groups.iter().map(|g| g.to_string()).collect(),
             data: self.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+/// One delivery to many outboxes.
+struct Fan<'a> {
+    except: &'a HashSet<u64>,
+    published_us: u64,
+    outcome: Outcome,
+}
+
+impl Fan<'_> {
+    /// Queues `frame` on every outbox of `to` but the excepted ones. The
+    /// last one takes the frame itself: a clone of a payload read off the
+    /// wire costs an allocation, and most deliveries have one recipient.
+    fn out<'o>(&mut self, to: impl ExactSizeIterator<Item = (u64, &'o Arc<Outbox>)>, frame: Message) {
+        let last = to.len().saturating_sub(1);
+        let mut frame = Some(frame);
+        for (i, (id, outbox)) in to.enumerate() {
+            if !self.except.is_empty() && self.except.contains(&id) {
+                continue;
+            }
+            let Some(this) = (if i == last { frame.take() } else { frame.clone() }) else {
+                return;
+            };
+            match outbox.push(this, self.published_us) {
+                Ok(()) => self.outcome.queued += 1,
+                Err(_) => self.outcome.closing += 1,
+            }
         }
     }
 }
