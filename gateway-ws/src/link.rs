@@ -162,10 +162,9 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
             Some(subscribe_response::Kind::Control(control)) => {
                 let request = control.request.unwrap_or_default();
                 shared.metrics.controls.inc();
+                // Confirmed in the next report, which gathers the controls
+                // and changes of a burst into one command.
                 shared.registry.apply_control(&shared.config.worker_id, control.control_id, request);
-                if let Err(status) = report_changes(shared, session.commands.as_ref()).await {
-                    return SessionEnd::Lost { status, linked: true };
-                }
             }
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id >= REPORT_REQUEST_BASE => {

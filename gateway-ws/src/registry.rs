@@ -280,6 +280,8 @@ impl Registry {
         };
         if let Some(journal) = state.journal.as_mut() {
             journal.done.push(ControlDone { control_id, connections: applied });
+            drop(state);
+            self.journaled.notify_one();
         }
         applied
     }

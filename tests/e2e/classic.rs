@@ -24,7 +24,7 @@ impl Topology {
         Topology { broker, ws, http }
     }
 
-    /// Three clients on each gateway: their connection ids overlap (1, 2, 3 on both).
+    /// Three clients on each gateway, in the order of the gateways.
     async fn clients(&self) -> Vec<Client> {
         let mut clients = Vec::new();
         for ws in &self.ws {
@@ -55,12 +55,22 @@ async fn a_broadcast_reaches_every_client_on_both_gateways_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_targeted_send_reaches_its_connection_only_even_when_connection_ids_overlap() {
+async fn connection_ids_count_up_per_gateway_and_a_targeted_send_reaches_its_connection_only() {
     let t = Topology::start();
     let mut clients = t.clients().await;
-    let ids: Vec<_> = clients.iter().map(|c| c.connection_id.clone()).collect();
-    assert_eq!(ids, ["1", "2", "3", "1", "2", "3"], "both gateways count connections from 1");
     assert_ne!(clients[0].worker_id, clients[3].worker_id);
+    // Each gateway numbers its connections from its start time in
+    // milliseconds times 1000, plus one, counting up: unique for the
+    // gateway's life and beyond a restart (see directory.rs).
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    for gateway in clients.chunks(3) {
+        let ids: Vec<u64> = gateway.iter().map(Client::connection_number).collect();
+        assert_eq!(ids, [ids[0], ids[0] + 1, ids[0] + 2], "one gateway counts up by one");
+        assert_eq!(ids[0] % 1000, 1, "the first id is the start time in ms, times 1000, plus one: {ids:?}");
+        let started_ms = u128::from(ids[0] / 1000);
+        assert!(started_ms <= now_ms && now_ms - started_ms < 60_000, "started {started_ms}, now {now_ms}");
+        assert!(gateway.iter().all(|c| c.worker_id == gateway[0].worker_id));
+    }
 
     for (i, target) in clients.iter().enumerate() {
         let http = &t.http[i % 2];
@@ -176,9 +186,20 @@ async fn a_gateway_survives_a_broker_restart_and_its_clients_keep_receiving() {
     restarted.wait_ready();
     assert_eq!(get(&format!("{}/?content=after", http.http_url())).body, "ok");
     assert_eq!(client.recv_text().await, "after", "same connection, no reconnect");
-    assert_eq!(client.connection_id, "1");
     assert_eq!(ws.metric("herald_ws_broker_disconnects_total"), 1.0);
     assert_eq!(ws.metric("herald_ws_connections_opened_total"), 1.0);
+    // The gateway told the new broker about the connection it kept: it is
+    // still addressable by the address it was greeted with.
+    let url = format!(
+        "{}/?to_worker_id={}&to_connection_id={}&content=still+you",
+        http.http_url(),
+        client.worker_id,
+        client.connection_id
+    );
+    assert_eq!(get(&url).body, "ok");
+    assert_eq!(client.recv_text().await, "still you");
+    let view = get(&format!("{}/v1/connections/{}/{}", http.http_url(), client.worker_id, client.connection_id));
+    assert_eq!(view.json()["online"], true, "{}", view.body);
 }
 
 #[tokio::test]

@@ -14,13 +14,18 @@ async fn standalone_runs_the_classic_session_in_one_process() {
     let mut a = Client::connect(&herald.ws_url()).await;
     let mut b = Client::connect(&herald.ws_url()).await;
     assert_eq!(a.worker_id, herald.worker_id());
-    assert_eq!((a.connection_id.as_str(), b.connection_id.as_str()), ("1", "2"));
+    assert_eq!(b.connection_number(), a.connection_number() + 1, "ids count up");
 
     assert_eq!(get(&format!("{}/?content=hello", herald.http_url())).body, "ok");
     assert_eq!(a.recv_text().await, "hello");
     assert_eq!(b.recv_text().await, "hello");
 
-    let url = format!("{}/?to_worker_id={}&to_connection_id=2&content=just+b", herald.http_url(), b.worker_id);
+    let url = format!(
+        "{}/?to_worker_id={}&to_connection_id={}&content=just+b",
+        herald.http_url(),
+        b.worker_id,
+        b.connection_id
+    );
     assert_eq!(get(&url).body, "ok");
     assert_eq!(b.recv_text().await, "just b");
     a.expect_silence(Duration::from_millis(300)).await;
@@ -46,7 +51,19 @@ async fn the_json_greeting_carries_the_same_address() {
     let json: serde_json::Value = serde_json::from_str(&greeting).unwrap();
     assert_eq!(json["type"], "connected");
     assert_eq!(json["worker_id"], herald.worker_id());
-    assert_eq!(json["connection_id"], "1");
+    let connection_id = json["connection_id"].as_str().expect("connection_id is a string");
+    assert!(connection_id.parse::<u64>().is_ok(), "{greeting}");
+    assert!(json.get("user_id").is_none(), "an anonymous connection has no user_id: {greeting}");
+
+    // It is the address the gateway delivers to.
+    let url = format!(
+        "{}/?to_worker_id={}&to_connection_id={connection_id}&content=to+that+address",
+        herald.http_url(),
+        herald.worker_id()
+    );
+    assert_eq!(get(&url).body, "ok");
+    let delivered = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert_eq!(delivered.as_str(), "to that address");
 }
 
 #[tokio::test]

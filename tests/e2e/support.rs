@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long to wait for anything that should happen promptly.
@@ -401,18 +403,41 @@ pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub worker_id: String,
     pub connection_id: String,
+    /// The user id a JSON greeting named (a connection opened with a token).
+    pub user_id: Option<String>,
 }
 
 impl Client {
-    /// Connects and reads the classic greeting.
+    /// Connects and reads the greeting (classic text or JSON).
     pub async fn connect(url: &str) -> Client {
-        let (mut ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        Self::connect_request(url.into_client_request().expect("a WebSocket URL")).await
+    }
+
+    /// Connects with `Authorization: Bearer <token>` and reads the greeting.
+    pub async fn connect_with_token(url: &str, token: &str) -> Client {
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("a header value"));
+        Self::connect_request(request).await
+    }
+
+    async fn connect_request(request: Request) -> Client {
+        let (mut ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
             .await
             .expect("connect in time")
             .expect("WebSocket handshake");
         let greeting = next_text(&mut ws).await;
-        let (worker_id, connection_id) = parse_greeting(&greeting);
-        Client { ws, worker_id, connection_id }
+        let (worker_id, connection_id, user_id) = if greeting.starts_with('{') {
+            parse_json_greeting(&greeting)
+        } else {
+            let (worker_id, connection_id) = parse_greeting(&greeting);
+            (worker_id, connection_id, None)
+        };
+        Client { ws, worker_id, connection_id, user_id }
+    }
+
+    /// The connection id as the number it is.
+    pub fn connection_number(&self) -> u64 {
+        self.connection_id.parse().unwrap_or_else(|_| panic!("connection id {:?} is a number", self.connection_id))
     }
 
     /// The next text message.
@@ -450,11 +475,17 @@ impl Client {
 
     /// Reads until the server closes; returns its close code.
     pub async fn expect_close(&mut self) -> Option<u16> {
+        self.expect_close_frame().await.map(|(code, _)| code)
+    }
+
+    /// Reads until the server closes; returns its close code and reason.
+    /// Data messages before the close are skipped.
+    pub async fn expect_close_frame(&mut self) -> Option<(u16, String)> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.ws.next()).await.expect("close in time") {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return None,
             }
@@ -492,6 +523,17 @@ pub fn parse_greeting(greeting: &str) -> (String, String) {
     let (worker, rest) = rest.split_once(" Connection ID:").expect("greeting has a connection id");
     let connection = rest.strip_suffix(" connected").expect("greeting ends with connected");
     (worker.to_owned(), connection.to_owned())
+}
+
+/// Reads `{"type":"connected","worker_id":W,"connection_id":C[,"user_id":U]}`.
+pub fn parse_json_greeting(greeting: &str) -> (String, String, Option<String>) {
+    let json: serde_json::Value =
+        serde_json::from_str(greeting).unwrap_or_else(|e| panic!("not a JSON greeting ({e}): {greeting:?}"));
+    assert_eq!(json["type"], "connected", "{greeting}");
+    let field = |name: &str| json[name].as_str().map(str::to_owned);
+    let worker_id = field("worker_id").unwrap_or_else(|| panic!("no worker_id in {greeting}"));
+    let connection_id = field("connection_id").unwrap_or_else(|| panic!("no connection_id in {greeting}"));
+    (worker_id, connection_id, field("user_id"))
 }
 
 /// Finds an external tool the suite uses. When it is missing: fails under
@@ -541,6 +583,37 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
     stdout
+}
+
+/// What grpcurl printed, and whether it succeeded.
+pub struct GrpcurlReply {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl GrpcurlReply {
+    /// The JSON reply of a successful call.
+    pub fn json(&self) -> serde_json::Value {
+        assert!(self.success, "grpcurl failed:\n{}", self.stderr);
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// `grpcurl -plaintext ARGS...`, never given a `.proto`: it learns the
+/// services through the broker's reflection.
+pub fn grpcurl(bin: &Path, args: &[&str]) -> GrpcurlReply {
+    let out = Command::new(bin).args(["-plaintext", "-max-time", "10"]).args(args).output().expect("run grpcurl");
+    GrpcurlReply {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `grpcurl -plaintext -d REQUEST BROKER herald.v1.BrokerService/METHOD`.
+pub fn grpcurl_call(bin: &Path, broker: &str, method: &str, request: &str) -> GrpcurlReply {
+    grpcurl(bin, &["-d", request, broker, &format!("herald.v1.BrokerService/{method}")])
 }
 
 /// A generated gRPC client for the broker at `addr` (`host:port`).

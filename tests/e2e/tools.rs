@@ -4,41 +4,15 @@
 //! publishes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{Client, Herald, run_python, tool};
+use crate::support::{Client, GrpcurlReply, Herald, grpcurl, grpcurl_call, run_python, tool};
 
 const QUIET: Duration = Duration::from_millis(300);
 
-/// What grpcurl printed, and whether it succeeded.
-struct GrpcurlReply {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl GrpcurlReply {
-    /// The JSON reply of a successful call.
-    fn json(&self) -> serde_json::Value {
-        assert!(self.success, "grpcurl failed:\n{}", self.stderr);
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}):\n{}", self.stdout))
-    }
-}
-
-/// `grpcurl -plaintext ARGS...`, never given a `.proto`.
-fn grpcurl(bin: &Path, args: &[&str]) -> GrpcurlReply {
-    let out = Command::new(bin).args(["-plaintext", "-max-time", "10"]).args(args).output().expect("run grpcurl");
-    GrpcurlReply {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `grpcurl -plaintext -d JSON BROKER herald.v1.BrokerService/Publish`.
 fn grpcurl_publish(bin: &Path, broker: &str, request: &str) -> GrpcurlReply {
-    grpcurl(bin, &["-d", request, broker, "herald.v1.BrokerService/Publish"])
+    grpcurl_call(bin, broker, "Publish", request)
 }
 
 #[test]
@@ -135,6 +109,9 @@ async fn python_grpcio_stubs_generated_from_the_proto_drive_every_broker_rpc() {
     }
     client.expect_silence(QUIET).await;
     assert_eq!(broker.metric("herald_broker_worker_claims_refused_total"), 1.0);
+    assert_eq!(broker.metric("herald_broker_controls_total{op=\"bind_user\"}"), 1.0);
+    assert_eq!(broker.metric("herald_broker_queries_total"), 5.0);
+    assert_eq!(broker.metric("herald_broker_published_total{target=\"user\"}"), 1.0);
 }
 
 /// Headless Chromium driven through chromedriver by Selenium

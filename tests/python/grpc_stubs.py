@@ -4,10 +4,16 @@ The stubs are generated at run time, into a temporary directory, with
 `python -m grpc_tools.protoc`, exactly as a service using herald would.
 
 The broker must have exactly one WebSocket gateway linked to it, with one
-client connected at --worker-id/--connection-id. Besides its own checks, this
-script publishes, in this order, what that client must receive:
+anonymous client connected at --worker-id/--connection-id. Besides its own
+checks, this script publishes, in this order, what that client must receive:
 "py-broadcast", "batch-1" (both broadcasts) and "hello from python grpcio"
 (to the client alone).
+
+Besides a plain listener, the script plays a WebSocket gateway of its own over
+a raw Subscribe stream: it claims a worker id, reports its connections "7",
+"8" and "9" in a DirectoryReport (a broker refuses a publish to a connection
+it was not told about), and carries out the Control the broker hands it,
+confirming it with a ControlDone. Query then sees what the control changed.
 
 Usage: grpc_stubs.py --broker HOST:PORT --worker-id W --connection-id C
 Exits non-zero, saying what differed, on any mismatch.
@@ -100,6 +106,11 @@ class Session:
         assert response.WhichOneof("kind") == "event", f"{self.name}: expected an event ({what}), got {response}"
         return response.event
 
+    def expect_control(self, what):
+        response = self.next(what)
+        assert response.WhichOneof("kind") == "control", f"{self.name}: expected a control ({what}), got {response}"
+        return response.control
+
     def expect_failure(self, what):
         try:
             item = self._responses.get(timeout=PATIENCE)
@@ -185,6 +196,26 @@ def main():
         pb.SubscribeRequest(request_id=10, claim_worker=pb.ClaimWorker(worker_id=worker_id, instance_id="py-a"))
     )
     holder.expect_ack(10)
+    error = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: publish(to_connection(worker_id, "7"), text("too early")),
+        "a publish to a connection the gateway has not reported",
+    )
+    assert "is not live" in error.details(), f"unreported connection: {error.details()}"
+    step(f"  before the report: {error.details()}")
+
+    step("DirectoryReport: the fake gateway reports its connections 7, 8 and 9 as opened")
+    holder.send(
+        pb.SubscribeRequest(
+            request_id=11,
+            report=pb.DirectoryReport(
+                changes=[
+                    pb.DirectoryChange(connection_id=c, opened=pb.ConnectionState()) for c in ("7", "8", "9")
+                ]
+            ),
+        )
+    )
+    holder.expect_ack(11)
     reply = publish(to_connection(worker_id, "7"), text("for connection 7"))
     assert reply.subscribers == 1, f"targeted publish handed to {reply.subscribers} sessions, expected 1"
     event = holder.expect_event("the targeted message")
@@ -225,6 +256,69 @@ def main():
     step(f"  refused: {error.details()}")
     publish(to_connection(worker_id, "9"), text("still the holder's"))
     assert holder.expect_event("a message after the refused claim").content.text == "still the holder's"
+
+    step("Control: bind connection 7 to a user; the fake gateway carries it out and confirms it")
+    pending = stub.Control.future(
+        pb.ControlRequest(
+            bind_user=pb.BindUser(
+                connection=pb.ConnectionAddress(worker_id=worker_id, connection_id="7"), user_id="py-user"
+            )
+        ),
+        timeout=PATIENCE,
+    )
+    control = holder.expect_control("the bind_user control")
+    assert control.request.WhichOneof("op") == "bind_user", f"control: {control}"
+    assert control.request.bind_user.connection.connection_id == "7", f"control: {control}"
+    assert control.request.bind_user.user_id == "py-user", f"control: {control}"
+    holder.send(
+        pb.SubscribeRequest(
+            request_id=30,
+            report=pb.DirectoryReport(
+                changes=[pb.DirectoryChange(connection_id="7", state=pb.ConnectionState(user_id="py-user"))],
+                done=[pb.ControlDone(control_id=control.control_id, connections=1)],
+            ),
+        )
+    )
+    holder.expect_ack(30)
+    reply = pending.result(timeout=PATIENCE)
+    assert reply.connections == 1, f"control applied to {reply.connections} connections, expected 1"
+    assert list(reply.missing_workers) == [], f"control missing workers: {reply.missing_workers}"
+
+    step("Control on a connection that is not live: NOT_FOUND")
+    error = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: stub.Control(
+            pb.ControlRequest(unbind_user=pb.ConnectionAddress(worker_id=worker_id, connection_id="99")),
+            timeout=PATIENCE,
+        ),
+        "a control on connection 99",
+    )
+    step(f"  refused: {error.details()}")
+
+    step("Query: the user is online on connection 7, and the totals count every connection")
+    answer = stub.Query(pb.QueryRequest(user_online="py-user"), timeout=PATIENCE)
+    assert answer.online, f"user_online: {answer}"
+    answer = stub.Query(pb.QueryRequest(user_connections="py-user"), timeout=PATIENCE)
+    addresses = [(c.address.worker_id, c.address.connection_id, c.user_id) for c in answer.connections]
+    assert addresses == [(worker_id, "7", "py-user")], f"user_connections: {answer}"
+    assert answer.count == 1 and list(answer.missing_workers) == [], f"user_connections: {answer}"
+    answer = stub.Query(pb.QueryRequest(totals=pb.Totals()), timeout=PATIENCE)
+    assert (answer.count, answer.users) == (4, 1), f"totals (3 fake connections, 1 real, 1 user): {answer}"
+    answer = stub.Query(
+        pb.QueryRequest(connection=pb.ConnectionAddress(worker_id=args.worker_id, connection_id=args.connection_id)),
+        timeout=PATIENCE,
+    )
+    assert answer.online and answer.count == 1, f"the real gateway's client: {answer}"
+    assert answer.connections[0].user_id == "", f"the real gateway's client is anonymous: {answer}"
+    answer = stub.Query(pb.QueryRequest(user_online="nobody"), timeout=PATIENCE)
+    assert not answer.online, f"user_online for nobody: {answer}"
+
+    step("Publish to the user: only the gateway holding it gets it, told to deliver to that user")
+    reply = publish(pb.Target(user="py-user"), text("for py-user"))
+    event = holder.expect_event("the user message")
+    assert event.delivery.WhichOneof("to") == "user", f"user message delivery: {event.delivery}"
+    assert event.delivery.user == "py-user", f"user message delivery: {event.delivery}"
+    assert event.content.text == "for py-user", f"user message content: {event.content}"
 
     step("Publish without a target, or without content: INVALID_ARGUMENT")
     error = expect_rpc_error(
