@@ -14,6 +14,8 @@ pub enum PublishError {
     BadName(#[from] NameError),
     #[error("no live gateway holds worker id {0:?}")]
     UnknownWorker(String),
+    #[error("gateway {0:?} is reconnecting and has not reported its connections yet: retry")]
+    GatewayReconnecting(String),
     #[error("connection {connection_id:?} is not live on worker {worker_id:?}")]
     UnknownConnection { worker_id: String, connection_id: String },
     #[error("gateway {worker_id:?} did not confirm ({why}): the change may or may not have been made")]
@@ -42,7 +44,11 @@ impl PublishError {
             Self::NotConfirmed { .. } => Code::DeadlineExceeded,
             Self::Remote { code, .. } => *code,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
-            Self::ShuttingDown | Self::Starting { .. } | Self::ClusterUnavailable(_) | Self::KeyInFlight => {
+            Self::ShuttingDown
+            | Self::Starting { .. }
+            | Self::ClusterUnavailable(_)
+            | Self::KeyInFlight
+            | Self::GatewayReconnecting(_) => {
                 Code::Unavailable
             }
         }

@@ -85,7 +85,9 @@ impl BrokerMetrics {
             PublishError::ShuttingDown => &self.rejected_shutting_down,
             PublishError::Starting { .. } => &self.rejected_starting,
             PublishError::KeyInFlight => &self.rejected_key_in_flight,
-            PublishError::ClusterUnavailable(_) => &self.rejected_cluster_unavailable,
+            PublishError::ClusterUnavailable(_) | PublishError::GatewayReconnecting(_) => {
+                &self.rejected_cluster_unavailable
+            }
         }
         .inc();
     }

@@ -13,6 +13,7 @@ mod auth;
 mod classic;
 mod cluster;
 mod config;
+mod directory;
 mod gateway;
 mod hardening;
 mod operability;

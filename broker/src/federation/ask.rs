@@ -19,7 +19,8 @@ pub struct Ask {
     pub event: Option<Event>,
 }
 
-/// One broker's answer.
+/// One broker's answer. (Tag 6 held the worker ids an answer covered;
+/// answers now account for every worker their broker leases.)
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Answer {
     /// The gRPC status code of a refusal (0 when answered).
@@ -35,23 +36,37 @@ pub struct Answer {
     /// For an event: how many sessions it was handed to.
     #[prost(uint32, tag = "5")]
     pub delivered: u32,
-    /// The worker ids whose part this answer covers.
-    #[prost(string, repeated, tag = "6")]
-    pub workers: Vec<String>,
     /// For a totals query: a hash of each distinct user id (see
     /// [`user_hash`]), so that a user connected through several brokers is
     /// counted once.
     #[prost(fixed64, repeated, tag = "7")]
     pub user_hashes: Vec<u64>,
+    /// The worker ids whose lease the answering broker holds but whose part
+    /// it cannot give (their gateway has not reported its connections yet,
+    /// or did not confirm a control in time).
+    #[prost(string, repeated, tag = "8")]
+    pub missing: Vec<String>,
+    /// The answering broker's id: its answer accounts for every worker id
+    /// it leases, so a lease it has just let go of is not waited for.
+    #[prost(string, tag = "9")]
+    pub broker_id: String,
 }
 
 /// The answers of every other broker, and which gateways they should have covered.
 #[derive(Debug, Default)]
 pub struct Gathered {
     pub answers: Vec<Answer>,
-    /// The worker ids held through other brokers (by live lease): those the
-    /// answers should cover.
-    pub expected_workers: Vec<String>,
+    /// The worker ids held through other brokers (by live lease), each with
+    /// the id of the broker holding it.
+    pub expected: Vec<(String, String)>,
+}
+
+impl Gathered {
+    /// The expected worker ids whose broker did not answer.
+    pub fn unanswered(&self) -> impl Iterator<Item = &str> {
+        let answered: std::collections::HashSet<&str> = self.answers.iter().map(|a| a.broker_id.as_str()).collect();
+        self.expected.iter().filter(move |(_, broker)| !answered.contains(broker.as_str())).map(|(w, _)| w.as_str())
+    }
 }
 
 /// A hash of a user id that every broker computes alike (FNV-1a, 64 bits):
@@ -63,6 +78,16 @@ pub fn user_hash(user: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_workers_of_brokers_that_did_not_answer_are_unanswered() {
+        let expected = |w: &str, b: &str| (w.to_owned(), b.to_owned());
+        let gathered = Gathered {
+            answers: vec![Answer { broker_id: "b1".into(), ..Answer::default() }],
+            expected: vec![expected("w1", "b1"), expected("gone", "b1"), expected("w2", "b2")],
+        };
+        assert_eq!(gathered.unanswered().collect::<Vec<_>>(), ["w2"]);
+    }
 
     #[test]
     fn user_hashes_are_stable_across_processes() {

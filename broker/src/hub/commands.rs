@@ -81,6 +81,7 @@ impl Hub {
         }
         let gained = {
             let mut state = self.write();
+            state.directory.reported(id)?;
             let mut members = Vec::new();
             for change in report.changes {
                 state.directory.apply(id, change, &mut members)?;

@@ -42,9 +42,8 @@ enum Unconfirmed {
 #[derive(Debug, Default)]
 struct Carried {
     connections: u32,
-    /// Worker ids of this broker's gateways.
-    covered: Vec<String>,
-    /// Those of them that did not confirm in time.
+    /// The worker ids of this broker's gateways that did not confirm in
+    /// time, or have not reported their connections yet.
     missing: Vec<String>,
 }
 
@@ -87,16 +86,14 @@ impl Hub {
             tokio::join!(self.control_wide_here(&scope, &req), self.federation().ask_all(&ask, timeout));
         let gathered = gathered.map_err(|e| PublishError::ClusterUnavailable(e.0))?;
         let mut connections = here.connections;
-        let mut covered = here.covered;
         let mut missing = here.missing;
+        missing.extend(gathered.unanswered().map(str::to_owned));
         for answer in gathered.answers.into_iter().filter(|a| a.code == 0) {
             let response = answer.control.unwrap_or_default();
             connections += response.connections;
             missing.extend(response.missing_workers);
-            covered.extend(answer.workers);
         }
-        let missing = self.not_covered(missing, &covered, gathered.expected_workers);
-        Ok(ControlResponse { connections, missing_workers: missing })
+        Ok(ControlResponse { connections, missing_workers: self.sorted_missing(missing) })
     }
 
     /// Answers a question about the connections of the cluster.
@@ -170,6 +167,9 @@ impl Hub {
     ) -> Result<u32, PublishError> {
         {
             let state = self.read();
+            if !state.directory.has_reported(sink.session_id) {
+                return Err(PublishError::GatewayReconnecting(worker_id.to_owned()));
+            }
             if !state.directory.has_connection(sink.session_id, connection_id) {
                 return Err(PublishError::UnknownConnection {
                     worker_id: worker_id.to_owned(),
@@ -192,7 +192,7 @@ impl Hub {
     /// Carries out a user- or group-wide control on every gateway of this
     /// broker that holds a selected connection.
     async fn control_wide_here(&self, scope: &Scope, req: &ControlRequest) -> Carried {
-        let (covered, targets) = {
+        let (unreported, targets) = {
             let state = self.read();
             let sessions = match scope {
                 Scope::User(user) => state.directory.sessions_of_user(user),
@@ -206,11 +206,11 @@ impl Hub {
                     state.index.session(id).map(|sink| (sink.clone(), worker))
                 })
                 .collect();
-            (state.directory.workers().map(str::to_owned).collect(), targets)
+            (state.directory.unreported_workers().map(str::to_owned).collect(), targets)
         };
         let sent = targets.iter().map(|(sink, _)| self.send_control(sink, req.clone()));
         let confirmed = futures_util::future::join_all(sent).await;
-        let mut carried = Carried { covered, ..Carried::default() };
+        let mut carried = Carried { missing: unreported, ..Carried::default() };
         for ((_, worker), confirmed) in targets.into_iter().zip(confirmed) {
             match confirmed {
                 Ok(n) => carried.connections += n,
@@ -300,33 +300,32 @@ impl Hub {
             }
             None => {}
         }
-        let workers = directory.workers().map(str::to_owned).collect();
-        Answer { query: Some(response), workers, user_hashes, ..Answer::default() }
+        let missing = directory.unreported_workers().map(str::to_owned).collect();
+        Answer { query: Some(response), user_hashes, missing, ..Answer::default() }
     }
 
     fn merge_queries(&self, here: Answer, gathered: Gathered) -> QueryResponse {
         let mut merged = here.query.unwrap_or_default();
         let mut users: HashSet<u64> = here.user_hashes.into_iter().collect();
-        let mut covered = here.workers;
+        let mut missing = here.missing;
+        missing.extend(gathered.unanswered().map(str::to_owned));
         for answer in gathered.answers.into_iter().filter(|a| a.code == 0) {
             let part = answer.query.unwrap_or_default();
             merged.online |= part.online;
             merged.count += part.count;
             merged.connections.extend(part.connections);
             users.extend(answer.user_hashes);
-            covered.extend(answer.workers);
+            missing.extend(answer.missing);
         }
         if !users.is_empty() {
             merged.users = users.len() as u64;
         }
-        merged.missing_workers = self.not_covered(Vec::new(), &covered, gathered.expected_workers);
+        merged.missing_workers = self.sorted_missing(missing);
         merged
     }
 
-    /// `missing`, plus the expected workers no answer covered; sorted, once each.
-    fn not_covered(&self, mut missing: Vec<String>, covered: &[String], expected: Vec<String>) -> Vec<String> {
-        let covered: HashSet<&String> = covered.iter().collect();
-        missing.extend(expected.into_iter().filter(|w| !covered.contains(w)));
+    /// `missing` sorted, once each, and counted when not empty.
+    fn sorted_missing(&self, mut missing: Vec<String>) -> Vec<String> {
         missing.sort();
         missing.dedup();
         if !missing.is_empty() {
@@ -364,7 +363,6 @@ impl Hub {
                 match self.control_connection_here(&sink, &address.worker_id, &address.connection_id, req).await {
                     Ok(connections) => Answer {
                         control: Some(ControlResponse { connections, missing_workers: Vec::new() }),
-                        workers: vec![address.worker_id],
                         ..Answer::default()
                     },
                     Err(e) => refused(e),
@@ -377,7 +375,6 @@ impl Hub {
                         connections: carried.connections,
                         missing_workers: carried.missing,
                     }),
-                    workers: carried.covered,
                     ..Answer::default()
                 }
             }

@@ -51,6 +51,10 @@ pub(crate) struct Directory {
 #[derive(Debug)]
 struct Gateway {
     worker_id: String,
+    /// Whether its first report (every live connection) arrived. Until
+    /// then its connections are unknown, not absent: answers name it
+    /// missing rather than count it empty.
+    reported: bool,
     connections: HashMap<String, Connection>,
 }
 
@@ -66,7 +70,11 @@ impl Directory {
     pub(crate) fn attach(&mut self, session: SessionId, worker_id: &str) {
         self.gateways
             .entry(session)
-            .or_insert_with(|| Gateway { worker_id: worker_id.to_owned(), connections: HashMap::new() });
+            .or_insert_with(|| Gateway {
+            worker_id: worker_id.to_owned(),
+            reported: false,
+            connections: HashMap::new(),
+        });
     }
 
     /// Forgets a session's gateway and all of its connections.
@@ -78,6 +86,21 @@ impl Directory {
         for connection in gateway.connections.into_values() {
             self.unindex(session, &connection, changes);
         }
+    }
+
+    /// Records that the gateway of `session` reported: from its first
+    /// report on, its connections are known.
+    pub(crate) fn reported(&mut self, session: SessionId) -> Result<(), CommandErrorKind> {
+        let gateway = self.gateways.get_mut(&session).ok_or_else(|| {
+            CommandErrorKind::Invalid("claim a worker id before reporting connections".into())
+        })?;
+        gateway.reported = true;
+        Ok(())
+    }
+
+    /// Whether the gateway of `session` has made its first report.
+    pub(crate) fn has_reported(&self, session: SessionId) -> bool {
+        self.gateways.get(&session).is_some_and(|g| g.reported)
     }
 
     /// Checks one reported change without applying it.
@@ -221,9 +244,16 @@ impl Directory {
         (self.connections, self.users.len(), self.groups.len())
     }
 
-    /// The worker ids of the gateways followed here.
+    /// The worker ids of the gateways whose connections are known here.
+    #[cfg(test)]
     pub(crate) fn workers(&self) -> impl Iterator<Item = &str> {
-        self.gateways.values().map(|g| g.worker_id.as_str())
+        self.gateways.values().filter(|g| g.reported).map(|g| g.worker_id.as_str())
+    }
+
+    /// The worker ids of the gateways that claimed their id here but have
+    /// not reported their connections yet.
+    pub(crate) fn unreported_workers(&self) -> impl Iterator<Item = &str> {
+        self.gateways.values().filter(|g| !g.reported).map(|g| g.worker_id.as_str())
     }
 
     fn collect(

@@ -319,10 +319,11 @@ impl Hub {
 /// Refuses a connection that is not live on the gateway of this broker
 /// holding its worker id.
 fn check_live(state: &State, address: &ConnectionAddress) -> Result<(), PublishError> {
-    let live = state
-        .index
-        .holder(&address.worker_id)
-        .is_some_and(|sink| state.directory.has_connection(sink.session_id, &address.connection_id));
+    let holder = state.index.holder(&address.worker_id).map(|sink| sink.session_id);
+    if holder.is_some_and(|session| !state.directory.has_reported(session)) {
+        return Err(PublishError::GatewayReconnecting(address.worker_id.clone()));
+    }
+    let live = holder.is_some_and(|session| state.directory.has_connection(session, &address.connection_id));
     if live {
         Ok(())
     } else {

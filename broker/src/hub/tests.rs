@@ -648,9 +648,15 @@ async fn a_gateway_that_takes_its_worker_id_back_starts_with_no_connections_unti
     expect_ack(&mut fresh_events, 1).await;
     assert_eq!(stale_events.next().await.unwrap().unwrap_err().code(), Code::Aborted);
 
-    assert_eq!(hub.publish(to("w1", "1", "x")).await.unwrap_err().code(), Code::NotFound);
+    // Until it reports, its connections are unknown, not absent.
+    let refused = hub.publish(to("w1", "1", "x")).await.unwrap_err();
+    assert_eq!(refused, PublishError::GatewayReconnecting("w1".into()));
+    assert_eq!(refused.code(), Code::Unavailable, "retrying is safe");
     assert_eq!(hub.publish(to_user("ana", "x")).await.unwrap().subscribers, 0);
-    assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online);
+    let question = Some(query_request::Question::UserOnline("ana".into()));
+    let online = hub.query(QueryRequest { question }).await.unwrap();
+    assert!(!online.online);
+    assert_eq!(online.missing_workers, ["w1"], "the gateway that has not reported is named");
 
     fresh.apply(report(2, vec![opened("1", "ana", &["room"])], vec![])).await.unwrap();
     expect_ack(&mut fresh_events, 2).await;

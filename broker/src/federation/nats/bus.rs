@@ -60,6 +60,7 @@ enum Feed {
 /// `stop` or until the hub goes away.
 pub(super) async fn run(
     client: Client,
+    broker_id: String,
     prefix: String,
     mut changes: mpsc::UnboundedReceiver<Change>,
     notices: mpsc::Sender<Notice>,
@@ -126,7 +127,7 @@ pub(super) async fn run(
                     Feed::Worker(_) | Feed::All => match (Ask::decode(message.payload), message.reply) {
                         (Ok(ask), Some(reply_to)) => {
                             let (reply, answer) = oneshot::channel();
-                            tokio::spawn(send_answer(client.clone(), reply_to.to_string(), answer));
+                            tokio::spawn(send_answer(client.clone(), broker_id.clone(), reply_to.to_string(), answer));
                             Notice::Ask { ask, reply }
                         }
                         (Ok(_), None) => {
@@ -147,11 +148,13 @@ pub(super) async fn run(
     }
 }
 
-/// Publishes the hub's answer to a question on the asker's reply subject.
-async fn send_answer(client: Client, reply_to: String, answer: oneshot::Receiver<Answer>) {
-    let Ok(answer) = answer.await else {
+/// Publishes the hub's answer to a question on the asker's reply subject,
+/// signed with this broker's id.
+async fn send_answer(client: Client, broker_id: String, reply_to: String, answer: oneshot::Receiver<Answer>) {
+    let Ok(mut answer) = answer.await else {
         return;
     };
+    answer.broker_id = broker_id;
     if let Err(e) = client.publish(reply_to, answer.encode_to_vec().into()).await {
         tracing::debug!(error = %e, "answer to another broker not sent");
     }

@@ -100,11 +100,15 @@ impl Leases {
         self.seen.read().unwrap_or_else(PoisonError::into_inner).get(worker_id).is_some_and(|l| l.is_live(now))
     }
 
-    /// The worker ids held, by live lease, through other brokers.
-    pub fn held_by_others(&self) -> Vec<String> {
+    /// The worker ids held, by live lease, through other brokers, each
+    /// with the id of the broker holding it.
+    pub fn held_by_others(&self) -> Vec<(String, String)> {
         let now = now_ms();
         let seen = self.seen.read().unwrap_or_else(PoisonError::into_inner);
-        seen.iter().filter(|(_, l)| l.is_live(now) && l.broker_id != self.broker_id).map(|(w, _)| w.clone()).collect()
+        seen.iter()
+            .filter(|(_, l)| l.is_live(now) && l.broker_id != self.broker_id)
+            .map(|(w, l)| (w.clone(), l.broker_id.clone()))
+            .collect()
     }
 
     /// Takes the lease on `worker_id` for `instance_id`: free, lapsed and

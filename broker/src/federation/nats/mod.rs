@@ -170,6 +170,7 @@ impl NatsFederation {
         let store = Arc::new(RwLock::new(None));
         tokio::spawn(bus::run(
             client.clone(),
+            broker_id.clone(),
             config.subject_prefix.clone(),
             changes_rx,
             notices_tx.clone(),
@@ -287,9 +288,9 @@ impl Federation for NatsFederation {
     }
 
     async fn ask_all(&self, ask: &Ask, timeout: Duration) -> Result<Gathered, FederationError> {
-        let expected_workers = self.leases.held_by_others();
-        let mut gathered = Gathered { answers: Vec::new(), expected_workers };
-        if gathered.expected_workers.is_empty() {
+        let expected = self.leases.held_by_others();
+        let mut gathered = Gathered { answers: Vec::new(), expected };
+        if gathered.expected.is_empty() {
             return Ok(gathered);
         }
         let unavailable = |e: &dyn std::fmt::Display| FederationError(e.to_string());
@@ -301,16 +302,15 @@ impl Federation for NatsFederation {
             .await
             .map_err(|e| unavailable(&e))?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut uncovered: HashSet<String> = gathered.expected_workers.iter().cloned().collect();
-        while !uncovered.is_empty() {
+        // Each broker answers for every worker id it leases.
+        let mut waiting: HashSet<String> = gathered.expected.iter().map(|(_, broker)| broker.clone()).collect();
+        while !waiting.is_empty() {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, answers.next()).await else {
                 break;
             };
             match Answer::decode(message.payload) {
                 Ok(answer) => {
-                    for worker in &answer.workers {
-                        uncovered.remove(worker);
-                    }
+                    waiting.remove(&answer.broker_id);
                     gathered.answers.push(answer);
                 }
                 Err(e) => tracing::warn!(error = %e, "undecodable answer from another broker"),

@@ -115,6 +115,8 @@ struct Conn {
 struct Model {
     /// Session → the worker id its gateway claimed.
     workers: BTreeMap<SessionId, String>,
+    /// The sessions whose gateway has made a report since its claim.
+    reported: BTreeSet<SessionId>,
     /// (session, connection id) → what its gateway reported of it.
     conns: BTreeMap<(SessionId, String), Conn>,
 }
@@ -138,6 +140,7 @@ impl Model {
 
     fn detach(&mut self, session: SessionId) {
         self.workers.remove(&session);
+        self.reported.remove(&session);
         self.conns.retain(|(s, _), _| *s != session);
     }
 
@@ -294,7 +297,11 @@ fn check(
         prop_assert_eq!(held, model.channels(session), "the channels of session {}", session);
     }
     let workers: BTreeSet<&str> = directory.workers().collect();
-    prop_assert_eq!(workers, model.workers.values().map(String::as_str).collect::<BTreeSet<_>>());
+    let unreported: BTreeSet<&str> = directory.unreported_workers().collect();
+    let (known, unknown): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        model.workers.iter().partition(|(session, _)| model.reported.contains(session));
+    prop_assert_eq!(workers, known.values().map(|w| w.as_str()).collect::<BTreeSet<_>>(), "reported workers");
+    prop_assert_eq!(unreported, unknown.values().map(|w| w.as_str()).collect::<BTreeSet<_>>(), "unreported workers");
     let users: BTreeSet<String> = model.conns.values().filter_map(|c| c.user.clone()).collect();
     let groups: BTreeSet<String> = model.conns.values().flat_map(|c| c.groups.iter().cloned()).collect();
     let (count, listed) = directory.totals();
@@ -318,6 +325,12 @@ fn report(
 ) -> Result<(), TestCaseError> {
     prop_assert_eq!(Directory::check(&change), Ok(()), "a well-formed change: {:?}", change);
     let key = (session, change.connection_id.clone());
+    // Every change arrives in a report, and a report marks its gateway's
+    // connections known.
+    prop_assert_eq!(directory.reported(session).is_ok(), model.workers.contains_key(&session));
+    if model.workers.contains_key(&session) {
+        model.reported.insert(session);
+    }
     let got = directory.apply(session, change.clone(), changes);
     prop_assert_eq!(got.is_ok(), model.workers.contains_key(&session), "apply {:?} on {}: {:?}", change, session, got);
     if got.is_err() {
