@@ -34,6 +34,23 @@ pub enum Scenario {
     /// The machine's floor, without herald: the kernel's cost of one small loopback TCP write
     /// and read, i.e. the least a fan-out to N connections can cost here.
     Floor(FloorArgs),
+    /// N idle clients logged in with a JWT each (a user id of its own and groups) against N
+    /// anonymous ones, in the same run: gateway and broker memory per connection; then every
+    /// client, user and group is sent a message, each checked to arrive once.
+    UsersIdle(UsersIdleArgs),
+    /// N clients, each a user of its own (JWT): messages to random users against messages to
+    /// random connections, in the same run, over gRPC and HTTP; each checked at the clients.
+    User(UserArgs),
+    /// N clients all in one group (JWT groups claim): group publishes against broadcasts to the
+    /// same clients, in the same run; every client checks every message.
+    Group(DeliveryArgs),
+    /// Query latency on a cluster (3 brokers on NATS by default) with N users connected:
+    /// `user_online` against a `connection` query the broker answers alone, in the same run.
+    Query(QueryArgs),
+    /// Group join/leave Controls per second on N connected clients (standalone by default),
+    /// against unary publishes to the same connections in the same run; then every group's
+    /// members are checked.
+    Churn(ChurnArgs),
     /// A load-generator process (started by the harness itself).
     #[command(hide = true)]
     Loadgen,
@@ -41,7 +58,7 @@ pub enum Scenario {
 
 /// Options every scenario shares: the herald under test, repetitions, and how
 /// clients are spread.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Common {
     /// The herald binary to start (not used when addresses of a running herald are given).
     /// Default: `herald` beside this binary, i.e. target/release/herald.
@@ -82,6 +99,11 @@ pub struct Common {
     /// API key to publish with (and, for a herald the harness starts, the key it requires).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// HS256 secret (32 bytes or more) that signs the tokens of logged-in clients (users-idle,
+    /// user, group, query); a herald the harness starts requires it (`--client-auth jwt`).
+    /// Default: a fixed benchmark secret.
+    #[arg(long, env = "HERALD_BENCH_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
     /// Runs per configuration; the table shows medians (and the worst error counts).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -189,6 +211,128 @@ pub struct IdleArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct UsersIdleArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Client connections; a comma-separated list gives rows for each.
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "10000")]
+    pub connections: Vec<usize>,
+    /// Groups each logged-in connection joins (its token's groups claim); a comma-separated
+    /// list gives one row each (0: a user id and no group).
+    #[arg(long, value_delimiter = ',', default_value = "3",
+          value_parser = clap::value_parser!(u8).range(0..=MAX_TOKEN_GROUPS))]
+    pub groups: Vec<u8>,
+    /// Distinct groups those are drawn from, in turn: each has about N × groups / pool members.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub group_pool: u32,
+    /// How long to wait for the check messages sent after the hold.
+    #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
+/// Most groups one client token may carry (herald's limit).
+const MAX_TOKEN_GROUPS: i64 = 64;
+
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Client connections, each a user of its own; a comma-separated list gives rows for each.
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "10000")]
+    pub connections: Vec<usize>,
+    /// How to publish, comma-separated: each gives two rows, messages to random connections
+    /// (the baseline) and to random users. http is the classic GET (`?to_worker_id=&to_connection_id=`,
+    /// `?to_uid=`), http-json is POST /v1/publish.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "grpc-batch,http")]
+    pub via: Vec<Via>,
+    /// Messages published per second, or "max" for flat out (within --window).
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    pub rate: Rate,
+    /// Payload size in bytes (the header `seq:stamp:target:` is padded to it).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Messages per PublishBatch call (flat out: always this many; at a fixed rate: at most).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Flat out: most messages published but not yet delivered. Default: 1,000,000.
+    #[arg(long)]
+    pub window: Option<u64>,
+    /// Flat out: concurrent gRPC requests. Above 1, messages may legitimately arrive out of order.
+    #[arg(long, default_value_t = 1)]
+    pub lanes: usize,
+    /// Flat out: keep-alive connections (one request at a time each) for the HTTP paths.
+    #[arg(long, default_value_t = 64)]
+    pub http_connections: usize,
+    /// How long to wait for the last deliveries after publishing stops.
+    #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
+/// A question timed by the query scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryKind {
+    /// Query{connection} for a connection of the queried broker's own gateway: answered by that
+    /// broker alone (the baseline).
+    Local,
+    /// Query{connection} for a connection of another broker's gateway: one NATS round trip.
+    Remote,
+    /// Query{user_online} for a connected user: every broker is asked.
+    Online,
+    /// Query{user_online} for a user who never connected: every broker is asked.
+    Offline,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    mut_arg("brokers", |a| a.default_value("3")),
+    mut_arg("duration", |a| a.default_value("5s").help("How long each row queries: 10s, 500ms, 1m"))
+)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Client connections, each a user of its own; a comma-separated list gives rows for each.
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "3000")]
+    pub connections: Vec<usize>,
+    /// Questions to time, comma-separated; one row each per --concurrency. Queries go to broker 0.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "local,remote,online,offline")]
+    pub kinds: Vec<QueryKind>,
+    /// Queries in flight at once (each caller waits for its answer before the next); a
+    /// comma-separated list gives rows for each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub concurrency: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("standalone", |a| a.hide(true)))]
+pub struct ChurnArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Start a broker and WebSocket gateways instead of one `herald standalone` process
+    /// (implied by --brokers above 1 and by --gateways).
+    #[arg(long)]
+    pub split: bool,
+    /// Client connections (anonymous); a comma-separated list gives rows for each.
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "10000")]
+    pub connections: Vec<usize>,
+    /// Controls in flight at once (and unary publishes, for the baseline). Each caller owns
+    /// its own connections, so the changes to one connection are made in order.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections to the broker they share.
+    #[arg(long, default_value_t = 4)]
+    pub channels: usize,
+    /// Distinct groups the connections join and leave (connection i uses group i mod this).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub groups: u32,
+    /// Payload size of the baseline's publishes, in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// How long to wait for the baseline's last deliveries after publishing stops.
+    #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
+#[derive(Debug, Args)]
 pub struct FloorArgs {
     /// Socket pairs (each takes two of this process's file descriptors).
     #[arg(long, short = 'n', default_value_t = 5000)]
@@ -290,5 +434,35 @@ mod tests {
         assert!(Cli::try_parse_from(["herald-bench", "fanout", "--brokers", "0"]).is_err());
         assert!(Cli::try_parse_from(["herald-bench", "fanout", "--brokers", "2", "--standalone"]).is_err());
         assert!(Cli::try_parse_from(["herald-bench", "fanout", "--standalone"]).is_ok());
+    }
+
+    #[test]
+    fn the_new_scenarios_default_to_the_targets_of_issue_12() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["herald-bench"], args].concat()).unwrap().scenario;
+        let Scenario::UsersIdle(args) = parse(&["users-idle"]) else { panic!("not users-idle") };
+        assert_eq!((args.connections, args.groups, args.group_pool), (vec![10_000], vec![3], 1000));
+        let Scenario::User(args) = parse(&["user"]) else { panic!("not user") };
+        assert_eq!((args.connections, args.via), (vec![10_000], vec![Via::GrpcBatch, Via::Http]));
+        assert_eq!(args.rate, Rate::Max);
+        let Scenario::Group(args) = parse(&["group"]) else { panic!("not group") };
+        assert_eq!(args.connections, [10_000]);
+        let Scenario::Query(args) = parse(&["query"]) else { panic!("not query") };
+        assert_eq!((args.common.brokers, args.common.duration), (3, Duration::from_secs(5)));
+        assert_eq!(args.connections, [3000]);
+        assert_eq!(args.kinds, [QueryKind::Local, QueryKind::Remote, QueryKind::Online, QueryKind::Offline]);
+        assert_eq!(args.concurrency, [1, 8]);
+        let Scenario::Query(args) = parse(&["query", "--brokers", "1", "--duration", "1s"]) else { panic!() };
+        assert_eq!((args.common.brokers, args.common.duration), (1, Duration::from_secs(1)));
+        let Scenario::Churn(args) = parse(&["churn"]) else { panic!("not churn") };
+        assert_eq!((args.connections, args.concurrency, args.groups, args.split), (vec![10_000], 64, 100, false));
+        let Scenario::Fanout(args) = parse(&["fanout"]) else { panic!("not fanout") };
+        assert_eq!((args.common.brokers, args.common.duration), (1, Duration::from_secs(10)), "others keep theirs");
+    }
+
+    #[test]
+    fn tokens_carry_at_most_64_groups() {
+        assert!(Cli::try_parse_from(["herald-bench", "users-idle", "--groups", "0,3,64"]).is_ok());
+        assert!(Cli::try_parse_from(["herald-bench", "users-idle", "--groups", "65"]).is_err());
+        assert!(Cli::try_parse_from(["herald-bench", "users-idle", "--group-pool", "0"]).is_err());
     }
 }

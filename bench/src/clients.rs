@@ -6,10 +6,11 @@
 //! measures. It binds a chosen loopback source address before connecting
 //! (the ephemeral ports of one source address run out near 28k connections).
 //!
-//! Every client checks each message: its target must be `*` or the client's
-//! own address (else it is misdelivered), its sequence number must be new
-//! (else it is duplicated) and should be the next one (else it is reordered),
-//! and its stamp gives the publish→delivery latency.
+//! Every client checks each message: its target must be `*`, the client's
+//! own address or, for a client that logged in with a JWT, its user id or
+//! one of its groups (else it is misdelivered); its sequence number, counted
+//! per target, must be new (else it is duplicated) and should be the next one
+//! (else it is reordered); and its stamp gives the publish→delivery latency.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -113,25 +114,37 @@ pub struct Client {
     end: usize,
     /// `<worker_id>/<connection_id>`, from the greeting.
     pub address: String,
+    /// Targets besides `*` and the address that this client is in: its user
+    /// id and groups.
+    also: Vec<String>,
 }
 
-/// Connects to `url` from `source`, upgrades to WebSocket and reads the greeting.
-pub async fn connect(url: &WsUrl, source: Ipv4Addr) -> anyhow::Result<Client> {
+/// Connects to `url` from `source`, upgrades to WebSocket (presenting
+/// `token` as `Authorization: Bearer`, when given) and reads the greeting.
+pub async fn connect(url: &WsUrl, source: Ipv4Addr, token: Option<&str>) -> anyhow::Result<Client> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
-    let mut client = Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new() };
-    client.upgrade(url).await?;
+    let mut client =
+        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new() };
+    client.upgrade(url, token).await?;
     let greeting = client.greeting().await?;
     client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
     Ok(client)
 }
 
 impl Client {
-    async fn upgrade(&mut self, url: &WsUrl) -> anyhow::Result<()> {
+    /// Makes the client accept messages to `user` and to each of `groups`.
+    pub fn also_accept(&mut self, user: String, groups: Vec<String>) {
+        self.also.push(user);
+        self.also.extend(groups);
+    }
+
+    async fn upgrade(&mut self, url: &WsUrl, token: Option<&str>) -> anyhow::Result<()> {
+        let authorization = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+             Sec-WebSocket-Key: {WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n{authorization}\r\n",
             url.path, url.addr
         );
         self.stream.write_all(request.as_bytes()).await?;
@@ -195,8 +208,7 @@ impl Client {
     /// Receives messages until the connection ends, adding to `stats`.
     pub async fn receive(mut self, stats: &Stats, shard: usize) {
         let shard = shard % SHARDS;
-        let mut check =
-            Check { address: self.address.as_bytes().to_vec(), order: Order::default(), latencies: Vec::new() };
+        let mut check = Check::new(&self.address, &self.also);
         let mut fragments: Option<Vec<u8>> = None;
         let mut arrived_ns = message::now_ns();
         loop {
@@ -255,24 +267,37 @@ fn ended(stats: &Stats) {
 
 /// One client's checks on the messages it receives.
 struct Check {
-    address: Vec<u8>,
-    order: Order,
+    /// The targets this client accepts, each with the sequence numbers seen
+    /// on it: `*`, its address, then its user id and groups, if any.
+    streams: Vec<(Box<[u8]>, Order)>,
     /// Latencies (µs) of the current read, recorded in one go.
     latencies: Vec<u64>,
 }
 
 impl Check {
+    fn new(address: &str, also: &[String]) -> Self {
+        let targets = [message::BROADCAST, address].into_iter().chain(also.iter().map(String::as_str));
+        let mut streams: Vec<(Box<[u8]>, Order)> = Vec::with_capacity(2 + also.len());
+        for target in targets {
+            if !streams.iter().any(|(t, _)| **t == *target.as_bytes()) {
+                streams.push((target.as_bytes().into(), Order::default()));
+            }
+        }
+        Self { streams, latencies: Vec::new() }
+    }
+
     /// Checks one message; returns 1 when it is a first delivery to its target.
     fn message(&mut self, payload: &[u8], arrived_ns: u64, stats: &Stats) -> u64 {
-        let header = match message::parse(payload) {
-            Some(header) if header.target == message::BROADCAST.as_bytes() || header.target == self.address => header,
+        let accepted = message::parse(payload).and_then(|header| {
+            let (_, order) = self.streams.iter_mut().find(|(target, _)| **target == *header.target)?;
+            Some((header, order))
+        });
+        let Some((header, order)) = accepted else {
             // Someone else's message, or not a benchmark message at all.
-            _ => {
-                stats.misdelivered.fetch_add(1, Ordering::Relaxed);
-                return 0;
-            }
+            stats.misdelivered.fetch_add(1, Ordering::Relaxed);
+            return 0;
         };
-        match self.order.observe(header.seq) {
+        match order.observe(header.seq) {
             Seen::Again => {
                 stats.duplicated.fetch_add(1, Ordering::Relaxed);
                 return 0;
@@ -446,15 +471,34 @@ mod tests {
     #[test]
     fn checks_count_misdeliveries_and_latency() {
         let stats = Stats::new();
-        let mut check = Check { address: b"gw0/1".to_vec(), order: Order::default(), latencies: Vec::new() };
+        let mut check = Check::new("gw0/1", &[]);
         let now = message::now_ns();
         assert_eq!(check.message(message::encode(0, "gw0/1", 32).as_bytes(), now, &stats), 1);
         assert_eq!(check.message(message::encode(0, "gw0/2", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(check.message(message::encode(0, "*", 32).as_bytes(), now, &stats), 1);
         assert_eq!(check.message(message::encode(0, "*", 32).as_bytes(), now, &stats), 0);
         assert_eq!(check.message(b"not ours", now, &stats), 0);
+        assert_eq!(check.message(message::encode(0, "u1", 32).as_bytes(), now, &stats), 0);
         check.flush_latencies(&stats.latency[0]);
         let totals = stats.totals();
-        assert_eq!((totals.misdelivered, totals.duplicated, totals.latency.count()), (2, 1, 1));
+        assert_eq!((totals.misdelivered, totals.duplicated, totals.latency.count()), (3, 1, 2));
+    }
+
+    #[test]
+    fn a_logged_in_client_counts_each_of_its_targets_on_its_own() {
+        let stats = Stats::new();
+        let mut check = Check::new("gw0/1", &["u1".into(), "room".into(), "room".into()]);
+        assert_eq!(check.streams.len(), 4, "a repeated target is one stream");
+        let now = message::now_ns();
+        for target in ["*", "gw0/1", "u1", "room"] {
+            assert_eq!(check.message(message::encode(0, target, 32).as_bytes(), now, &stats), 1, "{target}");
+        }
+        assert_eq!(check.message(message::encode(1, "room", 32).as_bytes(), now, &stats), 1);
+        assert_eq!(check.message(message::encode(1, "room", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(check.message(message::encode(0, "u2", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(check.message(message::encode(0, "other-room", 32).as_bytes(), now, &stats), 0);
+        let totals = stats.totals();
+        assert_eq!((totals.misdelivered, totals.duplicated, totals.reordered), (2, 1, 0));
     }
 
     #[test]

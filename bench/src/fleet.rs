@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Notify, mpsc};
 
 use crate::endpoints::{SourceAddrs, WsUrl};
+use crate::identity::ClientIdentity;
 use crate::loadgen::{Event, Plan, Report};
 use crate::message;
 
@@ -27,12 +28,22 @@ pub struct Spread {
     pub connect_timeout: Duration,
 }
 
-/// One plan per process for `connections` clients of `urls`.
-pub fn plans(connections: usize, urls: &[WsUrl], spread: &Spread, sources: &mut SourceAddrs) -> Vec<Plan> {
+/// One plan per process for `connections` clients of `urls`; client `i`
+/// logs in as `identities[i]` (all anonymous when `identities` is empty).
+pub fn plans(
+    connections: usize,
+    urls: &[WsUrl],
+    spread: &Spread,
+    sources: &mut SourceAddrs,
+    identities: &[ClientIdentity],
+) -> Vec<Plan> {
     let processes = connections.div_ceil(spread.per_process.max(1)).max(1);
+    let mut first = 0;
     (0..processes)
         .map(|p| {
             let share = connections / processes + usize::from(p < connections % processes);
+            let mine = identities.get(first..(first + share).min(identities.len())).unwrap_or_default().to_vec();
+            first += share;
             Plan {
                 ws_urls: urls.iter().map(ToString::to_string).collect(),
                 sources: sources.take(share.div_ceil(spread.per_source.max(1)).max(1)),
@@ -40,6 +51,7 @@ pub fn plans(connections: usize, urls: &[WsUrl], spread: &Spread, sources: &mut 
                 connect_concurrency: spread.connect_concurrency,
                 connect_timeout_ms: spread.connect_timeout.as_millis() as u64,
                 progress_ms: 2,
+                identities: mine,
             }
         })
         .collect()
@@ -102,6 +114,8 @@ pub struct Fleet {
 pub struct Connected {
     /// Addresses of the connected clients, in no particular order.
     pub addresses: Vec<String>,
+    /// For clients that logged in, their user ids, in the order of `addresses`.
+    pub users: Vec<String>,
     pub failed: usize,
     pub first_error: Option<String>,
 }
@@ -142,11 +156,12 @@ impl Fleet {
 
     /// Waits for every process to finish connecting.
     pub async fn connected(&mut self, within: Duration) -> anyhow::Result<Connected> {
-        let mut all = Connected { addresses: Vec::new(), failed: 0, first_error: None };
+        let mut all = Connected { addresses: Vec::new(), users: Vec::new(), failed: 0, first_error: None };
         for worker in &mut self.workers {
             match next_event(worker, within).await? {
-                Event::Connected { addresses, failed, first_error } => {
+                Event::Connected { addresses, users, failed, first_error } => {
                     all.addresses.extend(addresses);
+                    all.users.extend(users);
                     all.failed += failed;
                     if all.first_error.is_none() {
                         all.first_error = first_error;
@@ -230,12 +245,26 @@ mod tests {
         };
         let urls = [WsUrl::parse("ws://127.0.0.1:1").unwrap()];
         let mut sources = SourceAddrs::new();
-        let plans = plans(40_001, &urls, &spread, &mut sources);
+        let plans = plans(40_001, &urls, &spread, &mut sources, &[]);
         assert_eq!(plans.iter().map(|p| p.connections).collect::<Vec<_>>(), [13_334, 13_334, 13_333]);
+        assert!(plans.iter().all(|p| p.identities.is_empty()));
         assert!(plans.iter().all(|p| p.sources.len() == 2));
         let mut all: Vec<Ipv4Addr> = plans.iter().flat_map(|p| p.sources.clone()).collect();
         all.dedup();
         assert_eq!(all.len(), 6, "every process has sources of its own");
-        assert_eq!(self::plans(10, &urls, &spread, &mut sources).len(), 1);
+        assert_eq!(self::plans(10, &urls, &spread, &mut sources, &[]).len(), 1);
+    }
+
+    #[test]
+    fn each_process_gets_the_identities_of_its_own_clients() {
+        let spread =
+            Spread { per_process: 4, per_source: 10, connect_concurrency: 1, connect_timeout: Duration::from_secs(1) };
+        let urls = [WsUrl::parse("ws://127.0.0.1:1").unwrap()];
+        let identities = crate::identity::clients(10, crate::identity::DEFAULT_SECRET, |_| Vec::new()).unwrap();
+        let plans = plans(10, &urls, &spread, &mut SourceAddrs::new(), &identities);
+        let users: Vec<Vec<&str>> =
+            plans.iter().map(|p| p.identities.iter().map(|id| id.user.as_str()).collect()).collect();
+        assert_eq!(users, [vec!["u0", "u1", "u2", "u3"], vec!["u4", "u5", "u6"], vec!["u7", "u8", "u9"]]);
+        assert!(plans.iter().all(|p| p.identities.len() == p.connections));
     }
 }

@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.1 keep-alive client: one connection, one `GET` at a time,
-//! responses framed by `Content-Length`. Enough for herald's classic publish
-//! endpoint and the admin `/readyz`, cheap enough to drive 50k requests/s.
+//! A minimal HTTP/1.1 keep-alive client: one connection, one `GET` or `POST`
+//! at a time, responses framed by `Content-Length`. Enough for herald's
+//! classic and JSON publish endpoints and the admin `/readyz`, cheap enough to
+//! drive 50k requests/s.
 
 use std::net::SocketAddr;
 
@@ -32,6 +33,23 @@ impl Conn {
     pub async fn get(&mut self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
         let request = format!("GET {path} HTTP/1.1\r\n{}\r\n", self.headers);
         self.stream.get_mut().write_all(request.as_bytes()).await?;
+        self.response().await
+    }
+
+    /// `POST path` with `body` of `content_type`; returns the status and body.
+    pub async fn post(&mut self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\n{}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            self.headers,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        self.stream.get_mut().write_all(&request).await?;
+        self.response().await
+    }
+
+    async fn response(&mut self) -> anyhow::Result<(u16, Vec<u8>)> {
         self.read_line().await?;
         let status: u16 = self
             .line
@@ -101,22 +119,33 @@ mod tests {
         tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             let mut socket = BufReader::new(socket);
-            let responses =
-                ["HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", "HTTP/1.1 400 Bad\r\nContent-Length: 3\r\n\r\nno\n"];
+            let responses = [
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                "HTTP/1.1 400 Bad\r\nContent-Length: 3\r\n\r\nno\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            ];
             for response in responses {
                 let mut line = String::new();
                 let mut authorized = false;
+                let mut length = 0;
                 while line != "\r\n" {
                     line.clear();
                     socket.read_line(&mut line).await.unwrap();
                     authorized |= line == "Authorization: Bearer k\r\n";
+                    if let Some(n) = line.strip_prefix("Content-Length: ") {
+                        length = n.trim().parse().unwrap();
+                    }
                 }
+                let mut body = vec![0; length];
+                socket.read_exact(&mut body).await.unwrap();
                 assert!(authorized);
+                assert!(length == 0 || body == b"{\"a\":1}", "{body:?}");
                 socket.get_mut().write_all(response.as_bytes()).await.unwrap();
             }
         });
         let mut conn = Conn::connect(addr, Some("k")).await.unwrap();
         assert_eq!(conn.get("/?content=x").await.unwrap(), (200, b"ok".to_vec()));
         assert_eq!(conn.get("/").await.unwrap(), (400, b"no\n".to_vec()));
+        assert_eq!(conn.post("/v1/publish", "application/json", b"{\"a\":1}").await.unwrap(), (200, b"{}".to_vec()));
     }
 }

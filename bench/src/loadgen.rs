@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::clients::{self, Client, Stats};
 use crate::endpoints::WsUrl;
+use crate::identity::ClientIdentity;
 use crate::stats::Latency;
 
 /// What one load-generator process does.
@@ -33,6 +34,10 @@ pub struct Plan {
     pub connect_timeout_ms: u64,
     /// How often the delivery count is reported while it changes.
     pub progress_ms: u64,
+    /// Client `i` logs in as `identities[i]` (a JWT in its handshake); none:
+    /// every client is anonymous.
+    #[serde(default)]
+    pub identities: Vec<ClientIdentity>,
 }
 
 /// What a load-generator process tells the harness.
@@ -40,8 +45,15 @@ pub struct Plan {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Every client has connected or failed to; `addresses` lists the
-    /// connected ones (`<worker_id>/<connection_id>`).
-    Connected { addresses: Vec<String>, failed: usize, first_error: Option<String> },
+    /// connected ones (`<worker_id>/<connection_id>`) and, when they logged
+    /// in, `users` their user ids in the same order.
+    Connected {
+        addresses: Vec<String>,
+        #[serde(default)]
+        users: Vec<String>,
+        failed: usize,
+        first_error: Option<String>,
+    },
     /// Totals so far.
     Progress { delivered: u64, closed: u64 },
     /// Final figures, on request.
@@ -63,6 +75,19 @@ pub struct Report {
 impl Report {
     pub fn latency(&self) -> Latency {
         Latency::from_pairs(&self.latency_us)
+    }
+
+    /// What happened between `earlier` (a report of the same process) and
+    /// this one: reports are totals since the process started.
+    pub fn since(&self, earlier: &Report) -> Report {
+        Report {
+            delivered: self.delivered.saturating_sub(earlier.delivered),
+            duplicated: self.duplicated.saturating_sub(earlier.duplicated),
+            misdelivered: self.misdelivered.saturating_sub(earlier.misdelivered),
+            reordered: self.reordered.saturating_sub(earlier.reordered),
+            closed: self.closed.saturating_sub(earlier.closed),
+            latency_us: self.latency().since(&earlier.latency()).to_pairs(),
+        }
     }
 }
 
@@ -106,22 +131,32 @@ async fn connect_all(plan: &Plan, urls: &[WsUrl], stats: &Arc<Stats>) {
         .map(|i| {
             let url = urls[i % urls.len()].clone();
             let source = plan.sources[i % plan.sources.len()];
+            let identity = plan.identities.get(i).cloned();
             let permits = permits.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await?;
-                tokio::time::timeout(timeout, clients::connect(&url, source))
+                let token = identity.as_ref().map(|id| id.token.as_str());
+                let mut client = tokio::time::timeout(timeout, clients::connect(&url, source, token))
                     .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("connect to {url} timed out")))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("connect to {url} timed out")))?;
+                if let Some(identity) = identity {
+                    client.also_accept(identity.user, identity.groups);
+                }
+                Ok::<_, anyhow::Error>(client)
             })
         })
         .collect();
     let mut addresses = Vec::with_capacity(plan.connections);
+    let mut users = Vec::new();
     let mut failed = 0;
     let mut first_error = None;
     for (i, attempt) in attempts.into_iter().enumerate() {
         match attempt.await.map_err(anyhow::Error::from).and_then(|r| r) {
             Ok(client) => {
                 addresses.push(client.address.clone());
+                if let Some(identity) = plan.identities.get(i) {
+                    users.push(identity.user.clone());
+                }
                 spawn_receiver(client, stats.clone(), i);
             }
             Err(e) => {
@@ -130,7 +165,7 @@ async fn connect_all(plan: &Plan, urls: &[WsUrl], stats: &Arc<Stats>) {
             }
         }
     }
-    emit(&Event::Connected { addresses, failed, first_error });
+    emit(&Event::Connected { addresses, users, failed, first_error });
     tokio::spawn(report_progress(stats.clone(), Duration::from_millis(plan.progress_ms.max(1))));
 }
 
@@ -175,5 +210,23 @@ mod tests {
         let report = Event::Report(Report { delivered: 1, latency_us: vec![(5, 1)], ..Report::default() });
         let back: Event = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
         assert!(matches!(back, Event::Report(r) if r.latency().count() == 1));
+        let old = r#"{"event":"connected","addresses":["gw0/1"],"failed":0,"first_error":null}"#;
+        assert!(matches!(serde_json::from_str(old).unwrap(), Event::Connected { users, .. } if users.is_empty()));
+    }
+
+    #[test]
+    fn a_report_since_an_earlier_one_holds_only_what_came_between() {
+        let mut latency = Latency::new();
+        latency.record(100);
+        let earlier = Report { delivered: 5, reordered: 1, latency_us: latency.to_pairs(), ..Report::default() };
+        latency.record(100);
+        latency.record(9000);
+        let later =
+            Report { delivered: 8, reordered: 1, closed: 2, latency_us: latency.to_pairs(), ..Report::default() };
+        let between = later.since(&earlier);
+        assert_eq!((between.delivered, between.reordered, between.closed), (3, 0, 2));
+        let latency = between.latency();
+        assert_eq!(latency.count(), 2);
+        assert!((latency.percentiles().unwrap().max - 9.0).abs() < 0.01);
     }
 }

@@ -1,7 +1,8 @@
 //! `herald-bench`: starts (or targets) herald, drives it with real WebSocket
 //! clients and publishers on this machine, and prints markdown tables.
 //!
-//! `cargo run --release -p herald-bench -- <fanout|targeted|idle|publish|floor> [options]`;
+//! `cargo run --release -p herald-bench -- <scenario> [options]`, the scenarios being
+//! fanout, targeted, idle, publish, floor, users-idle, user, group, query and churn;
 //! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
 
 mod cli;
@@ -9,12 +10,14 @@ mod clients;
 mod endpoints;
 mod fleet;
 mod http1;
+mod identity;
 mod loadgen;
 mod message;
 mod nats;
 mod procfs;
 mod procs;
 mod publishers;
+mod rpc;
 mod scenarios;
 mod stats;
 

@@ -126,18 +126,29 @@ struct Launcher<'a> {
     bin: &'a Path,
     logs: PathBuf,
     api_key: Option<&'a str>,
+    /// With client auth: the HS256 secret the WebSocket gateways check tokens with.
+    jwt_secret: Option<&'a str>,
 }
+
+/// The roles that hold WebSocket connections, and so check client tokens.
+const CLIENT_ROLES: [&str; 2] = ["ws", "standalone"];
 
 impl Herald {
     /// Starts `topology` from the binary at `bin` (requiring `api_key` when
-    /// given) and waits until it is ready. Whatever was started is stopped
-    /// again if that fails.
-    pub async fn start(bin: &Path, topology: &Topology, api_key: Option<&str>) -> anyhow::Result<Herald> {
+    /// given, and a JWT signed with `jwt_secret` from every WebSocket client
+    /// when given) and waits until it is ready. Whatever was started is
+    /// stopped again if that fails.
+    pub async fn start(
+        bin: &Path,
+        topology: &Topology,
+        api_key: Option<&str>,
+        jwt_secret: Option<&str>,
+    ) -> anyhow::Result<Herald> {
         let logs = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
         std::fs::create_dir_all(&logs)?;
         let endpoints = Endpoints { api_key: api_key.map(str::to_owned), ..Endpoints::default() };
         let mut herald = Herald { endpoints, procs: Vec::new(), nats: None };
-        let launcher = Launcher { bin, logs, api_key };
+        let launcher = Launcher { bin, logs, api_key, jwt_secret };
         match topology {
             Topology::Standalone => {
                 let args = ["--broker-listen", ANY, "--ws-listen", ANY, "--http-listen", ANY, "--admin-listen", ANY];
@@ -271,6 +282,10 @@ impl Launcher<'_> {
         let mut command = Command::new(self.bin);
         if let Some(key) = self.api_key {
             command.env("HERALD_API_KEY", key);
+        }
+        // In the environment rather than the arguments, so that `ps` does not show the secret.
+        if let Some(secret) = self.jwt_secret.filter(|_| CLIENT_ROLES.contains(&role)) {
+            command.env("HERALD_CLIENT_AUTH", "jwt").env("HERALD_JWT_SECRET", secret);
         }
         let mut child = command
             .arg(role)

@@ -1,8 +1,9 @@
 //! Publishers: the ways a message reaches herald (gRPC `PublishBatch`, gRPC
-//! unary `Publish`, the HTTP classic `GET /?content=…`, or `wrk` for the HTTP
-//! throughput figure) and the loops that drive them: paced at a fixed rate
-//! in publish order, or flat out over several concurrent lanes with a window
-//! on undelivered messages so the publisher cannot run away from the clients.
+//! unary `Publish`, the HTTP classic `GET /?content=…`, the HTTP JSON
+//! `POST /v1/publish`, or `wrk` for the HTTP throughput figure) and the loops
+//! that drive them: paced at a fixed rate in publish order, or flat out over
+//! several concurrent lanes with a window on undelivered messages so the
+//! publisher cannot run away from the clients.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -34,6 +35,15 @@ pub enum Via {
     Grpc,
     /// The HTTP gateway's classic `GET /?content=…`, keep-alive.
     Http,
+    /// The HTTP gateway's JSON `POST /v1/publish`, keep-alive.
+    HttpJson,
+}
+
+impl Via {
+    /// Whether this goes through the HTTP gateway.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::HttpJson)
+    }
 }
 
 /// One connection's address, as its greeting told it.
@@ -53,10 +63,34 @@ impl Address {
     }
 }
 
+/// Who a message goes to.
+#[derive(Debug, Clone)]
+pub enum To {
+    /// Every connection.
+    Everyone,
+    /// One connection.
+    Connection(Arc<Address>),
+    /// Every connection of a user.
+    User(Arc<str>),
+    /// Every member of a group.
+    Group(Arc<str>),
+}
+
+impl To {
+    /// The target field of a payload to this target: what a client that
+    /// should get it recognizes.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::Everyone => message::BROADCAST,
+            Self::Connection(address) => &address.joined,
+            Self::User(name) | Self::Group(name) => name,
+        }
+    }
+}
+
 /// One message to publish.
 pub struct Msg {
-    /// `None` for a broadcast.
-    pub to: Option<Arc<Address>>,
+    pub to: To,
     pub payload: String,
     /// An idempotency key, for the gRPC paths (empty: none).
     pub key: String,
@@ -65,6 +99,15 @@ pub struct Msg {
 /// Makes the messages of a run, stamping each as it is made.
 pub trait Source: Send {
     fn next(&mut self) -> Msg;
+}
+
+/// A source kept across phases that publish to the same clients: its
+/// numbering goes on where the previous phase left it (clients count a
+/// sequence number seen before as a duplicate).
+impl<S: Source> Source for Arc<Mutex<S>> {
+    fn next(&mut self) -> Msg {
+        self.lock().unwrap_or_else(|e| e.into_inner()).next()
+    }
 }
 
 /// Broadcasts numbered 0, 1, 2, …
@@ -80,7 +123,7 @@ impl Source for Broadcasts {
         let payload = message::encode(self.seq, message::BROADCAST, self.payload_bytes);
         let key = self.key_prefix.as_ref().map_or_else(String::new, |prefix| format!("{prefix}-{}", self.seq));
         self.seq += 1;
-        Msg { to: None, payload, key }
+        Msg { to: To::Everyone, payload, key }
     }
 }
 
@@ -116,6 +159,42 @@ impl Tally {
     }
 }
 
+/// Messages to targets picked at random among given ones, numbered per target.
+pub struct RandomTargets {
+    targets: Vec<To>,
+    seqs: Vec<u64>,
+    rng: u64,
+    payload_bytes: usize,
+}
+
+impl RandomTargets {
+    pub fn new(targets: Vec<To>, payload_bytes: usize) -> anyhow::Result<Self> {
+        if targets.is_empty() {
+            bail!("no target to publish to");
+        }
+        Ok(Self { seqs: vec![0; targets.len()], targets, rng: message::now_ns() | 1, payload_bytes })
+    }
+}
+
+impl Source for RandomTargets {
+    fn next(&mut self) -> Msg {
+        self.rng = xorshift(self.rng);
+        let i = (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % self.targets.len() as u64) as usize;
+        let to = self.targets[i].clone();
+        let payload = message::encode(self.seqs[i], to.label(), self.payload_bytes);
+        self.seqs[i] += 1;
+        Msg { to, payload, key: String::new() }
+    }
+}
+
+/// One step of xorshift64 (the state must not be 0): plenty for picking targets.
+pub fn xorshift(mut x: u64) -> u64 {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x
+}
+
 /// One connection to publish through.
 pub enum Lane {
     Grpc(BrokerServiceClient<Channel>, Option<MetadataValue<Ascii>>),
@@ -129,7 +208,7 @@ pub enum Lane {
 pub async fn lanes(via: Via, endpoints: &Endpoints, count: usize, channels: usize) -> anyhow::Result<Vec<Lane>> {
     let count = count.max(1);
     match via {
-        Via::Http => {
+        Via::Http | Via::HttpJson => {
             let addr = endpoints.http()?;
             let mut lanes = Vec::with_capacity(count);
             for _ in 0..count {
@@ -143,28 +222,42 @@ pub async fn lanes(via: Via, endpoints: &Endpoints, count: usize, channels: usiz
             let channels = channels.max(1).next_multiple_of(brokers.len()).min(count);
             let mut clients = Vec::new();
             for addr in brokers.iter().cycle().take(channels) {
-                let channel = Channel::from_shared(format!("http://{addr}"))?
-                    .connect()
-                    .await
-                    .with_context(|| format!("connecting to the broker at {addr}"))?;
-                clients.push(BrokerServiceClient::new(channel));
+                clients.push(broker_client(*addr).await?);
             }
-            let authorization = match &endpoints.api_key {
-                Some(key) => Some(format!("Bearer {key}").parse().context("the API key is not valid metadata")?),
-                None => None,
-            };
+            let authorization = authorization(endpoints)?;
             Ok((0..count).map(|i| Lane::Grpc(clients[i % clients.len()].clone(), authorization.clone())).collect())
         }
     }
 }
 
+/// A gRPC client of the broker at `addr`, on a connection of its own.
+pub async fn broker_client(addr: SocketAddr) -> anyhow::Result<BrokerServiceClient<Channel>> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the broker at {addr}"))?;
+    Ok(BrokerServiceClient::new(channel))
+}
+
+/// The `authorization` metadata gRPC calls carry, when herald wants an API key.
+pub fn authorization(endpoints: &Endpoints) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
+    match &endpoints.api_key {
+        Some(key) => Ok(Some(format!("Bearer {key}").parse().context("the API key is not valid metadata")?)),
+        None => Ok(None),
+    }
+}
+
+/// The protobuf address of a connection.
+pub fn address(to: &Address) -> ConnectionAddress {
+    ConnectionAddress { worker_id: to.worker_id.clone(), connection_id: to.connection_id.clone() }
+}
+
 fn request(msg: Msg) -> PublishRequest {
     let kind = match msg.to {
-        None => target::Kind::Broadcast(Broadcast {}),
-        Some(to) => target::Kind::Connection(ConnectionAddress {
-            worker_id: to.worker_id.clone(),
-            connection_id: to.connection_id.clone(),
-        }),
+        To::Everyone => target::Kind::Broadcast(Broadcast {}),
+        To::Connection(to) => target::Kind::Connection(address(&to)),
+        To::User(user) => target::Kind::User(user.to_string()),
+        To::Group(group) => target::Kind::Group(group.to_string()),
     };
     PublishRequest {
         target: Some(Target { kind: Some(kind), except: Vec::new() }),
@@ -173,7 +266,7 @@ fn request(msg: Msg) -> PublishRequest {
     }
 }
 
-fn authorized<T>(message: T, authorization: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+pub fn authorized<T>(message: T, authorization: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(value) = authorization {
         request.metadata_mut().insert("authorization", value.clone());
@@ -184,19 +277,38 @@ fn authorized<T>(message: T, authorization: &Option<MetadataValue<Ascii>>) -> to
 fn http_path(msg: &Msg) -> String {
     let content = http1::query_encode(&msg.payload);
     match &msg.to {
-        None => format!("/?content={content}"),
-        Some(to) => format!(
+        To::Everyone => format!("/?content={content}"),
+        To::Connection(to) => format!(
             "/?to_worker_id={}&to_connection_id={}&content={content}",
             http1::query_encode(&to.worker_id),
             http1::query_encode(&to.connection_id)
         ),
+        To::User(user) => format!("/?to_uid={}&content={content}", http1::query_encode(user)),
+        To::Group(group) => format!("/?to_group={}&content={content}", http1::query_encode(group)),
     }
+}
+
+/// The body of `POST /v1/publish`: the protobuf JSON mapping of a `PublishRequest`.
+fn json_body(msg: &Msg) -> String {
+    let target = match &msg.to {
+        To::Everyone => serde_json::json!({"broadcast": {}}),
+        To::Connection(to) => {
+            serde_json::json!({"connection": {"worker_id": to.worker_id, "connection_id": to.connection_id}})
+        }
+        To::User(user) => serde_json::json!({"user": &**user}),
+        To::Group(group) => serde_json::json!({"group": &**group}),
+    };
+    let mut body = serde_json::json!({"target": target, "content": {"text": msg.payload}});
+    if !msg.key.is_empty() {
+        body["idempotency_key"] = msg.key.clone().into();
+    }
+    body.to_string()
 }
 
 impl Lane {
     /// Publishes `msgs` in order (as one batch for [`Via::GrpcBatch`]) and
     /// counts what was accepted. Fails when the lane's connection is broken.
-    async fn send(&mut self, via: Via, msgs: Vec<Msg>, tally: &mut Tally) -> anyhow::Result<()> {
+    pub async fn send(&mut self, via: Via, msgs: Vec<Msg>, tally: &mut Tally) -> anyhow::Result<()> {
         match (self, via) {
             (Lane::Grpc(client, authorization), Via::GrpcBatch) => {
                 let count = msgs.len() as u64;
@@ -226,7 +338,11 @@ impl Lane {
             }
             (Lane::Http(conn), _) => {
                 for msg in msgs {
-                    let (status, body) = conn.get(&http_path(&msg)).await?;
+                    let (status, body) = if via == Via::HttpJson {
+                        conn.post("/v1/publish", "application/json", json_body(&msg).as_bytes()).await?
+                    } else {
+                        conn.get(&http_path(&msg)).await?
+                    };
                     if status == 200 {
                         tally.accepted += 1;
                     } else {
@@ -237,6 +353,27 @@ impl Lane {
         }
         Ok(())
     }
+}
+
+/// Publishes `msgs` in order through one lane, `batch` per request for
+/// [`Via::GrpcBatch`] (one otherwise).
+pub async fn all(lane: &mut Lane, via: Via, msgs: Vec<Msg>, batch: usize) -> Tally {
+    let mut tally = Tally::default();
+    let began = Instant::now();
+    let per_request = if via == Via::GrpcBatch { batch.max(1) } else { 1 };
+    let mut msgs = msgs.into_iter().peekable();
+    while msgs.peek().is_some() {
+        let chunk: Vec<Msg> = msgs.by_ref().take(per_request).collect();
+        let count = chunk.len() as u64;
+        let sent = Instant::now();
+        if let Err(e) = lane.send(via, chunk, &mut tally).await {
+            tally.error(count + msgs.len() as u64, || format!("{e:#}"));
+            break;
+        }
+        tally.request_latency.record(sent.elapsed().as_micros() as u64);
+    }
+    tally.elapsed = began.elapsed();
+    tally
 }
 
 /// Publishes one message.
@@ -292,6 +429,9 @@ pub async fn paced(
 /// Limits messages published but not yet delivered.
 pub struct Window {
     pub progress: Arc<Progress>,
+    /// Deliveries counted before this window's publishing began (clients
+    /// count deliveries since they connected).
+    pub base: u64,
     /// Most messages in flight.
     pub limit: u64,
     /// Clients each message goes to: every client for a broadcast, else one.
@@ -301,7 +441,7 @@ pub struct Window {
 impl Window {
     /// Messages delivered (for a broadcast: to every client still connected).
     fn delivered(&self) -> u64 {
-        let delivered = self.progress.delivered();
+        let delivered = self.progress.delivered().saturating_sub(self.base);
         match self.broadcast_to {
             Some(clients) => delivered / clients.saturating_sub(self.progress.closed()).max(1),
             None => delivered,
@@ -494,10 +634,67 @@ Transfer/sec:     10.00MB
     #[test]
     fn http_paths_carry_the_classic_parameters() {
         let to = Arc::new(Address::parse("gw0/7").unwrap());
-        let msg = Msg { to: Some(to), payload: "1:2:gw0/7:x".into(), key: String::new() };
+        let msg = Msg { to: To::Connection(to), payload: "1:2:gw0/7:x".into(), key: String::new() };
         assert_eq!(http_path(&msg), "/?to_worker_id=gw0&to_connection_id=7&content=1:2:gw0/7:x");
-        assert_eq!(http_path(&Msg { to: None, payload: "a b".into(), key: String::new() }), "/?content=a%20b");
+        assert_eq!(http_path(&Msg { to: To::Everyone, payload: "a b".into(), key: String::new() }), "/?content=a%20b");
+        let user = Msg { to: To::User("ana@x".into()), payload: "p".into(), key: String::new() };
+        assert_eq!(http_path(&user), "/?to_uid=ana%40x&content=p");
+        let group = Msg { to: To::Group("room 1".into()), payload: "p".into(), key: String::new() };
+        assert_eq!(http_path(&group), "/?to_group=room%201&content=p");
         assert!(Address::parse("nope").is_err());
+    }
+
+    #[test]
+    fn json_bodies_follow_the_protobuf_json_mapping() {
+        let body = |to: To, key: &str| -> serde_json::Value {
+            serde_json::from_str(&json_body(&Msg { to, payload: "hi".into(), key: key.into() })).unwrap()
+        };
+        assert_eq!(
+            body(To::User("u1".into()), ""),
+            serde_json::json!({"target": {"user": "u1"}, "content": {"text": "hi"}})
+        );
+        assert_eq!(
+            body(To::Connection(Arc::new(Address::parse("gw0/7").unwrap())), "k1"),
+            serde_json::json!({"target": {"connection": {"worker_id": "gw0", "connection_id": "7"}},
+                               "content": {"text": "hi"}, "idempotency_key": "k1"})
+        );
+        assert_eq!(body(To::Group("g".into()), "")["target"], serde_json::json!({"group": "g"}));
+        assert_eq!(body(To::Everyone, "")["target"], serde_json::json!({"broadcast": {}}));
+    }
+
+    #[test]
+    fn grpc_requests_carry_every_kind_of_target() {
+        let kind = |to: To| request(Msg { to, payload: String::new(), key: String::new() }).target.unwrap().kind;
+        assert_eq!(kind(To::User("u1".into())), Some(target::Kind::User("u1".into())));
+        assert_eq!(kind(To::Group("g".into())), Some(target::Kind::Group("g".into())));
+        assert_eq!(kind(To::Everyone), Some(target::Kind::Broadcast(Broadcast {})));
+    }
+
+    #[test]
+    fn random_targets_are_numbered_per_target_and_labelled() {
+        let targets = vec![To::User("u0".into()), To::User("u1".into()), To::Group("g".into())];
+        let mut source = RandomTargets::new(targets, 32).unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..300 {
+            let msg = source.next();
+            let header = message::parse(msg.payload.as_bytes()).unwrap();
+            assert_eq!(header.target, msg.to.label().as_bytes());
+            let next = seen.entry(msg.to.label().to_owned()).or_insert(0);
+            assert_eq!(header.seq, *next);
+            *next += 1;
+        }
+        assert_eq!(seen.len(), 3, "every target is picked");
+        assert!(RandomTargets::new(Vec::new(), 32).is_err());
+    }
+
+    #[test]
+    fn a_shared_source_goes_on_numbering_where_it_stopped() {
+        let shared = Arc::new(Mutex::new(RandomTargets::new(vec![To::User("u0".into())], 32).unwrap()));
+        let mut first: Box<dyn Source> = Box::new(shared.clone());
+        assert!(first.next().payload.starts_with("0:"));
+        drop(first);
+        let mut second: Box<dyn Source> = Box::new(shared);
+        assert!(second.next().payload.starts_with("1:"));
     }
 
     #[test]

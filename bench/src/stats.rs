@@ -30,6 +30,17 @@ impl Latency {
         }
     }
 
+    /// What was recorded after `earlier`, a copy of this histogram taken
+    /// before (a later histogram holds at least its counts).
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let mut between = self.clone();
+        if between.0.subtract(&earlier.0).is_err() {
+            // Not an earlier copy of this one: nothing sensible to subtract.
+            return self.clone();
+        }
+        between
+    }
+
     fn record_n(&mut self, us: u64, count: u64) {
         // Values come from a histogram with the same bounds: always in range.
         let _ = self.0.record_n(us.min(MAX_US), count);
@@ -93,6 +104,15 @@ pub struct Measurement {
     pub closed: u64,
     pub latency: Option<Percentiles>,
     pub rss_per_connection_kib: Option<f64>,
+    /// The same for the brokers, which keep a copy of the gateways' directories.
+    pub broker_rss_per_connection_kib: Option<f64>,
+    /// Requests (queries, controls, publishes) answered per second.
+    pub ops_rate: f64,
+    /// Answers that were not what they should have been (a wrong count, a
+    /// user said offline while connected, a missing gateway, …).
+    pub wrong: u64,
+    /// This row's main figure over its baseline's, measured in the same run.
+    pub ratio: Option<f64>,
     pub cpu: Vec<(String, f64)>,
 }
 
@@ -137,6 +157,10 @@ impl Measurement {
             closed: worst(&|r| r.closed),
             latency,
             rss_per_connection_kib: med(&|r| r.rss_per_connection_kib),
+            broker_rss_per_connection_kib: med(&|r| r.broker_rss_per_connection_kib),
+            ops_rate: med(&|r| Some(r.ops_rate)).unwrap_or_default(),
+            wrong: worst(&|r| r.wrong),
+            ratio: med(&|r| r.ratio),
             cpu,
         }
     }
@@ -166,6 +190,11 @@ pub enum Column {
     /// p50, p99, p99.9 and max latency.
     Latency,
     RssPerConnection,
+    BrokerRssPerConnection,
+    OpsRate,
+    Wrong,
+    /// The row's main figure over its baseline's (the table's title says which figure).
+    Ratio,
     /// One column per role that has a CPU figure.
     Cpu,
 }
@@ -254,6 +283,10 @@ impl Column {
             Self::Reordered => "reordered",
             Self::Closed => "closed",
             Self::RssPerConnection => "RSS/conn KiB",
+            Self::BrokerRssPerConnection => "broker RSS/conn KiB",
+            Self::OpsRate => "ops/s",
+            Self::Wrong => "wrong",
+            Self::Ratio => "vs baseline",
             Self::Latency | Self::Cpu => "",
         }
     }
@@ -270,6 +303,12 @@ impl Column {
             Self::Reordered => thousands(m.reordered),
             Self::Closed => thousands(m.closed),
             Self::RssPerConnection => m.rss_per_connection_kib.map_or("–".into(), |kib| format!("{kib:.1}")),
+            Self::BrokerRssPerConnection => {
+                m.broker_rss_per_connection_kib.map_or("–".into(), |kib| format!("{kib:.1}"))
+            }
+            Self::OpsRate => thousands(m.ops_rate.round() as u64),
+            Self::Wrong => thousands(m.wrong),
+            Self::Ratio => m.ratio.filter(|r| r.is_finite()).map_or("–".into(), |r| format!("{r:.2}")),
             Self::Latency | Self::Cpu => String::new(),
         }
     }
@@ -310,6 +349,10 @@ mod tests {
         }
         let copy = Latency::from_pairs(&latency.to_pairs());
         assert_eq!(copy.count(), 4);
+        let mut later = copy.clone();
+        later.record(7000);
+        assert_eq!(later.since(&copy).count(), 1);
+        assert!((later.since(&copy).percentiles().unwrap().p50 - 7.0).abs() < 0.01);
         let p = copy.percentiles().unwrap();
         assert!((p.p50 - 0.2).abs() < 0.001, "{p:?}");
         assert!((p.max - 5.0).abs() < 0.01, "{p:?}");
@@ -329,6 +372,25 @@ mod tests {
         assert_eq!(summary.lost, 5);
         assert_eq!(summary.cpu, vec![("gw".to_owned(), 20.0)]);
         assert_eq!(median(vec![1.0, 4.0]), Some(2.5));
+        let ratios =
+            [Some(0.9), None, Some(1.1)].map(|ratio| Measurement { ratio, wrong: 1, ..Measurement::default() });
+        let summary = Measurement::summarize(&ratios);
+        assert_eq!((summary.ratio, summary.wrong), (Some(1.0), 1));
+    }
+
+    #[test]
+    fn new_columns_show_ops_wrong_answers_and_ratios() {
+        let m = Measurement {
+            ops_rate: 51_234.6,
+            wrong: 2,
+            ratio: Some(0.956),
+            broker_rss_per_connection_kib: Some(3.04),
+            ..Measurement::default()
+        };
+        let columns = [Column::OpsRate, Column::Wrong, Column::Ratio, Column::BrokerRssPerConnection];
+        assert_eq!(inline(&columns, &m), "ops/s 51,235, wrong 2, vs baseline 0.96, broker RSS/conn KiB 3.0");
+        let none = Measurement { ratio: Some(f64::NAN), ..Measurement::default() };
+        assert_eq!(inline(&[Column::Ratio], &none), "vs baseline –");
     }
 
     #[test]

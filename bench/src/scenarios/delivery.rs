@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::cli::{DeliveryArgs, Rate};
 use crate::message;
 use crate::procfs::CpuMeter;
-use crate::publishers::{self, Address, Broadcasts, Msg, Source, Via, Window};
+use crate::publishers::{self, Address, Broadcasts, Msg, Source, To, Via, Window};
 use crate::stats::{Column, Latency, Measurement, Row};
 
 use super::{Bench, check_alive, gateway_rss, measure_runs, print_table, rss_per_connection, watched};
@@ -39,7 +39,7 @@ const COLUMNS: [Column; 12] = [
 
 /// The default flat-out window, in deliveries: deep enough that herald can
 /// batch its writes, shallow enough to bound its queues (tens of MB).
-const WINDOW_DELIVERIES: u64 = 1_000_000;
+pub(super) const WINDOW_DELIVERIES: u64 = 1_000_000;
 
 pub async fn run(args: &DeliveryArgs, targeting: Targeting) -> anyhow::Result<()> {
     let mut bench = Bench::new(&args.common)?;
@@ -88,7 +88,7 @@ async fn run_once(
     via: Via,
     connections: usize,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
-    let mut herald = bench.herald(connections, via == Via::Http).await?;
+    let mut herald = bench.herald(connections, via.is_http()).await?;
     let endpoints = &herald.endpoints;
     let baseline = gateway_rss(endpoints);
     let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
@@ -106,6 +106,7 @@ async fn run_once(
         Rate::Max => {
             let window = Window {
                 progress: fleet.progress.clone(),
+                base: 0,
                 limit: args.window.unwrap_or((WINDOW_DELIVERIES / fan).max(4)),
                 broadcast_to: (targeting == Targeting::Broadcast).then_some(clients),
             };
@@ -173,7 +174,7 @@ impl Source for Targets {
         let to = self.clients[i].clone();
         let payload = message::encode(self.seqs[i], &to.joined, self.payload_bytes);
         self.seqs[i] += 1;
-        Msg { to: Some(to), payload, key: String::new() }
+        Msg { to: To::Connection(to), payload, key: String::new() }
     }
 }
 
@@ -188,7 +189,7 @@ mod tests {
         for _ in 0..100 {
             let msg = targets.next();
             let header = message::parse(msg.payload.as_bytes()).unwrap();
-            let to = msg.to.unwrap();
+            let To::Connection(to) = msg.to else { panic!("not to a connection") };
             assert_eq!(header.target, to.joined.as_bytes());
             let next = seen.entry(to.joined.clone()).or_insert(0);
             assert_eq!(header.seq, *next);

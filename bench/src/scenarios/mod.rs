@@ -2,10 +2,16 @@
 //! load-generator processes, memory and CPU figures, and printing results
 //! (one line per run on standard error, the median table on standard output).
 
+mod churn;
 mod delivery;
 mod floor;
+mod group;
 mod idle;
+mod phase;
 mod publish;
+mod query;
+mod user;
+mod users_idle;
 
 use std::time::Duration;
 
@@ -14,6 +20,7 @@ use anyhow::bail;
 use crate::cli::{Common, Scenario};
 use crate::endpoints::{self, SourceAddrs, WsUrl};
 use crate::fleet::{self, Connected, Fleet, Spread};
+use crate::identity::{self, ClientIdentity};
 use crate::nats;
 use crate::procfs::{self, Watched};
 use crate::procs::{Endpoints, External, Herald, Topology};
@@ -29,6 +36,11 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Idle(args) => idle::run(&args).await,
         Scenario::Publish(args) => publish::run(&args).await,
         Scenario::Floor(args) => floor::run(&args).await,
+        Scenario::UsersIdle(args) => users_idle::run(&args).await,
+        Scenario::User(args) => user::run(&args).await,
+        Scenario::Group(args) => group::run(&args).await,
+        Scenario::Query(args) => query::run(&args).await,
+        Scenario::Churn(args) => churn::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
     }
 }
@@ -70,6 +82,17 @@ impl<'a> Bench<'a> {
 
     /// A herald for one run: freshly started, or the running one given on the command line.
     async fn herald(&self, connections: usize, http: bool) -> anyhow::Result<Herald> {
+        self.herald_with(connections, http, false).await
+    }
+
+    /// The HS256 secret client tokens are signed with.
+    fn jwt_secret(&self) -> &str {
+        self.common.jwt_secret.as_deref().unwrap_or(identity::DEFAULT_SECRET)
+    }
+
+    /// As [`Bench::herald`]; with `logins`, a started herald's WebSocket
+    /// gateways require a JWT signed with [`Bench::jwt_secret`] from every client.
+    async fn herald_with(&self, connections: usize, http: bool, logins: bool) -> anyhow::Result<Herald> {
         let common = self.common;
         if common.is_external() {
             return Herald::external(&external(common)?).await;
@@ -83,11 +106,44 @@ impl<'a> Bench<'a> {
         } else {
             Topology::Split { gateways, http }
         };
-        Herald::start(&common.herald_binary()?, &topology, common.api_key.as_deref()).await
+        let secret = logins.then(|| self.jwt_secret());
+        Herald::start(&common.herald_binary()?, &topology, common.api_key.as_deref(), secret).await
     }
 
-    /// Starts load generators and connects `connections` clients to `endpoints`.
+    /// `count` logged-in clients: client `i` is user `u<i>` in `groups_of(i)`.
+    fn identities(
+        &self,
+        count: usize,
+        groups_of: impl Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<Vec<ClientIdentity>> {
+        identity::clients(count, self.jwt_secret(), groups_of)
+    }
+
+    /// Starts load generators and connects `connections` anonymous clients to `endpoints`.
     async fn clients(&mut self, endpoints: &Endpoints, connections: usize) -> anyhow::Result<(Fleet, Connected)> {
+        self.clients_with(endpoints, connections, &[]).await
+    }
+
+    /// Starts load generators and connects one client per identity, each
+    /// logging in with its token.
+    async fn logged_in(
+        &mut self,
+        endpoints: &Endpoints,
+        identities: &[ClientIdentity],
+    ) -> anyhow::Result<(Fleet, Connected)> {
+        let (fleet, connected) = self.clients_with(endpoints, identities.len(), identities).await?;
+        if connected.users.len() != connected.addresses.len() {
+            bail!("{} clients connected but {} said who they are", connected.addresses.len(), connected.users.len());
+        }
+        Ok((fleet, connected))
+    }
+
+    async fn clients_with(
+        &mut self,
+        endpoints: &Endpoints,
+        connections: usize,
+        identities: &[ClientIdentity],
+    ) -> anyhow::Result<(Fleet, Connected)> {
         if endpoints.ws_urls.is_empty() {
             bail!("no WebSocket URL to connect clients to (give --ws-url)");
         }
@@ -97,7 +153,7 @@ impl<'a> Bench<'a> {
             connect_concurrency: self.common.connect_concurrency,
             connect_timeout: Duration::from_secs(30),
         };
-        let plans = fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources);
+        let plans = fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources, identities);
         let processes = plans.len();
         let began = std::time::Instant::now();
         let mut fleet = Fleet::start(plans)?;
@@ -135,6 +191,16 @@ fn gateway_rss(endpoints: &Endpoints) -> Option<u64> {
         return None;
     }
     endpoints.gateway_pids.iter().map(|&pid| procfs::rss_kib(pid).ok()).sum()
+}
+
+/// Resident memory of every broker process together, in KiB (`None` when
+/// there is no separate broker, e.g. standalone).
+fn broker_rss(endpoints: &Endpoints) -> Option<u64> {
+    let brokers: Vec<u32> = endpoints.watched.iter().filter(|w| w.role == "broker").map(|w| w.pid).collect();
+    if brokers.is_empty() {
+        return None;
+    }
+    brokers.iter().map(|&pid| procfs::rss_kib(pid).ok()).sum()
 }
 
 /// KiB of gateway memory per connection: growth since `baseline` over `connections`.
@@ -180,8 +246,94 @@ async fn measure_runs(
     Ok(Measurement::summarize(&measured))
 }
 
-/// Prints the medians of each configuration as a markdown table under `title`.
+/// Prints the medians of each configuration as a markdown table under
+/// `title` and the command line that measured it.
 fn print_table(title: &str, label: &str, columns: &[Column], rows: &[Row]) {
     println!("\n### {title}\n");
+    println!("`{}`\n", command_line(std::env::args().skip(1)));
     println!("{}", table(label, columns, rows));
+}
+
+/// `herald-bench` and `args` as a shell would take them back.
+fn command_line(args: impl Iterator<Item = String>) -> String {
+    let mut line = String::from("herald-bench");
+    for arg in args {
+        line.push(' ');
+        let plain = !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./,:=@%+".contains(&b));
+        if plain {
+            line.push_str(&arg);
+        } else {
+            line.push('\'');
+            line.push_str(&arg.replace('\'', "'\\''"));
+            line.push('\'');
+        }
+    }
+    line
+}
+
+/// Rows measured together, every run measuring each of them once.
+struct RowRuns {
+    rows: Vec<(String, Vec<Measurement>)>,
+}
+
+impl RowRuns {
+    fn new() -> Self {
+        Self { rows: Vec::new() }
+    }
+
+    /// Adds one run's measurement of the row `label`, printing it on
+    /// standard error (with `first_error`, if any) as `measure_runs` does.
+    fn add(&mut self, label: &str, run: usize, columns: &[Column], m: Measurement, first_error: Option<String>) {
+        eprintln!("  {label} run {run}: {}", inline(columns, &m));
+        if let Some(e) = first_error {
+            eprintln!("    first error: {e}");
+        }
+        match self.rows.iter_mut().find(|(l, _)| l == label) {
+            Some((_, runs)) => runs.push(m),
+            None => self.rows.push((label.to_owned(), vec![m])),
+        }
+    }
+
+    /// The medians, one row per label in the order they were first added.
+    fn summarize(&self) -> Vec<Row> {
+        self.rows
+            .iter()
+            .map(|(label, runs)| Row { label: label.clone(), measurement: Measurement::summarize(runs) })
+            .collect()
+    }
+}
+
+/// `value / baseline`, when both are figures.
+fn ratio(value: f64, baseline: f64) -> Option<f64> {
+    (baseline > 0.0 && value.is_finite()).then(|| value / baseline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_quote_what_a_shell_would_split() {
+        let args = ["user", "-n", "10000", "--via", "grpc-batch,http", "--jwt-secret", "a b's"].map(String::from);
+        assert_eq!(
+            command_line(args.into_iter()),
+            "herald-bench user -n 10000 --via grpc-batch,http --jwt-secret 'a b'\\''s'"
+        );
+        assert_eq!(command_line([String::new()].into_iter()), "herald-bench ''");
+    }
+
+    #[test]
+    fn rows_of_several_runs_keep_their_order_and_give_medians() {
+        let mut rows = RowRuns::new();
+        for (run, rate) in [(1, 10.0), (2, 30.0), (3, 20.0)] {
+            let m = |r: f64| Measurement { delivery_rate: r, ..Measurement::default() };
+            rows.add("b", run, &[Column::DeliveryRate], m(rate), None);
+            rows.add("a", run, &[Column::DeliveryRate], m(rate * 2.0), None);
+        }
+        let rows = rows.summarize();
+        assert_eq!(rows.iter().map(|r| r.label.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!((rows[0].measurement.delivery_rate, rows[1].measurement.delivery_rate), (20.0, 40.0));
+        assert_eq!(ratio(5.0, 4.0), Some(1.25));
+        assert_eq!(ratio(5.0, 0.0), None);
+    }
 }
