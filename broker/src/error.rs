@@ -48,9 +48,7 @@ impl PublishError {
             | Self::Starting { .. }
             | Self::ClusterUnavailable(_)
             | Self::KeyInFlight
-            | Self::GatewayReconnecting(_) => {
-                Code::Unavailable
-            }
+            | Self::GatewayReconnecting(_) => Code::Unavailable,
         }
     }
 }

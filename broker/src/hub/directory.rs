@@ -68,9 +68,7 @@ struct Connection {
 impl Directory {
     /// Starts following the gateway holding `worker_id` on session `session`.
     pub(crate) fn attach(&mut self, session: SessionId, worker_id: &str) {
-        self.gateways
-            .entry(session)
-            .or_insert_with(|| Gateway {
+        self.gateways.entry(session).or_insert_with(|| Gateway {
             worker_id: worker_id.to_owned(),
             reported: false,
             connections: HashMap::new(),
@@ -91,9 +89,10 @@ impl Directory {
     /// Records that the gateway of `session` reported: from its first
     /// report on, its connections are known.
     pub(crate) fn reported(&mut self, session: SessionId) -> Result<(), CommandErrorKind> {
-        let gateway = self.gateways.get_mut(&session).ok_or_else(|| {
-            CommandErrorKind::Invalid("claim a worker id before reporting connections".into())
-        })?;
+        let gateway = self
+            .gateways
+            .get_mut(&session)
+            .ok_or_else(|| CommandErrorKind::Invalid("claim a worker id before reporting connections".into()))?;
         gateway.reported = true;
         Ok(())
     }
