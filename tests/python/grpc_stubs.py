@@ -197,12 +197,12 @@ def main():
     )
     holder.expect_ack(10)
     error = expect_rpc_error(
-        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAVAILABLE,
         lambda: publish(to_connection(worker_id, "7"), text("too early")),
-        "a publish to a connection the gateway has not reported",
+        "a publish to a gateway that has not reported its connections yet",
     )
-    assert "is not live" in error.details(), f"unreported connection: {error.details()}"
-    step(f"  before the report: {error.details()}")
+    assert "has not reported its connections" in error.details(), f"unreported gateway: {error.details()}"
+    step(f"  before the first report (retry): {error.details()}")
 
     step("DirectoryReport: the fake gateway reports its connections 7, 8 and 9 as opened")
     holder.send(

@@ -5,6 +5,8 @@
 //! `herald.v1` contract; they are protobuf all the same, so that brokers of
 //! neighbouring versions understand each other.
 
+use std::collections::HashSet;
+
 use herald_proto::v1::{ControlRequest, ControlResponse, Event, QueryRequest, QueryResponse};
 
 /// A question for another broker. Exactly one field is set.
@@ -19,8 +21,7 @@ pub struct Ask {
     pub event: Option<Event>,
 }
 
-/// One broker's answer. (Tag 6 held the worker ids an answer covered;
-/// answers now account for every worker their broker leases.)
+/// One broker's answer.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Answer {
     /// The gRPC status code of a refusal (0 when answered).
@@ -36,6 +37,11 @@ pub struct Answer {
     /// For an event: how many sessions it was handed to.
     #[prost(uint32, tag = "5")]
     pub delivered: u32,
+    /// The worker ids whose part this answer gives. A worker id one answer
+    /// gives is not missing, even if the asker's view of the leases still
+    /// puts it on a broker that did not answer (it just moved).
+    #[prost(string, repeated, tag = "6")]
+    pub workers: Vec<String>,
     /// For a totals query: a hash of each distinct user id (see
     /// [`user_hash`]), so that a user connected through several brokers is
     /// counted once.
@@ -62,10 +68,15 @@ pub struct Gathered {
 }
 
 impl Gathered {
-    /// The expected worker ids whose broker did not answer.
+    /// The expected worker ids whose broker did not answer and whose part
+    /// no other answer gave.
     pub fn unanswered(&self) -> impl Iterator<Item = &str> {
-        let answered: std::collections::HashSet<&str> = self.answers.iter().map(|a| a.broker_id.as_str()).collect();
-        self.expected.iter().filter(move |(_, broker)| !answered.contains(broker.as_str())).map(|(w, _)| w.as_str())
+        let answered: HashSet<&str> = self.answers.iter().map(|a| a.broker_id.as_str()).collect();
+        let given: HashSet<&str> = self.answers.iter().flat_map(|a| a.workers.iter().map(String::as_str)).collect();
+        self.expected
+            .iter()
+            .filter(move |(worker, broker)| !answered.contains(broker.as_str()) && !given.contains(worker.as_str()))
+            .map(|(w, _)| w.as_str())
     }
 }
 
@@ -80,11 +91,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_workers_of_brokers_that_did_not_answer_are_unanswered() {
+    fn only_the_workers_of_brokers_that_did_not_answer_and_no_answer_gave_are_unanswered() {
         let expected = |w: &str, b: &str| (w.to_owned(), b.to_owned());
         let gathered = Gathered {
-            answers: vec![Answer { broker_id: "b1".into(), ..Answer::default() }],
-            expected: vec![expected("w1", "b1"), expected("gone", "b1"), expected("w2", "b2")],
+            answers: vec![Answer {
+                broker_id: "b1".into(),
+                workers: vec!["w1".into(), "moved".into()],
+                ..Answer::default()
+            }],
+            expected: vec![expected("w1", "b1"), expected("gone", "b1"), expected("w2", "b2"), expected("moved", "b2")],
         };
         assert_eq!(gathered.unanswered().collect::<Vec<_>>(), ["w2"]);
     }

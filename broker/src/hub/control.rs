@@ -42,6 +42,8 @@ enum Unconfirmed {
 #[derive(Debug, Default)]
 struct Carried {
     connections: u32,
+    /// The worker ids of this broker's gateways whose part this gives.
+    given: Vec<String>,
     /// The worker ids of this broker's gateways that did not confirm in
     /// time, or have not reported their connections yet.
     missing: Vec<String>,
@@ -87,13 +89,15 @@ impl Hub {
         let gathered = gathered.map_err(|e| PublishError::ClusterUnavailable(e.0))?;
         let mut connections = here.connections;
         let mut missing = here.missing;
+        let mut given = here.given;
         missing.extend(gathered.unanswered().map(str::to_owned));
         for answer in gathered.answers.into_iter().filter(|a| a.code == 0) {
             let response = answer.control.unwrap_or_default();
             connections += response.connections;
             missing.extend(response.missing_workers);
+            given.extend(answer.workers);
         }
-        Ok(ControlResponse { connections, missing_workers: self.sorted_missing(missing) })
+        Ok(ControlResponse { connections, missing_workers: self.still_missing(missing, &given) })
     }
 
     /// Answers a question about the connections of the cluster.
@@ -192,7 +196,7 @@ impl Hub {
     /// Carries out a user- or group-wide control on every gateway of this
     /// broker that holds a selected connection.
     async fn control_wide_here(&self, scope: &Scope, req: &ControlRequest) -> Carried {
-        let (unreported, targets) = {
+        let (given, unreported, targets) = {
             let state = self.read();
             let sessions = match scope {
                 Scope::User(user) => state.directory.sessions_of_user(user),
@@ -206,15 +210,19 @@ impl Hub {
                     state.index.session(id).map(|sink| (sink.clone(), worker))
                 })
                 .collect();
-            (state.directory.unreported_workers().map(str::to_owned).collect(), targets)
+            let given = state.directory.workers().map(str::to_owned).collect();
+            (given, state.directory.unreported_workers().map(str::to_owned).collect(), targets)
         };
         let sent = targets.iter().map(|(sink, _)| self.send_control(sink, req.clone()));
         let confirmed = futures_util::future::join_all(sent).await;
-        let mut carried = Carried { missing: unreported, ..Carried::default() };
+        let mut carried = Carried { given, missing: unreported, ..Carried::default() };
         for ((_, worker), confirmed) in targets.into_iter().zip(confirmed) {
             match confirmed {
                 Ok(n) => carried.connections += n,
-                Err(_) => carried.missing.push(worker),
+                Err(_) => {
+                    carried.given.retain(|w| *w != worker);
+                    carried.missing.push(worker);
+                }
             }
         }
         carried
@@ -300,14 +308,16 @@ impl Hub {
             }
             None => {}
         }
+        let workers = directory.workers().map(str::to_owned).collect();
         let missing = directory.unreported_workers().map(str::to_owned).collect();
-        Answer { query: Some(response), user_hashes, missing, ..Answer::default() }
+        Answer { query: Some(response), user_hashes, workers, missing, ..Answer::default() }
     }
 
     fn merge_queries(&self, here: Answer, gathered: Gathered) -> QueryResponse {
         let mut merged = here.query.unwrap_or_default();
         let mut users: HashSet<u64> = here.user_hashes.into_iter().collect();
         let mut missing = here.missing;
+        let mut given = here.workers;
         missing.extend(gathered.unanswered().map(str::to_owned));
         for answer in gathered.answers.into_iter().filter(|a| a.code == 0) {
             let part = answer.query.unwrap_or_default();
@@ -316,16 +326,21 @@ impl Hub {
             merged.connections.extend(part.connections);
             users.extend(answer.user_hashes);
             missing.extend(answer.missing);
+            given.extend(answer.workers);
         }
         if !users.is_empty() {
             merged.users = users.len() as u64;
         }
-        merged.missing_workers = self.sorted_missing(missing);
+        merged.missing_workers = self.still_missing(missing, &given);
         merged
     }
 
-    /// `missing` sorted, once each, and counted when not empty.
-    fn sorted_missing(&self, mut missing: Vec<String>) -> Vec<String> {
+    /// The worker ids of `missing` whose part no answer gave (a gateway
+    /// that moved between brokers can be both), sorted, once each, and
+    /// counted when there are any.
+    fn still_missing(&self, mut missing: Vec<String>, given: &[String]) -> Vec<String> {
+        let given: HashSet<&String> = given.iter().collect();
+        missing.retain(|w| !given.contains(w));
         missing.sort();
         missing.dedup();
         if !missing.is_empty() {
@@ -375,6 +390,7 @@ impl Hub {
                         connections: carried.connections,
                         missing_workers: carried.missing,
                     }),
+                    workers: carried.given,
                     ..Answer::default()
                 }
             }

@@ -244,7 +244,6 @@ impl Directory {
     }
 
     /// The worker ids of the gateways whose connections are known here.
-    #[cfg(test)]
     pub(crate) fn workers(&self) -> impl Iterator<Item = &str> {
         self.gateways.values().filter(|g| g.reported).map(|g| g.worker_id.as_str())
     }
