@@ -10,6 +10,7 @@
 
 use herald_broker::route;
 use herald_gateway_http::classic;
+use herald_proto::names;
 use herald_proto::v1::{content, target};
 use libfuzzer_sys::fuzz_target;
 
@@ -34,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
             match req.target.as_ref().and_then(|t| t.kind.as_ref()) {
                 Some(target::Kind::Broadcast(_)) => assert_eq!(route.channel, "broadcast"),
                 Some(target::Kind::Connection(addr)) => assert_eq!(route.connection.as_ref(), Some(addr)),
-                other => panic!("the classic API targets broadcast or a connection, got {other:?}"),
+                Some(target::Kind::User(user)) => assert_eq!(route.channel, names::user_channel(user)),
+                Some(target::Kind::Group(group)) => assert_eq!(route.channel, names::group_channel(group)),
+                other => panic!("the classic API targets broadcast, a connection, a user or a group, got {other:?}"),
             }
         }
         Err(e) => {

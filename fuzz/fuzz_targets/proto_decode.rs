@@ -128,7 +128,9 @@ impl Harness {
         match (resolved, result) {
             (Err(expected), Err(got)) => assert_eq!(expected, got, "the hub and route::resolve disagree"),
             (Ok(_), Err(PublishError::UnknownWorker(_))) => assert_eq!(held, Some(false)),
-            (Ok(_), Err(PublishError::UnknownConnection { .. })) => assert_eq!(held, Some(true)),
+            (Ok(_), Err(PublishError::UnknownConnection { .. } | PublishError::GatewayReconnecting(_))) => {
+                assert_eq!(held, Some(true))
+            }
             (Ok(_), Ok(res)) => {
                 assert_ne!(held, Some(false), "published to an unheld worker");
                 assert_eq!(res.subscribers, delivered, "subscribers does not count the events delivered");
