@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use crate::procs::Endpoints;
 use crate::publishers::{self, Address, address};
+use crate::stats::Latency;
 
 /// A client of one broker, on an HTTP/2 connection of its own (clones share it).
 #[derive(Clone)]
@@ -74,5 +75,29 @@ mod tests {
         let Some(selection::Of::Connection(address)) = change.selection.unwrap().of else { panic!("no connection") };
         assert_eq!(joined(&address), "gw0/7");
         assert!(matches!(group_change(&to, "g1", false), control_request::Op::LeaveGroups(_)));
+    }
+}
+
+/// What a set of callers' RPCs came to.
+#[derive(Debug, Default)]
+pub struct Calls {
+    pub answered: u64,
+    pub errors: u64,
+    /// Answers that were not what the caller knew they must be.
+    pub wrong: u64,
+    pub first_error: Option<String>,
+    pub latency: Latency,
+}
+
+impl Calls {
+    /// Adds another caller's calls to these.
+    pub fn merge(&mut self, other: Calls) {
+        self.answered += other.answered;
+        self.errors += other.errors;
+        self.wrong += other.wrong;
+        self.latency.merge(&other.latency);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
     }
 }

@@ -332,18 +332,19 @@ impl Registry {
                 }
             }
             delivery::To::Connections(connections) => {
-                let mut live = Vec::with_capacity(connections.ids.len());
-                for connection_id in &connections.ids {
-                    match connection_id
+                let unknown = std::cell::Cell::new(0);
+                let live = connections.ids.iter().filter_map(|connection_id| {
+                    let found = connection_id
                         .parse::<u64>()
                         .ok()
-                        .and_then(|id| Some((id, &state.connections.get(&id)?.outbox)))
-                    {
-                        Some(found) => live.push(found),
-                        None => fan.outcome.unknown += 1,
+                        .and_then(|id| Some((id, &state.connections.get(&id)?.outbox)));
+                    if found.is_none() {
+                        unknown.set(unknown.get() + 1);
                     }
-                }
-                fan.out(live.into_iter(), frame);
+                    found
+                });
+                fan.out(live, frame);
+                fan.outcome.unknown += unknown.get();
             }
         }
         fan.outcome
@@ -491,14 +492,15 @@ impl Fan<'_> {
     /// Queues `frame` on every outbox of `to` but the excepted ones. The
     /// last one takes the frame itself: a clone of a payload read off the
     /// wire costs an allocation, and most deliveries have one recipient.
-    fn out<'o>(&mut self, to: impl ExactSizeIterator<Item = (u64, &'o Arc<Outbox>)>, frame: Message) {
-        let last = to.len().saturating_sub(1);
+    fn out<'o>(&mut self, to: impl Iterator<Item = (u64, &'o Arc<Outbox>)>, frame: Message) {
+        let mut to = to.peekable();
         let mut frame = Some(frame);
-        for (i, (id, outbox)) in to.enumerate() {
+        while let Some((id, outbox)) = to.next() {
             if !self.except.is_empty() && self.except.contains(&id) {
                 continue;
             }
-            let Some(this) = (if i == last { frame.take() } else { frame.clone() }) else {
+            let last = to.peek().is_none();
+            let Some(this) = (if last { frame.take() } else { frame.clone() }) else {
                 return;
             };
             match outbox.push(this, self.published_us) {

@@ -22,8 +22,8 @@ use crate::cli::{ChurnArgs, Rate};
 use crate::procfs::CpuMeter;
 use crate::procs::Endpoints;
 use crate::publishers::{Address, RandomTargets, To, Via};
-use crate::rpc::{Rpc, group_change, joined};
-use crate::stats::{Column, Latency, Measurement};
+use crate::rpc::{Calls, Rpc, group_change, joined};
+use crate::stats::{Column, Measurement};
 
 use super::phase::{self, Phase};
 use super::{Bench, RowRuns, check_alive, print_table, ratio, topology, watched};
@@ -135,14 +135,10 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What one caller did.
+/// What one caller's controls came to, and where they left its connections.
 #[derive(Default)]
-struct Calls {
-    answered: u64,
-    errors: u64,
-    wrong: u64,
-    first_error: Option<String>,
-    latency: Latency,
+struct Toggled {
+    calls: Calls,
     /// For each owned connection: whether it ends in its group (`None`: unknown, a call failed).
     membership: Vec<(usize, Option<bool>)>,
 }
@@ -171,20 +167,15 @@ async fn churn(
         })
         .collect();
     let mut total = Calls::default();
+    let mut membership = Vec::new();
     for task in tasks {
-        let calls = task.await.context("a control caller failed")?;
-        total.answered += calls.answered;
-        total.errors += calls.errors;
-        total.wrong += calls.wrong;
-        total.latency.merge(&calls.latency);
-        total.membership.extend(calls.membership);
-        if total.first_error.is_none() {
-            total.first_error = calls.first_error;
-        }
+        let toggled = task.await.context("a control caller failed")?;
+        total.merge(toggled.calls);
+        membership.extend(toggled.membership);
     }
     let elapsed = began.elapsed();
     let cpu = meter.finish();
-    let mismatched = check_members(endpoints, &addresses, &total.membership, args.groups).await?;
+    let mismatched = check_members(endpoints, &addresses, &membership, args.groups).await?;
     let m = Measurement {
         ops_rate: total.answered as f64 / elapsed.as_secs_f64(),
         publish_errors: total.errors,
@@ -205,7 +196,7 @@ async fn toggle(
     callers: usize,
     groups: u32,
     deadline: Instant,
-) -> Calls {
+) -> Toggled {
     let mine: Vec<usize> = owned(addresses.len(), caller, callers).collect();
     let names: Vec<String> = mine.iter().map(|&i| group_of(i, groups)).collect();
     let mut member: Vec<Option<bool>> = vec![Some(false); mine.len()];
@@ -239,8 +230,7 @@ async fn toggle(
             }
         }
     }
-    calls.membership = mine.into_iter().zip(member).collect();
-    calls
+    Toggled { calls, membership: mine.into_iter().zip(member).collect() }
 }
 
 /// Queries every group's members and counts the connections that are (or

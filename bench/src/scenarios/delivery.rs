@@ -9,7 +9,7 @@ use crate::cli::{DeliveryArgs, Rate};
 use crate::message;
 use crate::procfs::CpuMeter;
 use crate::publishers::{self, Address, Broadcasts, Msg, Source, To, Via, Window};
-use crate::stats::{Column, Latency, Measurement, Row};
+use crate::stats::{Column, Measurement, Row};
 
 use super::{Bench, check_alive, gateway_rss, measure_runs, print_table, rss_per_connection, watched};
 
@@ -122,23 +122,8 @@ async fn run_once(
     fleet.progress.wait_delivered(expected, args.drain).await;
     let cpu = meter.finish();
     let reports = fleet.reports(std::time::Duration::from_secs(30)).await?;
-    let mut latency = Latency::new();
-    let mut m = Measurement { connections: clients, ..Measurement::default() };
-    let mut delivered = 0;
-    for report in &reports {
-        delivered += report.delivered;
-        m.duplicated += report.duplicated;
-        m.misdelivered += report.misdelivered;
-        m.reordered += report.reordered;
-        m.closed += report.closed;
-        latency.merge(&report.latency());
-    }
     let span_s = fleet.progress.last_delivery_ns().saturating_sub(start_ns) as f64 / 1e9;
-    m.publish_rate = tally.rate();
-    m.delivery_rate = if span_s > 0.0 { delivered as f64 / span_s } else { 0.0 };
-    m.publish_errors = tally.errors;
-    m.lost = expected.saturating_sub(delivered);
-    m.latency = latency.percentiles();
+    let mut m = super::phase::measured(&reports, clients, expected, span_s, &tally);
     m.rss_per_connection_kib = rss_per_connection(baseline, rss, clients);
     m.cpu = cpu;
     check_alive(&mut herald);

@@ -14,8 +14,8 @@ use crate::loadgen::Report;
 use crate::message;
 use crate::procfs::CpuMeter;
 use crate::procs::Endpoints;
-use crate::publishers::{self, Source, Via, Window};
-use crate::stats::{Latency, Measurement};
+use crate::publishers::{self, Source, Tally, Via, Window};
+use crate::stats::{Column, Latency, Measurement};
 
 use super::watched;
 
@@ -73,10 +73,18 @@ pub(super) async fn run(
     let cpu = meter.finish();
     let after = fleet.reports(Duration::from_secs(30)).await?;
     let between = differences(&after, &before);
-    let mut m = Measurement { connections: clients, cpu, ..Measurement::default() };
+    let span_s = fleet.progress.last_delivery_ns().saturating_sub(start_ns) as f64 / 1e9;
+    let m = Measurement { cpu, ..measured(&between, clients, expected, span_s, &tally) };
+    Ok((m, tally.first_error))
+}
+
+/// What the clients' `reports` say of a phase that published `tally` and
+/// expected `expected` deliveries over `span_s` seconds.
+pub(super) fn measured(reports: &[Report], clients: u64, expected: u64, span_s: f64, tally: &Tally) -> Measurement {
+    let mut m = Measurement { connections: clients, ..Measurement::default() };
     let mut delivered = 0;
     let mut latency = Latency::new();
-    for report in &between {
+    for report in reports {
         delivered += report.delivered;
         m.duplicated += report.duplicated;
         m.misdelivered += report.misdelivered;
@@ -84,14 +92,30 @@ pub(super) async fn run(
         m.closed += report.closed;
         latency.merge(&report.latency());
     }
-    let span_s = fleet.progress.last_delivery_ns().saturating_sub(start_ns) as f64 / 1e9;
     m.publish_rate = tally.rate();
     m.delivery_rate = if span_s > 0.0 { delivered as f64 / span_s } else { 0.0 };
     m.publish_errors = tally.errors;
     m.lost = expected.saturating_sub(delivered);
     m.latency = latency.percentiles();
-    Ok((m, tally.first_error))
+    m
 }
+
+/// The columns of a scenario that compares two kinds of target on the
+/// same clients, with the ratio between them.
+pub(super) const COMPARED_COLUMNS: [Column; 12] = [
+    Column::Connections,
+    Column::PublishRate,
+    Column::DeliveryRate,
+    Column::Ratio,
+    Column::PublishErrors,
+    Column::Lost,
+    Column::Duplicated,
+    Column::Misdelivered,
+    Column::Reordered,
+    Column::Closed,
+    Column::Latency,
+    Column::Cpu,
+];
 
 /// Each process's report since its earlier one (the processes answer in the same order).
 fn differences(after: &[Report], before: &[Report]) -> Vec<Report> {

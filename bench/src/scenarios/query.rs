@@ -25,8 +25,8 @@ use crate::cli::{QueryArgs, QueryKind};
 use crate::procfs::CpuMeter;
 use crate::procs::Endpoints;
 use crate::publishers::{Address, address, xorshift};
-use crate::rpc::{Rpc, joined};
-use crate::stats::{Column, Latency, Measurement};
+use crate::rpc::{Calls, Rpc, joined};
+use crate::stats::{Column, Measurement};
 
 use super::{Bench, RowRuns, check_alive, print_table, ratio, topology, watched};
 
@@ -178,16 +178,6 @@ fn split_by_broker(
     (Arc::new(local), Arc::new(remote))
 }
 
-/// What one caller measured.
-#[derive(Default)]
-struct Calls {
-    answered: u64,
-    errors: u64,
-    wrong: u64,
-    first_error: Option<String>,
-    latency: Latency,
-}
-
 /// `concurrency` callers ask `asked` for `duration`.
 async fn ask(
     endpoints: &Endpoints,
@@ -209,14 +199,7 @@ async fn ask(
         .collect();
     let mut total = Calls::default();
     for caller in callers {
-        let calls = caller.await.context("a query caller failed")?;
-        total.answered += calls.answered;
-        total.errors += calls.errors;
-        total.wrong += calls.wrong;
-        total.latency.merge(&calls.latency);
-        if total.first_error.is_none() {
-            total.first_error = calls.first_error;
-        }
+        total.merge(caller.await.context("a query caller failed")?);
     }
     let m = Measurement {
         ops_rate: total.answered as f64 / began.elapsed().as_secs_f64(),

@@ -14,20 +14,7 @@ use crate::stats::Column;
 use super::phase::{self, Phase};
 use super::{Bench, RowRuns, check_alive, print_table, ratio, topology};
 
-const COLUMNS: [Column; 12] = [
-    Column::Connections,
-    Column::PublishRate,
-    Column::DeliveryRate,
-    Column::Ratio,
-    Column::PublishErrors,
-    Column::Lost,
-    Column::Duplicated,
-    Column::Misdelivered,
-    Column::Reordered,
-    Column::Closed,
-    Column::Latency,
-    Column::Cpu,
-];
+const COLUMNS: [Column; 12] = phase::COMPARED_COLUMNS;
 
 /// What a message is addressed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
