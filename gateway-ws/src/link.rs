@@ -131,6 +131,9 @@ async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &Cancell
 async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &CancellationToken) -> SessionEnd {
     let mut awaiting_acks = 2;
     let mut draining = false;
+    // One wait for the journal, kept across events: a fresh one per event
+    // would register and unregister a waiter for every event received.
+    let mut changed = std::pin::pin!(shared.registry.changed());
     loop {
         let item = tokio::select! {
             () = stop.cancelled(), if !draining => {
@@ -140,7 +143,8 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
                 draining = true;
                 continue;
             }
-            () = shared.registry.changed(), if awaiting_acks == 0 => {
+            () = &mut changed, if awaiting_acks == 0 => {
+                changed.set(shared.registry.changed());
                 if let Err(status) = report_changes(shared, session.commands.as_ref()).await {
                     return SessionEnd::Lost { status, linked: true };
                 }
