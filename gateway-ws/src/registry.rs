@@ -73,6 +73,9 @@ pub struct Registry {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Every open connection's outbox, apart from its directory entry, so
+    /// that a delivery walks a map of pointers, not of whole entries.
+    outboxes: Members,
     connections: HashMap<u64, Entry>,
     users: HashMap<Arc<str>, Members>,
     groups: HashMap<Arc<str>, Members>,
@@ -156,6 +159,7 @@ impl Registry {
             state.expiries.insert((expires_at, id));
         }
         let change = directory_change::Change::Opened(entry.snapshot());
+        state.outboxes.insert(id, entry.outbox.clone());
         state.connections.insert(id, entry);
         let seq = state.journal(id, change);
         drop(state);
@@ -170,6 +174,7 @@ impl Registry {
         let mut state = self.write();
         let journaled = state.detach(id);
         state.connections.remove(&id);
+        state.outboxes.remove(&id);
         drop(state);
         if journaled {
             self.journaled.notify_one();
@@ -320,7 +325,7 @@ impl Registry {
         let state = self.read();
         let mut fan = Fan { except, published_us, outcome: Outcome::default() };
         match to {
-            delivery::To::Everyone(_) => fan.out(state.connections.iter().map(|(id, e)| (*id, &e.outbox)), frame),
+            delivery::To::Everyone(_) => fan.out(state.outboxes.iter().map(|(id, outbox)| (*id, outbox)), frame),
             delivery::To::User(user) => {
                 if let Some(members) = state.users.get(user.as_str()) {
                     fan.out(members.iter().map(|(id, outbox)| (*id, outbox)), frame);
@@ -337,7 +342,7 @@ impl Registry {
                     let found = connection_id
                         .parse::<u64>()
                         .ok()
-                        .and_then(|id| Some((id, &state.connections.get(&id)?.outbox)));
+                        .and_then(|id| Some((id, state.outboxes.get(&id)?)));
                     if found.is_none() {
                         unknown.set(unknown.get() + 1);
                     }
@@ -352,14 +357,14 @@ impl Registry {
 
     /// Closes every connection for `reason`.
     pub fn close_all(&self, reason: CloseReason) {
-        for entry in self.read().connections.values() {
-            entry.outbox.close(reason);
+        for outbox in self.read().outboxes.values() {
+            outbox.close(reason);
         }
     }
 
     /// Bytes queued on all connections together.
     pub fn queued_bytes(&self) -> usize {
-        self.read().connections.values().map(|e| e.outbox.queued_bytes()).sum()
+        self.read().outboxes.values().map(|o| o.queued_bytes()).sum()
     }
 
     /// Pings every connection heard from since `silent_since_ms`, and closes
@@ -367,8 +372,7 @@ impl Registry {
     pub fn heartbeat(&self, silent_since_ms: u64) -> Sweep {
         let state = self.read();
         let mut sweep = Sweep::default();
-        for entry in state.connections.values() {
-            let outbox = &entry.outbox;
+        for outbox in state.outboxes.values() {
             if outbox.last_heard() < silent_since_ms {
                 outbox.close(CloseReason::Unresponsive);
                 sweep.unresponsive += 1;
