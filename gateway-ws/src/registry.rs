@@ -339,10 +339,7 @@ impl Registry {
             delivery::To::Connections(connections) => {
                 let unknown = std::cell::Cell::new(0);
                 let live = connections.ids.iter().filter_map(|connection_id| {
-                    let found = connection_id
-                        .parse::<u64>()
-                        .ok()
-                        .and_then(|id| Some((id, state.outboxes.get(&id)?)));
+                    let found = connection_id.parse::<u64>().ok().and_then(|id| Some((id, state.outboxes.get(&id)?)));
                     if found.is_none() {
                         unknown.set(unknown.get() + 1);
                     }
