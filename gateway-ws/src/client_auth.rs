@@ -354,6 +354,11 @@ impl ClientAuth {
 }
 
 /// A NumericDate claim in whole seconds; RFC 7519 allows fractions.
+/// The time tokens are checked against: now, in unix seconds.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn numeric_date(value: Option<&Value>, malformed: &'static str) -> Result<Option<u64>, TokenRejection> {
     let Some(value) = value else { return Ok(None) };
     let seconds = value.as_u64().or_else(|| value.as_f64().filter(|s| s.is_finite() && *s >= 0.0).map(|s| s as u64));

@@ -119,8 +119,8 @@ fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> 
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("authorization"))
         .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| v.trim().strip_prefix("Bearer ").or_else(|| v.trim().strip_prefix("bearer ")))
-        .map(|t| t.trim().to_owned());
+        .and_then(herald_common::auth::bearer_token)
+        .map(str::to_owned);
     let token = header.or_else(|| query_param(request.path.unwrap_or("/"), "token"));
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Err(Refusal::unauthorized(
@@ -128,8 +128,7 @@ fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> 
             "a token is required: send 'Authorization: Bearer <jwt>' or connect with ?token=<jwt>".into(),
         ));
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    match auth.verify(&token, now) {
+    match auth.verify(&token, crate::client_auth::unix_now()) {
         Ok(identity) => {
             Ok(Identity { user_id: Some(identity.user_id), groups: identity.groups, expires_at: identity.expires_at })
         }

@@ -216,8 +216,7 @@ async fn expire_tokens(shared: Arc<Shared>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let expired = shared.registry.expire(now);
+        let expired = shared.registry.expire(client_auth::unix_now());
         if expired > 0 {
             tracing::debug!(count = expired, "closing connections whose token expired");
         }

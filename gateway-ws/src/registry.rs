@@ -147,13 +147,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = self.write();
         let user = identity.user_id.as_deref().map(Arc::from);
-        let mut groups: Vec<Arc<str>> = Vec::new();
-        for group in identity.groups.iter().take(MAX_GROUPS_PER_CONNECTION) {
-            if !groups.iter().any(|g| **g == **group) {
-                groups.push(Arc::from(group.as_str()));
-            }
-        }
-        let entry = Entry { outbox, user, groups, data: BTreeMap::new(), detached: false };
+        let mut entry = Entry { outbox, user, groups: Vec::new(), data: BTreeMap::new(), detached: false };
+        entry.join(&identity.groups);
         state.index(id, &entry);
         if let Some(expires_at) = identity.expires_at {
             state.expiries.insert((expires_at, id));
@@ -240,14 +235,7 @@ impl Registry {
             }
             Some(control_request::Op::JoinGroups(change)) => {
                 let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
-                let groups = change.groups;
-                state.edit_all(&ids, |e| {
-                    for group in &groups {
-                        if e.groups.len() < MAX_GROUPS_PER_CONNECTION && !e.groups.iter().any(|g| **g == **group) {
-                            e.groups.push(Arc::from(group.as_str()));
-                        }
-                    }
-                })
+                state.edit_all(&ids, |e| e.join(&change.groups))
             }
             Some(control_request::Op::LeaveGroups(change)) => {
                 let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
@@ -449,20 +437,18 @@ impl State {
         let Some(id) = id else {
             return 0;
         };
-        let Some(entry) = self.connections.get_mut(&id).filter(|e| !e.detached) else {
+        let Some(mut entry) = self.connections.remove(&id) else {
             return 0;
         };
-        let (old_user, old_groups) = (entry.user.clone(), entry.groups.clone());
-        edit(entry);
-        let (user, groups, outbox, snapshot) =
-            (entry.user.clone(), entry.groups.clone(), entry.outbox.clone(), entry.snapshot());
-        self.unindex(id, old_user.as_ref(), &old_groups);
-        if let Some(user) = user {
-            self.users.entry(user).or_default().insert(id, outbox.clone());
+        if entry.detached {
+            self.connections.insert(id, entry);
+            return 0;
         }
-        for group in groups {
-            self.groups.entry(group).or_default().insert(id, outbox.clone());
-        }
+        self.unindex(id, entry.user.as_ref(), &entry.groups);
+        edit(&mut entry);
+        self.index(id, &entry);
+        let snapshot = entry.snapshot();
+        self.connections.insert(id, entry);
         self.journal(id, directory_change::Change::State(snapshot));
         1
     }
@@ -473,6 +459,16 @@ impl State {
 }
 
 impl Entry {
+    /// Puts the connection in `groups`, each once, up to
+    /// [`MAX_GROUPS_PER_CONNECTION`].
+    fn join(&mut self, groups: &[String]) {
+        for group in groups {
+            if self.groups.len() < MAX_GROUPS_PER_CONNECTION && !self.groups.iter().any(|g| **g == **group) {
+                self.groups.push(Arc::from(group.as_str()));
+            }
+        }
+    }
+
     fn snapshot(&self) -> ConnectionState {
         ConnectionState {
             user_id: self.user.as_deref().unwrap_or_default().to_owned(),

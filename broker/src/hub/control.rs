@@ -11,13 +11,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, GatewayControl, QueryRequest, QueryResponse, SubscribeResponse, control_request,
-    query_request, subscribe_response,
+    ConnectionAddress, ControlRequest, ControlResponse, GatewayControl, QueryRequest, QueryResponse, SubscribeResponse,
+    control_request, query_request, subscribe_response,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use super::Hub;
 use super::index::SessionId;
+use super::publish::check_live;
 use super::session::Sink;
 use crate::control::{self, CONTROL_LABELS, Scope};
 use crate::error::PublishError;
@@ -67,13 +68,10 @@ impl Hub {
 
     async fn control_checked(&self, req: ControlRequest) -> Result<ControlResponse, PublishError> {
         let scope = control::control_scope(&req)?;
-        self.check_serving()?;
+        self.check_serving(&self.read())?;
         let timeout = self.shared.limits.answer_timeout;
         if let Scope::Connection(address) = &scope {
-            let holder = self.read().index.holder(&address.worker_id).cloned();
-            if let Some(sink) = holder {
-                let connections =
-                    self.control_connection_here(&sink, &address.worker_id, &address.connection_id, req).await?;
+            if let Some(connections) = self.control_connection_here(address, &req).await? {
                 return Ok(ControlResponse { connections, missing_workers: Vec::new() });
             }
             if !self.federation().held_elsewhere(&address.worker_id) {
@@ -112,7 +110,7 @@ impl Hub {
 
     async fn query_checked(&self, req: QueryRequest) -> Result<QueryResponse, PublishError> {
         let scope = control::query_scope(&req)?;
-        self.check_serving()?;
+        self.check_serving(&self.read())?;
         if let Scope::Connection(address) = &scope {
             if self.worker_is_held(&address.worker_id) {
                 return Ok(self.query_here(&req).query.unwrap_or_default());
@@ -128,20 +126,6 @@ impl Hub {
         let gathered = gathered.map_err(|e| PublishError::ClusterUnavailable(e.0))?;
         let here = self.query_here(&req);
         Ok(self.merge_queries(here, gathered))
-    }
-
-    /// Refuses work while the broker cannot do it.
-    fn check_serving(&self) -> Result<(), PublishError> {
-        if self.is_shutting_down() {
-            return Err(PublishError::ShuttingDown);
-        }
-        if self.is_starting() {
-            return Err(PublishError::Starting { grace: self.shared.limits.startup_grace });
-        }
-        if let Some(reason) = self.federation().unready_reason() {
-            return Err(PublishError::ClusterUnavailable(reason.to_owned()));
-        }
-        Ok(())
     }
 
     /// Asks the broker serving `worker_id`; its refusal becomes ours.
@@ -161,34 +145,30 @@ impl Hub {
         Ok(answer)
     }
 
-    /// Carries out a control on one connection of a gateway of this broker.
+    /// Carries out a control on one connection of a gateway of this
+    /// broker; `None` when no gateway of this broker holds its worker id.
     async fn control_connection_here(
         &self,
-        sink: &Arc<Sink>,
-        worker_id: &str,
-        connection_id: &str,
-        req: ControlRequest,
-    ) -> Result<u32, PublishError> {
-        {
+        address: &ConnectionAddress,
+        req: &ControlRequest,
+    ) -> Result<Option<u32>, PublishError> {
+        let sink = {
             let state = self.read();
-            if !state.directory.has_reported(sink.session_id) {
-                return Err(PublishError::GatewayReconnecting(worker_id.to_owned()));
-            }
-            if !state.directory.has_connection(sink.session_id, connection_id) {
-                return Err(PublishError::UnknownConnection {
-                    worker_id: worker_id.to_owned(),
-                    connection_id: connection_id.to_owned(),
-                });
-            }
+            let Some(sink) = state.index.holder(&address.worker_id).cloned() else {
+                return Ok(None);
+            };
+            check_live(&state, address)?;
             if let Some(control_request::Op::SetData(set)) = &req.op {
                 state
                     .directory
-                    .check_data_change(sink.session_id, connection_id, set)
+                    .check_data_change(sink.session_id, &address.connection_id, set)
                     .map_err(PublishError::Invalid)?;
             }
-        }
-        self.send_control(sink, req).await.map_err(|unconfirmed| PublishError::NotConfirmed {
-            worker_id: worker_id.to_owned(),
+            sink
+        };
+        let confirmed = self.send_control(&sink, req.clone()).await;
+        confirmed.map(Some).map_err(|unconfirmed| PublishError::NotConfirmed {
+            worker_id: address.worker_id.clone(),
             why: unconfirmed.to_string(),
         })
     }
@@ -370,19 +350,14 @@ impl Hub {
             Err(e) => return refused(e),
         };
         match scope {
-            Scope::Connection(address) => {
-                let holder = self.read().index.holder(&address.worker_id).cloned();
-                let Some(sink) = holder else {
-                    return refused(PublishError::UnknownWorker(address.worker_id));
-                };
-                match self.control_connection_here(&sink, &address.worker_id, &address.connection_id, req).await {
-                    Ok(connections) => Answer {
-                        control: Some(ControlResponse { connections, missing_workers: Vec::new() }),
-                        ..Answer::default()
-                    },
-                    Err(e) => refused(e),
-                }
-            }
+            Scope::Connection(address) => match self.control_connection_here(&address, &req).await {
+                Ok(Some(connections)) => Answer {
+                    control: Some(ControlResponse { connections, missing_workers: Vec::new() }),
+                    ..Answer::default()
+                },
+                Ok(None) => refused(PublishError::UnknownWorker(address.worker_id)),
+                Err(e) => refused(e),
+            },
             scope => {
                 let carried = self.control_wide_here(&scope, &req).await;
                 Answer {

@@ -202,15 +202,7 @@ impl Hub {
     fn route(&self, req: &PublishRequest) -> Result<Routed, PublishError> {
         let route = route::resolve(req, self.shared.limits.max_content_bytes)?;
         let state = self.read();
-        if state.shutting_down {
-            return Err(PublishError::ShuttingDown);
-        }
-        if self.is_starting() {
-            return Err(PublishError::Starting { grace: self.shared.limits.startup_grace });
-        }
-        if let Some(reason) = self.federation().unready_reason() {
-            return Err(PublishError::ClusterUnavailable(reason.to_owned()));
-        }
+        self.check_serving(&state)?;
         let beyond = match &route.connection {
             None => Beyond::Listeners,
             Some(address) if state.index.holds(&address.worker_id) => {
@@ -227,6 +219,21 @@ impl Hub {
             Beyond::Listeners | Beyond::Nowhere => state.index.listeners(&route.channel),
         };
         Ok(Routed { route, listeners, beyond })
+    }
+
+    /// Refuses publishes, controls and queries while the broker cannot
+    /// serve them: shutting down, starting, or cut off from its cluster.
+    pub(super) fn check_serving(&self, state: &State) -> Result<(), PublishError> {
+        if state.shutting_down {
+            return Err(PublishError::ShuttingDown);
+        }
+        if self.is_starting() {
+            return Err(PublishError::Starting { grace: self.shared.limits.startup_grace });
+        }
+        if let Some(reason) = self.federation().unready_reason() {
+            return Err(PublishError::ClusterUnavailable(reason.to_owned()));
+        }
+        Ok(())
     }
 
     /// Handles what the federation sends: events published on other brokers,
@@ -318,7 +325,7 @@ impl Hub {
 
 /// Refuses a connection that is not live on the gateway of this broker
 /// holding its worker id.
-fn check_live(state: &State, address: &ConnectionAddress) -> Result<(), PublishError> {
+pub(super) fn check_live(state: &State, address: &ConnectionAddress) -> Result<(), PublishError> {
     let holder = state.index.holder(&address.worker_id).map(|sink| sink.session_id);
     if holder.is_some_and(|session| !state.directory.has_reported(session)) {
         return Err(PublishError::GatewayReconnecting(address.worker_id.clone()));
