@@ -44,9 +44,6 @@ pub struct Route {
     pub channel: String,
     /// Size of the content, in bytes.
     pub content_bytes: usize,
-    /// For a connection target: the worker id that must be held by a live
-    /// gateway, and the connection that must be live on it.
-    pub connection: Option<ConnectionAddress>,
     /// What a gateway receiving the event does with it; none for a channel
     /// target, whose events are for the channel's subscriber sessions.
     pub delivery: Option<Delivery>,
@@ -68,6 +65,16 @@ fn check_except(except: &[ConnectionAddress]) -> Result<(), PublishError> {
         names::validate_connection_id(&address.connection_id)?;
     }
     Ok(())
+}
+
+/// The connection a publish is for: the worker id that must be held by a
+/// live gateway, and the connection that must be live on it. `None` for
+/// every other kind of target.
+pub fn target_connection(req: &PublishRequest) -> Option<&ConnectionAddress> {
+    match req.target.as_ref()?.kind.as_ref()? {
+        target::Kind::Connection(address) => Some(address),
+        _ => None,
+    }
 }
 
 /// Validates `req` against the grammar and `max_content_bytes`, and names its channel.
@@ -93,7 +100,7 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
     })?;
     let except = target.map_or(&[][..], |t| &t.except);
     check_except(except)?;
-    let route = |kind, channel, delivery| Route { kind, channel, content_bytes: len, connection: None, delivery };
+    let route = |kind, channel, delivery| Route { kind, channel, content_bytes: len, delivery };
     match kind {
         target::Kind::Broadcast(_) => Ok(route(
             TargetKind::Broadcast,
@@ -104,14 +111,11 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
             names::validate_worker_id(&addr.worker_id)?;
             names::validate_connection_id(&addr.connection_id)?;
             let ids = ConnectionIds { ids: vec![addr.connection_id.clone()] };
-            Ok(Route {
-                connection: Some(addr.clone()),
-                ..route(
-                    TargetKind::Connection,
-                    names::worker_channel(&addr.worker_id),
-                    deliver(delivery::To::Connections(ids), except),
-                )
-            })
+            Ok(route(
+                TargetKind::Connection,
+                names::worker_channel(&addr.worker_id),
+                deliver(delivery::To::Connections(ids), except),
+            ))
         }
         target::Kind::User(user) => {
             names::validate_user_id(user)?;
@@ -162,8 +166,10 @@ mod tests {
 
     #[test]
     fn broadcast_travels_on_the_broadcast_channel() {
-        let r = resolve(&req(target::Kind::Broadcast(Broadcast {}), "hi"), 10).unwrap();
-        assert_eq!((r.kind, r.channel.as_str(), r.connection), (TargetKind::Broadcast, "broadcast", None));
+        let publish = req(target::Kind::Broadcast(Broadcast {}), "hi");
+        let r = resolve(&publish, 10).unwrap();
+        assert_eq!((r.kind, r.channel.as_str()), (TargetKind::Broadcast, "broadcast"));
+        assert_eq!(target_connection(&publish), None);
     }
 
     #[test]
@@ -174,9 +180,10 @@ mod tests {
 
     #[test]
     fn a_connection_travels_on_its_worker_channel_to_that_one_connection() {
-        let r = resolve(&req(to("w1", "7"), "hi"), 10).unwrap();
+        let publish = req(to("w1", "7"), "hi");
+        let r = resolve(&publish, 10).unwrap();
         assert_eq!(r.channel, "worker.w1");
-        assert_eq!(r.connection.map(|a| a.worker_id).as_deref(), Some("w1"));
+        assert_eq!(target_connection(&publish).map(|a| a.worker_id.as_str()), Some("w1"));
         assert_eq!(r.delivery, deliver(delivery::To::Connections(ConnectionIds { ids: vec!["7".into()] }), &[]));
     }
 

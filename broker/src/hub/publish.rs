@@ -203,7 +203,7 @@ impl Hub {
         let route = route::resolve(req, self.shared.limits.max_content_bytes)?;
         let state = self.read();
         self.check_serving(&state)?;
-        let beyond = match &route.connection {
+        let beyond = match route::target_connection(req) {
             None => Beyond::Listeners,
             Some(address) if state.index.holds(&address.worker_id) => {
                 check_live(&state, address)?;
