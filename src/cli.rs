@@ -232,7 +232,7 @@ pub struct ContentArgs {
 
 #[derive(Debug, Args)]
 pub struct BrokerOptions {
-    /// Most messages in one batch publish.
+    /// Most messages in one batch publish, and most controls in one batch of controls.
     #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = hub::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
     /// Most channels one subscriber session may listen on.

@@ -25,6 +25,30 @@ pub enum Scope {
     All,
 }
 
+/// What the controls of a batch are ordered by: those with the same key are
+/// carried out one after the other, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OrderKey {
+    Connection { worker_id: String, connection_id: String },
+    User(String),
+    Group(String),
+    All,
+}
+
+impl Scope {
+    pub fn order_key(&self) -> OrderKey {
+        match self {
+            Scope::Connection(address) => OrderKey::Connection {
+                worker_id: address.worker_id.clone(),
+                connection_id: address.connection_id.clone(),
+            },
+            Scope::User(user) => OrderKey::User(user.clone()),
+            Scope::Group(group) => OrderKey::Group(group.clone()),
+            Scope::All => OrderKey::All,
+        }
+    }
+}
+
 /// What a control does, for metrics.
 pub fn control_label(req: &ControlRequest) -> &'static str {
     match &req.op {

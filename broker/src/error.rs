@@ -2,7 +2,10 @@
 //! that map onto gRPC status codes.
 
 use herald_proto::names::NameError;
-use herald_proto::v1::{PublishError as PublishErrorMessage, PublishResponse, PublishResult, publish_result};
+use herald_proto::v1::{
+    ControlResponse, ControlResult, PublishError as PublishErrorMessage, PublishResponse, PublishResult,
+    control_result, publish_result,
+};
 use tonic::{Code, Status};
 
 /// A publish, control or query the broker refused.
@@ -24,7 +27,7 @@ pub enum PublishError {
     Remote { code: Code, message: String },
     #[error("content is {len} bytes; the limit is {max}")]
     TooLarge { len: usize, max: usize },
-    #[error("batch has {len} messages; the limit is {max}")]
+    #[error("batch has {len} entries; the limit is {max}")]
     BatchTooLarge { len: usize, max: usize },
     #[error("broker is shutting down")]
     ShuttingDown,
@@ -66,6 +69,18 @@ pub(crate) fn publish_result(r: Result<PublishResponse, PublishError>) -> Publis
             Ok(published) => publish_result::Outcome::Published(published),
             Err(e) => {
                 publish_result::Outcome::Error(PublishErrorMessage { code: e.code() as u32, message: e.to_string() })
+            }
+        }),
+    }
+}
+
+/// The wire form of one control's outcome in a batch.
+pub(crate) fn control_result(r: Result<ControlResponse, PublishError>) -> ControlResult {
+    ControlResult {
+        outcome: Some(match r {
+            Ok(done) => control_result::Outcome::Done(done),
+            Err(e) => {
+                control_result::Outcome::Error(PublishErrorMessage { code: e.code() as u32, message: e.to_string() })
             }
         }),
     }

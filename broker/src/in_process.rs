@@ -7,12 +7,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use herald_client::{Broker, BrokerSession, SessionCommands};
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse,
-    SubscribeRequest,
+    ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse, PublishResult, QueryRequest,
+    QueryResponse, SubscribeRequest,
 };
 use tonic::Status;
 
-use crate::error::publish_result;
+use crate::error::{control_result, publish_result};
 use crate::hub::{Hub, Session};
 
 #[async_trait]
@@ -27,6 +27,10 @@ impl Broker for Hub {
 
     async fn control(&self, req: ControlRequest) -> Result<ControlResponse, Status> {
         Hub::control(self, req).await.map_err(Status::from)
+    }
+
+    async fn control_batch(&self, requests: Vec<ControlRequest>) -> Result<Vec<ControlResult>, Status> {
+        Ok(Hub::control_batch(self, requests).await?.into_iter().map(control_result).collect())
     }
 
     async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {

@@ -3,15 +3,15 @@
 
 use herald_proto::v1::broker_service_server::BrokerService;
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse,
-    QueryRequest, QueryResponse, SubscribeRequest,
+    ControlBatchRequest, ControlBatchResponse, ControlRequest, ControlResponse, PublishBatchRequest,
+    PublishBatchResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse, SubscribeRequest,
 };
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use herald_common::auth::ApiKeys;
 
-use crate::error::publish_result;
+use crate::error::{control_result, publish_result};
 use crate::hub::{Hub, SessionEvents};
 
 /// The gRPC face of a [`Hub`].
@@ -68,6 +68,15 @@ impl BrokerService for BrokerGrpc {
 
     async fn control(&self, request: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
         Ok(Response::new(self.hub.control(request.into_inner()).await?))
+    }
+
+    async fn control_batch(
+        &self,
+        request: Request<ControlBatchRequest>,
+    ) -> Result<Response<ControlBatchResponse>, Status> {
+        let results = self.hub.control_batch(request.into_inner().requests).await?;
+        let results = results.into_iter().map(control_result).collect();
+        Ok(Response::new(ControlBatchResponse { results }))
     }
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {

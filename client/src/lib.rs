@@ -18,8 +18,8 @@ use std::pin::Pin;
 
 use async_trait::async_trait;
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse,
-    SubscribeRequest, SubscribeResponse,
+    ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse, PublishResult, QueryRequest,
+    QueryResponse, SubscribeRequest, SubscribeResponse,
 };
 use tokio_stream::Stream;
 use tonic::Status;
@@ -39,6 +39,11 @@ pub trait Broker: Send + Sync + 'static {
     /// Changes who is on the gateways' connections (binds, groups, data,
     /// closes), answering once the change is in effect.
     async fn control(&self, req: ControlRequest) -> Result<ControlResponse, Status>;
+
+    /// Carries out several controls, each on its own: one result per
+    /// control, in order (see `ControlBatch` in the proto for which run in
+    /// order).
+    async fn control_batch(&self, requests: Vec<ControlRequest>) -> Result<Vec<ControlResult>, Status>;
 
     /// Asks who is connected, across the cluster.
     async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status>;

@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, QueryRequest,
-    QueryResponse, SubscribeRequest,
+    ControlBatchRequest, ControlRequest, ControlResponse, ControlResult, PublishBatchRequest, PublishRequest,
+    PublishResponse, PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -259,6 +259,17 @@ impl Broker for RemoteBrokers {
             })
             .await?;
         Ok(answer.0.into_inner())
+    }
+
+    async fn control_batch(&self, requests: Vec<ControlRequest>) -> Result<Vec<ControlResult>, Status> {
+        let answer = self
+            .inner
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(ControlBatchRequest { requests: requests.clone() });
+                async move { client.control_batch(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner().results)
     }
 
     async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {

@@ -54,10 +54,12 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use herald_proto::v1::{
     BindUser, Broadcast, CloseConnections, ConnectionAddress, ConnectionInfo, Content, ControlRequest, ControlResponse,
-    GroupChange, PublishError, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse, Selection,
-    SetConnectionData, Target, Totals, content, control_request, publish_result, query_request, selection, target,
+    ControlResult, GroupChange, PublishError, PublishRequest, PublishResponse, PublishResult, QueryRequest,
+    QueryResponse, Selection, SetConnectionData, Target, Totals, content, control_request, control_result,
+    publish_result, query_request, selection, target,
 };
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -114,6 +116,14 @@ enum ContentBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
+    requests: Vec<Value>,
+}
+
+/// A batch of controls, each checked on its own like the entries of a
+/// [`BatchBody`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlBatchBody {
     requests: Vec<Value>,
 }
 
@@ -254,17 +264,31 @@ impl PublishBody {
 impl BatchBody {
     /// Each entry as a request, or the reason it is refused (naming its index).
     pub fn into_entries(self) -> Vec<Result<PublishRequest, ApiError>> {
-        self.requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, entry)| {
-                serde_json::from_value::<PublishBody>(entry)
-                    .map_err(|e| ApiError::bad_request(format!("invalid entry: {e}")))
-                    .and_then(PublishBody::into_request)
-                    .map_err(|e| ApiError { message: format!("requests[{i}]: {}", e.message), ..e })
-            })
-            .collect()
+        entries(self.requests, PublishBody::into_request)
     }
+}
+
+impl ControlBatchBody {
+    /// Each entry as a control, or the reason it is refused (naming its index).
+    pub fn into_entries(self) -> Vec<Result<ControlRequest, ApiError>> {
+        entries(self.requests, ControlBody::into_request)
+    }
+}
+
+fn entries<B: DeserializeOwned, R>(
+    values: Vec<Value>,
+    into_request: impl Fn(B) -> Result<R, ApiError>,
+) -> Vec<Result<R, ApiError>> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            serde_json::from_value::<B>(entry)
+                .map_err(|e| ApiError::bad_request(format!("invalid entry: {e}")))
+                .and_then(&into_request)
+                .map_err(|e| ApiError { message: format!("requests[{i}]: {}", e.message), ..e })
+        })
+        .collect()
 }
 
 impl SelectionBody {
@@ -354,6 +378,27 @@ pub fn batch_results(results: &[PublishResult]) -> Value {
         .map(|r| match &r.outcome {
             Some(publish_result::Outcome::Published(p)) => json!({ "published": published(p) }),
             Some(publish_result::Outcome::Error(e)) => json!({ "error": { "code": e.code, "message": e.message } }),
+            None => json!({}),
+        })
+        .collect();
+    json!({ "results": results })
+}
+
+/// A control of a batch refused before it reached the broker.
+pub fn control_refused(e: &ApiError) -> ControlResult {
+    ControlResult {
+        outcome: Some(control_result::Outcome::Error(PublishError { code: e.code as u32, message: e.message.clone() })),
+    }
+}
+
+/// `{"results": [{"done": {…}} or {"error": {"code": …, "message": …}}, …]}`,
+/// each `done` as [`control_answer`] gives it.
+pub fn control_batch_results(results: &[ControlResult]) -> Value {
+    let results: Vec<Value> = results
+        .iter()
+        .map(|r| match &r.outcome {
+            Some(control_result::Outcome::Done(done)) => json!({ "done": control_answer(done) }),
+            Some(control_result::Outcome::Error(e)) => json!({ "error": { "code": e.code, "message": e.message } }),
             None => json!({}),
         })
         .collect();

@@ -7,7 +7,8 @@
 //!   e.g. `{"target":{"user":"ana"},"content":{"text":"hi"}}`;
 //! - `POST /v1/control`: binds users, changes groups and connection data,
 //!   closes connections, e.g. `{"join_groups":{"selection":{"user":"ana"},"groups":["room-1"]}}`,
-//!   answering `{"connections":N,"missing_workers":[…]}`;
+//!   answering `{"connections":N,"missing_workers":[…]}`; `POST /v1/control/batch`
+//!   takes `{"requests":[…]}` of those and answers `{"results":[{"done":{…}}|{"error":{…}},…]}`;
 //! - `POST /v1/query`: asks who is connected, e.g. `{"group_count":"room-1"}`,
 //!   answering `{"online":…,"connections":[…],"count":…,"users":…,"missing_workers":[…]}`;
 //! - read-only views answering as `/v1/query` does:
@@ -44,7 +45,9 @@ use herald_client::Broker;
 use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
-use herald_proto::v1::{ConnectionAddress, PublishResult, QueryRequest, Totals, publish_result, query_request};
+use herald_proto::v1::{
+    ConnectionAddress, PublishResult, QueryRequest, Totals, control_result, publish_result, query_request,
+};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -129,6 +132,7 @@ impl HttpGateway {
             .route("/v1/publish", only(post(json_publish), "POST"))
             .route("/v1/batch", only(post(json_batch), "POST"))
             .route("/v1/control", only(post(json_control), "POST"))
+            .route("/v1/control/batch", only(post(json_control_batch), "POST"))
             .route("/v1/query", only(post(json_query), "POST"))
             .route("/v1/users/{user_id}", only(get(user_view), "GET, HEAD"))
             .route("/v1/groups/{group}", only(get(group_view), "GET, HEAD"))
@@ -305,27 +309,14 @@ async fn json_batch(State(shared): State<Arc<Shared>>, request: Request) -> Resp
     let started = Instant::now();
     let outcome = async {
         let (_, body) = admit(&shared, request).await?;
-        // Entries go to the broker together; each refused one keeps its
-        // place among their results.
-        let mut requests = Vec::new();
-        let mut refusals = Vec::new();
-        for entry in json::parse_body::<json::BatchBody>(&body)?.into_entries() {
-            match entry {
-                Ok(req) => {
-                    requests.push(req);
-                    refusals.push(None);
-                }
-                Err(e) => refusals.push(Some(json::refused(&e))),
-            }
-        }
-        let mut routed = if requests.is_empty() {
+        let (requests, refusals) =
+            split_entries(json::parse_body::<json::BatchBody>(&body)?.into_entries(), json::refused);
+        let routed = if requests.is_empty() {
             Vec::new()
         } else {
             shared.broker.publish_batch(requests).await.map_err(|s| ApiError::from_status(&s))?
-        }
-        .into_iter();
-        let results: Vec<PublishResult> =
-            refusals.into_iter().filter_map(|refusal| refusal.or_else(|| routed.next())).collect();
+        };
+        let results: Vec<PublishResult> = in_entry_order(refusals, routed);
         let accepted =
             results.iter().filter(|r| matches!(r.outcome, Some(publish_result::Outcome::Published(_)))).count();
         Ok((accepted as u64, axum::Json(json::batch_results(&results)).into_response()))
@@ -347,6 +338,50 @@ async fn json_control(State(shared): State<Arc<Shared>>, request: Request) -> Re
     }
     .await;
     shared.answer(started, outcome, ApiError::into_json_response)
+}
+
+/// Carries out several controls; each malformed one is refused on its own.
+async fn json_control_batch(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let outcome = async {
+        let (_, body) = admit(&shared, request).await?;
+        let entries = json::parse_body::<json::ControlBatchBody>(&body)?.into_entries();
+        let (requests, refusals) = split_entries(entries, json::control_refused);
+        let done = if requests.is_empty() {
+            Vec::new()
+        } else {
+            shared.broker.control_batch(requests).await.map_err(|s| ApiError::from_status(&s))?
+        };
+        let results = in_entry_order(refusals, done);
+        let done = results.iter().filter(|r| matches!(r.outcome, Some(control_result::Outcome::Done(_)))).count();
+        shared.metrics.controls.add(done as u64);
+        Ok((0, axum::Json(json::control_batch_results(&results)).into_response()))
+    }
+    .await;
+    shared.answer(started, outcome, ApiError::into_json_response)
+}
+
+/// The well-formed requests of a batch, to go to the broker together, and
+/// for each entry its refusal if it was malformed.
+fn split_entries<R, T>(entries: Vec<Result<R, ApiError>>, refused: fn(&ApiError) -> T) -> (Vec<R>, Vec<Option<T>>) {
+    let mut requests = Vec::new();
+    let mut refusals = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(req) => {
+                requests.push(req);
+                refusals.push(None);
+            }
+            Err(e) => refusals.push(Some(refused(&e))),
+        }
+    }
+    (requests, refusals)
+}
+
+/// The broker's results put back among the refusals, in entry order.
+fn in_entry_order<T>(refusals: Vec<Option<T>>, results: Vec<T>) -> Vec<T> {
+    let mut results = results.into_iter();
+    refusals.into_iter().filter_map(|refusal| refusal.or_else(|| results.next())).collect()
 }
 
 async fn json_query(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -425,7 +460,7 @@ async fn not_found(uri: Uri) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         ..ApiError::bad_request(format!(
-            "no such endpoint {:?}: use /, POST /v1/publish, /v1/batch, /v1/control or /v1/query, or GET \
+            "no such endpoint {:?}: use /, POST /v1/publish, /v1/batch, /v1/control, /v1/control/batch or /v1/query, or GET \
              /v1/users/{{user_id}}, /v1/groups/{{group}}, /v1/connections/{{worker_id}}/{{connection_id}} or /v1/totals",
             uri.path()
         ))
@@ -439,8 +474,8 @@ mod tests {
     use axum::body::Body;
     use herald_client::BrokerSession;
     use herald_proto::v1::{
-        BindUser, ConnectionInfo, ControlRequest, ControlResponse, PublishRequest, PublishResponse, QueryResponse,
-        control_request, target,
+        BindUser, ConnectionInfo, ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse,
+        QueryResponse, control_request, target,
     };
     use serde_json::{Value, json};
     use tonic::{Code, Status};
@@ -493,6 +528,21 @@ mod tests {
             self.refuse()?;
             self.controls.lock().unwrap().push(req);
             Ok(ControlResponse { connections: 2, missing_workers: vec!["w9".into()] })
+        }
+
+        async fn control_batch(&self, requests: Vec<ControlRequest>) -> Result<Vec<ControlResult>, Status> {
+            self.refuse()?;
+            let results = requests
+                .iter()
+                .map(|_| ControlResult {
+                    outcome: Some(control_result::Outcome::Done(ControlResponse {
+                        connections: 1,
+                        missing_workers: vec![],
+                    })),
+                })
+                .collect();
+            self.controls.lock().unwrap().extend(requests);
+            Ok(results)
         }
 
         async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {
@@ -588,6 +638,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_control_batch_sends_the_well_formed_controls_together_and_refuses_each_malformed_one_in_its_place() {
+        let (gateway, broker) = gateway(None);
+        let body = r#"{"requests":[
+            {"dissolve_group":"g"},
+            {"bind_user":{"connection":{"worker_id":"w1"},"user_id":"ana"}},
+            {"unbind_user":{"worker_id":"w1","connection_id":"7"}}
+        ]}"#;
+        let answer = send(&gateway, "POST", "/v1/control/batch", body, None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+        let done = json!({"done": {"connections": 1, "missing_workers": []}});
+        assert_eq!(answer.body["results"][0], done);
+        assert_eq!(answer.body["results"][1]["error"]["code"], json!(3));
+        let reason = answer.body["results"][1]["error"]["message"].as_str().unwrap();
+        assert!(reason.starts_with("requests[1]: invalid entry:"), "{reason}");
+        assert_eq!(answer.body["results"][2], done);
+        assert_eq!(answer.body["results"].as_array().map(Vec::len), Some(3));
+        let sent: Vec<_> = broker.controls.lock().unwrap().iter().map(|c| c.op.clone()).collect();
+        assert_eq!(
+            sent,
+            [
+                Some(control_request::Op::DissolveGroup("g".into())),
+                Some(control_request::Op::UnbindUser(ConnectionAddress {
+                    worker_id: "w1".into(),
+                    connection_id: "7".into()
+                })),
+            ]
+        );
+        assert_eq!(gateway.shared.metrics.controls.get(), 2);
+
+        for body in [r#"{"controls":[]}"#, r#"{"requests":{}}"#, "["] {
+            let answer = send(&gateway, "POST", "/v1/control/batch", body, None).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+        }
+        *broker.refusal.lock().unwrap() = Some((Code::Unavailable, "shutting down"));
+        let answer =
+            send(&gateway, "POST", "/v1/control/batch", r#"{"requests":[{"dissolve_group":"g"}]}"#, None).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text);
+    }
+
+    #[tokio::test]
     async fn a_malformed_control_is_400_in_json_and_never_reaches_the_broker() {
         let (gateway, broker) = gateway(None);
         for body in [r#"{}"#, r#"{"dissolve_group":"g","unbind_user":{"worker_id":"w","connection_id":"1"}}"#, "{"] {
@@ -680,6 +770,7 @@ mod tests {
             ("GET", "/v1/publish", "POST"),
             ("PUT", "/v1/batch", "POST"),
             ("GET", "/v1/control", "POST"),
+            ("GET", "/v1/control/batch", "POST"),
             ("DELETE", "/v1/query", "POST"),
             ("POST", "/v1/users/ana", "GET, HEAD"),
             ("DELETE", "/v1/groups/g", "GET, HEAD"),
@@ -700,6 +791,7 @@ mod tests {
         let cases = [
             ("POST", "/v1/publish", r#"{"target":{"broadcast":{}},"content":{"text":"x"}}"#),
             ("POST", "/v1/control", r#"{"dissolve_group":"g"}"#),
+            ("POST", "/v1/control/batch", r#"{"requests":[{"dissolve_group":"g"}]}"#),
             ("POST", "/v1/query", r#"{"totals":{}}"#),
             ("GET", "/v1/users/ana", ""),
             ("GET", "/v1/groups/g", ""),
@@ -718,8 +810,8 @@ mod tests {
         }
         assert!(broker.controls.lock().unwrap().is_empty() && broker.queries.lock().unwrap().is_empty());
         assert!(broker.publishes.lock().unwrap().is_empty());
-        assert_eq!(gateway.shared.metrics.auth_failures.get(), 16);
-        for (method, uri, body) in &cases[..7] {
+        assert_eq!(gateway.shared.metrics.auth_failures.get(), 18);
+        for (method, uri, body) in &cases[..8] {
             let answer = send(&gateway, method, uri, body, Some(KEY)).await;
             assert_eq!(answer.status, StatusCode::OK, "{method} {uri}: {}", answer.text);
         }

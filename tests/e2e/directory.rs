@@ -725,6 +725,59 @@ async fn grpcurl_binds_a_user_with_control_and_finds_them_with_query_through_ref
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_batch_from_grpcurl_and_curl_does_what_each_control_would_in_order_per_connection() {
+    let Some(grpcurl_bin) = tool("grpcurl") else { return };
+    let Some(cluster) = Cluster::start(2, &[]) else { return };
+    let gateway_a = Herald::ws(&cluster.address(0), &["--greeting", "json"]);
+    let gateway_b = Herald::ws(&cluster.address(1), &["--greeting", "json"]);
+    let http = Herald::http(&cluster.address(1), &[]);
+    let mut x = Client::connect(&gateway_a.ws_url()).await;
+    let mut y = Client::connect(&gateway_b.ws_url()).await;
+    let ghost = json!({ "worker_id": x.worker_id, "connection_id": "1" });
+
+    // Through broker 0: Y is on the other broker's gateway, joins and then
+    // leaves the team in that order; a control on a dead connection is
+    // refused on its own.
+    let batch = json!({ "requests": [
+        { "bind_user": { "connection": address(&x), "user_id": "eve" } },
+        { "join_groups": { "selection": { "connection": address(&x) }, "groups": ["team"] } },
+        { "bind_user": { "connection": address(&y), "user_id": "finn" } },
+        { "join_groups": { "selection": { "connection": address(&y) }, "groups": ["team"] } },
+        { "leave_groups": { "selection": { "connection": address(&y) }, "groups": ["team"] } },
+        { "bind_user": { "connection": ghost, "user_id": "ghost" } },
+    ]});
+    let answer = grpcurl_call(&grpcurl_bin, &cluster.address(0), "ControlBatch", &batch.to_string()).json();
+    let results = answer["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 6, "{answer}");
+    for done in &results[..5] {
+        assert_eq!(done, &json!({ "done": { "connections": 1 } }), "{answer}");
+    }
+    assert_eq!(results[5]["error"]["code"], 5, "NOT_FOUND: {answer}");
+    let members = get(&format!("{}/v1/groups/team", http.http_url())).json();
+    assert_eq!(listed(&members), addresses([&x]), "{members}");
+    assert_eq!(http_query(&http, r#"{"user_online":"finn"}"#)["online"], true);
+
+    // Through the HTTP gateway: a malformed entry keeps its place among the results.
+    let batch = json!({ "requests": [
+        { "bind_user": { "connection": address(&y), "user_id": "gil" } },
+        { "close": { "selection": { "user": "eve" }, "reason": "batch kick" } },
+        { "bind_user": { "user_id": "nobody" } },
+    ]})
+    .to_string();
+    let reply = post(&format!("{}/v1/control/batch", http.http_url()), &batch);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answer = reply.json();
+    let done = json!({ "done": { "connections": 1, "missing_workers": [] } });
+    assert_eq!((&answer["results"][0], &answer["results"][1]), (&done, &done), "{answer}");
+    assert_eq!(answer["results"][2]["error"]["code"], 3, "{answer}");
+    assert_eq!(x.expect_close_frame().await, Some((4000, "batch kick".to_owned())));
+    let to_gil = format!("{}/?to_uid=gil&content=hi+gil", http.http_url());
+    assert_eq!(get(&to_gil).body, "ok");
+    assert_eq!(y.recv_text().await, "hi gil");
+    assert_eq!(cluster.brokers[0].metric("herald_broker_controls_total{op=\"join_groups\"}"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_is_in_effect_once_answered_so_a_publish_to_the_user_just_bound_always_arrives() {
     let Some(cluster) = Cluster::start(3, &[]) else { return };
     let gateway = Herald::ws(&cluster.address(0), &[]);

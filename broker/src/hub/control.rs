@@ -6,7 +6,7 @@
 //! What reaches beyond this broker's gateways goes through the federation:
 //! to the one broker serving a worker id, or to all of them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
@@ -20,7 +20,7 @@ use super::Hub;
 use super::index::SessionId;
 use super::publish::check_live;
 use super::session::Sink;
-use crate::control::{self, CONTROL_LABELS, Scope};
+use crate::control::{self, CONTROL_LABELS, OrderKey, Scope};
 use crate::error::PublishError;
 use crate::federation::{Answer, Ask, AskError, Gathered, user_hash};
 
@@ -64,6 +64,46 @@ impl Hub {
             Err(e) => self.shared.metrics.publish_rejected(e),
         }
         result
+    }
+
+    /// Carries out a batch of controls, each on its own: those naming the
+    /// same connection, user or group one after the other in batch order,
+    /// the rest at the same time. One result per control, in batch order.
+    pub async fn control_batch(
+        &self,
+        requests: Vec<ControlRequest>,
+    ) -> Result<Vec<Result<ControlResponse, PublishError>>, PublishError> {
+        let max = self.shared.limits.max_batch;
+        if requests.len() > max {
+            return Err(PublishError::BatchTooLarge { len: requests.len(), max });
+        }
+        self.check_serving(&self.read())?;
+        let mut chains: Vec<Vec<(usize, ControlRequest)>> = Vec::new();
+        let mut chain_of: HashMap<OrderKey, usize> = HashMap::new();
+        for (i, req) in requests.into_iter().enumerate() {
+            // A malformed control is refused on its own, in a chain of its own.
+            let chain = match control::control_scope(&req) {
+                Ok(scope) => *chain_of.entry(scope.order_key()).or_insert_with(|| {
+                    chains.push(Vec::new());
+                    chains.len() - 1
+                }),
+                Err(_) => {
+                    chains.push(Vec::new());
+                    chains.len() - 1
+                }
+            };
+            chains[chain].push((i, req));
+        }
+        let runs = chains.into_iter().map(|chain| async move {
+            let mut done = Vec::with_capacity(chain.len());
+            for (i, req) in chain {
+                done.push((i, self.control(req).await));
+            }
+            done
+        });
+        let mut results: Vec<_> = futures_util::future::join_all(runs).await.into_iter().flatten().collect();
+        results.sort_unstable_by_key(|(i, _)| *i);
+        Ok(results.into_iter().map(|(_, result)| result).collect())
     }
 
     async fn control_checked(&self, req: ControlRequest) -> Result<ControlResponse, PublishError> {

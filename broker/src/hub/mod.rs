@@ -63,7 +63,7 @@ pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct HubLimits {
     /// Largest content of one message, in bytes.
     pub max_content_bytes: usize,
-    /// Most messages in one `PublishBatch`.
+    /// Most messages in one `PublishBatch`, and most controls in one `ControlBatch`.
     pub max_batch: usize,
     /// Most channels one session may listen on.
     pub max_channels_per_session: usize,

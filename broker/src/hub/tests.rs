@@ -689,6 +689,47 @@ async fn a_control_on_a_connection_goes_to_its_gateway_and_answers_with_what_the
 }
 
 #[tokio::test]
+async fn a_control_batch_runs_controls_on_one_connection_in_order_and_the_rest_together() {
+    let hub = Hub::new(HubLimits { max_batch: 5, ..HubLimits::default() });
+    let (w1, mut events) = gateway(&hub, "w1", &[("1", "", &[]), ("2", "", &[])]).await;
+    let batch = vec![
+        bind_user("w1", "1", "ana"),
+        bind_user("w1", "2", "bob"),
+        bind_user("w1", "1", "carl"),
+        bind_user("w1", "9", "dan"),
+        ControlRequest { op: None },
+    ];
+    let answer = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.control_batch(batch).await })
+    };
+
+    let first = expect_control(&mut events).await;
+    let second = expect_control(&mut events).await;
+    assert_eq!(first.request, Some(bind_user("w1", "1", "ana")));
+    assert_eq!(second.request, Some(bind_user("w1", "2", "bob")), "another connection's control runs alongside");
+    assert!(nothing_pending(&mut events), "the second control on w1/1 waits for the first to be confirmed");
+
+    let confirmed = vec![done(first.control_id, 1), done(second.control_id, 1)];
+    w1.apply(report(3, vec![state("1", "ana", &[]), state("2", "bob", &[])], confirmed)).await.unwrap();
+    expect_ack(&mut events, 3).await;
+    let third = expect_control(&mut events).await;
+    assert_eq!(third.request, Some(bind_user("w1", "1", "carl")));
+    w1.apply(report(4, vec![state("1", "carl", &[])], vec![done(third.control_id, 1)])).await.unwrap();
+
+    let results = answer.await.unwrap().unwrap();
+    let codes: Vec<Code> = results.iter().map(|r| r.as_ref().map_or_else(PublishError::code, |_| Code::Ok)).collect();
+    assert_eq!(codes, [Code::Ok, Code::Ok, Code::Ok, Code::NotFound, Code::InvalidArgument]);
+    assert_eq!(results[0], Ok(ControlResponse { connections: 1, missing_workers: vec![] }));
+    assert!(ask(&hub, query_request::Question::UserOnline("carl".into())).await.online);
+    assert!(!ask(&hub, query_request::Question::UserOnline("ana".into())).await.online);
+
+    let too_many = vec![close_user("ana"); 6];
+    assert_eq!(hub.control_batch(too_many).await.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(hub.control_batch(Vec::new()).await.unwrap(), Vec::new());
+}
+
+#[tokio::test]
 async fn a_control_on_a_connection_that_is_not_live_is_not_found_and_reaches_no_gateway() {
     let hub = Hub::new(HubLimits::default());
     let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
