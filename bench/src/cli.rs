@@ -266,6 +266,11 @@ pub struct UserArgs {
     /// How long to wait for the last deliveries after publishing stops.
     #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,
+    /// Send every message to one connection and one user (the first client's) rather than to
+    /// random ones, while all N stay connected. Flat out, the window then defaults to 512 KiB
+    /// of payloads (8,192 messages of 64 B), half of one connection's default outbox.
+    #[arg(long)]
+    pub one: bool,
 }
 
 /// A question timed by the query scenario.
@@ -327,6 +332,11 @@ pub struct ChurnArgs {
     /// Payload size of the baseline's publishes, in bytes.
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Operations per call: above 1, each call is a `ControlBatch` of this many joins and
+    /// leaves (each on another connection of its caller), and the baseline a `PublishBatch`
+    /// of this many messages.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
     /// How long to wait for the baseline's last deliveries after publishing stops.
     #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,

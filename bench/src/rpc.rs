@@ -1,11 +1,11 @@
-//! herald's `BrokerService/Query` and `BrokerService/Control`, as the query,
+//! herald's `BrokerService/Query`, `Control` and `ControlBatch`, as the query,
 //! churn and users-idle scenarios call them: one broker, the API key when
 //! herald wants one, and the requests they send, built in one place.
 
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
 use herald_proto::v1::{
-    ConnectionAddress, ControlRequest, ControlResponse, GroupChange, QueryRequest, QueryResponse, Selection, Totals,
-    control_request, query_request, selection,
+    ConnectionAddress, ControlBatchRequest, ControlRequest, ControlResponse, GroupChange, QueryRequest, QueryResponse,
+    Selection, Totals, control_request, control_result, query_request, selection,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -40,6 +40,25 @@ impl Rpc {
     pub async fn control(&mut self, op: control_request::Op) -> Result<ControlResponse, tonic::Status> {
         let request = ControlRequest { op: Some(op) };
         Ok(self.client.control(publishers::authorized(request, &self.authorization)).await?.into_inner())
+    }
+
+    /// Several controls in one `ControlBatch`: each one's answer, or the
+    /// reason it was refused.
+    pub async fn control_batch(
+        &mut self,
+        ops: Vec<control_request::Op>,
+    ) -> Result<Vec<Result<ControlResponse, String>>, tonic::Status> {
+        let requests = ops.into_iter().map(|op| ControlRequest { op: Some(op) }).collect();
+        let request = publishers::authorized(ControlBatchRequest { requests }, &self.authorization);
+        let results = self.client.control_batch(request).await?.into_inner().results;
+        Ok(results
+            .into_iter()
+            .map(|r| match r.outcome {
+                Some(control_result::Outcome::Done(done)) => Ok(done),
+                Some(control_result::Outcome::Error(e)) => Err(format!("code {}: {}", e.code, e.message)),
+                None => Err("a result with no outcome".to_owned()),
+            })
+            .collect())
     }
 
     /// Connections and distinct users in the cluster.

@@ -5,7 +5,9 @@
 //! membership of group `i mod --groups`), each caller waiting for its answer
 //! before its next, for `--duration`. The baseline, in the same run and with
 //! the same callers and connections: unary `Publish`es to random connections,
-//! each checked at its client.
+//! each checked at its client. With `--batch N`, each call carries N
+//! operations: a `ControlBatch` of N connections' changes against a
+//! `PublishBatch` of N messages.
 //!
 //! Each caller owns its connections (`i mod callers`), so the changes to one
 //! connection are made in order and the harness knows where each one ends up.
@@ -83,11 +85,11 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<()> {
                     churn(&herald.endpoints, &fleet, &addresses, args, common.duration).await?
                 } else {
                     let phase = Phase {
-                        via: Via::Grpc,
+                        via: if args.batch > 1 { Via::GrpcBatch } else { Via::Grpc },
                         rate: Rate::Max,
                         lanes: args.concurrency,
                         channels: args.channels,
-                        batch: 1,
+                        batch: args.batch as usize,
                         duration: common.duration,
                         drain: args.drain,
                         window: phase::default_window(1),
@@ -110,10 +112,13 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<()> {
             measured.sort_by_key(|(controls, ..)| *controls);
             for (controls, mut m, first_error) in measured {
                 m.ratio = ratio(m.ops_rate, baseline);
-                let what = if controls {
-                    "Control join_groups / leave_groups, 1 connection × 1 group each"
-                } else {
-                    "Publish to a connection (baseline)"
+                let what = match (controls, args.batch) {
+                    (true, 1) => "Control join_groups / leave_groups, 1 connection × 1 group each".to_owned(),
+                    (true, n) => {
+                        format!("ControlBatch ×{n} of join_groups / leave_groups, 1 connection × 1 group each")
+                    }
+                    (false, 1) => "Publish to a connection (baseline)".to_owned(),
+                    (false, n) => format!("PublishBatch ×{n} to connections (baseline)"),
                 };
                 let label = format!("{what}, {}", topology(&common, connections));
                 rows.add(&label, run, &COLUMNS, m, first_error);
@@ -122,9 +127,10 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<()> {
         }
     }
     let title = format!(
-        "churn: gRPC calls, {} in flight on {} HTTP/2 connection(s), each caller waiting for its answer; \
-         ops/s vs the Publish row of the same run; {} groups, members checked after the run; \
+        "churn: gRPC calls of {} operation(s), {} in flight on {} HTTP/2 connection(s), each caller waiting for \
+         its answer; ops/s vs the Publish row of the same run; {} groups, members checked after the run; \
          {} s per row, median of {} runs",
+        args.batch,
         args.concurrency,
         args.channels,
         args.groups,
@@ -163,7 +169,8 @@ async fn churn(
     let tasks: Vec<_> = (0..callers)
         .map(|caller| {
             let rpc = channels[caller % channels.len()].clone();
-            tokio::spawn(toggle(rpc, addresses.clone(), caller, callers, args.groups, deadline))
+            let mine = Owned { addresses: addresses.clone(), caller, callers, groups: args.groups };
+            tokio::spawn(toggle(rpc, mine, args.batch as usize, deadline))
         })
         .collect();
     let mut total = Calls::default();
@@ -188,46 +195,79 @@ async fn churn(
     Ok((m, total.first_error))
 }
 
-/// One caller: toggles the membership of its connections in turn until `deadline`.
-async fn toggle(
-    mut rpc: Rpc,
+/// The connections one caller owns, of all `addresses`.
+struct Owned {
     addresses: Arc<Vec<Arc<Address>>>,
     caller: usize,
     callers: usize,
     groups: u32,
-    deadline: Instant,
-) -> Toggled {
+}
+
+/// One caller: toggles the membership of its connections in turn, `batch`
+/// connections per call, until `deadline`.
+async fn toggle(mut rpc: Rpc, owned_by: Owned, batch: usize, deadline: Instant) -> Toggled {
+    let Owned { addresses, caller, callers, groups } = owned_by;
     let mine: Vec<usize> = owned(addresses.len(), caller, callers).collect();
     let names: Vec<String> = mine.iter().map(|&i| group_of(i, groups)).collect();
     let mut member: Vec<Option<bool>> = vec![Some(false); mine.len()];
     let mut calls = Calls::default();
     let mut next = 0;
-    while Instant::now() < deadline && member.iter().any(Option::is_some) {
-        let j = next % mine.len();
-        next += 1;
-        let Some(joined_now) = member[j] else { continue };
+    while Instant::now() < deadline {
+        // The next connections in turn whose membership is known, each once.
+        let mut picked = Vec::with_capacity(batch);
+        for _ in 0..mine.len() {
+            if picked.len() == batch {
+                break;
+            }
+            let j = next % mine.len();
+            next += 1;
+            if let Some(joined_now) = member[j] {
+                picked.push((j, joined_now));
+            }
+        }
+        if picked.is_empty() {
+            break;
+        }
+        let mut ops: Vec<_> =
+            picked.iter().map(|&(j, joined_now)| group_change(&addresses[mine[j]], &names[j], !joined_now)).collect();
         let sent = Instant::now();
-        let answer = rpc.control(group_change(&addresses[mine[j]], &names[j], !joined_now)).await;
+        let answers = if batch == 1
+            && let Some(op) = ops.pop()
+        {
+            rpc.control(op).await.map(|answer| vec![Ok(answer)])
+        } else {
+            rpc.control_batch(ops).await
+        };
         calls.latency.record(sent.elapsed().as_micros() as u64);
-        match answer {
-            Ok(answer) if answer.connections == 1 && answer.missing_workers.is_empty() => {
-                calls.answered += 1;
-                member[j] = Some(!joined_now);
+        let answers = match answers {
+            Ok(answers) if answers.len() == picked.len() => answers,
+            Ok(answers) => {
+                let wrong = format!("{} results for {} controls", answers.len(), picked.len());
+                vec![Err(wrong); picked.len()]
             }
-            Ok(answer) => {
-                calls.answered += 1;
-                calls.wrong += 1;
-                if calls.wrong == 1 {
-                    eprintln!("    a control on {} answered {answer:?}", addresses[mine[j]].joined);
+            // It may or may not have been made (DEADLINE_EXCEEDED): the state of these connections is unknown.
+            Err(status) => vec![Err(status.to_string()); picked.len()],
+        };
+        for ((j, joined_now), answer) in picked.into_iter().zip(answers) {
+            member[j] = match answer {
+                Ok(answer) if answer.connections == 1 && answer.missing_workers.is_empty() => {
+                    calls.answered += 1;
+                    Some(!joined_now)
                 }
-                member[j] = None;
-            }
-            Err(status) => {
-                calls.errors += 1;
-                calls.first_error.get_or_insert_with(|| status.to_string());
-                // It may or may not have been made (DEADLINE_EXCEEDED): leave this connection alone.
-                member[j] = None;
-            }
+                Ok(answer) => {
+                    calls.answered += 1;
+                    calls.wrong += 1;
+                    if calls.wrong == 1 {
+                        eprintln!("    a control on {} answered {answer:?}", addresses[mine[j]].joined);
+                    }
+                    None
+                }
+                Err(reason) => {
+                    calls.errors += 1;
+                    calls.first_error.get_or_insert(reason);
+                    None
+                }
+            };
         }
     }
     Toggled { calls, membership: mine.into_iter().zip(member).collect() }

@@ -3,7 +3,8 @@
 //! scenario's traffic, the baseline) and then to random users, on the same
 //! herald and the same clients, in alternating order from run to run. Every
 //! client checks every message: to its own connection or its own user id,
-//! once, in order.
+//! once, in order. With `--one`, every message goes to the first client's
+//! connection or user instead, while the others stay connected.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,10 @@ use super::{Bench, RowRuns, check_alive, print_table, ratio, topology};
 
 const COLUMNS: [Column; 12] = phase::COMPARED_COLUMNS;
 
+/// The payload bytes in flight with `--one`: half of the gateway's default
+/// outbox (1 MiB), so that the one client is never closed as too slow.
+const ONE_TARGET_WINDOW_BYTES: u64 = 512 * 1024;
+
 /// What a message is addressed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Aim {
@@ -25,19 +30,21 @@ enum Aim {
 
 fn describe(via: Via, aim: Aim, args: &UserArgs) -> String {
     let flat_out = args.rate == Rate::Max;
-    match (via, aim) {
-        (Via::GrpcBatch, Aim::Connection) => format!("gRPC PublishBatch ×{}, to a connection", args.batch),
-        (Via::GrpcBatch, Aim::User) => format!("gRPC PublishBatch ×{}, to a user", args.batch),
-        (Via::Grpc, Aim::Connection) => "gRPC Publish, to a connection".into(),
-        (Via::Grpc, Aim::User) => "gRPC Publish, to a user".into(),
-        (Via::Http, Aim::Connection) if flat_out => {
-            format!("HTTP GET /?to_worker_id=&to_connection_id= ({} conns)", args.http_connections)
+    let whom = match (aim, args.one) {
+        (Aim::Connection, false) => "to a connection",
+        (Aim::Connection, true) => "to the same connection",
+        (Aim::User, false) => "to a user",
+        (Aim::User, true) => "to the same user",
+    };
+    match via {
+        Via::GrpcBatch => format!("gRPC PublishBatch ×{}, {whom}", args.batch),
+        Via::Grpc => format!("gRPC Publish, {whom}"),
+        Via::Http => {
+            let query = if aim == Aim::User { "?to_uid=" } else { "?to_worker_id=&to_connection_id=" };
+            let conns = if flat_out { format!(" ({} conns)", args.http_connections) } else { String::new() };
+            format!("HTTP GET /{query}{conns}, {whom}")
         }
-        (Via::Http, Aim::Connection) => "HTTP GET /?to_worker_id=&to_connection_id=".into(),
-        (Via::Http, Aim::User) if flat_out => format!("HTTP GET /?to_uid= ({} conns)", args.http_connections),
-        (Via::Http, Aim::User) => "HTTP GET /?to_uid=".into(),
-        (Via::HttpJson, Aim::Connection) => "HTTP POST /v1/publish, to a connection".into(),
-        (Via::HttpJson, Aim::User) => "HTTP POST /v1/publish, to a user".into(),
+        Via::HttpJson => format!("HTTP POST /v1/publish, {whom}"),
     }
 }
 
@@ -56,12 +63,15 @@ pub async fn run(args: &UserArgs) -> anyhow::Result<()> {
             let identities = bench.identities(connections, |_| Vec::new())?;
             let (mut fleet, connected) = bench.logged_in(&herald.endpoints, &identities).await?;
             let clients = connected.addresses.len() as u64;
+            let targeted = if args.one { 1 } else { connected.addresses.len() };
             let to_connections = connected
                 .addresses
                 .iter()
+                .take(targeted)
                 .map(|a| Address::parse(a).map(|a| To::Connection(Arc::new(a))))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let to_users: Vec<To> = connected.users.iter().map(|u| To::User(Arc::from(u.as_str()))).collect();
+            let to_users: Vec<To> =
+                connected.users.iter().take(targeted).map(|u| To::User(Arc::from(u.as_str()))).collect();
             // One source per kind of target for the whole run: every path goes on numbering where the last stopped.
             let to_connections = Arc::new(Mutex::new(RandomTargets::new(to_connections, args.payload)?));
             let to_users = Arc::new(Mutex::new(RandomTargets::new(to_users, args.payload)?));
@@ -80,7 +90,7 @@ pub async fn run(args: &UserArgs) -> anyhow::Result<()> {
                         batch: args.batch,
                         duration: common.duration,
                         drain: args.drain,
-                        window: args.window.unwrap_or_else(|| phase::default_window(1)),
+                        window: window(args),
                         fan: 1,
                         to_everyone: false,
                     };
@@ -100,15 +110,12 @@ pub async fn run(args: &UserArgs) -> anyhow::Result<()> {
     }
     let herald: Vec<String> = args.connections.iter().map(|&n| topology(common, n)).collect();
     let flat_out = match args.rate {
-        Rate::Max => format!(
-            ", {} gRPC lane(s), window {} msgs",
-            args.lanes,
-            args.window.unwrap_or_else(|| phase::default_window(1))
-        ),
+        Rate::Max => format!(", {} gRPC lane(s), window {} msgs", args.lanes, window(args)),
         Rate::PerSecond(_) => String::new(),
     };
+    let aims = if args.one { "one connection vs one user" } else { "random connections vs random users" };
     let title = format!(
-        "user: clients logged in as a user each (JWT sub), {} B payloads to random connections vs random users, \
+        "user: clients logged in as a user each (JWT sub), {} B payloads to {aims}, \
          {}{flat_out}, on {}; deliveries/s vs the connection row of the same run; {} s per row, median of {} runs",
         args.payload,
         args.rate,
@@ -118,4 +125,10 @@ pub async fn run(args: &UserArgs) -> anyhow::Result<()> {
     );
     print_table(&title, "publish", &COLUMNS, &rows.summarize());
     Ok(())
+}
+
+/// The flat-out window: as given, or the default for the kind of target.
+fn window(args: &UserArgs) -> u64 {
+    let one_target = || (ONE_TARGET_WINDOW_BYTES / args.payload.max(1) as u64).max(1);
+    args.window.unwrap_or_else(|| if args.one { one_target() } else { phase::default_window(1) })
 }
