@@ -7,7 +7,7 @@ use std::{env, fs, io, path::PathBuf};
 use prost::Message;
 
 fn main() -> io::Result<()> {
-    let files = ["herald/v1/broker.proto"];
+    let files = ["herald/v1/broker.proto", "herald/v1/client.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -16,6 +16,7 @@ use herald_common::duration::format as duration;
 use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
+use herald_gateway_ws::namespaces::{Namespace, NamespaceError, Namespaces};
 use herald_gateway_ws::{ClientAuth, ClientAuthConfig, GatewayConfig, Greeting};
 use tokio_rustls::TlsAcceptor;
 
@@ -316,6 +317,12 @@ pub struct WsOptions {
     /// Per-connection read buffer, in bytes (allocated for every connection; at least 256).
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
+    /// A client channel namespace, repeatable: `<name>[:subscribe=anyone|users|listed|token]
+    /// [,publish=nobody|subscribers]` (defaults: users, nobody). Clients speaking the
+    /// herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to nothing.
+    #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',
+          value_parser = |s: &str| Namespace::parse(s).map_err(|e| e.to_string()))]
+    pub namespaces: Vec<Namespace>,
     #[command(flatten)]
     pub client_auth: Box<ClientAuthArgs>,
 }
@@ -367,6 +374,8 @@ pub enum ClientAuthArgsError {
     ReadKey { path: PathBuf, source: std::io::Error },
     #[error("--client-auth jwt: {0}")]
     Invalid(#[from] herald_gateway_ws::ClientAuthError),
+    #[error("--namespace: {0}")]
+    Namespace(#[from] NamespaceError),
 }
 
 impl ClientAuthArgs {
@@ -498,6 +507,7 @@ impl WsOptions {
             ping_interval: ws.ping_interval,
             pong_timeout: ws.pong_timeout,
             client_auth: ws.client_auth.client_auth()?,
+            namespaces: Namespaces::new(ws.namespaces.clone())?,
             ..GatewayConfig::new(worker_id)
         })
     }

@@ -8,6 +8,8 @@
 //!
 //! - `?to_uid=U&content=X` sends X to every connection of user U;
 //! - `?to_group=G&content=X` sends X to every member of group G;
+//! - `?to_channel=C&content=X` publishes X to channel C (for example a client
+//!   channel `chat:room-1`, whose client-protocol subscribers get it);
 //! - `exclude=W:C,W:C` (with any target) leaves those connections out.
 //!
 //! Unlike the classic example, malformed requests are refused rather than
@@ -27,6 +29,7 @@ const TO_WORKER_ID: &str = "to_worker_id";
 const TO_CONNECTION_ID: &str = "to_connection_id";
 const TO_UID: &str = "to_uid";
 const TO_GROUP: &str = "to_group";
+const TO_CHANNEL: &str = "to_channel";
 const EXCLUDE: &str = "exclude";
 
 #[derive(Default)]
@@ -36,6 +39,7 @@ struct Params {
     to_connection_id: Option<String>,
     to_uid: Option<String>,
     to_group: Option<String>,
+    to_channel: Option<String>,
     exclude: Option<String>,
 }
 
@@ -58,21 +62,32 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
         )));
     }
     let except = params.exclude.as_deref().map(parse_exclude).transpose()?.unwrap_or_default();
-    let named = [params.to_uid.is_some(), params.to_group.is_some(), params.to_worker_id.is_some()];
+    let named = [
+        params.to_uid.is_some(),
+        params.to_group.is_some(),
+        params.to_channel.is_some(),
+        params.to_worker_id.is_some(),
+    ];
     if named.iter().filter(|n| **n).count() > 1 {
-        return Err(ApiError::bad_request("give one target: to_uid, to_group or to_worker_id with to_connection_id"));
+        return Err(ApiError::bad_request(
+            "give one target: to_uid, to_group, to_channel or to_worker_id with to_connection_id",
+        ));
     }
     let kind = match (params.to_worker_id, params.to_connection_id) {
-        (None, None) => match (params.to_uid, params.to_group) {
-            (Some(uid), _) => {
+        (None, None) => match (params.to_uid, params.to_group, params.to_channel) {
+            (Some(uid), _, _) => {
                 names::validate_user_id(&uid).map_err(|e| ApiError::bad_request(format!("to_uid: {e}")))?;
                 target::Kind::User(uid)
             }
-            (None, Some(group)) => {
+            (None, Some(group), _) => {
                 names::validate_group(&group).map_err(|e| ApiError::bad_request(format!("to_group: {e}")))?;
                 target::Kind::Group(group)
             }
-            (None, None) => target::Kind::Broadcast(Broadcast {}),
+            (None, None, Some(channel)) => {
+                names::validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("to_channel: {e}")))?;
+                target::Kind::Channel(channel)
+            }
+            (None, None, None) => target::Kind::Broadcast(Broadcast {}),
         },
         (Some(worker_id), Some(connection_id)) => {
             names::validate_worker_id(&worker_id).map_err(|e| ApiError::bad_request(format!("to_worker_id: {e}")))?;
@@ -121,6 +136,7 @@ fn collect(input: &[u8], params: &mut Params) -> Result<(), ApiError> {
             TO_CONNECTION_ID => &mut params.to_connection_id,
             TO_UID => &mut params.to_uid,
             TO_GROUP => &mut params.to_group,
+            TO_CHANNEL => &mut params.to_channel,
             EXCLUDE => &mut params.exclude,
             _ => continue,
         };
@@ -198,6 +214,8 @@ mod tests {
         let except = &req.target.as_ref().unwrap().except;
         let except: Vec<_> = except.iter().map(|a| (a.worker_id.as_str(), a.connection_id.as_str())).collect();
         assert_eq!(except, [("w1", "7"), ("w2", "9")]);
+        let req = parse("to_channel=chat%3Aroom-1&content=hi", None, 100).unwrap();
+        assert_eq!(target_of(&req), &target::Kind::Channel("chat:room-1".into()));
     }
 
     #[test]
@@ -223,6 +241,8 @@ mod tests {
             ("to_uid=a&to_worker_id=w&to_connection_id=1&content=x", "give one target"),
             ("to_uid=a+b&content=x", "to_uid: user id"),
             ("to_group=&content=x", "to_group: group is empty"),
+            ("to_channel=a..b&content=x", "to_channel: channel"),
+            ("to_channel=chat:a&to_uid=u&content=x", "give one target"),
             ("exclude=w1&content=x", "exclude: \"w1\" is not worker_id:connection_id"),
             ("exclude=w..1:2&content=x", "exclude: worker id"),
         ];

@@ -43,7 +43,8 @@
 //!
 //! ```json
 //! {"online": true, "connections": [{"address": {"worker_id": "w1", "connection_id": "7"},
-//!   "user_id": "ana", "groups": ["room-1"], "data": {"k": "v"}}], "count": 1, "users": 0, "missing_workers": []}
+//!   "user_id": "ana", "groups": ["room-1"], "data": {"k": "v"}, "channels": []}], "count": 1, "users": 0,
+//!   "missing_workers": []}
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -434,6 +435,7 @@ fn connection_info(info: &ConnectionInfo) -> Value {
         "user_id": info.user_id,
         "groups": info.groups,
         "data": data,
+        "channels": info.channels,
     })
 }
 
@@ -704,6 +706,7 @@ mod tests {
                 user_id: "ana".into(),
                 groups: vec!["g".into()],
                 data: [("b".to_owned(), "2".to_owned()), ("a".to_owned(), "1".to_owned())].into(),
+                channels: vec!["chat:a".into()],
             }],
             count: u64::MAX,
             users: 1,
@@ -711,7 +714,7 @@ mod tests {
         });
         assert_eq!(
             answer.to_string(),
-            r#"{"connections":[{"address":{"connection_id":"7","worker_id":"w1"},"data":{"a":"1","b":"2"},"groups":["g"],"user_id":"ana"}],"count":18446744073709551615,"missing_workers":["w9"],"online":true,"users":1}"#
+            r#"{"connections":[{"address":{"connection_id":"7","worker_id":"w1"},"channels":["chat:a"],"data":{"a":"1","b":"2"},"groups":["g"],"user_id":"ana"}],"count":18446744073709551615,"missing_workers":["w9"],"online":true,"users":1}"#
         );
         assert_eq!(control_answer(&ControlResponse::default()), json!({"connections": 0, "missing_workers": []}));
     }

@@ -25,6 +25,8 @@ use serde_json::{Map, Value};
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Most distinct groups one token may join: each one is a subscription.
 pub const MAX_GROUPS: usize = 64;
+/// Most channels the `channels` claim may list.
+pub const MAX_CHANNELS: usize = 128;
 /// The claim read for groups when [`ClientAuthConfig::groups_claim`] is empty.
 pub const DEFAULT_GROUPS_CLAIM: &str = "groups";
 /// RFC 7518 §3.2: an HS256 key must be at least as long as the hash.
@@ -111,11 +113,15 @@ pub enum TokenRejection {
     BadSubject(String),
     #[error("token groups are invalid: {0}")]
     BadGroups(String),
+    #[error("token channels are invalid: {0}")]
+    BadChannels(String),
+    #[error("subscription token is for another channel or user")]
+    WrongChannel,
 }
 
 impl TokenRejection {
     /// Every value [`TokenRejection::label`] returns.
-    pub const LABELS: [&str; 9] = [
+    pub const LABELS: [&str; 11] = [
         "malformed",
         "unsupported_algorithm",
         "bad_signature",
@@ -125,6 +131,8 @@ impl TokenRejection {
         "wrong_issuer",
         "bad_subject",
         "bad_groups",
+        "bad_channels",
+        "wrong_channel",
     ];
 
     /// A stable name for metrics: it never holds what the client sent.
@@ -139,6 +147,8 @@ impl TokenRejection {
             Self::WrongIssuer => "wrong_issuer",
             Self::BadSubject(_) => "bad_subject",
             Self::BadGroups(_) => "bad_groups",
+            Self::BadChannels(_) => "bad_channels",
+            Self::WrongChannel => "wrong_channel",
         }
     }
 }
@@ -152,6 +162,9 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// unix seconds
     pub expires_at: Option<u64>,
+    /// Client channels it may subscribe to in namespaces that ask for a
+    /// listing (the `channels` claim).
+    pub channels: Vec<String>,
 }
 
 /// One key, tied to the one algorithm it may verify.
@@ -291,7 +304,48 @@ impl ClientAuth {
         Err(TokenRejection::BadSignature)
     }
 
+    /// Checks a subscription token, signed by the backend for one client
+    /// channel: its `channel` claim must be `channel`, and its `sub`, when
+    /// it has one, the connection's user id. Returns when it expires.
+    pub fn verify_subscription(
+        &self,
+        token: &str,
+        channel: &str,
+        user_id: Option<&str>,
+        now: u64,
+    ) -> Result<Option<u64>, TokenRejection> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenRejection::Malformed("longer than 8 KiB"));
+        }
+        let algorithm = self.accepted_algorithm(token)?;
+        let claims = self.verified_claims(token, algorithm)?;
+        let expires_at = self.check_registered(&claims, now)?;
+        let for_user = match claims.get("sub") {
+            None => true,
+            Some(Value::String(sub)) => Some(sub.as_str()) == user_id,
+            Some(_) => false,
+        };
+        if claims.get("channel").and_then(Value::as_str) != Some(channel) || !for_user {
+            return Err(TokenRejection::WrongChannel);
+        }
+        Ok(expires_at)
+    }
+
     fn identity(&self, claims: Map<String, Value>, now: u64) -> Result<Identity, TokenRejection> {
+        let expires_at = self.check_registered(&claims, now)?;
+        let user_id = match claims.get("sub") {
+            Some(Value::String(sub)) => sub,
+            Some(_) => return Err(TokenRejection::BadSubject("sub is not a string".to_owned())),
+            None => return Err(TokenRejection::BadSubject("sub is missing".to_owned())),
+        };
+        names::validate_user_id(user_id).map_err(|e| TokenRejection::BadSubject(e.to_string()))?;
+        let groups = self.groups(claims.get(&self.groups_claim))?;
+        let channels = channels(claims.get("channels"))?;
+        Ok(Identity { user_id: user_id.clone(), groups, expires_at, channels })
+    }
+
+    /// Checks exp, nbf, aud and iss; returns exp.
+    fn check_registered(&self, claims: &Map<String, Value>, now: u64) -> Result<Option<u64>, TokenRejection> {
         let expires_at = numeric_date(claims.get("exp"), "exp is not a number of seconds")?;
         // RFC 7519: the token is good only *before* its exp.
         if expires_at.is_some_and(|exp| now >= exp.saturating_add(self.leeway_secs)) {
@@ -317,14 +371,7 @@ impl ClientAuth {
         {
             return Err(TokenRejection::WrongIssuer);
         }
-        let user_id = match claims.get("sub") {
-            Some(Value::String(sub)) => sub,
-            Some(_) => return Err(TokenRejection::BadSubject("sub is not a string".to_owned())),
-            None => return Err(TokenRejection::BadSubject("sub is missing".to_owned())),
-        };
-        names::validate_user_id(user_id).map_err(|e| TokenRejection::BadSubject(e.to_string()))?;
-        let groups = self.groups(claims.get(&self.groups_claim))?;
-        Ok(Identity { user_id: user_id.clone(), groups, expires_at })
+        Ok(expires_at)
     }
 
     /// The groups claim, checked and deduplicated in order; absent means none.
@@ -351,6 +398,28 @@ impl ClientAuth {
         }
         Ok(groups)
     }
+}
+
+/// The `channels` claim: client channels, checked; absent means none.
+fn channels(claim: Option<&Value>) -> Result<Vec<String>, TokenRejection> {
+    let items = match claim {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(TokenRejection::BadChannels("\"channels\" is not an array".to_owned())),
+    };
+    if items.len() > MAX_CHANNELS {
+        return Err(TokenRejection::BadChannels(format!("more than {MAX_CHANNELS} channels")));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(channel) => names::validate_channel(channel)
+                .map(|()| channel.clone())
+                .map_err(|e| TokenRejection::BadChannels(format!("\"channels\"[{i}]: {e}"))),
+            _ => Err(TokenRejection::BadChannels(format!("\"channels\"[{i}] is not a string"))),
+        })
+        .collect()
 }
 
 /// A NumericDate claim in whole seconds; RFC 7519 allows fractions.
@@ -494,7 +563,36 @@ MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAE4pUduBdbCplJkjx3cqKUmnOeWYEjEkEd
     #[test]
     fn hs256_signed_by_any_configured_secret_is_accepted() {
         let identity = auth(hs256_only()).verify(&hs256(SECRET_NEW, &alice()), NOW).unwrap();
-        assert_eq!(identity, Identity { user_id: "alice".into(), groups: vec![], expires_at: Some(NOW + 60) });
+        assert_eq!(
+            identity,
+            Identity { user_id: "alice".into(), groups: vec![], expires_at: Some(NOW + 60), channels: vec![] }
+        );
+    }
+
+    #[test]
+    fn the_channels_claim_lists_client_channels() {
+        let auth = auth(hs256_only());
+        let token = hs256(SECRET_NEW, &json!({"sub": "alice", "exp": NOW + 60, "channels": ["chat:a", "news:b"]}));
+        assert_eq!(auth.verify(&token, NOW).unwrap().channels, ["chat:a", "news:b"]);
+        for bad in [json!("chat:a"), json!(["chat:a", 3]), json!(["chat:a b"])] {
+            let token = hs256(SECRET_NEW, &json!({"sub": "alice", "channels": bad}));
+            assert_eq!(auth.verify(&token, NOW).unwrap_err().label(), "bad_channels", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_subscription_token_is_good_for_its_channel_and_user_only() {
+        let auth = auth(hs256_only());
+        let token = hs256(SECRET_NEW, &json!({"sub": "alice", "channel": "secret:a", "exp": NOW + 60}));
+        assert_eq!(auth.verify_subscription(&token, "secret:a", Some("alice"), NOW), Ok(Some(NOW + 60)));
+        assert_eq!(auth.verify_subscription(&token, "secret:b", Some("alice"), NOW), Err(TokenRejection::WrongChannel));
+        assert_eq!(auth.verify_subscription(&token, "secret:a", Some("bob"), NOW), Err(TokenRejection::WrongChannel));
+        assert_eq!(auth.verify_subscription(&token, "secret:a", None, NOW), Err(TokenRejection::WrongChannel));
+        assert_eq!(auth.verify_subscription(&token, "secret:a", Some("alice"), NOW + 60), Err(TokenRejection::Expired));
+        let anyone = hs256(SECRET_NEW, &json!({"channel": "secret:a"}));
+        assert_eq!(auth.verify_subscription(&anyone, "secret:a", None, NOW), Ok(None), "no sub: any connection");
+        let forged = hs256("some-other-secret-some-other-secret!", &json!({"channel": "secret:a"}));
+        assert_eq!(auth.verify_subscription(&forged, "secret:a", None, NOW), Err(TokenRejection::BadSignature));
     }
 
     #[test]
@@ -724,6 +822,8 @@ MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAE4pUduBdbCplJkjx3cqKUmnOeWYEjEkEd
             TokenRejection::WrongIssuer,
             TokenRejection::BadSubject("x".into()),
             TokenRejection::BadGroups("x".into()),
+            TokenRejection::BadChannels("x".into()),
+            TokenRejection::WrongChannel,
         ];
         let labels: Vec<_> = all.iter().map(TokenRejection::label).collect();
         assert_eq!(labels, TokenRejection::LABELS);

@@ -10,6 +10,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub(crate) const KICKED: u16 = 4000;
 /// The close code of a connection whose token expired.
 pub(crate) const TOKEN_EXPIRED: u16 = 4001;
+/// The close code of a client-protocol connection that sent something that
+/// is not a command.
+pub(crate) const BAD_COMMAND: u16 = 4002;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +42,13 @@ pub(crate) enum CloseReason {
     Kicked,
     /// The client's token expired (close code 4001).
     TokenExpired,
+    /// A client-protocol connection sent a frame that is not a command
+    /// (close code 4002).
+    BadCommand,
 }
 
 impl CloseReason {
-    pub(crate) const ALL: [CloseReason; 12] = [
+    pub(crate) const ALL: [CloseReason; 13] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::MessageTooBig,
@@ -55,6 +61,7 @@ impl CloseReason {
         Self::WorkerIdLost,
         Self::Kicked,
         Self::TokenExpired,
+        Self::BadCommand,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -71,6 +78,7 @@ impl CloseReason {
             Self::WorkerIdLost => "worker_id_lost",
             Self::Kicked => "closed_by_backend",
             Self::TokenExpired => "token_expired",
+            Self::BadCommand => "bad_command",
         }
     }
 
@@ -88,6 +96,7 @@ impl CloseReason {
             Self::WorkerIdLost => (CloseCode::Error, "gateway lost its worker id"),
             Self::Kicked => (CloseCode::Library(KICKED), "closed by the server"),
             Self::TokenExpired => (CloseCode::Library(TOKEN_EXPIRED), "token expired"),
+            Self::BadCommand => (CloseCode::Library(BAD_COMMAND), "not a command"),
         };
         Some(CloseFrame { code, reason: reason.into() })
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::client_auth::ClientAuth;
+use crate::namespaces::Namespaces;
 
 /// Most connections held at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
@@ -99,6 +100,9 @@ pub struct GatewayConfig {
     /// Checks a JWT at every handshake when set (`--client-auth jwt`);
     /// connections are anonymous when not.
     pub client_auth: Option<Arc<ClientAuth>>,
+    /// The client channel namespaces: who may subscribe and publish. None:
+    /// client-protocol connections can subscribe to nothing.
+    pub namespaces: Namespaces,
 }
 
 impl GatewayConfig {
@@ -119,6 +123,7 @@ impl GatewayConfig {
             ping_interval: DEFAULT_PING_INTERVAL,
             pong_timeout: DEFAULT_PONG_TIMEOUT,
             client_auth: None,
+            namespaces: Namespaces::default(),
         }
     }
 

@@ -3,8 +3,10 @@
 //! A single task owns the socket. It greets the client with its address,
 //! then waits on two things: its outbox (frames, written as one batch and one
 //! flush, or a request to close: overflow, silence, shutdown) and frames from
-//! the client (pings are answered by tungstenite, data is ignored, anything
-//! counts as a sign of life for the heartbeat).
+//! the client (pings are answered by tungstenite; data is ignored from a
+//! classic raw client and read as commands from a client-protocol one;
+//! anything counts as a sign of life for the heartbeat). Replies to commands
+//! go through the outbox, in order with the deliveries.
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -26,8 +28,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseReason;
+use crate::commands::{self, Client};
 use crate::handshake;
 use crate::outbox::Outbox;
+use crate::protocol::{self, BadCommand, Command, Protocol, code};
 use crate::registry::Identity;
 use crate::shared::Shared;
 
@@ -64,8 +68,8 @@ pub(crate) async fn serve(
 }
 
 async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken) {
-    if let Some((ws, identity)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
-        serve_open(ws, identity, peer, shared, shutdown).await;
+    if let Some((ws, identity, protocol)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, identity, protocol, peer, shared, shutdown).await;
     }
 }
 
@@ -89,8 +93,8 @@ async fn serve_tls(
             return;
         }
     };
-    if let Some((ws, identity)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
-        serve_open(ws, identity, peer, shared, shutdown).await;
+    if let Some((ws, identity, protocol)) = Box::pin(websocket_handshake(stream, peer, shared)).await {
+        serve_open(ws, identity, protocol, peer, shared, shutdown).await;
     }
 }
 
@@ -101,7 +105,7 @@ async fn websocket_handshake<S>(
     mut stream: S,
     peer: SocketAddr,
     shared: &Shared,
-) -> Option<(Box<WebSocketStream<S>>, Box<Identity>)>
+) -> Option<(Box<WebSocketStream<S>>, Box<Identity>, Protocol)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -139,13 +143,14 @@ where
         WebSocketStream::from_partially_read(stream, upgrade.tail, Role::Server, Some(config.websocket())).await
     };
     // Boxed: a pointer is all the connection's task then carries around.
-    Some((Box::new(ws), Box::new(upgrade.identity)))
+    Some((Box::new(ws), Box::new(upgrade.identity), upgrade.protocol))
 }
 
 /// An open connection: greeting, then the delivery loop, then the close.
 async fn serve_open<S>(
     mut ws: Box<WebSocketStream<S>>,
     identity: Box<Identity>,
+    protocol: Protocol,
     peer: SocketAddr,
     shared: &Shared,
     shutdown: &CancellationToken,
@@ -153,7 +158,7 @@ async fn serve_open<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (config, metrics, registry) = (&shared.config, &shared.metrics, &shared.registry);
-    let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()));
+    let outbox = Arc::new(Outbox::new(config.outbox_limit_bytes, shared.now_ms()).speaking(protocol));
     let (id, journaled) = registry.register(outbox.clone(), &identity);
     // Shutdown closes every registered outbox after cancelling `shutdown`:
     // checking after registering means no connection is missed.
@@ -169,10 +174,21 @@ async fn serve_open<S>(
     if let Some(position) = journaled {
         Box::pin(addressable(shared, position)).await;
     }
-    let greeting = config.greeting.render(&config.worker_id, id, identity.user_id.as_deref());
-    drop(identity);
-    let reason = match timeout(config.write_timeout, ws.send(Message::text(greeting))).await {
-        Ok(Ok(())) => run(&mut ws, &outbox, shared).await,
+    // Only the greeting and, for the client protocol, what its commands
+    // need outlive this block: the rest of the identity is not kept.
+    let (greeting, mut client) = {
+        let Identity { user_id, channels, expires_at, .. } = *identity;
+        let user_id = user_id.as_deref();
+        match protocol {
+            Protocol::Raw => (Message::text(config.greeting.render(&config.worker_id, id, user_id)), None),
+            Protocol::Json => {
+                let client = Client { id, listed: channels, expires_at };
+                (protocol::connected(&config.worker_id, id, user_id), Some(Box::new(client)))
+            }
+        }
+    };
+    let reason = match timeout(config.write_timeout, ws.send(greeting)).await {
+        Ok(Ok(())) => run(&mut ws, &outbox, shared, client.as_deref_mut()).await,
         Ok(Err(_)) => CloseReason::ClientGone,
         Err(_) => CloseReason::WriteTimeout,
     };
@@ -198,6 +214,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     outbox: &Outbox,
     shared: &Shared,
+    mut client: Option<&mut Client>,
 ) -> CloseReason {
     let mut batch = VecDeque::new();
     loop {
@@ -225,8 +242,26 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 None => return CloseReason::ClientGone,
                 Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    shared.metrics.client_messages_ignored.inc();
                     shared.metrics.bytes_received.add(message.len() as u64);
+                    let Some(client) = client.as_deref_mut() else {
+                        shared.metrics.client_messages_ignored.inc();
+                        continue;
+                    };
+                    let reply = match command(&message) {
+                        // Boxed: a command's state would otherwise enlarge every connection's task.
+                        Ok(command) => Box::pin(commands::run(shared, client, command)).await,
+                        Err(BadCommand { id: Some(id), reason }) => {
+                            shared.metrics.commands_refused.inc();
+                            protocol::refusal(id, code::BAD_COMMAND, &reason)
+                        }
+                        Err(BadCommand { id: None, reason }) => {
+                            outbox.close_with(CloseReason::BadCommand, Some(close_text(&reason)));
+                            return CloseReason::BadCommand;
+                        }
+                    };
+                    if let Err(reason) = outbox.push(reply, 0) {
+                        return reason;
+                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
@@ -237,6 +272,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A client-protocol frame read as a command: commands are text frames.
+fn command(message: &Message) -> Result<Command, BadCommand> {
+    match message {
+        Message::Text(text) => protocol::parse(text),
+        _ => Err(BadCommand { id: None, reason: "commands are JSON text frames, not binary ones".into() }),
+    }
+}
+
+/// A close frame's text: at most 120 bytes of `reason`, cut at a character.
+fn close_text(reason: &str) -> Box<str> {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].into()
 }
 
 /// How a write of one batch ended.

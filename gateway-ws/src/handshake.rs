@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::client_auth::TokenRejection;
 use crate::config::GatewayConfig;
+use crate::protocol::{Protocol, SUBPROTOCOL};
 use crate::registry::Identity;
 
 /// Largest request head accepted, in bytes.
@@ -30,6 +31,8 @@ pub(crate) struct Upgrade {
     pub(crate) tail: Vec<u8>,
     /// Who the client is, from its token (anonymous without client auth).
     pub(crate) identity: Identity,
+    /// What it speaks: the client protocol when it asked for it.
+    pub(crate) protocol: Protocol,
 }
 
 /// Why a request is not upgraded: the HTTP answer it gets.
@@ -104,7 +107,22 @@ where
     let key = check(&request, config, at_capacity)?;
     let identity = authenticate(&request, config)?;
     let accept = derive_accept_key(key.as_bytes());
-    Ok(Upgrade { accept, tail: buf.split_off(head_len), identity })
+    let protocol = negotiate(&request);
+    Ok(Upgrade { accept, tail: buf.split_off(head_len), identity, protocol })
+}
+
+/// The client protocol when the client lists it in `Sec-WebSocket-Protocol`;
+/// the raw classic frames otherwise (other subprotocols are not spoken, and
+/// the answer then names none, as RFC 6455 §4.2.2 allows).
+fn negotiate(request: &httparse::Request<'_, '_>) -> Protocol {
+    let asked = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if asked { Protocol::Json } else { Protocol::Raw }
 }
 
 /// Who the client is: with client auth on, the token it gives as
@@ -129,9 +147,12 @@ fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> 
         ));
     };
     match auth.verify(&token, crate::client_auth::unix_now()) {
-        Ok(identity) => {
-            Ok(Identity { user_id: Some(identity.user_id), groups: identity.groups, expires_at: identity.expires_at })
-        }
+        Ok(identity) => Ok(Identity {
+            user_id: Some(identity.user_id),
+            groups: identity.groups,
+            expires_at: identity.expires_at,
+            channels: identity.channels,
+        }),
         Err(rejection) => Err(Refusal::unauthorized(rejection.label(), rejection.to_string())),
     }
 }
@@ -237,8 +258,12 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 
 /// Writes the 101 answer that completes an upgrade.
 pub(crate) async fn accept<S: AsyncWrite + Unpin>(stream: &mut S, upgrade: &Upgrade) -> std::io::Result<()> {
+    let subprotocol = match upgrade.protocol {
+        Protocol::Json => format!("Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"),
+        Protocol::Raw => String::new(),
+    };
     let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n{subprotocol}\r\n",
         upgrade.accept
     );
     stream.write_all(response.as_bytes()).await?;
@@ -275,6 +300,24 @@ mod tests {
         let upgrade = decide(&(upgrade_request("") + "early"), &GatewayConfig::new("w".into())).await.unwrap();
         assert_eq!(upgrade.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "RFC 6455's own example");
         assert_eq!(upgrade.tail, b"early");
+        assert_eq!(upgrade.protocol, Protocol::Raw);
+    }
+
+    #[tokio::test]
+    async fn the_client_protocol_is_spoken_when_asked_for_among_others() {
+        let config = GatewayConfig::new("w".into());
+        let asked = upgrade_request("Sec-WebSocket-Protocol: chat, herald.json.v1\r\n");
+        let upgrade = decide(&asked, &config).await.unwrap();
+        assert_eq!(upgrade.protocol, Protocol::Json);
+        let mut answer = Vec::new();
+        accept(&mut answer, &upgrade).await.unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.contains("\r\nSec-WebSocket-Protocol: herald.json.v1\r\n"), "{answer}");
+        let other = decide(&upgrade_request("Sec-WebSocket-Protocol: mqtt\r\n"), &config).await.unwrap();
+        assert_eq!(other.protocol, Protocol::Raw);
+        let mut answer = Vec::new();
+        accept(&mut answer, &other).await.unwrap();
+        assert!(!String::from_utf8(answer).unwrap().contains("Sec-WebSocket-Protocol"), "no subprotocol named");
     }
 
     #[tokio::test]

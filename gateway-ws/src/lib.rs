@@ -4,6 +4,9 @@
 //! - `client_auth`: the JWT a client connects with, checked ([`ClientAuth`]);
 //! - `connection`: one client connection, handshake to close;
 //! - `handshake`: the WebSocket upgrade, and its refusals as HTTP answers;
+//! - `protocol`: the client protocol's commands, replies and pushes (JSON);
+//! - `namespaces`: who may subscribe and publish to client channels;
+//! - `commands`: a client-protocol connection's commands, carried out;
 //! - `close`: why a connection closes, and its close frame;
 //! - `outbox`: a connection's byte-bounded outbound queue;
 //! - `registry`: live connections, and the delivery the broker decided;
@@ -16,12 +19,15 @@
 
 pub mod client_auth;
 mod close;
+mod commands;
 mod config;
 mod connection;
 mod handshake;
 mod link;
 mod metrics;
+pub mod namespaces;
 mod outbox;
+pub mod protocol;
 mod registry;
 mod shared;
 
@@ -56,6 +62,8 @@ pub enum GatewayError {
     BadWorkerId(#[from] NameError),
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error("namespace {0:?} checks tokens: it needs --client-auth jwt")]
+    NamespaceNeedsClientAuth(String),
 }
 
 /// A WebSocket gateway. Clone it to watch its metrics while it runs.
@@ -67,6 +75,11 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self, GatewayError> {
         names::validate_worker_id(&config.worker_id)?;
+        if config.client_auth.is_none()
+            && let Some(namespace) = config.namespaces.iter().find(|n| n.needs_client_auth())
+        {
+            return Err(GatewayError::NamespaceNeedsClientAuth(namespace.name.clone()));
+        }
         let config = config.normalized();
         Ok(Self {
             shared: Arc::new(Shared {
@@ -78,6 +91,7 @@ impl Gateway {
                 epoch: Instant::now(),
                 claim_settled: tokio::sync::watch::Sender::new(false),
                 reported: tokio::sync::watch::Sender::new(0),
+                broker: OnceLock::new(),
             }),
         })
     }
@@ -112,9 +126,10 @@ impl Gateway {
             "Bytes queued for clients, summed over connections.",
             self.shared.registry.queued_bytes() as i64,
         );
-        let (users, groups) = self.shared.registry.census();
+        let (users, groups, channels) = self.shared.registry.census();
         out.gauge("herald_ws_users", "Distinct user ids bound to this gateway's connections.", users as i64);
         out.gauge("herald_ws_groups", "Groups with a member on this gateway.", groups as i64);
+        out.gauge("herald_ws_channels", "Client channels with a subscriber on this gateway.", channels as i64);
     }
 
     /// Accepts clients on `listener` (`wss://` when `tls` is given) and
@@ -130,6 +145,8 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
         let shared = self.shared;
+        // Client publications go through the same broker as the link.
+        let _ = shared.broker.set(broker.clone());
         let connections = TaskTracker::new();
         let closing = CancellationToken::new();
         let link_stop = CancellationToken::new();

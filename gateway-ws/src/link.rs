@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use herald_client::{Broker, BrokerSession, SessionCommands};
 use herald_common::backoff::Backoff;
-use herald_proto::names::BROADCAST_CHANNEL;
+use herald_proto::names::{self, BROADCAST_CHANNEL};
 use herald_proto::v1::{
     ClaimWorker, ControlDone, DirectoryChange, DirectoryReport, Event, SubscribeChannels, SubscribeRequest,
     UnsubscribeChannels, content, subscribe_request, subscribe_response,
@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::protocol;
 use crate::shared::Shared;
 
 const CLAIM_REQUEST: u64 = 1;
@@ -237,31 +238,45 @@ async fn claim_and_subscribe(shared: &Shared, commands: &dyn SessionCommands) ->
 }
 
 /// Carries out one broker event's delivery: the broker decided which
-/// connections get it; the gateway only queues the frame on them.
+/// connections get it; the gateway only queues the frame on them. An event
+/// on a client channel carries no delivery: it is for the channel's
+/// subscribers here.
 fn dispatch(shared: &Shared, event: Event) {
     let metrics = &shared.metrics;
-    let Some((to, except)) = event.delivery.and_then(|d| Some((d.to?, d.except))) else {
-        tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");
-        metrics.dropped_malformed.inc();
-        return;
-    };
-    metrics.broker_event(&to);
-    let worker_id = &shared.config.worker_id;
-    let except: HashSet<u64> =
-        except.iter().filter(|a| a.worker_id == *worker_id).filter_map(|a| a.connection_id.parse().ok()).collect();
     let Some(body) = event.content.and_then(|c| c.body) else {
         tracing::warn!(channel = %event.channel, "dropping a broker event without content");
         metrics.dropped_malformed.inc();
         return;
     };
-    let frame = match body {
-        content::Body::Text(text) => Message::Text(text.into()),
-        content::Body::Binary(bytes) => Message::Binary(bytes),
-    };
     let published_us = event
         .published_at
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0) * 1_000_000 + u64::try_from(t.nanos / 1000).unwrap_or(0));
-    let outcome = shared.registry.deliver(&to, &except, frame, published_us);
+    let outcome = match event.delivery.and_then(|d| Some((d.to?, d.except))) {
+        Some((to, except)) => {
+            metrics.broker_event(&to);
+            let worker_id = &shared.config.worker_id;
+            let except: HashSet<u64> = except
+                .iter()
+                .filter(|a| a.worker_id == *worker_id)
+                .filter_map(|a| a.connection_id.parse().ok())
+                .collect();
+            let frame = match body {
+                content::Body::Text(text) => Message::Text(text.into()),
+                content::Body::Binary(bytes) => Message::Binary(bytes),
+            };
+            shared.registry.deliver(&to, &except, frame, published_us)
+        }
+        None if names::client_channel(&event.channel).is_some() => {
+            metrics.broker_channel_event();
+            let frame = protocol::publication(&event.channel, &body);
+            shared.registry.deliver_to_channel(&event.channel, frame, published_us)
+        }
+        None => {
+            tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");
+            metrics.dropped_malformed.inc();
+            return;
+        }
+    };
     metrics.frames_queued.add(outcome.queued);
     metrics.dropped_closing.add(outcome.closing);
     if outcome.unknown > 0 {

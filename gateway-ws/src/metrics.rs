@@ -41,8 +41,12 @@ pub struct GatewayMetrics {
     /// Broker sessions lost (each is followed by a reconnect).
     pub broker_disconnects: Counter,
     /// Events received from the broker, by delivery (everyone,
-    /// connections, user, group).
-    broker_events: [Counter; 4],
+    /// connections, user, group, client channel).
+    broker_events: [Counter; 5],
+    /// Client-protocol commands carried out.
+    pub commands_done: Counter,
+    /// Client-protocol commands refused with an error reply.
+    pub commands_refused: Counter,
     /// Controls received from the broker and carried out.
     pub controls: Counter,
     /// Handshakes refused for their token, by reason (as [`TOKEN_REFUSALS`]).
@@ -51,7 +55,7 @@ pub struct GatewayMetrics {
 
 /// The delivery labels of `herald_ws_broker_events_total`, in the order of
 /// `broker_events`.
-const DELIVERIES: [&str; 4] = ["everyone", "connections", "user", "group"];
+const DELIVERIES: [&str; 5] = ["everyone", "connections", "user", "group", "channel"];
 
 impl Default for GatewayMetrics {
     fn default() -> Self {
@@ -72,6 +76,8 @@ impl Default for GatewayMetrics {
             broker_linked: Gauge::default(),
             broker_disconnects: Counter::default(),
             broker_events: Default::default(),
+            commands_done: Counter::default(),
+            commands_refused: Counter::default(),
             controls: Counter::default(),
             token_refused: Default::default(),
         }
@@ -98,6 +104,11 @@ impl GatewayMetrics {
             delivery::To::Group(_) => 3,
         };
         self.broker_events[i].inc();
+    }
+
+    /// Counts one event for the subscribers of a client channel.
+    pub fn broker_channel_event(&self) {
+        self.broker_events[4].inc();
     }
 
     /// Counts one handshake refused for its token.
@@ -139,7 +150,7 @@ impl GatewayMetrics {
         );
         out.counter(
             "herald_ws_client_messages_ignored_total",
-            "Data frames sent by clients (herald does not route them).",
+            "Data frames sent by classic raw clients (herald does not route them).",
             &self.client_messages_ignored,
         );
         out.counter("herald_ws_pings_sent_total", "Heartbeat pings sent to clients.", &self.pings_sent);
@@ -168,6 +179,11 @@ impl GatewayMetrics {
             &events,
         );
         out.counter("herald_ws_controls_total", "Controls received from the broker and carried out.", &self.controls);
+        out.counter_family(
+            "herald_ws_client_commands_total",
+            "Client-protocol commands, by outcome (done, or refused with an error reply).",
+            &[(&[("outcome", "done")], &self.commands_done), (&[("outcome", "refused")], &self.commands_refused)],
+        );
         let refused: Vec<_> =
             TOKEN_REFUSALS.iter().zip(&self.token_refused).map(|(r, c)| ([("reason", *r)], c)).collect();
         let refused: Vec<(&[(&str, &str)], &Counter)> = refused.iter().map(|(l, c)| (&l[..], *c)).collect();

@@ -22,6 +22,7 @@ use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::CloseReason;
+use crate::protocol::Protocol;
 
 #[derive(Debug)]
 pub struct Outbox {
@@ -32,6 +33,8 @@ pub struct Outbox {
     limit_bytes: usize,
     /// Milliseconds since the gateway's clock origin at which the client was last heard from.
     last_heard_ms: AtomicU64,
+    /// What the connection speaks, so that a delivery queues the frame it understands.
+    protocol: Protocol,
 }
 
 #[derive(Debug, Default)]
@@ -64,7 +67,17 @@ impl Outbox {
             waker: AtomicWaker::new(),
             limit_bytes,
             last_heard_ms: AtomicU64::new(now_ms),
+            protocol: Protocol::Raw,
         }
+    }
+
+    /// The outbox of a connection that speaks `protocol`.
+    pub fn speaking(self, protocol: Protocol) -> Self {
+        Self { protocol, ..self }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// Queues `frame`, published at `published_us` (unix µs, 0 if unknown).

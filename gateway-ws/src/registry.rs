@@ -24,9 +24,25 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::CloseReason;
 use crate::outbox::Outbox;
+use crate::protocol::{self, Protocol};
 
 /// Most groups one connection may be in; joins beyond it are ignored.
 pub const MAX_GROUPS_PER_CONNECTION: usize = 64;
+/// Most client channels one connection may be subscribed to.
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 128;
+
+/// Why a subscription was not changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("already subscribed to this channel")]
+    AlreadySubscribed,
+    #[error("not subscribed to this channel")]
+    NotSubscribed,
+    #[error("subscribed to {MAX_CHANNELS_PER_CONNECTION} channels already: unsubscribe from one first")]
+    TooMany,
+    #[error("the connection is closing")]
+    Closing,
+}
 
 /// What carrying out one delivery did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +69,8 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// When its token expires, in unix seconds.
     pub expires_at: Option<u64>,
+    /// Client channels its token lets it subscribe to (the `channels` claim).
+    pub channels: Vec<String>,
 }
 
 /// Directory changes not yet reported to the broker, and the controls
@@ -79,6 +97,8 @@ struct State {
     connections: HashMap<u64, Entry>,
     users: HashMap<Arc<str>, Members>,
     groups: HashMap<Arc<str>, Members>,
+    /// Client channel → its subscribers.
+    channels: HashMap<Arc<str>, Members>,
     /// Token expiries: (unix seconds, connection id).
     expiries: BTreeSet<(u64, u64)>,
     /// `None` while no broker session follows the directory: the next
@@ -99,6 +119,7 @@ struct Entry {
     user: Option<Arc<str>>,
     groups: Vec<Arc<str>>,
     data: BTreeMap<String, String>,
+    channels: Vec<Arc<str>>,
     /// Taken out of the directory already (closed by a control, or its
     /// token expired) while its task finishes.
     detached: bool,
@@ -147,7 +168,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = self.write();
         let user = identity.user_id.as_deref().map(Arc::from);
-        let mut entry = Entry { outbox, user, groups: Vec::new(), data: BTreeMap::new(), detached: false };
+        let mut entry =
+            Entry { outbox, user, groups: Vec::new(), data: BTreeMap::new(), channels: Vec::new(), detached: false };
         entry.join(&identity.groups);
         state.index(id, &entry);
         if let Some(expires_at) = identity.expires_at {
@@ -180,10 +202,80 @@ impl Registry {
         self.read().connections.len()
     }
 
-    /// Counts of distinct users and of groups with a member.
-    pub fn census(&self) -> (usize, usize) {
+    /// Counts of distinct users, of groups with a member and of client
+    /// channels with a subscriber.
+    pub fn census(&self) -> (usize, usize, usize) {
         let state = self.read();
-        (state.users.len(), state.groups.len())
+        (state.users.len(), state.groups.len(), state.channels.len())
+    }
+
+    /// Subscribes connection `id` to a client channel. Returns the journal
+    /// position the broker must have acknowledged before the subscription
+    /// is in effect across the cluster, when a broker session follows.
+    pub fn subscribe(&self, id: u64, channel: &str) -> Result<Option<u64>, SubscriptionError> {
+        self.change_subscription(id, channel, true)
+    }
+
+    /// Unsubscribes connection `id` from a client channel; as
+    /// [`Registry::subscribe`].
+    pub fn unsubscribe(&self, id: u64, channel: &str) -> Result<Option<u64>, SubscriptionError> {
+        self.change_subscription(id, channel, false)
+    }
+
+    /// The user id of connection `id`, if it has one.
+    pub fn user_of(&self, id: u64) -> Option<Arc<str>> {
+        self.read().connections.get(&id).and_then(|e| e.user.clone())
+    }
+
+    /// Moves connection `id`'s token expiry (a refreshed token) from
+    /// `old` to `new`; returns false when the connection is closing.
+    pub fn refresh(&self, id: u64, old: Option<u64>, new: Option<u64>) -> bool {
+        let mut state = self.write();
+        if state.connections.get(&id).is_none_or(|e| e.detached) {
+            return false;
+        }
+        if let Some(old) = old {
+            state.expiries.remove(&(old, id));
+        }
+        if let Some(new) = new {
+            state.expiries.insert((new, id));
+        }
+        true
+    }
+
+    /// Whether connection `id` is subscribed to `channel`.
+    pub fn is_subscribed(&self, id: u64, channel: &str) -> bool {
+        self.read().channels.get(channel).is_some_and(|members| members.contains_key(&id))
+    }
+
+    fn change_subscription(&self, id: u64, channel: &str, subscribe: bool) -> Result<Option<u64>, SubscriptionError> {
+        let mut state = self.write();
+        let entry = state.connections.get_mut(&id).filter(|e| !e.detached).ok_or(SubscriptionError::Closing)?;
+        let position = entry.channels.iter().position(|c| **c == *channel);
+        match (subscribe, position) {
+            (true, Some(_)) => return Err(SubscriptionError::AlreadySubscribed),
+            (true, None) if entry.channels.len() >= MAX_CHANNELS_PER_CONNECTION => {
+                return Err(SubscriptionError::TooMany);
+            }
+            (true, None) => entry.channels.push(Arc::from(channel)),
+            (false, None) => return Err(SubscriptionError::NotSubscribed),
+            (false, Some(i)) => {
+                entry.channels.swap_remove(i);
+            }
+        }
+        let outbox = entry.outbox.clone();
+        let snapshot = entry.snapshot();
+        if subscribe {
+            state.channels.entry(Arc::from(channel)).or_default().insert(id, outbox);
+        } else {
+            remove_member(&mut state.channels, channel, id);
+        }
+        let seq = state.journal(id, directory_change::Change::State(snapshot));
+        drop(state);
+        if seq.is_some() {
+            self.journaled.notify_one();
+        }
+        Ok(seq)
     }
 
     /// Starts journaling for a new broker session: every live connection,
@@ -311,7 +403,7 @@ impl Registry {
     /// is shared, not copied.
     pub fn deliver(&self, to: &delivery::To, except: &HashSet<u64>, frame: Message, published_us: u64) -> Outcome {
         let state = self.read();
-        let mut fan = Fan { except, published_us, outcome: Outcome::default() };
+        let mut fan = Fan { except, published_us, wrap: true, outcome: Outcome::default() };
         match to {
             delivery::To::Everyone(_) => fan.out(state.outboxes.iter().map(|(id, outbox)| (*id, outbox)), frame),
             delivery::To::User(user) => {
@@ -336,6 +428,18 @@ impl Registry {
                 fan.out(live, frame);
                 fan.outcome.unknown += unknown.get();
             }
+        }
+        fan.outcome
+    }
+
+    /// Queues `frame` (a publication, in the client protocol) on the
+    /// subscribers of client channel `channel`.
+    pub fn deliver_to_channel(&self, channel: &str, frame: Message, published_us: u64) -> Outcome {
+        let state = self.read();
+        let none = HashSet::new();
+        let mut fan = Fan { except: &none, published_us, wrap: false, outcome: Outcome::default() };
+        if let Some(members) = state.channels.get(channel) {
+            fan.out(members.iter().map(|(id, outbox)| (*id, outbox)), frame);
         }
         fan.outcome
     }
@@ -409,8 +513,12 @@ impl State {
         }
         entry.detached = true;
         let (user, groups) = (entry.user.take(), std::mem::take(&mut entry.groups));
+        let channels = std::mem::take(&mut entry.channels);
         entry.data = BTreeMap::new();
         self.unindex(id, user.as_ref(), &groups);
+        for channel in &channels {
+            remove_member(&mut self.channels, channel, id);
+        }
         self.journal(id, directory_change::Change::Closed(herald_proto::v1::Closed {})).is_some()
     }
 
@@ -474,6 +582,7 @@ impl Entry {
             user_id: self.user.as_deref().unwrap_or_default().to_owned(),
             groups: self.groups.iter().map(|g| g.to_string()).collect(),
             data: self.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            channels: self.channels.iter().map(|c| c.to_string()).collect(),
         }
     }
 }
@@ -482,6 +591,9 @@ impl Entry {
 struct Fan<'a> {
     except: &'a HashSet<u64>,
     published_us: u64,
+    /// Whether the frame is a raw one, which connections speaking the
+    /// client protocol get wrapped as a direct message.
+    wrap: bool,
     outcome: Outcome,
 }
 
@@ -492,13 +604,21 @@ impl Fan<'_> {
     fn out<'o>(&mut self, to: impl Iterator<Item = (u64, &'o Arc<Outbox>)>, frame: Message) {
         let mut to = to.peekable();
         let mut frame = Some(frame);
+        // Made once, for the first recipient that speaks the client protocol.
+        let mut wrapped: Option<Option<Message>> = None;
         while let Some((id, outbox)) = to.next() {
             if !self.except.is_empty() && self.except.contains(&id) {
                 continue;
             }
-            let last = to.peek().is_none();
-            let Some(this) = (if last { frame.take() } else { frame.clone() }) else {
-                return;
+            let this = if self.wrap && outbox.protocol() == Protocol::Json {
+                wrapped.get_or_insert_with(|| frame.as_ref().and_then(protocol::direct)).clone()
+            } else if to.peek().is_none() {
+                frame.take()
+            } else {
+                frame.clone()
+            };
+            let Some(this) = this else {
+                continue;
             };
             match outbox.push(this, self.published_us) {
                 Ok(()) => self.outcome.queued += 1,

@@ -2,9 +2,10 @@
 //! identity, connections and metrics. Owned by [`crate::Gateway`]; the
 //! connection tasks, the broker link and the heartbeat hold an `Arc` of it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use herald_client::Broker;
 use tokio::sync::watch;
 
 use crate::close::CloseReason;
@@ -28,6 +29,9 @@ pub(crate) struct Shared {
     /// How far the broker has followed the directory journal: a connection
     /// whose opening is at or below it can be addressed through the broker.
     pub(crate) reported: watch::Sender<u64>,
+    /// The broker that client-protocol publications go to; set when the
+    /// gateway starts running.
+    pub(crate) broker: OnceLock<Arc<dyn Broker>>,
 }
 
 impl Shared {

@@ -34,6 +34,8 @@ pub enum NameError {
     EmptyPart { what: &'static str, value: String },
     #[error("{what} has a character that is not visible ASCII")]
     NotVisibleAscii { what: &'static str },
+    #[error("namespace of {value:?} must be 1 or more characters of [A-Za-z0-9_-] before one ':'")]
+    BadNamespace { value: String },
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -80,9 +82,35 @@ pub fn validate_connection_id(value: &str) -> Result<(), NameError> {
 }
 
 /// Checks a channel name: dot-separated tokens of `[A-Za-z0-9_-]`, at most 128
-/// characters.
+/// characters, optionally after a namespace and a colon (`chat:room-1`, a
+/// client channel).
 pub fn validate_channel(value: &str) -> Result<(), NameError> {
-    check_dotted("channel", value, MAX_CHANNEL_LEN)
+    let what = "channel";
+    match value.split_once(':') {
+        None => check_dotted(what, value, MAX_CHANNEL_LEN),
+        Some((namespace, name)) => {
+            check_len(what, value, MAX_CHANNEL_LEN)?;
+            if namespace.is_empty() || !namespace.bytes().all(is_token_char) {
+                return Err(NameError::BadNamespace { value: value.to_owned() });
+            }
+            check_dotted(what, name, MAX_CHANNEL_LEN)
+        }
+    }
+}
+
+/// The namespace and the name of a client channel (`chat:room-1` gives
+/// `("chat", "room-1")`); `None` for a channel without a namespace.
+pub fn client_channel(channel: &str) -> Option<(&str, &str)> {
+    channel.split_once(':')
+}
+
+/// Checks a namespace name: 1 to 64 characters of `[A-Za-z0-9_-]`.
+pub fn validate_namespace(value: &str) -> Result<(), NameError> {
+    check_len("namespace", value, MAX_ID_LEN)?;
+    if !value.bytes().all(is_token_char) {
+        return Err(NameError::BadNamespace { value: value.to_owned() });
+    }
+    Ok(())
 }
 
 /// Checks an idempotency key: 1 to 128 characters of visible ASCII (a UUID,
@@ -194,6 +222,19 @@ mod tests {
         assert!(validate_channel("room..42").is_err());
         assert!(validate_channel("room/42").is_err());
         assert!(validate_channel(&"c".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn a_client_channel_has_one_namespace_before_a_colon() {
+        assert_eq!(validate_channel("chat:room-1.a"), Ok(()));
+        assert_eq!(client_channel("chat:room-1.a"), Some(("chat", "room-1.a")));
+        assert_eq!(client_channel("room"), None);
+        for bad in [":room", "chat:", "chat:a:b", "ch.at:room", "chat:room..1", "c h:room"] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
+        assert!(validate_channel(&format!("chat:{}", "c".repeat(124))).is_err(), "the whole name counts");
+        assert_eq!(validate_namespace("chat_2-x"), Ok(()));
+        assert!(validate_namespace("chat:").is_err());
     }
 
     #[test]

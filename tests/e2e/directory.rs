@@ -3,12 +3,9 @@
 //! browsers (headless Chromium), curl, grpcurl and gRPC stubs see them.
 //! Cluster tests run their own `nats-server` and brokers.
 
-use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
@@ -20,9 +17,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+use crate::browser::BrowserSockets;
 use crate::support::{
-    Client, CurlReply, Herald, Nats, PATIENCE, TempDir, curl, get, grpc_client, grpcurl, grpcurl_call,
-    parse_json_greeting, post, repo_root, text_publish, tool, wait_until,
+    Client, Cluster, CurlReply, Herald, PATIENCE, curl, get, grpc_client, grpcurl, grpcurl_call, parse_json_greeting,
+    post, text_publish, tool, wait_until,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -110,126 +108,6 @@ fn group_count(group: &str) -> query_request::Question {
 
 fn totals() -> query_request::Question {
     query_request::Question::Totals(Totals {})
-}
-
-/// Brokers bridged by a private NATS. Fields drop in order: brokers first.
-struct Cluster {
-    brokers: Vec<Herald>,
-    _nats: Nats,
-}
-
-impl Cluster {
-    /// `n` brokers, each started with `extra` too; `None` when no nats-server is installed.
-    fn start(n: usize, extra: &[&str]) -> Option<Cluster> {
-        let nats = Nats::start()?;
-        let mut args = vec!["--nats", &nats.url()].into_iter().map(str::to_owned).collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let brokers: Vec<_> = (0..n).map(|_| Herald::broker(&args)).collect();
-        for b in &brokers {
-            b.wait_ready();
-        }
-        Some(Cluster { brokers, _nats: nats })
-    }
-
-    /// The gRPC address of broker `i`.
-    fn address(&self, i: usize) -> String {
-        self.brokers[i].address("broker")
-    }
-}
-
-/// Headless Chromium holding WebSocket connections, driven by
-/// tests/python/browser_sockets.py over its standard input and output.
-struct BrowserSockets {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-    stderr: TempDir,
-    /// The first message (the greeting) of each socket.
-    greetings: HashMap<String, String>,
-}
-
-impl BrowserSockets {
-    /// The tools it needs, or `None` (after saying why) when one is missing.
-    fn tools() -> Option<(PathBuf, PathBuf)> {
-        let (Some(_), Some(chromium), Some(chromedriver)) =
-            (tool("python-selenium"), tool("chromium"), tool("chromedriver"))
-        else {
-            return None;
-        };
-        Some((chromium, chromedriver))
-    }
-
-    /// Opens one page whose script connects a WebSocket per `(name, url)`,
-    /// and waits until each has its greeting.
-    fn open((chromium, chromedriver): &(PathBuf, PathBuf), sockets: &[(&str, String)]) -> BrowserSockets {
-        let stderr = TempDir::new("chromium");
-        let mut command = Command::new("python3");
-        command.arg(repo_root().join("tests/python/browser_sockets.py"));
-        command.arg("--chromium").arg(chromium).arg("--chromedriver").arg(chromedriver);
-        for (name, url) in sockets {
-            command.arg("--socket").arg(format!("{name}={url}"));
-        }
-        let log = std::fs::File::create(stderr.path().join("stderr.log")).expect("create a log file");
-        let mut child =
-            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log).spawn().expect("run browser_sockets.py");
-        let stdin = child.stdin.take().expect("stdin piped");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut browser = BrowserSockets { child, stdin, lines, stderr, greetings: HashMap::new() };
-        let ready = browser.answer("ready");
-        browser.greetings = serde_json::from_value(ready).expect("greetings by socket name");
-        browser
-    }
-
-    /// The next line, which must start with `word`; its JSON.
-    fn answer(&mut self, word: &str) -> Value {
-        // Starting Chromium is the slow part.
-        let line = self.lines.recv_timeout(PATIENCE * 3).unwrap_or_else(|_| {
-            panic!("browser_sockets.py said nothing; its log:\n{}", self.log());
-        });
-        let Some(json) = line.strip_prefix(word).and_then(|rest| rest.strip_prefix(' ')) else {
-            panic!("browser_sockets.py: expected {word:?}, got {line}\nits log:\n{}", self.log());
-        };
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"))
-    }
-
-    /// Waits until each named socket has received `count` messages (its
-    /// greeting included), then a little longer for anything unexpected;
-    /// returns every socket's messages, readyState and close event.
-    fn wait(&mut self, counts: &[(&str, usize)]) -> Value {
-        let counts: HashMap<_, _> = counts.iter().copied().collect();
-        writeln!(self.stdin, "wait {}", json!(counts)).expect("write to browser_sockets.py");
-        self.stdin.flush().expect("flush");
-        self.answer("report")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.stderr.path().join("stderr.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for BrowserSockets {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,8 @@ mod support;
 
 mod attacks;
 mod auth;
+mod browser;
+mod channels;
 mod classic;
 mod cluster;
 mod config;

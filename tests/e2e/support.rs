@@ -700,3 +700,29 @@ impl Drop for Nats {
         self.kill();
     }
 }
+
+/// Brokers bridged by a private NATS. Fields drop in order: brokers first.
+pub struct Cluster {
+    pub brokers: Vec<Herald>,
+    _nats: Nats,
+}
+
+impl Cluster {
+    /// `n` brokers, each started with `extra` too; `None` when no nats-server is installed.
+    pub fn start(n: usize, extra: &[&str]) -> Option<Cluster> {
+        let nats = Nats::start()?;
+        let mut args = vec!["--nats", &nats.url()].into_iter().map(str::to_owned).collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let brokers: Vec<_> = (0..n).map(|_| Herald::broker(&args)).collect();
+        for b in &brokers {
+            b.wait_ready();
+        }
+        Some(Cluster { brokers, _nats: nats })
+    }
+
+    /// The gRPC address of broker `i`.
+    pub fn address(&self, i: usize) -> String {
+        self.brokers[i].address("broker")
+    }
+}

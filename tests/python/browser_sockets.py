@@ -4,22 +4,26 @@ Opens a page served from 127.0.0.1, as a site would be, and runs in it a
 script that opens one WebSocket per `--socket NAME=URL` with the browser's own
 WebSocket API (a token goes in the URL, `?token=<jwt>`, as browsers cannot set
 headers on a WebSocket) and records, per socket, every message, its
-readyState and its close event.
+readyState, the subprotocol the server chose and its close event. A
+`--protocol-socket NAME=URL` asks for herald's client protocol
+(`new WebSocket(url, "herald.json.v1")`).
 
 The caller drives it line by line:
 
   out: `ready {"NAME": "<first message>", ...}` once every socket has received
        its first message (the greeting), or `failed <report>` if one did not
        within PATIENCE seconds;
+  in:  `send {"NAME": "TEXT", ...}`: sends TEXT on socket NAME; answers
+  out: `sent {}`;
   in:  `wait {"NAME": N, ...}`: waits (up to PATIENCE) until socket NAME has
        received N messages, greeting included, then QUIET seconds more for
        anything unexpected, and answers
-  out: `report {"NAME": {"messages": [...], "state": S, "close": [code, reason] or null}, ...}`;
+  out: `report {"NAME": {"messages": [...], "state": S, "protocol": P, "close": [code, reason] or null}, ...}`;
   in:  `quit` (or end of input): closes the browser and exits.
 
 The script asserts nothing about herald: the caller checks the report.
 
-Usage: browser_sockets.py --socket NAME=URL [--socket NAME=URL ...]
+Usage: browser_sockets.py --socket NAME=URL [--socket NAME=URL ...] [--protocol-socket NAME=URL ...]
                           [--chromium PATH] [--chromedriver PATH]
 """
 
@@ -44,18 +48,25 @@ QUIET = 0.5
 OPEN_SOCKETS = """
 const sockets = arguments[0];
 window.herald = {};
-for (const [name, url] of Object.entries(sockets)) {
-    const state = { messages: [], close: null, ws: new WebSocket(url) };
+for (const [name, [url, protocol]] of Object.entries(sockets)) {
+    const ws = protocol ? new WebSocket(url, protocol) : new WebSocket(url);
+    const state = { messages: [], close: null, ws };
     state.ws.onmessage = (e) => state.messages.push(typeof e.data === "string" ? e.data : "<binary>");
     state.ws.onclose = (e) => { state.close = [e.code, e.reason]; };
     window.herald[name] = state;
 }
 """
 
+SEND = """
+for (const [name, text] of Object.entries(arguments[0])) {
+    window.herald[name].ws.send(text);
+}
+"""
+
 REPORT = """
 const report = {};
 for (const [name, s] of Object.entries(window.herald)) {
-    report[name] = { messages: s.messages.slice(), state: s.ws.readyState, close: s.close };
+    report[name] = { messages: s.messages.slice(), state: s.ws.readyState, protocol: s.ws.protocol, close: s.close };
 }
 return report;
 """
@@ -85,11 +96,17 @@ def wait_for(driver, condition):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--socket", action="append", required=True, help="NAME=URL of a WebSocket to open")
+    parser.add_argument("--socket", action="append", default=[], help="NAME=URL of a WebSocket to open")
+    parser.add_argument(
+        "--protocol-socket", action="append", default=[], help="NAME=URL of a WebSocket speaking herald.json.v1"
+    )
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     args = parser.parse_args()
-    sockets = dict(s.split("=", 1) for s in args.socket)
+    sockets = {name: [url, None] for name, url in (s.split("=", 1) for s in args.socket)}
+    sockets.update({name: [url, "herald.json.v1"] for name, url in (s.split("=", 1) for s in args.protocol_socket)})
+    if not sockets:
+        parser.error("give at least one --socket or --protocol-socket")
 
     profile = tempfile.mkdtemp(prefix="herald-chromium-")
     page = serve_page()
@@ -112,6 +129,9 @@ def main():
                 wait_for(driver, lambda r: all(len(r[n]["messages"]) >= c for n, c in counts.items()))
                 time.sleep(QUIET)
                 say("report " + json.dumps(report(driver)))
+            elif command == "send":
+                driver.execute_script(SEND, json.loads(argument))
+                say("sent {}")
             elif command == "quit":
                 break
             else:

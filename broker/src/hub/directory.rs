@@ -8,7 +8,9 @@
 //! everything again there. Every change that gives a session its first
 //! connection of a user or group, or takes its last, is returned as a
 //! [`MemberChange`], so that the hub routes user and group messages only to
-//! the sessions that hold a recipient. Synchronous and free of I/O, so that
+//! the sessions that hold a recipient. Client channel subscriptions are
+//! followed the same way: a session listens on a client channel while its
+//! gateway holds a subscriber. Synchronous and free of I/O, so that
 //! it can be checked against a model (see its property test).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,6 +26,8 @@ use crate::error::CommandErrorKind;
 
 /// Most groups one connection may be in.
 pub const MAX_GROUPS_PER_CONNECTION: usize = 64;
+/// Most client channels one connection may be subscribed to.
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 128;
 /// Most entries of one connection's data.
 pub const MAX_DATA_ENTRIES: usize = 64;
 /// Most bytes of one connection's data, keys and values together.
@@ -45,6 +49,8 @@ pub(crate) struct Directory {
     users: HashMap<Arc<str>, HashMap<SessionId, u32>>,
     /// group → sessions holding a member, with how many.
     groups: HashMap<Arc<str>, HashMap<SessionId, u32>>,
+    /// client channel → sessions holding a subscriber, with how many.
+    channels: HashMap<Arc<str>, HashMap<SessionId, u32>>,
     connections: usize,
 }
 
@@ -63,6 +69,7 @@ struct Connection {
     user: Option<Arc<str>>,
     groups: Vec<Arc<str>>,
     data: BTreeMap<String, String>,
+    channels: Vec<Arc<str>>,
 }
 
 impl Directory {
@@ -157,6 +164,9 @@ impl Directory {
         for group in &connection.groups {
             count_in(&mut self.groups, group, session, names::group_channel, changes);
         }
+        for channel in &connection.channels {
+            count_in(&mut self.channels, channel, session, str::to_owned, changes);
+        }
     }
 
     fn unindex(&mut self, session: SessionId, connection: &Connection, changes: &mut Vec<MemberChange>) {
@@ -165,6 +175,9 @@ impl Directory {
         }
         for group in &connection.groups {
             count_out(&mut self.groups, group, session, names::group_channel, changes);
+        }
+        for channel in &connection.channels {
+            count_out(&mut self.channels, channel, session, str::to_owned, changes);
         }
     }
 
@@ -290,6 +303,18 @@ fn check_state(state: &ConnectionState) -> Result<(), CommandErrorKind> {
     for group in &state.groups {
         names::validate_group(group)?;
     }
+    if state.channels.len() > MAX_CHANNELS_PER_CONNECTION {
+        return Err(CommandErrorKind::Invalid(format!(
+            "a connection is subscribed to {} channels; the limit is {MAX_CHANNELS_PER_CONNECTION}",
+            state.channels.len()
+        )));
+    }
+    for channel in &state.channels {
+        names::validate_channel(channel)?;
+        if names::client_channel(channel).is_none() {
+            return Err(CommandErrorKind::Invalid(format!("{channel:?} is not a client channel (<namespace>:<name>)")));
+        }
+    }
     check_data(&state.data).map_err(CommandErrorKind::Invalid)
 }
 
@@ -310,7 +335,9 @@ impl From<ConnectionState> for Connection {
         let user = (!state.user_id.is_empty()).then(|| Arc::from(state.user_id));
         let mut seen = HashSet::new();
         let groups = state.groups.into_iter().filter(|g| seen.insert(g.clone())).map(Arc::from).collect();
-        Self { user, groups, data: state.data.into_iter().collect() }
+        seen.clear();
+        let channels = state.channels.into_iter().filter(|c| seen.insert(c.clone())).map(Arc::from).collect();
+        Self { user, groups, data: state.data.into_iter().collect(), channels }
     }
 }
 
@@ -320,6 +347,7 @@ fn info(worker_id: &str, connection_id: &str, connection: &Connection) -> Connec
         user_id: connection.user.as_deref().unwrap_or_default().to_owned(),
         groups: connection.groups.iter().map(|g| g.to_string()).collect(),
         data: connection.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        channels: connection.channels.iter().map(|c| c.to_string()).collect(),
     }
 }
 

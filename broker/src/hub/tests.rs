@@ -76,7 +76,7 @@ fn connection_state(user: &str, groups: &[&str]) -> ConnectionState {
     ConnectionState {
         user_id: user.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
-        data: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -909,6 +909,7 @@ async fn queries_answer_from_what_the_gateways_reported_and_forget_a_gateway_who
                 user_id: "ana".into(),
                 groups: vec!["room".into()],
                 data: [("k".to_owned(), "v".to_owned())].into(),
+                channels: vec!["chat:a".into()],
             })),
         }],
         vec![],
@@ -940,6 +941,7 @@ async fn queries_answer_from_what_the_gateways_reported_and_forget_a_gateway_who
             user_id: "ana".into(),
             groups: vec!["room".into()],
             data: [("k".to_owned(), "v".to_owned())].into(),
+            channels: vec!["chat:a".into()],
         }]
     );
     let unknown = ask(&hub, Question::Connection(addr("w1", "9"))).await;
@@ -1001,6 +1003,17 @@ async fn a_report_with_a_malformed_change_is_refused_and_ends_the_session() {
                 ..ConnectionState::default()
             }),
         ),
+        (
+            "129 channels",
+            with_state(ConnectionState {
+                channels: (0..129).map(|i| format!("chat:{i}")).collect(),
+                ..ConnectionState::default()
+            }),
+        ),
+        (
+            "a channel without a namespace",
+            with_state(ConnectionState { channels: vec!["news".into()], ..ConnectionState::default() }),
+        ),
         ("no change", DirectoryChange { connection_id: "1".into(), change: None }),
     ];
     for (what, change) in malformed {
@@ -1021,6 +1034,7 @@ async fn a_report_with_a_malformed_change_is_refused_and_ends_the_session() {
         user_id: "ana".into(),
         groups: (0..64).map(|i| format!("g{i}")).collect(),
         data: [("k".to_owned(), "v".repeat(4095))].into(),
+        channels: (0..128).map(|i| format!("chat:{i}")).collect(),
     });
     let (s, mut events) = hub.open_session();
     s.apply(claim(1, "w1", "i")).await.unwrap();

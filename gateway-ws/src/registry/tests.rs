@@ -17,7 +17,12 @@ fn anonymous() -> Identity {
 }
 
 fn user(name: &str, groups: &[&str]) -> Identity {
-    Identity { user_id: Some(name.into()), groups: groups.iter().map(|g| g.to_string()).collect(), expires_at: None }
+    Identity {
+        user_id: Some(name.into()),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        expires_at: None,
+        channels: vec![],
+    }
 }
 
 fn everyone() -> delivery::To {
@@ -159,7 +164,7 @@ fn binding_joining_and_leaving_move_a_connection_between_targets() {
     assert_eq!(registry.apply_control(ME, 4, control(control_request::Op::UnbindUser(address(id)))), 1);
     assert_eq!(registry.deliver(&delivery::To::User("ana".into()), &nobody(), Message::text("u"), 0).queued, 0);
     assert_eq!(registry.deliver(&delivery::To::Group("g".into()), &nobody(), Message::text("g"), 0).queued, 0);
-    assert_eq!(registry.census(), (0, 0));
+    assert_eq!(registry.census(), (0, 0, 0));
     assert_eq!(drain(&conn), Ok(vec![Message::text("u"), Message::text("g")]));
 }
 
@@ -200,7 +205,7 @@ fn closing_a_user_closes_every_connection_of_it_with_the_reason() {
     assert_eq!(drain(&tab1), Err(CloseReason::Kicked));
     assert_eq!(tab2.close_text().as_deref(), Some("banned"));
     assert_eq!(drain(&other), Ok(vec![]));
-    assert_eq!(registry.census(), (1, 0), "kicked connections leave the directory at once");
+    assert_eq!(registry.census(), (1, 0, 0), "kicked connections leave the directory at once");
 }
 
 #[test]
@@ -271,7 +276,7 @@ fn expired_tokens_close_their_connections() {
     assert_eq!(registry.expire(150), 1);
     assert_eq!(drain(&a), Err(CloseReason::TokenExpired));
     assert_eq!(drain(&b), Ok(vec![]));
-    assert_eq!(registry.census(), (1, 0));
+    assert_eq!(registry.census(), (1, 0, 0));
 }
 
 #[test]
@@ -299,4 +304,66 @@ fn the_heartbeat_pings_live_clients_and_closes_silent_ones() {
     assert_eq!(registry.heartbeat(2_000), Sweep { pinged: 1, unresponsive: 1 });
     assert_eq!(drain(&live), Ok(vec![Message::Ping(Default::default())]));
     assert_eq!(drain(&silent), Err(CloseReason::Unresponsive));
+}
+
+fn json_outbox() -> Arc<Outbox> {
+    Arc::new(Outbox::new(1024, 0).speaking(Protocol::Json))
+}
+
+#[test]
+fn a_subscription_is_journaled_indexed_and_taken_back() {
+    let registry = Registry::default();
+    let (id, _) = registry.register(json_outbox(), &anonymous());
+    registry.snapshot();
+    assert_eq!(registry.subscribe(id, "chat:a"), Ok(Some(2)));
+    assert_eq!(registry.subscribe(id, "chat:a"), Err(SubscriptionError::AlreadySubscribed));
+    assert!(registry.is_subscribed(id, "chat:a"));
+    assert_eq!(registry.census(), (0, 0, 1));
+    let (changes, _, _) = registry.take_journal().unwrap();
+    let Some(directory_change::Change::State(state)) = &changes[0].change else { panic!("{changes:?}") };
+    assert_eq!(state.channels, ["chat:a"]);
+
+    assert_eq!(registry.unsubscribe(id, "chat:b"), Err(SubscriptionError::NotSubscribed));
+    assert_eq!(registry.unsubscribe(id, "chat:a"), Ok(Some(3)));
+    assert!(!registry.is_subscribed(id, "chat:a"));
+    assert_eq!(registry.census(), (0, 0, 0));
+}
+
+#[test]
+fn subscriptions_are_bounded_and_leave_with_their_connection() {
+    let registry = Registry::default();
+    let (id, _) = registry.register(json_outbox(), &anonymous());
+    for i in 0..MAX_CHANNELS_PER_CONNECTION {
+        assert_eq!(registry.subscribe(id, &format!("chat:{i}")), Ok(None), "no broker follows: no position");
+    }
+    assert_eq!(registry.subscribe(id, "chat:one-more"), Err(SubscriptionError::TooMany));
+    registry.remove(id);
+    assert_eq!(registry.census(), (0, 0, 0));
+    assert_eq!(registry.subscribe(id, "chat:a"), Err(SubscriptionError::Closing));
+}
+
+#[test]
+fn a_channel_publication_reaches_its_subscribers_only() {
+    let registry = Registry::default();
+    let (a, b) = (json_outbox(), json_outbox());
+    let (a_id, _) = registry.register(a.clone(), &anonymous());
+    registry.register(b.clone(), &anonymous());
+    registry.subscribe(a_id, "chat:a").unwrap();
+    let outcome = registry.deliver_to_channel("chat:a", Message::text("pub"), 0);
+    assert_eq!(outcome.queued, 1);
+    assert_eq!(drain(&a).unwrap(), [Message::text("pub")]);
+    assert!(drain(&b).unwrap().is_empty());
+    assert_eq!(registry.deliver_to_channel("chat:none", Message::text("x"), 0).queued, 0);
+}
+
+#[test]
+fn a_direct_message_is_wrapped_for_client_protocol_connections_and_raw_for_the_others() {
+    let registry = Registry::default();
+    let (raw, json) = (outbox(1024), json_outbox());
+    registry.register(raw.clone(), &anonymous());
+    registry.register(json.clone(), &anonymous());
+    let outcome = registry.deliver(&everyone(), &nobody(), Message::text("hi"), 0);
+    assert_eq!(outcome.queued, 2);
+    assert_eq!(drain(&raw).unwrap(), [Message::text("hi")]);
+    assert_eq!(drain(&json).unwrap(), [Message::text(r#"{"message":{"content":{"text":"hi"}}}"#)]);
 }

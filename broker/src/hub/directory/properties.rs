@@ -178,6 +178,7 @@ fn state(user: Option<&str>, groups: Vec<&str>, data: &BTreeMap<String, String>)
         user_id: user.unwrap_or_default().to_owned(),
         groups: groups.into_iter().map(str::to_owned).collect(),
         data: data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        channels: Vec::new(),
     }
 }
 

@@ -1,0 +1,174 @@
+//! A client-protocol connection's commands, carried out: subscriptions
+//! checked against the namespaces and kept in the registry (answered once the
+//! broker follows them, so that every publication after the answer arrives),
+//! publications handed to the broker, and token refreshes. Every refusal is
+//! a reply with a code; only a frame that is not a command at all ends the
+//! connection.
+
+use std::time::Duration;
+
+use herald_proto::names;
+use herald_proto::v1::{Content, PublishRequest, Target, content, target};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+use crate::client_auth::{TokenRejection, unix_now};
+use crate::namespaces::{PublishRule, SubscribeRule};
+use crate::protocol::{self, Command, CommandKind, Done, code};
+use crate::registry::SubscriptionError;
+use crate::shared::Shared;
+
+/// How long a subscription waits for the broker to follow it before it is
+/// answered anyway (the broker is slow or being reconnected to).
+const FOLLOW_WAIT: Duration = Duration::from_secs(2);
+
+/// A client-protocol connection, as its commands need it.
+pub(crate) struct Client {
+    pub(crate) id: u64,
+    /// The client channels its token lists (for `subscribe=listed` namespaces).
+    pub(crate) listed: Vec<String>,
+    /// When its token expires (unix seconds).
+    pub(crate) expires_at: Option<u64>,
+}
+
+/// A refused command: its reply's code and reason.
+struct Refused(u32, String);
+
+impl Refused {
+    fn new(code: u32, reason: impl Into<String>) -> Self {
+        Self(code, reason.into())
+    }
+}
+
+impl From<TokenRejection> for Refused {
+    fn from(rejection: TokenRejection) -> Self {
+        Self(code::TOKEN_REFUSED, rejection.to_string())
+    }
+}
+
+/// Carries out one command; returns its reply.
+pub(crate) async fn run(shared: &Shared, client: &mut Client, command: Command) -> Message {
+    let result = match command.kind {
+        CommandKind::Subscribe { channel, token } => subscribe(shared, client, channel, token).await,
+        CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, channel),
+        CommandKind::Publish { channel, content } => publish(shared, client, channel, content).await,
+        CommandKind::Refresh { token } => refresh(shared, client, &token),
+    };
+    match result {
+        Ok(done) => {
+            shared.metrics.commands_done.inc();
+            protocol::reply(command.id, &done)
+        }
+        Err(Refused(code, reason)) => {
+            shared.metrics.commands_refused.inc();
+            protocol::refusal(command.id, code, &reason)
+        }
+    }
+}
+
+/// The namespace rules of a client channel, after checking its name.
+fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a crate::namespaces::Namespace, Refused> {
+    names::validate_channel(channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
+    let Some((namespace, _)) = names::client_channel(channel) else {
+        return Err(Refused::new(code::BAD_COMMAND, format!("{channel:?} has no namespace: use <namespace>:<name>")));
+    };
+    shared
+        .config
+        .namespaces
+        .of(channel)
+        .ok_or_else(|| Refused::new(code::UNKNOWN_NAMESPACE, format!("no namespace {namespace:?} on this gateway")))
+}
+
+async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Option<String>) -> Result<Done, Refused> {
+    let namespace = namespace_of(shared, &channel)?;
+    let user = shared.registry.user_of(client.id);
+    match namespace.subscribe {
+        SubscribeRule::Anyone => {}
+        SubscribeRule::Users if user.is_some() => {}
+        SubscribeRule::Users => {
+            return Err(Refused::new(code::NOT_ALLOWED, "this namespace is for connections with a user id"));
+        }
+        SubscribeRule::Listed if client.listed.contains(&channel) => {}
+        SubscribeRule::Listed => {
+            return Err(Refused::new(code::NOT_ALLOWED, "the connection's token does not list this channel"));
+        }
+        SubscribeRule::Token => {
+            let Some(token) = token else {
+                return Err(Refused::new(code::NOT_ALLOWED, "this namespace needs a subscription token"));
+            };
+            let auth = shared.config.client_auth.as_ref().ok_or_else(|| {
+                Refused::new(code::UNAVAILABLE, "this gateway has no keys to check subscription tokens")
+            })?;
+            auth.verify_subscription(&token, &channel, user.as_deref(), unix_now())?;
+        }
+    }
+    let position = shared.registry.subscribe(client.id, &channel).map_err(subscription_refused)?;
+    if let Some(position) = position {
+        let mut reported = shared.reported.subscribe();
+        let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= position)).await;
+    }
+    Ok(Done::Subscribed { channel })
+}
+
+fn unsubscribe(shared: &Shared, client: &Client, channel: String) -> Result<Done, Refused> {
+    names::validate_channel(&channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
+    shared.registry.unsubscribe(client.id, &channel).map_err(subscription_refused)?;
+    Ok(Done::Unsubscribed { channel })
+}
+
+fn subscription_refused(e: SubscriptionError) -> Refused {
+    let code = match e {
+        SubscriptionError::AlreadySubscribed => code::ALREADY_SUBSCRIBED,
+        SubscriptionError::NotSubscribed => code::NOT_SUBSCRIBED,
+        SubscriptionError::TooMany => code::TOO_MANY_SUBSCRIPTIONS,
+        SubscriptionError::Closing => code::UNAVAILABLE,
+    };
+    Refused::new(code, e.to_string())
+}
+
+async fn publish(shared: &Shared, client: &Client, channel: String, body: content::Body) -> Result<Done, Refused> {
+    let namespace = namespace_of(shared, &channel)?;
+    match namespace.publish {
+        PublishRule::Nobody => {
+            return Err(Refused::new(code::NOT_ALLOWED, "clients may not publish to this namespace"));
+        }
+        PublishRule::Subscribers if !shared.registry.is_subscribed(client.id, &channel) => {
+            return Err(Refused::new(code::NOT_ALLOWED, "subscribe to the channel before publishing to it"));
+        }
+        PublishRule::Subscribers => {}
+    }
+    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
+    let request = PublishRequest {
+        target: Some(Target { kind: Some(target::Kind::Channel(channel.clone())), except: Vec::new() }),
+        content: Some(Content { body: Some(body) }),
+        idempotency_key: String::new(),
+    };
+    broker.publish(request).await.map_err(|status| {
+        let code = match status.code() {
+            Code::InvalidArgument => code::BAD_COMMAND,
+            Code::ResourceExhausted => code::TOO_LARGE,
+            _ => code::UNAVAILABLE,
+        };
+        Refused::new(code, status.message())
+    })?;
+    Ok(Done::Published { channel })
+}
+
+fn refresh(shared: &Shared, client: &mut Client, token: &str) -> Result<Done, Refused> {
+    let auth = shared
+        .config
+        .client_auth
+        .as_ref()
+        .ok_or_else(|| Refused::new(code::BAD_COMMAND, "this gateway does not check tokens: nothing to refresh"))?;
+    let identity = auth.verify(token, unix_now())?;
+    if shared.registry.user_of(client.id).as_deref() != Some(identity.user_id.as_str()) {
+        return Err(Refused::new(code::TOKEN_REFUSED, "a refreshed token must be for the connection's user"));
+    }
+    if !shared.registry.refresh(client.id, client.expires_at, identity.expires_at) {
+        return Err(Refused::new(code::UNAVAILABLE, "the connection is closing"));
+    }
+    client.expires_at = identity.expires_at;
+    client.listed = identity.channels;
+    Ok(Done::Refreshed { expires_at: identity.expires_at })
+}

@@ -1,0 +1,171 @@
+//! Client channel namespaces: for each `<namespace>:` prefix, who may
+//! subscribe to its channels and whether clients may publish to them. A
+//! channel whose namespace is not configured is refused, so that no channel
+//! is open to clients unless the operator said so.
+//!
+//! A namespace is given as one string, e.g.
+//! `chat:subscribe=users,publish=subscribers` (see [`Namespace::parse`]).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use herald_proto::names;
+
+/// Who may subscribe to a namespace's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRule {
+    /// Any connection, anonymous ones included.
+    Anyone,
+    /// Connections with a user id (from their token or a backend's bind).
+    Users,
+    /// Connections whose connection token lists the channel in its
+    /// `channels` claim.
+    Listed,
+    /// Connections that present a subscription token for the channel,
+    /// signed by the backend with the client-auth keys.
+    Token,
+}
+
+/// Who may publish to a namespace's channels from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRule {
+    /// No client: only backends publish.
+    Nobody,
+    /// Connections subscribed to the channel.
+    Subscribers,
+}
+
+/// One namespace's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub subscribe: SubscribeRule,
+    pub publish: PublishRule,
+}
+
+/// Why a namespace specification was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("namespace {spec:?}: {reason}")]
+pub struct NamespaceError {
+    spec: String,
+    reason: String,
+}
+
+impl Namespace {
+    /// Parses `<name>[:<option>,…]`, options being `subscribe=anyone|users|listed|token`
+    /// (default `users`) and `publish=nobody|subscribers` (default `nobody`).
+    pub fn parse(spec: &str) -> Result<Self, NamespaceError> {
+        let refuse = |reason: String| NamespaceError { spec: spec.to_owned(), reason };
+        let (name, options) = spec.split_once(':').unwrap_or((spec, ""));
+        names::validate_namespace(name).map_err(|e| refuse(e.to_string()))?;
+        let mut namespace =
+            Namespace { name: name.to_owned(), subscribe: SubscribeRule::Users, publish: PublishRule::Nobody };
+        for option in options.split(',').filter(|o| !o.is_empty()) {
+            match option.split_once('=') {
+                Some(("subscribe", "anyone")) => namespace.subscribe = SubscribeRule::Anyone,
+                Some(("subscribe", "users")) => namespace.subscribe = SubscribeRule::Users,
+                Some(("subscribe", "listed")) => namespace.subscribe = SubscribeRule::Listed,
+                Some(("subscribe", "token")) => namespace.subscribe = SubscribeRule::Token,
+                Some(("publish", "nobody")) => namespace.publish = PublishRule::Nobody,
+                Some(("publish", "subscribers")) => namespace.publish = PublishRule::Subscribers,
+                _ => {
+                    return Err(refuse(format!(
+                        "unknown option {option:?}: use subscribe=anyone|users|listed|token and \
+                         publish=nobody|subscribers"
+                    )));
+                }
+            }
+        }
+        Ok(namespace)
+    }
+
+    /// Whether its rules need tokens checked by the gateway's client auth.
+    pub fn needs_client_auth(&self) -> bool {
+        matches!(self.subscribe, SubscribeRule::Listed | SubscribeRule::Token)
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subscribe = match self.subscribe {
+            SubscribeRule::Anyone => "anyone",
+            SubscribeRule::Users => "users",
+            SubscribeRule::Listed => "listed",
+            SubscribeRule::Token => "token",
+        };
+        let publish = match self.publish {
+            PublishRule::Nobody => "nobody",
+            PublishRule::Subscribers => "subscribers",
+        };
+        write!(f, "{}:subscribe={subscribe},publish={publish}", self.name)
+    }
+}
+
+/// Every configured namespace, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespaces(HashMap<String, Namespace>);
+
+impl Namespaces {
+    /// Parses each specification; a name given twice is refused.
+    pub fn parse<'a>(specs: impl IntoIterator<Item = &'a str>) -> Result<Self, NamespaceError> {
+        Self::new(specs.into_iter().map(Namespace::parse).collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The namespaces given; a name given twice is refused.
+    pub fn new(list: Vec<Namespace>) -> Result<Self, NamespaceError> {
+        let mut all = HashMap::new();
+        for namespace in list {
+            if all.contains_key(&namespace.name) {
+                return Err(NamespaceError { spec: namespace.to_string(), reason: "given twice".into() });
+            }
+            all.insert(namespace.name.clone(), namespace);
+        }
+        Ok(Self(all))
+    }
+
+    /// The namespace of a client channel, when it is configured.
+    pub fn of(&self, channel: &str) -> Option<&Namespace> {
+        names::client_channel(channel).and_then(|(namespace, _)| self.0.get(namespace))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Namespace> {
+        self.0.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_is_a_name_and_its_options_with_safe_defaults() {
+        let chat = Namespace::parse("chat:subscribe=anyone,publish=subscribers").unwrap();
+        assert_eq!((chat.subscribe, chat.publish), (SubscribeRule::Anyone, PublishRule::Subscribers));
+        assert_eq!(chat.to_string(), "chat:subscribe=anyone,publish=subscribers");
+        let news = Namespace::parse("news").unwrap();
+        assert_eq!((news.subscribe, news.publish), (SubscribeRule::Users, PublishRule::Nobody));
+        assert!(Namespace::parse("secret:subscribe=token").unwrap().needs_client_auth());
+        assert!(!news.needs_client_auth());
+    }
+
+    #[test]
+    fn malformed_namespaces_are_refused_with_the_reason() {
+        for bad in ["", "a.b", "chat:subscribe=everyone", "chat:publish", "chat:history=10"] {
+            assert!(Namespace::parse(bad).is_err(), "{bad}");
+        }
+        let twice = Namespaces::parse(["chat", "chat:subscribe=anyone"]).unwrap_err();
+        assert_eq!(twice.to_string(), "namespace \"chat:subscribe=anyone,publish=nobody\": given twice");
+    }
+
+    #[test]
+    fn a_channel_finds_its_namespace_only_when_configured() {
+        let all = Namespaces::parse(["chat:subscribe=anyone"]).unwrap();
+        assert_eq!(all.of("chat:room-1").map(|n| n.name.as_str()), Some("chat"));
+        assert_eq!(all.of("news:today"), None);
+        assert_eq!(all.of("chat"), None, "a channel without a namespace is not a client channel");
+    }
+}

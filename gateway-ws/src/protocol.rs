@@ -1,0 +1,282 @@
+//! The herald client protocol's JSON form (`proto/herald/v1/client.proto`):
+//! reading a client's commands and writing the gateway's replies and pushes.
+//! Field names are the `.proto` ones; ids are JSON numbers. Pure functions,
+//! no I/O.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use herald_proto::v1::content;
+use serde_json::{Map, Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The WebSocket subprotocol a client asks for to speak it.
+pub const SUBPROTOCOL: &str = "herald.json.v1";
+
+/// Largest command id: ids must survive a JavaScript number.
+const MAX_ID: u64 = (1 << 53) - 1;
+
+/// What a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// The classic raw frames: each message's content as it was published.
+    #[default]
+    Raw,
+    /// The client protocol, JSON form.
+    Json,
+}
+
+/// The documented client error codes (`ClientError.code`).
+pub mod code {
+    pub const BAD_COMMAND: u32 = 400;
+    pub const TOKEN_REFUSED: u32 = 401;
+    pub const NOT_ALLOWED: u32 = 403;
+    pub const UNKNOWN_NAMESPACE: u32 = 404;
+    pub const ALREADY_SUBSCRIBED: u32 = 409;
+    pub const NOT_SUBSCRIBED: u32 = 410;
+    pub const TOO_LARGE: u32 = 413;
+    pub const TOO_MANY_SUBSCRIPTIONS: u32 = 429;
+    pub const UNAVAILABLE: u32 = 503;
+}
+
+/// A command a client sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub id: u64,
+    pub kind: CommandKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandKind {
+    Subscribe { channel: String, token: Option<String> },
+    Unsubscribe { channel: String },
+    Publish { channel: String, content: content::Body },
+    Refresh { token: String },
+}
+
+/// A frame that is not a command the gateway can run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct BadCommand {
+    /// The command's id when it could be read: the refusal is then a reply,
+    /// and the connection stays open.
+    pub id: Option<u64>,
+    pub reason: String,
+}
+
+/// What a reply says when its command was carried out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    Subscribed { channel: String },
+    Unsubscribed { channel: String },
+    Published { channel: String },
+    Refreshed { expires_at: Option<u64> },
+}
+
+/// Reads one text frame as a command.
+pub fn parse(text: &str) -> Result<Command, BadCommand> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| BadCommand { id: None, reason: format!("not JSON: {e}") })?;
+    let Value::Object(mut fields) = value else {
+        return Err(BadCommand { id: None, reason: "a command is a JSON object".into() });
+    };
+    let id = match fields.remove("id") {
+        Some(Value::Number(n)) => n.as_u64().filter(|id| (1..=MAX_ID).contains(id)),
+        Some(Value::String(s)) => s.parse().ok().filter(|id| (1..=MAX_ID).contains(id)),
+        _ => None,
+    }
+    .ok_or_else(|| BadCommand { id: None, reason: format!("id must be a whole number from 1 to {MAX_ID}") })?;
+    let refuse = |reason: String| BadCommand { id: Some(id), reason };
+    let mut commands = fields.into_iter();
+    let (Some((name, body)), None) = (commands.next(), commands.next()) else {
+        return Err(refuse("give exactly one command: subscribe, unsubscribe, publish or refresh".into()));
+    };
+    let Value::Object(mut body) = body else {
+        return Err(refuse(format!("{name} takes an object")));
+    };
+    let kind = match name.as_str() {
+        "subscribe" => CommandKind::Subscribe {
+            channel: string(&mut body, "channel").map_err(refuse)?,
+            token: optional_string(&mut body, "token").map_err(refuse)?,
+        },
+        "unsubscribe" => CommandKind::Unsubscribe { channel: string(&mut body, "channel").map_err(refuse)? },
+        "publish" => CommandKind::Publish {
+            channel: string(&mut body, "channel").map_err(refuse)?,
+            content: content_body(body.remove("content")).map_err(refuse)?,
+        },
+        "refresh" => CommandKind::Refresh { token: string(&mut body, "token").map_err(refuse)? },
+        other => {
+            return Err(refuse(format!("unknown command {other:?}: use subscribe, unsubscribe, publish or refresh")));
+        }
+    };
+    if let Some(extra) = body.keys().next() {
+        return Err(refuse(format!("{name} has no field {extra:?}")));
+    }
+    Ok(Command { id, kind })
+}
+
+fn string(body: &mut Map<String, Value>, field: &str) -> Result<String, String> {
+    optional_string(body, field)?.ok_or_else(|| format!("{field} is required"))
+}
+
+fn optional_string(body: &mut Map<String, Value>, field: &str) -> Result<Option<String>, String> {
+    match body.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("{field} must be a string")),
+    }
+}
+
+/// `{"text": "…"}` or `{"binary": "<base64>"}`.
+fn content_body(value: Option<Value>) -> Result<content::Body, String> {
+    let Some(Value::Object(content)) = value else {
+        return Err(r#"content is required: {"text": "…"} or {"binary": "<base64>"}"#.into());
+    };
+    let mut fields = content.into_iter();
+    match (fields.next(), fields.next()) {
+        (Some((kind, Value::String(s))), None) if kind == "text" => Ok(content::Body::Text(s)),
+        (Some((kind, Value::String(s))), None) if kind == "binary" => STANDARD
+            .decode(s)
+            .map(|bytes| content::Body::Binary(bytes.into()))
+            .map_err(|e| format!("content.binary is not base64: {e}")),
+        _ => Err(r#"content is one of {"text": "…"} or {"binary": "<base64>"}"#.into()),
+    }
+}
+
+/// The reply to a command that was carried out.
+pub fn reply(id: u64, done: &Done) -> Message {
+    let body = match done {
+        Done::Subscribed { channel } => json!({ "subscribed": { "channel": channel } }),
+        Done::Unsubscribed { channel } => json!({ "unsubscribed": { "channel": channel } }),
+        Done::Published { channel } => json!({ "published": { "channel": channel } }),
+        Done::Refreshed { expires_at } => json!({ "refreshed": { "expires_at": expires_at.unwrap_or(0) } }),
+    };
+    with_id(id, body)
+}
+
+/// The reply to a refused command.
+pub fn refusal(id: u64, code: u32, message: &str) -> Message {
+    with_id(id, json!({ "error": { "code": code, "message": message } }))
+}
+
+fn with_id(id: u64, mut body: Value) -> Message {
+    if let Value::Object(fields) = &mut body {
+        fields.insert("id".into(), id.into());
+    }
+    Message::text(body.to_string())
+}
+
+/// The first push of a connection: its address.
+pub fn connected(worker_id: &str, connection_id: u64, user_id: Option<&str>) -> Message {
+    let push = json!({ "connected": {
+        "worker_id": worker_id,
+        "connection_id": connection_id.to_string(),
+        "user_id": user_id.unwrap_or_default(),
+    }});
+    Message::text(push.to_string())
+}
+
+/// A publication to `channel`, for its subscribers.
+pub fn publication(channel: &str, body: &content::Body) -> Message {
+    Message::text(json!({ "publication": { "channel": channel, "content": content_json(body) } }).to_string())
+}
+
+/// A message sent to connections directly, for those speaking the client
+/// protocol, from the raw frame the others get.
+pub fn direct(raw: &Message) -> Option<Message> {
+    let content = match raw {
+        Message::Text(text) => json!({ "text": text.as_str() }),
+        Message::Binary(bytes) => json!({ "binary": STANDARD.encode(bytes) }),
+        _ => return None,
+    };
+    Some(Message::text(json!({ "message": { "content": content } }).to_string()))
+}
+
+fn content_json(body: &content::Body) -> Value {
+    match body {
+        content::Body::Text(text) => json!({ "text": text }),
+        content::Body::Binary(bytes) => json!({ "binary": STANDARD.encode(bytes) }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(message: &Message) -> Value {
+        serde_json::from_str(message.to_text().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn commands_are_read_with_their_id() {
+        let c = parse(r#"{"id":1,"subscribe":{"channel":"chat:a"}}"#).unwrap();
+        assert_eq!(c, Command { id: 1, kind: CommandKind::Subscribe { channel: "chat:a".into(), token: None } });
+        let c = parse(r#"{"id":"2","subscribe":{"channel":"chat:a","token":"t"}}"#).unwrap();
+        assert_eq!(c.kind, CommandKind::Subscribe { channel: "chat:a".into(), token: Some("t".into()) });
+        let c = parse(r#"{"id":3,"publish":{"channel":"chat:a","content":{"binary":"aGk="}}}"#).unwrap();
+        assert_eq!(
+            c.kind,
+            CommandKind::Publish { channel: "chat:a".into(), content: content::Body::Binary("hi".into()) }
+        );
+        let c = parse(r#"{"unsubscribe":{"channel":"chat:a"},"id":4}"#).unwrap();
+        assert_eq!(c, Command { id: 4, kind: CommandKind::Unsubscribe { channel: "chat:a".into() } });
+        assert_eq!(
+            parse(r#"{"id":5,"refresh":{"token":"t"}}"#).unwrap().kind,
+            CommandKind::Refresh { token: "t".into() }
+        );
+    }
+
+    #[test]
+    fn a_frame_without_a_readable_id_cannot_be_answered() {
+        for bad in [
+            "hello",
+            "[1]",
+            r#"{"subscribe":{"channel":"c:a"}}"#,
+            r#"{"id":0,"subscribe":{}}"#,
+            r#"{"id":-1}"#,
+            r#"{"id":9007199254740992}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().id, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_command_with_an_id_is_refused_by_a_reply() {
+        let cases = [
+            (r#"{"id":7}"#, "give exactly one command"),
+            (r#"{"id":7,"subscribe":{},"unsubscribe":{}}"#, "give exactly one command"),
+            (r#"{"id":7,"subscribe":"chat:a"}"#, "subscribe takes an object"),
+            (r#"{"id":7,"subscribe":{}}"#, "channel is required"),
+            (r#"{"id":7,"subscribe":{"channel":1}}"#, "channel must be a string"),
+            (r#"{"id":7,"subscribe":{"channel":"c:a","offset":3}}"#, "subscribe has no field \"offset\""),
+            (r#"{"id":7,"publish":{"channel":"c:a"}}"#, "content is required"),
+            (r#"{"id":7,"publish":{"channel":"c:a","content":{"binary":"!!"}}}"#, "not base64"),
+            (r#"{"id":7,"publish":{"channel":"c:a","content":{"text":"a","binary":""}}}"#, "content is one of"),
+            (r#"{"id":7,"history":{"channel":"c:a"}}"#, "unknown command \"history\""),
+        ];
+        for (frame, reason) in cases {
+            let e = parse(frame).unwrap_err();
+            assert_eq!(e.id, Some(7), "{frame}");
+            assert!(e.reason.contains(reason), "{frame}: {}", e.reason);
+        }
+    }
+
+    #[test]
+    fn replies_and_pushes_are_json_with_the_proto_field_names() {
+        let done = reply(3, &Done::Subscribed { channel: "chat:a".into() });
+        assert_eq!(text(&done), json!({"id": 3, "subscribed": {"channel": "chat:a"}}));
+        assert_eq!(
+            text(&refusal(4, code::NOT_ALLOWED, "no")),
+            json!({"id": 4, "error": {"code": 403, "message": "no"}})
+        );
+        assert_eq!(
+            text(&connected("w1", 42, Some("ana"))),
+            json!({"connected": {"worker_id": "w1", "connection_id": "42", "user_id": "ana"}})
+        );
+        let p = publication("chat:a", &content::Body::Text("hi \"you\"".into()));
+        assert_eq!(text(&p), json!({"publication": {"channel": "chat:a", "content": {"text": "hi \"you\""}}}));
+        let d = direct(&Message::Binary(vec![0u8, 255].into())).unwrap();
+        assert_eq!(text(&d), json!({"message": {"content": {"binary": "AP8="}}}));
+        assert_eq!(direct(&Message::Ping(Default::default())), None);
+    }
+}
