@@ -44,6 +44,9 @@ pub enum Scenario {
     /// N clients all in one group (JWT groups claim): group publishes against broadcasts to the
     /// same clients, in the same run; every client checks every message.
     Group(DeliveryArgs),
+    /// N clients speaking the client protocol (herald.json.v1), all subscribed to one client
+    /// channel: channel publishes against broadcasts to the same clients, in the same run.
+    Channel(DeliveryArgs),
     /// Query latency on a cluster (3 brokers on NATS by default) with N users connected:
     /// `user_online` against a `connection` query the broker answers alone, in the same run.
     Query(QueryArgs),

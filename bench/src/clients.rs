@@ -6,9 +6,13 @@
 //! measures. It binds a chosen loopback source address before connecting
 //! (the ephemeral ports of one source address run out near 28k connections).
 //!
+//! A client may speak herald's client protocol instead (`herald.json.v1`):
+//! it then subscribes to client channels once connected, and finds each
+//! message's payload inside the JSON push that carries it.
+//!
 //! Every client checks each message: its target must be `*`, the client's
-//! own address or, for a client that logged in with a JWT, its user id or
-//! one of its groups (else it is misdelivered); its sequence number, counted
+//! own address, a channel it subscribed to or, for a client that logged in
+//! with a JWT, its user id or one of its groups (else it is misdelivered); its sequence number, counted
 //! per target, must be new (else it is duplicated) and should be the next one
 //! (else it is reordered); and its stamp gives the publish→delivery latency.
 
@@ -115,21 +119,40 @@ pub struct Client {
     /// `<worker_id>/<connection_id>`, from the greeting.
     pub address: String,
     /// Targets besides `*` and the address that this client is in: its user
-    /// id and groups.
+    /// id and groups, the channels it subscribed to.
     also: Vec<String>,
+    /// Whether it speaks the client protocol.
+    json: bool,
 }
 
 /// Connects to `url` from `source`, upgrades to WebSocket (presenting
 /// `token` as `Authorization: Bearer`, when given) and reads the greeting.
-pub async fn connect(url: &WsUrl, source: Ipv4Addr, token: Option<&str>) -> anyhow::Result<Client> {
+/// With channels to `subscribe` to, it speaks the client protocol and is
+/// subscribed to each when this returns.
+pub async fn connect(
+    url: &WsUrl,
+    source: Ipv4Addr,
+    token: Option<&str>,
+    subscribe: &[String],
+) -> anyhow::Result<Client> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
+    let json = !subscribe.is_empty();
     let mut client =
-        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new() };
+        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new(), json };
     client.upgrade(url, token).await?;
     let greeting = client.greeting().await?;
     client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
+    for (id, channel) in (1..).zip(subscribe) {
+        let command = serde_json::json!({ "id": id, "subscribe": { "channel": channel } }).to_string();
+        client.stream.write_all(&text_frame(command.as_bytes())).await?;
+        let reply = client.greeting().await?;
+        if !reply.contains("\"subscribed\"") {
+            bail!("subscribing to {channel}: {reply}");
+        }
+        client.also.push(message::channel_label(channel));
+    }
     Ok(client)
 }
 
@@ -142,9 +165,10 @@ impl Client {
 
     async fn upgrade(&mut self, url: &WsUrl, token: Option<&str>) -> anyhow::Result<()> {
         let authorization = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+        let protocol = if self.json { "Sec-WebSocket-Protocol: herald.json.v1\r\n" } else { "" };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n{authorization}\r\n",
+             Sec-WebSocket-Key: {WEBSOCKET_KEY}\r\nSec-WebSocket-Version: 13\r\n{authorization}{protocol}\r\n",
             url.path, url.addr
         );
         self.stream.write_all(request.as_bytes()).await?;
@@ -163,7 +187,7 @@ impl Client {
         Ok(())
     }
 
-    /// Reads frames until the first text frame, the greeting.
+    /// Reads frames until the next text frame (the greeting, or a reply).
     async fn greeting(&mut self) -> anyhow::Result<String> {
         loop {
             match parse_frame(&self.buf[self.start..self.end])? {
@@ -208,7 +232,7 @@ impl Client {
     /// Receives messages until the connection ends, adding to `stats`.
     pub async fn receive(mut self, stats: &Stats, shard: usize) {
         let shard = shard % SHARDS;
-        let mut check = Check::new(&self.address, &self.also);
+        let mut check = Check::new(&self.address, &self.also, self.json);
         let mut fragments: Option<Vec<u8>> = None;
         let mut arrived_ns = message::now_ns();
         loop {
@@ -272,10 +296,12 @@ struct Check {
     streams: Vec<(Box<[u8]>, Order)>,
     /// Latencies (µs) of the current read, recorded in one go.
     latencies: Vec<u64>,
+    /// Whether messages arrive as client-protocol pushes.
+    json: bool,
 }
 
 impl Check {
-    fn new(address: &str, also: &[String]) -> Self {
+    fn new(address: &str, also: &[String], json: bool) -> Self {
         let targets = [message::BROADCAST, address].into_iter().chain(also.iter().map(String::as_str));
         let mut streams: Vec<(Box<[u8]>, Order)> = Vec::with_capacity(2 + also.len());
         for target in targets {
@@ -283,12 +309,13 @@ impl Check {
                 streams.push((target.as_bytes().into(), Order::default()));
             }
         }
-        Self { streams, latencies: Vec::new() }
+        Self { streams, latencies: Vec::new(), json }
     }
 
     /// Checks one message; returns 1 when it is a first delivery to its target.
     fn message(&mut self, payload: &[u8], arrived_ns: u64, stats: &Stats) -> u64 {
-        let accepted = message::parse(payload).and_then(|header| {
+        let payload = if self.json { message::pushed_text(payload) } else { Some(payload) };
+        let accepted = payload.and_then(message::parse).and_then(|header| {
             let (_, order) = self.streams.iter_mut().find(|(target, _)| **target == *header.target)?;
             Some((header, order))
         });
@@ -406,6 +433,21 @@ fn control_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// A masked text frame from the client (the zero mask leaves the payload as it is).
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | OP_TEXT];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len.min(u16::MAX as usize) as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&payload[..payload.len().min(u16::MAX as usize)]);
+    frame
+}
+
 fn describe_close(payload: &[u8]) -> String {
     match payload {
         [a, b, reason @ ..] => format!("code {} {}", u16::from_be_bytes([*a, *b]), String::from_utf8_lossy(reason)),
@@ -414,11 +456,12 @@ fn describe_close(payload: &[u8]) -> String {
 }
 
 /// `<worker_id>/<connection_id>` from the text (`Worker ID:W Connection ID:C
-/// connected`) or JSON greeting.
+/// connected`) or JSON greeting, or the client protocol's `connected` push.
 fn address_from_greeting(greeting: &str) -> Option<String> {
     if greeting.starts_with('{') {
         let value: serde_json::Value = serde_json::from_str(greeting).ok()?;
-        return Some(format!("{}/{}", value["worker_id"].as_str()?, value["connection_id"].as_str()?));
+        let fields = value.get("connected").unwrap_or(&value);
+        return Some(format!("{}/{}", fields["worker_id"].as_str()?, fields["connection_id"].as_str()?));
     }
     let rest = greeting.strip_prefix("Worker ID:")?;
     let (worker, rest) = rest.split_once(" Connection ID:")?;
@@ -435,6 +478,8 @@ mod tests {
         assert_eq!(address_from_greeting("Worker ID:gw0 Connection ID:17 connected").as_deref(), Some("gw0/17"));
         let json = r#"{"type":"connected","worker_id":"a.b","connection_id":"3"}"#;
         assert_eq!(address_from_greeting(json).as_deref(), Some("a.b/3"));
+        let push = r#"{"connected":{"worker_id":"a.b","connection_id":"4","user_id":""}}"#;
+        assert_eq!(address_from_greeting(push).as_deref(), Some("a.b/4"));
         assert_eq!(address_from_greeting("hello"), None);
     }
 
@@ -471,7 +516,7 @@ mod tests {
     #[test]
     fn checks_count_misdeliveries_and_latency() {
         let stats = Stats::new();
-        let mut check = Check::new("gw0/1", &[]);
+        let mut check = Check::new("gw0/1", &[], false);
         let now = message::now_ns();
         assert_eq!(check.message(message::encode(0, "gw0/1", 32).as_bytes(), now, &stats), 1);
         assert_eq!(check.message(message::encode(0, "gw0/2", 32).as_bytes(), now, &stats), 0);
@@ -487,7 +532,7 @@ mod tests {
     #[test]
     fn a_logged_in_client_counts_each_of_its_targets_on_its_own() {
         let stats = Stats::new();
-        let mut check = Check::new("gw0/1", &["u1".into(), "room".into(), "room".into()]);
+        let mut check = Check::new("gw0/1", &["u1".into(), "room".into(), "room".into()], false);
         assert_eq!(check.streams.len(), 4, "a repeated target is one stream");
         let now = message::now_ns();
         for target in ["*", "gw0/1", "u1", "room"] {
@@ -504,5 +549,7 @@ mod tests {
     #[test]
     fn control_frames_are_masked() {
         assert_eq!(control_frame(OP_PONG, b"hi"), [0x8a, 0x82, 0, 0, 0, 0, b'h', b'i']);
+        assert_eq!(text_frame(b"hi"), [0x81, 0x82, 0, 0, 0, 0, b'h', b'i']);
+        assert_eq!(text_frame(&[b'x'; 200])[..4], [0x81, 0xfe, 0, 200]);
     }
 }

@@ -36,6 +36,7 @@ pub fn plans(
     spread: &Spread,
     sources: &mut SourceAddrs,
     identities: &[ClientIdentity],
+    subscribe: &[String],
 ) -> Vec<Plan> {
     let processes = connections.div_ceil(spread.per_process.max(1)).max(1);
     let mut first = 0;
@@ -52,6 +53,7 @@ pub fn plans(
                 connect_timeout_ms: spread.connect_timeout.as_millis() as u64,
                 progress_ms: 2,
                 identities: mine,
+                subscribe: subscribe.to_vec(),
             }
         })
         .collect()
@@ -245,14 +247,14 @@ mod tests {
         };
         let urls = [WsUrl::parse("ws://127.0.0.1:1").unwrap()];
         let mut sources = SourceAddrs::new();
-        let plans = plans(40_001, &urls, &spread, &mut sources, &[]);
+        let plans = plans(40_001, &urls, &spread, &mut sources, &[], &[]);
         assert_eq!(plans.iter().map(|p| p.connections).collect::<Vec<_>>(), [13_334, 13_334, 13_333]);
         assert!(plans.iter().all(|p| p.identities.is_empty()));
         assert!(plans.iter().all(|p| p.sources.len() == 2));
         let mut all: Vec<Ipv4Addr> = plans.iter().flat_map(|p| p.sources.clone()).collect();
         all.dedup();
         assert_eq!(all.len(), 6, "every process has sources of its own");
-        assert_eq!(self::plans(10, &urls, &spread, &mut sources, &[]).len(), 1);
+        assert_eq!(self::plans(10, &urls, &spread, &mut sources, &[], &[]).len(), 1);
     }
 
     #[test]
@@ -261,7 +263,7 @@ mod tests {
             Spread { per_process: 4, per_source: 10, connect_concurrency: 1, connect_timeout: Duration::from_secs(1) };
         let urls = [WsUrl::parse("ws://127.0.0.1:1").unwrap()];
         let identities = crate::identity::clients(10, crate::identity::DEFAULT_SECRET, |_| Vec::new()).unwrap();
-        let plans = plans(10, &urls, &spread, &mut SourceAddrs::new(), &identities);
+        let plans = plans(10, &urls, &spread, &mut SourceAddrs::new(), &identities, &[]);
         let users: Vec<Vec<&str>> =
             plans.iter().map(|p| p.identities.iter().map(|id| id.user.as_str()).collect()).collect();
         assert_eq!(users, [vec!["u0", "u1", "u2", "u3"], vec!["u4", "u5", "u6"], vec!["u7", "u8", "u9"]]);

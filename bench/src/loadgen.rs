@@ -38,6 +38,10 @@ pub struct Plan {
     /// every client is anonymous.
     #[serde(default)]
     pub identities: Vec<ClientIdentity>,
+    /// Client channels every client subscribes to, speaking the client
+    /// protocol (`herald.json.v1`); none: classic raw clients.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 /// What a load-generator process tells the harness.
@@ -133,10 +137,11 @@ async fn connect_all(plan: &Plan, urls: &[WsUrl], stats: &Arc<Stats>) {
             let source = plan.sources[i % plan.sources.len()];
             let identity = plan.identities.get(i).cloned();
             let permits = permits.clone();
+            let subscribe = plan.subscribe.clone();
             tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await?;
                 let token = identity.as_ref().map(|id| id.token.as_str());
-                let mut client = tokio::time::timeout(timeout, clients::connect(&url, source, token))
+                let mut client = tokio::time::timeout(timeout, clients::connect(&url, source, token, &subscribe))
                     .await
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("connect to {url} timed out")))?;
                 if let Some(identity) = identity {

@@ -14,6 +14,22 @@ use rustix::time::{ClockId, clock_gettime};
 /// The target field of a broadcast.
 pub const BROADCAST: &str = "*";
 
+/// The target field of a message to client channel `channel`: the channel
+/// with its namespace colon made a `~`, as `:` ends the field.
+pub fn channel_label(channel: &str) -> String {
+    channel.replace(':', "~")
+}
+
+/// The payload inside a client-protocol push (a publication or a direct
+/// message): the bytes of its `"text"` value. Benchmark payloads hold no
+/// character JSON escapes, so no unescaping is needed.
+pub fn pushed_text(push: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"text\":\"";
+    let start = push.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = push[start..].iter().position(|&b| b == b'"')?;
+    Some(&push[start..start + len])
+}
+
 /// Nanoseconds of `CLOCK_MONOTONIC`.
 pub fn now_ns() -> u64 {
     let ts = clock_gettime(ClockId::Monotonic);
@@ -78,6 +94,15 @@ mod tests {
     fn a_header_longer_than_the_size_is_kept_whole() {
         let payload = encode(1, BROADCAST, 4);
         assert_eq!(parse(payload.as_bytes()).unwrap().target, b"*");
+    }
+
+    #[test]
+    fn a_pushed_payload_is_found_in_its_json() {
+        let payload = encode(3, &channel_label("bench:all"), 40);
+        let push = format!(r#"{{"publication":{{"channel":"bench:all","content":{{"text":"{payload}"}}}}}}"#);
+        let inner = pushed_text(push.as_bytes()).unwrap();
+        assert_eq!(parse(inner).unwrap().target, b"bench~all");
+        assert_eq!(pushed_text(br#"{"id":1,"subscribed":{"channel":"bench:all"}}"#), None);
     }
 
     #[test]

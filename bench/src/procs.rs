@@ -130,6 +130,9 @@ struct Launcher<'a> {
     jwt_secret: Option<&'a str>,
 }
 
+/// The client channel namespace every gateway the bench starts offers.
+pub const BENCH_NAMESPACE: &str = "bench:subscribe=anyone,publish=subscribers";
+
 /// The roles that hold WebSocket connections, and so check client tokens.
 const CLIENT_ROLES: [&str; 2] = ["ws", "standalone"];
 
@@ -286,6 +289,10 @@ impl Launcher<'_> {
         // In the environment rather than the arguments, so that `ps` does not show the secret.
         if let Some(secret) = self.jwt_secret.filter(|_| CLIENT_ROLES.contains(&role)) {
             command.env("HERALD_CLIENT_AUTH", "jwt").env("HERALD_JWT_SECRET", secret);
+        }
+        // The namespace of the channel scenario; an older herald ignores it.
+        if CLIENT_ROLES.contains(&role) {
+            command.env("HERALD_NAMESPACES", BENCH_NAMESPACE);
         }
         let mut child = command
             .arg(role)

@@ -74,9 +74,17 @@ pub enum To {
     User(Arc<str>),
     /// Every member of a group.
     Group(Arc<str>),
+    /// The subscribers of a client channel, and the target field its
+    /// messages carry ([`message::channel_label`]).
+    Channel { name: Arc<str>, label: Arc<str> },
 }
 
 impl To {
+    /// The subscribers of client channel `name`.
+    pub fn channel(name: &str) -> Self {
+        Self::Channel { name: Arc::from(name), label: Arc::from(message::channel_label(name)) }
+    }
+
     /// The target field of a payload to this target: what a client that
     /// should get it recognizes.
     pub fn label(&self) -> &str {
@@ -84,6 +92,7 @@ impl To {
             Self::Everyone => message::BROADCAST,
             Self::Connection(address) => &address.joined,
             Self::User(name) | Self::Group(name) => name,
+            Self::Channel { label, .. } => label,
         }
     }
 }
@@ -258,6 +267,7 @@ fn request(msg: Msg) -> PublishRequest {
         To::Connection(to) => target::Kind::Connection(address(&to)),
         To::User(user) => target::Kind::User(user.to_string()),
         To::Group(group) => target::Kind::Group(group.to_string()),
+        To::Channel { name, .. } => target::Kind::Channel(name.to_string()),
     };
     PublishRequest {
         target: Some(Target { kind: Some(kind), except: Vec::new() }),
@@ -285,6 +295,7 @@ fn http_path(msg: &Msg) -> String {
         ),
         To::User(user) => format!("/?to_uid={}&content={content}", http1::query_encode(user)),
         To::Group(group) => format!("/?to_group={}&content={content}", http1::query_encode(group)),
+        To::Channel { name, .. } => format!("/?to_channel={}&content={content}", http1::query_encode(name)),
     }
 }
 
@@ -297,6 +308,7 @@ fn json_body(msg: &Msg) -> String {
         }
         To::User(user) => serde_json::json!({"user": &**user}),
         To::Group(group) => serde_json::json!({"group": &**group}),
+        To::Channel { name, .. } => serde_json::json!({"channel": &**name}),
     };
     let mut body = serde_json::json!({"target": target, "content": {"text": msg.payload}});
     if !msg.key.is_empty() {

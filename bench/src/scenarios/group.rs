@@ -1,8 +1,10 @@
-//! The group scenario: N clients logged in with a JWT whose groups claim puts
-//! every one of them in one group. Broadcasts (the fanout scenario's traffic,
-//! the baseline) and then messages to that group reach the same clients, on
-//! the same herald, in alternating order from run to run; every client checks
-//! every message.
+//! The group and channel scenarios. Group: N clients logged in with a JWT
+//! whose groups claim puts every one of them in one group. Channel: N
+//! anonymous clients speaking the client protocol, every one subscribed to
+//! one client channel. Broadcasts (the fanout scenario's traffic, the
+//! baseline) and then messages to that group or channel reach the same
+//! clients, on the same herald, in alternating order from run to run; every
+//! client checks every message.
 
 use crate::cli::{DeliveryArgs, Rate};
 use crate::publishers::{RandomTargets, To, Via};
@@ -15,23 +17,55 @@ const COLUMNS: [Column; 12] = phase::COMPARED_COLUMNS;
 
 /// The group every client is in.
 const GROUP: &str = "everyone";
+/// The client channel every client subscribes to (in the namespace the
+/// bench's gateways offer).
+const CHANNEL: &str = "bench:everyone";
 
-pub async fn run(args: &DeliveryArgs) -> anyhow::Result<()> {
+/// Who the non-broadcast messages go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Group,
+    Channel,
+}
+
+impl Audience {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::Channel => "channel",
+        }
+    }
+}
+
+pub async fn run(args: &DeliveryArgs, audience: Audience) -> anyhow::Result<()> {
     let common = &args.common;
     let mut bench = Bench::new(common)?;
     let via = args.via.unwrap_or(if args.rate == Rate::Max { Via::GrpcBatch } else { Via::Grpc });
     let mut rows = RowRuns::new();
     for &connections in &args.connections {
         eprintln!(
-            "group {connections}: {} × {:?} per row, {} B payloads via {via:?}",
-            common.runs, common.duration, args.payload
+            "{} {connections}: {} × {:?} per row, {} B payloads via {via:?}",
+            audience.name(),
+            common.runs,
+            common.duration,
+            args.payload
         );
         for run in 1..=common.runs {
-            let mut herald = bench.herald_with(connections, via.is_http(), true).await?;
-            let identities = bench.identities(connections, |_| vec![GROUP.to_owned()])?;
-            let (mut fleet, connected) = bench.logged_in(&herald.endpoints, &identities).await?;
+            let logins = audience == Audience::Group;
+            let mut herald = bench.herald_with(connections, via.is_http(), logins).await?;
+            let (mut fleet, connected) = match audience {
+                Audience::Group => {
+                    let identities = bench.identities(connections, |_| vec![GROUP.to_owned()])?;
+                    bench.logged_in(&herald.endpoints, &identities).await?
+                }
+                Audience::Channel => bench.subscribers(&herald.endpoints, connections, &[CHANNEL.to_owned()]).await?,
+            };
             let clients = connected.addresses.len() as u64;
-            let mut targets = [To::Everyone, To::Group(GROUP.into())];
+            let members = match audience {
+                Audience::Group => To::Group(GROUP.into()),
+                Audience::Channel => To::channel(CHANNEL),
+            };
+            let mut targets = [To::Everyone, members];
             if run % 2 == 0 {
                 targets.reverse();
             }
@@ -57,7 +91,11 @@ pub async fn run(args: &DeliveryArgs) -> anyhow::Result<()> {
             measured.sort_by_key(|(everyone, _)| !everyone);
             for (everyone, (mut m, first_error)) in measured {
                 m.ratio = ratio(m.delivery_rate, baseline);
-                let label = if everyone { "broadcast" } else { "group (every client a member)" };
+                let label = match (everyone, audience) {
+                    (true, _) => "broadcast",
+                    (false, Audience::Group) => "group (every client a member)",
+                    (false, Audience::Channel) => "client channel (every client subscribed)",
+                };
                 rows.add(&format!("{label}, {}", topology(common, connections)), run, &COLUMNS, m, first_error);
             }
             check_alive(&mut herald);
@@ -75,12 +113,17 @@ pub async fn run(args: &DeliveryArgs) -> anyhow::Result<()> {
         }
         (Rate::PerSecond(_), _) => String::new(),
     };
+    let clients = match audience {
+        Audience::Group => "clients logged in with a JWT putting each in one group",
+        Audience::Channel => "clients speaking herald.json.v1, each subscribed to one client channel",
+    };
     let title = format!(
-        "group: clients logged in with a JWT putting each in one group, {} B payloads, {} via {via:?}{batch}{flat_out}; \
-         broadcasts vs group messages to the same clients, deliveries/s vs the broadcast row of the same run; \
-         {} s per row, median of {} runs",
+        "{}: {clients}, {} B payloads, {} via {via:?}{batch}{flat_out}; broadcasts vs {} messages to the same \
+         clients, deliveries/s vs the broadcast row of the same run; {} s per row, median of {} runs",
+        audience.name(),
         args.payload,
         args.rate,
+        audience.name(),
         common.duration.as_secs_f64(),
         common.runs
     );

@@ -38,7 +38,8 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Floor(args) => floor::run(&args).await,
         Scenario::UsersIdle(args) => users_idle::run(&args).await,
         Scenario::User(args) => user::run(&args).await,
-        Scenario::Group(args) => group::run(&args).await,
+        Scenario::Group(args) => group::run(&args, group::Audience::Group).await,
+        Scenario::Channel(args) => group::run(&args, group::Audience::Channel).await,
         Scenario::Query(args) => query::run(&args).await,
         Scenario::Churn(args) => churn::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
@@ -121,7 +122,18 @@ impl<'a> Bench<'a> {
 
     /// Starts load generators and connects `connections` anonymous clients to `endpoints`.
     async fn clients(&mut self, endpoints: &Endpoints, connections: usize) -> anyhow::Result<(Fleet, Connected)> {
-        self.clients_with(endpoints, connections, &[]).await
+        self.clients_with(endpoints, connections, &[], &[]).await
+    }
+
+    /// Starts load generators and connects `connections` anonymous clients
+    /// speaking the client protocol, each subscribed to `channels`.
+    async fn subscribers(
+        &mut self,
+        endpoints: &Endpoints,
+        connections: usize,
+        channels: &[String],
+    ) -> anyhow::Result<(Fleet, Connected)> {
+        self.clients_with(endpoints, connections, &[], channels).await
     }
 
     /// Starts load generators and connects one client per identity, each
@@ -131,7 +143,7 @@ impl<'a> Bench<'a> {
         endpoints: &Endpoints,
         identities: &[ClientIdentity],
     ) -> anyhow::Result<(Fleet, Connected)> {
-        let (fleet, connected) = self.clients_with(endpoints, identities.len(), identities).await?;
+        let (fleet, connected) = self.clients_with(endpoints, identities.len(), identities, &[]).await?;
         if connected.users.len() != connected.addresses.len() {
             bail!("{} clients connected but {} said who they are", connected.addresses.len(), connected.users.len());
         }
@@ -143,6 +155,7 @@ impl<'a> Bench<'a> {
         endpoints: &Endpoints,
         connections: usize,
         identities: &[ClientIdentity],
+        subscribe: &[String],
     ) -> anyhow::Result<(Fleet, Connected)> {
         if endpoints.ws_urls.is_empty() {
             bail!("no WebSocket URL to connect clients to (give --ws-url)");
@@ -153,7 +166,7 @@ impl<'a> Bench<'a> {
             connect_concurrency: self.common.connect_concurrency,
             connect_timeout: Duration::from_secs(30),
         };
-        let plans = fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources, identities);
+        let plans = fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources, identities, subscribe);
         let processes = plans.len();
         let began = std::time::Instant::now();
         let mut fleet = Fleet::start(plans)?;
