@@ -34,10 +34,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(!text.is_empty() && text.len() <= max_content_bytes);
             match req.target.as_ref().and_then(|t| t.kind.as_ref()) {
                 Some(target::Kind::Broadcast(_)) => assert_eq!(route.channel, "broadcast"),
-                Some(target::Kind::Connection(addr)) => assert_eq!(route.connection.as_ref(), Some(addr)),
+                Some(target::Kind::Connection(addr)) => {
+                    assert_eq!(route.channel, names::worker_channel(&addr.worker_id));
+                    assert_eq!(route::target_connection(&req), Some(addr));
+                }
+                Some(target::Kind::Channel(channel)) => assert_eq!(route.channel, *channel),
                 Some(target::Kind::User(user)) => assert_eq!(route.channel, names::user_channel(user)),
                 Some(target::Kind::Group(group)) => assert_eq!(route.channel, names::group_channel(group)),
-                other => panic!("the classic API targets broadcast, a connection, a user or a group, got {other:?}"),
+                other => {
+                    panic!("the classic API targets broadcast, a connection, a user, a group or a channel: {other:?}")
+                }
             }
         }
         Err(e) => {

@@ -121,7 +121,7 @@ impl Harness {
         let held = resolved
             .as_ref()
             .ok()
-            .and_then(|r| r.connection.as_ref())
+            .and_then(|_| route::target_connection(&req))
             .map(|address| self.hub.worker_is_held(&address.worker_id));
         let result = self.hub.publish(req).await;
         let delivered: u32 = self.drain_all().iter().map(|d| d.events).sum();

@@ -85,6 +85,14 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
             }
             (None, None, Some(channel)) => {
                 names::validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("to_channel: {e}")))?;
+                if names::is_reserved_channel(&channel) {
+                    return Err(ApiError::bad_request(format!(
+                        "to_channel: {channel:?} is reserved: use to_worker_id, to_uid or to_group"
+                    )));
+                }
+                if !except.is_empty() {
+                    return Err(ApiError::bad_request("exclude does not apply to to_channel"));
+                }
                 target::Kind::Channel(channel)
             }
             (None, None, None) => target::Kind::Broadcast(Broadcast {}),
@@ -243,6 +251,8 @@ mod tests {
             ("to_group=&content=x", "to_group: group is empty"),
             ("to_channel=a..b&content=x", "to_channel: channel"),
             ("to_channel=chat:a&to_uid=u&content=x", "give one target"),
+            ("to_channel=user.ana&content=x", "to_channel: \"user.ana\" is reserved"),
+            ("to_channel=chat:a&exclude=w1:7&content=x", "exclude does not apply to to_channel"),
             ("exclude=w1&content=x", "exclude: \"w1\" is not worker_id:connection_id"),
             ("exclude=w..1:2&content=x", "exclude: worker id"),
         ];
