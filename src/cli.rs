@@ -318,8 +318,9 @@ pub struct WsOptions {
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
     /// A client channel namespace, repeatable: `<name>[:subscribe=anyone|users|listed|token]
-    /// [,publish=nobody|subscribers]` (defaults: users, nobody). Clients speaking the
-    /// herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to nothing.
+    /// [,publish=nobody|subscribers][,presence=on|off]` (defaults: users, nobody, off). Clients
+    /// speaking the herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to
+    /// nothing.
     #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',
           value_parser = |s: &str| Namespace::parse(s).map_err(|e| e.to_string()))]
     pub namespaces: Vec<Namespace>,

@@ -21,6 +21,8 @@ pub enum Scope {
     User(String),
     /// Every gateway holding a member of this group.
     Group(String),
+    /// Every gateway holding a subscriber of this client channel.
+    Channel(String),
     /// Every gateway.
     All,
 }
@@ -32,6 +34,7 @@ pub enum OrderKey {
     Connection { worker_id: String, connection_id: String },
     User(String),
     Group(String),
+    Channel(String),
     All,
 }
 
@@ -44,6 +47,7 @@ impl Scope {
             },
             Scope::User(user) => OrderKey::User(user.clone()),
             Scope::Group(group) => OrderKey::Group(group.clone()),
+            Scope::Channel(channel) => OrderKey::Channel(channel.clone()),
             Scope::All => OrderKey::All,
         }
     }
@@ -122,7 +126,8 @@ pub fn control_scope(req: &ControlRequest) -> Result<Scope, PublishError> {
 pub fn query_scope(req: &QueryRequest) -> Result<Scope, PublishError> {
     let question = req.question.as_ref().ok_or_else(|| {
         PublishError::Invalid(
-            "question is required (user_online, user_connections, group_members, group_count, totals or connection)"
+            "question is required (user_online, user_connections, group_members, group_count, channel_subscribers, \
+             channel_count, totals or connection)"
                 .into(),
         )
     })?;
@@ -134,6 +139,13 @@ pub fn query_scope(req: &QueryRequest) -> Result<Scope, PublishError> {
         query_request::Question::GroupMembers(group) | query_request::Question::GroupCount(group) => {
             names::validate_group(group)?;
             Ok(Scope::Group(group.clone()))
+        }
+        query_request::Question::ChannelSubscribers(channel) | query_request::Question::ChannelCount(channel) => {
+            names::validate_channel(channel)?;
+            if names::client_channel(channel).is_none() {
+                return Err(PublishError::Invalid(format!("{channel:?} is not a client channel (<namespace>:<name>)")));
+            }
+            Ok(Scope::Channel(channel.clone()))
         }
         query_request::Question::Totals(_) => Ok(Scope::All),
         query_request::Question::Connection(address) => connection(Some(address)),

@@ -191,6 +191,8 @@ pub struct QueryBody {
     user_connections: Option<String>,
     group_members: Option<String>,
     group_count: Option<String>,
+    channel_subscribers: Option<String>,
+    channel_count: Option<String>,
     totals: Option<EmptyObject>,
     connection: Option<ConnectionBody>,
 }
@@ -198,8 +200,8 @@ pub struct QueryBody {
 const TARGET_KINDS: &str = "target needs exactly one of broadcast, connection, channel, user or group";
 const CONTROL_OPS: &str =
     "control needs exactly one of bind_user, unbind_user, join_groups, leave_groups, dissolve_group, close or set_data";
-const QUERY_QUESTIONS: &str =
-    "query needs exactly one of user_online, user_connections, group_members, group_count, totals or connection";
+const QUERY_QUESTIONS: &str = "query needs exactly one of user_online, user_connections, group_members, group_count, channel_subscribers, \
+     channel_count, totals or connection";
 const SELECTION_KINDS: &str = "selection needs exactly one of connection or user";
 
 /// The one entry of `given` (the fields that were set, by name), or a
@@ -341,6 +343,8 @@ impl QueryBody {
         offer(&mut given, "user_connections", self.user_connections, Question::UserConnections);
         offer(&mut given, "group_members", self.group_members, Question::GroupMembers);
         offer(&mut given, "group_count", self.group_count, Question::GroupCount);
+        offer(&mut given, "channel_subscribers", self.channel_subscribers, Question::ChannelSubscribers);
+        offer(&mut given, "channel_count", self.channel_count, Question::ChannelCount);
         offer(&mut given, "totals", self.totals, |EmptyObject {}| Question::Totals(Totals {}));
         offer(&mut given, "connection", self.connection, |c| Question::Connection(c.into()));
         Ok(QueryRequest { question: Some(exactly_one(QUERY_QUESTIONS, given)?) })

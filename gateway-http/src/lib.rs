@@ -14,6 +14,7 @@
 //! - read-only views answering as `/v1/query` does:
 //!   `GET /v1/users/{user_id}` (its connections; the id percent-decoded, e.g.
 //!   `/v1/users/ana%40example.com`), `GET /v1/groups/{group}` (its members),
+//!   `GET /v1/channels/{channel}` (a client channel's subscribers),
 //!   `GET /v1/connections/{worker_id}/{connection_id}` (one connection) and
 //!   `GET /v1/totals` (connections and users in the cluster).
 //!
@@ -136,6 +137,7 @@ impl HttpGateway {
             .route("/v1/query", only(post(json_query), "POST"))
             .route("/v1/users/{user_id}", only(get(user_view), "GET, HEAD"))
             .route("/v1/groups/{group}", only(get(group_view), "GET, HEAD"))
+            .route("/v1/channels/{channel}", only(get(channel_view), "GET, HEAD"))
             .route("/v1/connections/{worker_id}/{connection_id}", only(get(connection_view), "GET, HEAD"))
             .route("/v1/totals", only(get(totals_view), "GET, HEAD"))
             .fallback(not_found)
@@ -431,6 +433,14 @@ async fn group_view(
     view(&shared, request, path.map(|Path(group)| query_request::Question::GroupMembers(group))).await
 }
 
+async fn channel_view(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    view(&shared, request, path.map(|Path(channel)| query_request::Question::ChannelSubscribers(channel))).await
+}
+
 async fn connection_view(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -461,7 +471,8 @@ async fn not_found(uri: Uri) -> ApiError {
         status: StatusCode::NOT_FOUND,
         ..ApiError::bad_request(format!(
             "no such endpoint {:?}: use /, POST /v1/publish, /v1/batch, /v1/control, /v1/control/batch or /v1/query, or GET \
-             /v1/users/{{user_id}}, /v1/groups/{{group}}, /v1/connections/{{worker_id}}/{{connection_id}} or /v1/totals",
+             /v1/users/{{user_id}}, /v1/groups/{{group}}, /v1/channels/{{channel}}, \
+             /v1/connections/{{worker_id}}/{{connection_id}} or /v1/totals",
             uri.path()
         ))
     }
@@ -725,9 +736,15 @@ mod tests {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
         assert_eq!(answer.body, the_query_answer());
         assert_eq!(question(&broker), query_request::Question::GroupCount("room-1".into()));
+        let answer = send(&gateway, "POST", "/v1/query", r#"{"channel_count":"chat:a"}"#, None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+        assert_eq!(question(&broker), query_request::Question::ChannelCount("chat:a".into()));
+        let answer = send(&gateway, "GET", "/v1/channels/chat:a", "", None).await;
+        assert_eq!(answer.body, the_query_answer());
+        assert_eq!(question(&broker), query_request::Question::ChannelSubscribers("chat:a".into()));
         let answer = send(&gateway, "POST", "/v1/query", r#"{"totals":{},"user_online":"ana"}"#, None).await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
-        assert_eq!(gateway.shared.metrics.queries.get(), 1);
+        assert_eq!(gateway.shared.metrics.queries.get(), 3);
         assert_eq!(gateway.shared.metrics.messages_published.get(), 0);
     }
 
@@ -797,6 +814,7 @@ mod tests {
             ("POST", "/v1/query", r#"{"totals":{}}"#),
             ("GET", "/v1/users/ana", ""),
             ("GET", "/v1/groups/g", ""),
+            ("GET", "/v1/channels/chat:a", ""),
             ("GET", "/v1/connections/w1/7", ""),
             ("GET", "/v1/totals", ""),
             // The key is checked before the path.
@@ -812,8 +830,8 @@ mod tests {
         }
         assert!(broker.controls.lock().unwrap().is_empty() && broker.queries.lock().unwrap().is_empty());
         assert!(broker.publishes.lock().unwrap().is_empty());
-        assert_eq!(gateway.shared.metrics.auth_failures.get(), 18);
-        for (method, uri, body) in &cases[..8] {
+        assert_eq!(gateway.shared.metrics.auth_failures.get(), 20);
+        for (method, uri, body) in &cases[..9] {
             let answer = send(&gateway, method, uri, body, Some(KEY)).await;
             assert_eq!(answer.status, StatusCode::OK, "{method} {uri}: {}", answer.text);
         }

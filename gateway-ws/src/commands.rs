@@ -1,27 +1,30 @@
 //! A client-protocol connection's commands, carried out: subscriptions
 //! checked against the namespaces and kept in the registry (answered once the
 //! broker follows them, so that every publication after the answer arrives),
-//! publications handed to the broker, and token refreshes. Every refusal is
+//! publications handed to the broker, presence asked of the broker (which
+//! answers for the whole cluster from its directory), and token refreshes. Every refusal is
 //! a reply with a code; only a frame that is not a command at all ends the
 //! connection.
 
 use std::time::Duration;
 
 use herald_proto::names;
-use herald_proto::v1::{Content, PublishRequest, Target, content, target};
+use herald_proto::v1::{Content, PublishRequest, QueryRequest, Target, content, query_request, target};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
 use crate::client_auth::{TokenRejection, unix_now};
 use crate::namespaces::{PublishRule, SubscribeRule};
-use crate::protocol::{self, Command, CommandKind, Done, code};
+use crate::protocol::{self, Command, CommandKind, Done, Subscriber, code};
 use crate::registry::SubscriptionError;
 use crate::shared::Shared;
 
 /// How long a subscription waits for the broker to follow it before it is
 /// answered anyway (the broker is slow or being reconnected to).
 const FOLLOW_WAIT: Duration = Duration::from_secs(2);
+/// Most subscribers a presence answer lists; past it, presence_stats counts them.
+const MAX_PRESENCE: usize = 1000;
 
 /// A client-protocol connection, as its commands need it.
 pub(crate) struct Client {
@@ -54,6 +57,8 @@ pub(crate) async fn run(shared: &Shared, client: &mut Client, command: Command) 
         CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, channel),
         CommandKind::Publish { channel, content } => publish(shared, client, channel, content).await,
         CommandKind::Refresh { token } => refresh(shared, client, &token),
+        CommandKind::Presence { channel } => presence(shared, client, channel, false).await,
+        CommandKind::PresenceStats { channel } => presence(shared, client, channel, true).await,
     };
     match result {
         Ok(done) => {
@@ -153,6 +158,51 @@ async fn publish(shared: &Shared, client: &Client, channel: String, body: conten
         Refused::new(code, status.message())
     })?;
     Ok(Done::Published { channel })
+}
+
+/// Who is subscribed to a channel (`stats`: how many), across the cluster,
+/// for a subscriber of it in a namespace with presence on.
+async fn presence(shared: &Shared, client: &Client, channel: String, stats: bool) -> Result<Done, Refused> {
+    let namespace = namespace_of(shared, &channel)?;
+    if !namespace.presence {
+        return Err(Refused::new(code::NOT_ALLOWED, "presence is off in this namespace"));
+    }
+    if !shared.registry.is_subscribed(client.id, &channel) {
+        return Err(Refused::new(code::NOT_ALLOWED, "subscribe to the channel before asking who is there"));
+    }
+    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
+    let question = if stats {
+        query_request::Question::ChannelCount(channel.clone())
+    } else {
+        query_request::Question::ChannelSubscribers(channel.clone())
+    };
+    let answer = broker
+        .query(QueryRequest { question: Some(question) })
+        .await
+        .map_err(|status| Refused::new(code::UNAVAILABLE, status.message()))?;
+    if stats {
+        return Ok(Done::PresenceStats {
+            channel,
+            connections: answer.count,
+            users: answer.users,
+            missing_workers: answer.missing_workers,
+        });
+    }
+    if answer.connections.len() > MAX_PRESENCE {
+        return Err(Refused::new(
+            code::TOO_LARGE,
+            format!("{} subscribers, more than {MAX_PRESENCE}: ask presence_stats", answer.connections.len()),
+        ));
+    }
+    let clients = answer
+        .connections
+        .into_iter()
+        .map(|info| {
+            let address = info.address.unwrap_or_default();
+            Subscriber { worker_id: address.worker_id, connection_id: address.connection_id, user_id: info.user_id }
+        })
+        .collect();
+    Ok(Done::Presence { channel, clients, missing_workers: answer.missing_workers })
 }
 
 fn refresh(shared: &Shared, client: &mut Client, token: &str) -> Result<Done, Refused> {

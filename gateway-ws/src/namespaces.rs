@@ -41,6 +41,8 @@ pub struct Namespace {
     pub name: String,
     pub subscribe: SubscribeRule,
     pub publish: PublishRule,
+    /// Whether subscribers may ask who else is subscribed.
+    pub presence: bool,
 }
 
 /// Why a namespace specification was refused.
@@ -53,13 +55,18 @@ pub struct NamespaceError {
 
 impl Namespace {
     /// Parses `<name>[:<option>,…]`, options being `subscribe=anyone|users|listed|token`
-    /// (default `users`) and `publish=nobody|subscribers` (default `nobody`).
+    /// (default `users`), `publish=nobody|subscribers` (default `nobody`) and
+    /// `presence=on|off` (default `off`).
     pub fn parse(spec: &str) -> Result<Self, NamespaceError> {
         let refuse = |reason: String| NamespaceError { spec: spec.to_owned(), reason };
         let (name, options) = spec.split_once(':').unwrap_or((spec, ""));
         names::validate_namespace(name).map_err(|e| refuse(e.to_string()))?;
-        let mut namespace =
-            Namespace { name: name.to_owned(), subscribe: SubscribeRule::Users, publish: PublishRule::Nobody };
+        let mut namespace = Namespace {
+            name: name.to_owned(),
+            subscribe: SubscribeRule::Users,
+            publish: PublishRule::Nobody,
+            presence: false,
+        };
         for option in options.split(',').filter(|o| !o.is_empty()) {
             match option.split_once('=') {
                 Some(("subscribe", "anyone")) => namespace.subscribe = SubscribeRule::Anyone,
@@ -68,10 +75,12 @@ impl Namespace {
                 Some(("subscribe", "token")) => namespace.subscribe = SubscribeRule::Token,
                 Some(("publish", "nobody")) => namespace.publish = PublishRule::Nobody,
                 Some(("publish", "subscribers")) => namespace.publish = PublishRule::Subscribers,
+                Some(("presence", "on")) => namespace.presence = true,
+                Some(("presence", "off")) => namespace.presence = false,
                 _ => {
                     return Err(refuse(format!(
-                        "unknown option {option:?}: use subscribe=anyone|users|listed|token and \
-                         publish=nobody|subscribers"
+                        "unknown option {option:?}: use subscribe=anyone|users|listed|token, \
+                         publish=nobody|subscribers and presence=on|off"
                     )));
                 }
             }
@@ -97,7 +106,8 @@ impl fmt::Display for Namespace {
             PublishRule::Nobody => "nobody",
             PublishRule::Subscribers => "subscribers",
         };
-        write!(f, "{}:subscribe={subscribe},publish={publish}", self.name)
+        let presence = if self.presence { "on" } else { "off" };
+        write!(f, "{}:subscribe={subscribe},publish={publish},presence={presence}", self.name)
     }
 }
 
@@ -143,22 +153,25 @@ mod tests {
 
     #[test]
     fn a_namespace_is_a_name_and_its_options_with_safe_defaults() {
-        let chat = Namespace::parse("chat:subscribe=anyone,publish=subscribers").unwrap();
-        assert_eq!((chat.subscribe, chat.publish), (SubscribeRule::Anyone, PublishRule::Subscribers));
-        assert_eq!(chat.to_string(), "chat:subscribe=anyone,publish=subscribers");
+        let chat = Namespace::parse("chat:subscribe=anyone,publish=subscribers,presence=on").unwrap();
+        assert_eq!(
+            (chat.subscribe, chat.publish, chat.presence),
+            (SubscribeRule::Anyone, PublishRule::Subscribers, true)
+        );
+        assert_eq!(chat.to_string(), "chat:subscribe=anyone,publish=subscribers,presence=on");
         let news = Namespace::parse("news").unwrap();
-        assert_eq!((news.subscribe, news.publish), (SubscribeRule::Users, PublishRule::Nobody));
+        assert_eq!((news.subscribe, news.publish, news.presence), (SubscribeRule::Users, PublishRule::Nobody, false));
         assert!(Namespace::parse("secret:subscribe=token").unwrap().needs_client_auth());
         assert!(!news.needs_client_auth());
     }
 
     #[test]
     fn malformed_namespaces_are_refused_with_the_reason() {
-        for bad in ["", "a.b", "chat:subscribe=everyone", "chat:publish", "chat:history=10"] {
+        for bad in ["", "a.b", "chat:subscribe=everyone", "chat:publish", "chat:history=10", "chat:presence=yes"] {
             assert!(Namespace::parse(bad).is_err(), "{bad}");
         }
         let twice = Namespaces::parse(["chat", "chat:subscribe=anyone"]).unwrap_err();
-        assert_eq!(twice.to_string(), "namespace \"chat:subscribe=anyone,publish=nobody\": given twice");
+        assert_eq!(twice.to_string(), "namespace \"chat:subscribe=anyone,publish=nobody,presence=off\": given twice");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use tokio_tungstenite::tungstenite::Message;
 /// The WebSocket subprotocol a client asks for to speak it.
 pub const SUBPROTOCOL: &str = "herald.json.v1";
 
+/// The commands there are, for refusals.
+const COMMANDS: &str = "subscribe, unsubscribe, publish, refresh, presence or presence_stats";
+
 /// Largest command id: ids must survive a JavaScript number.
 const MAX_ID: u64 = (1 << 53) - 1;
 
@@ -51,6 +54,8 @@ pub enum CommandKind {
     Unsubscribe { channel: String },
     Publish { channel: String, content: content::Body },
     Refresh { token: String },
+    Presence { channel: String },
+    PresenceStats { channel: String },
 }
 
 /// A frame that is not a command the gateway can run.
@@ -70,6 +75,16 @@ pub enum Done {
     Unsubscribed { channel: String },
     Published { channel: String },
     Refreshed { expires_at: Option<u64> },
+    Presence { channel: String, clients: Vec<Subscriber>, missing_workers: Vec<String> },
+    PresenceStats { channel: String, connections: u64, users: u64, missing_workers: Vec<String> },
+}
+
+/// One subscriber of a channel, as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    pub worker_id: String,
+    pub connection_id: String,
+    pub user_id: String,
 }
 
 /// Reads one text frame as a command.
@@ -88,7 +103,7 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
     let refuse = |reason: String| BadCommand { id: Some(id), reason };
     let mut commands = fields.into_iter();
     let (Some((name, body)), None) = (commands.next(), commands.next()) else {
-        return Err(refuse("give exactly one command: subscribe, unsubscribe, publish or refresh".into()));
+        return Err(refuse(format!("give exactly one command: {COMMANDS}")));
     };
     let Value::Object(mut body) = body else {
         return Err(refuse(format!("{name} takes an object")));
@@ -104,9 +119,9 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
             content: content_body(body.remove("content")).map_err(refuse)?,
         },
         "refresh" => CommandKind::Refresh { token: string(&mut body, "token").map_err(refuse)? },
-        other => {
-            return Err(refuse(format!("unknown command {other:?}: use subscribe, unsubscribe, publish or refresh")));
-        }
+        "presence" => CommandKind::Presence { channel: string(&mut body, "channel").map_err(refuse)? },
+        "presence_stats" => CommandKind::PresenceStats { channel: string(&mut body, "channel").map_err(refuse)? },
+        other => return Err(refuse(format!("unknown command {other:?}: use {COMMANDS}"))),
     };
     if let Some(extra) = body.keys().next() {
         return Err(refuse(format!("{name} has no field {extra:?}")));
@@ -150,6 +165,16 @@ pub fn reply(id: u64, done: &Done) -> Message {
         Done::Unsubscribed { channel } => json!({ "unsubscribed": { "channel": channel } }),
         Done::Published { channel } => json!({ "published": { "channel": channel } }),
         Done::Refreshed { expires_at } => json!({ "refreshed": { "expires_at": expires_at.unwrap_or(0) } }),
+        Done::Presence { channel, clients, missing_workers } => {
+            let clients: Vec<Value> = clients
+                .iter()
+                .map(|c| json!({ "worker_id": c.worker_id, "connection_id": c.connection_id, "user_id": c.user_id }))
+                .collect();
+            json!({ "presence": { "channel": channel, "clients": clients, "missing_workers": missing_workers } })
+        }
+        Done::PresenceStats { channel, connections, users, missing_workers } => json!({ "presence_stats": {
+            "channel": channel, "connections": connections, "users": users, "missing_workers": missing_workers,
+        }}),
     };
     with_id(id, body)
 }
@@ -224,6 +249,10 @@ mod tests {
             parse(r#"{"id":5,"refresh":{"token":"t"}}"#).unwrap().kind,
             CommandKind::Refresh { token: "t".into() }
         );
+        let c = parse(r#"{"id":6,"presence":{"channel":"chat:a"}}"#).unwrap();
+        assert_eq!(c.kind, CommandKind::Presence { channel: "chat:a".into() });
+        let c = parse(r#"{"id":7,"presence_stats":{"channel":"chat:a"}}"#).unwrap();
+        assert_eq!(c.kind, CommandKind::PresenceStats { channel: "chat:a".into() });
     }
 
     #[test]
@@ -252,7 +281,7 @@ mod tests {
             (r#"{"id":7,"publish":{"channel":"c:a"}}"#, "content is required"),
             (r#"{"id":7,"publish":{"channel":"c:a","content":{"binary":"!!"}}}"#, "not base64"),
             (r#"{"id":7,"publish":{"channel":"c:a","content":{"text":"a","binary":""}}}"#, "content is one of"),
-            (r#"{"id":7,"history":{"channel":"c:a"}}"#, "unknown command \"history\""),
+            (r#"{"id":7,"history":{"channel":"c:a"}}"#, "unknown command \"history\": use subscribe"),
         ];
         for (frame, reason) in cases {
             let e = parse(frame).unwrap_err();
@@ -268,6 +297,19 @@ mod tests {
         assert_eq!(
             text(&refusal(4, code::NOT_ALLOWED, "no")),
             json!({"id": 4, "error": {"code": 403, "message": "no"}})
+        );
+        let ana = Subscriber { worker_id: "w1".into(), connection_id: "7".into(), user_id: "ana".into() };
+        let presence =
+            Done::Presence { channel: "chat:a".into(), clients: vec![ana], missing_workers: vec!["w9".into()] };
+        assert_eq!(
+            text(&reply(5, &presence)),
+            json!({"id": 5, "presence": {"channel": "chat:a", "missing_workers": ["w9"],
+                "clients": [{"worker_id": "w1", "connection_id": "7", "user_id": "ana"}]}})
+        );
+        let stats = Done::PresenceStats { channel: "chat:a".into(), connections: 3, users: 2, missing_workers: vec![] };
+        assert_eq!(
+            text(&reply(6, &stats)),
+            json!({"id": 6, "presence_stats": {"channel": "chat:a", "connections": 3, "users": 2, "missing_workers": []}})
         );
         assert_eq!(
             text(&connected("w1", 42, Some("ana"))),

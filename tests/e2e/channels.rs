@@ -335,3 +335,64 @@ async fn namespaces_admit_users_listed_channels_and_subscription_tokens_and_a_re
     assert_eq!(published.body, "ok");
     assert_eq!(ana.push().await, publication("secret:plans", "still here"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_the_same_seen_from_two_gateways_on_two_brokers() {
+    let Some(cluster) = Cluster::start(2, &[]) else { return };
+    let args = [
+        "--client-auth",
+        "jwt",
+        "--jwt-secret",
+        SECRET,
+        "--namespace",
+        "room:presence=on",
+        "--namespace",
+        "chat:subscribe=anyone",
+    ];
+    let gateway_a = Herald::ws(&cluster.address(0), &args);
+    let gateway_b = Herald::ws(&cluster.address(1), &args);
+    let http = Herald::http(&cluster.address(0), &[]);
+    let token = |user: &str| signed(&json!({ "sub": user, "exp": unix_now() + 60 }));
+    let mut ana = ProtocolClient::connect_with(&gateway_a.ws_url(), Some(&token("ana"))).await;
+    let mut bob = ProtocolClient::connect_with(&gateway_b.ws_url(), Some(&token("bob"))).await;
+    let mut ana_again = ProtocolClient::connect_with(&gateway_b.ws_url(), Some(&token("ana"))).await;
+    let mut cy = ProtocolClient::connect_with(&gateway_a.ws_url(), Some(&token("cy"))).await;
+    for client in [&mut ana, &mut bob, &mut ana_again] {
+        let reply = client.call("subscribe", json!({ "channel": "room:x" })).await;
+        assert_eq!(reply["subscribed"]["channel"], "room:x", "{reply}");
+    }
+
+    let users = |reply: &Value| {
+        let mut users: Vec<String> = reply["presence"]["clients"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a presence answer: {reply}"))
+            .iter()
+            .map(|c| c["user_id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        users.sort();
+        users
+    };
+    let from_a = ana.call("presence", json!({ "channel": "room:x" })).await;
+    let from_b = bob.call("presence", json!({ "channel": "room:x" })).await;
+    assert_eq!(users(&from_a), ["ana", "ana", "bob"], "{from_a}");
+    assert_eq!(users(&from_b), users(&from_a), "{from_b}");
+    assert_eq!(from_a["presence"]["missing_workers"], json!([]));
+    let stats = bob.call("presence_stats", json!({ "channel": "room:x" })).await;
+    assert_eq!(
+        stats["presence_stats"],
+        json!({ "channel": "room:x", "connections": 3, "users": 2, "missing_workers": [] })
+    );
+    let view = get(&format!("{}/v1/channels/room:x", http.http_url())).json();
+    assert_eq!(view["count"], 3, "{view}");
+
+    // Leaving shows at once, from either side.
+    assert!(ana_again.call("unsubscribe", json!({ "channel": "room:x" })).await.get("unsubscribed").is_some());
+    assert_eq!(users(&ana.call("presence", json!({ "channel": "room:x" })).await), ["ana", "bob"]);
+
+    // Only subscribers ask, and only where the namespace has presence on.
+    let refused = cy.call("presence", json!({ "channel": "room:x" })).await;
+    assert_eq!(refused["error"]["code"], 403, "{refused}");
+    assert!(cy.call("subscribe", json!({ "channel": "chat:y" })).await.get("subscribed").is_some());
+    let refused = cy.call("presence_stats", json!({ "channel": "chat:y" })).await;
+    assert_eq!(refused["error"]["message"], "presence is off in this namespace", "{refused}");
+}

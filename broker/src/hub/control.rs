@@ -221,7 +221,7 @@ impl Hub {
             let sessions = match scope {
                 Scope::User(user) => state.directory.sessions_of_user(user),
                 Scope::Group(group) => state.directory.sessions_of_group(group),
-                Scope::Connection(_) | Scope::All => Vec::new(),
+                Scope::Connection(_) | Scope::Channel(_) | Scope::All => Vec::new(),
             };
             let targets: Vec<(Arc<Sink>, String)> = sessions
                 .into_iter()
@@ -313,6 +313,16 @@ impl Hub {
                 response.count = response.connections.len() as u64;
             }
             Some(query_request::Question::GroupCount(group)) => response.count = directory.group_count(group),
+            Some(query_request::Question::ChannelSubscribers(channel)) => {
+                response.connections = directory.channel_subscribers(channel);
+                response.count = response.connections.len() as u64;
+            }
+            Some(query_request::Question::ChannelCount(channel)) => {
+                let (count, users) = directory.channel_count(channel);
+                response.count = count;
+                user_hashes = users.into_iter().map(user_hash).collect();
+                response.users = user_hashes.len() as u64;
+            }
             Some(query_request::Question::Totals(_)) => {
                 let (connections, users) = directory.totals();
                 response.count = connections;

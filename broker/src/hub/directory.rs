@@ -206,6 +206,30 @@ impl Directory {
         self.collect(self.groups.get(group), |c| c.groups.iter().any(|g| &**g == group))
     }
 
+    /// The subscribers of client channel `channel`.
+    pub(crate) fn channel_subscribers(&self, channel: &str) -> Vec<ConnectionInfo> {
+        self.collect(self.channels.get(channel), |c| c.channels.iter().any(|s| &**s == channel))
+    }
+
+    /// How many connections are subscribed to `channel`, and the user ids
+    /// among them (each once).
+    pub(crate) fn channel_count(&self, channel: &str) -> (u64, Vec<&str>) {
+        let Some(sessions) = self.channels.get(channel) else {
+            return (0, Vec::new());
+        };
+        let count = sessions.values().map(|n| u64::from(*n)).sum();
+        let mut users: Vec<&str> = sessions
+            .keys()
+            .filter_map(|session| self.gateways.get(session))
+            .flat_map(|g| g.connections.values())
+            .filter(|c| c.channels.iter().any(|s| &**s == channel))
+            .filter_map(|c| c.user.as_deref())
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        (count, users)
+    }
+
     /// How many connections are in `group`.
     pub(crate) fn group_count(&self, group: &str) -> u64 {
         self.groups.get(group).map_or(0, |s| s.values().map(|n| u64::from(*n)).sum())

@@ -730,6 +730,41 @@ async fn a_control_batch_runs_controls_on_one_connection_in_order_and_the_rest_t
 }
 
 #[tokio::test]
+async fn a_client_channel_s_subscribers_are_counted_once_per_user_and_listed_across_gateways() {
+    let hub = Hub::new(HubLimits::default());
+    let subscribed = |conn: &str, user: &str, channels: &[&str]| DirectoryChange {
+        connection_id: conn.into(),
+        change: Some(directory_change::Change::Opened(ConnectionState {
+            user_id: user.into(),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            ..ConnectionState::default()
+        })),
+    };
+    let mut gateways = Vec::new();
+    for (worker, changes) in [
+        ("w1", vec![subscribed("1", "ana", &["chat:a"]), subscribed("2", "", &["chat:a", "chat:b"])]),
+        ("w2", vec![subscribed("1", "ana", &["chat:a"]), subscribed("2", "bob", &["chat:b"])]),
+    ] {
+        let (session, mut events) = hub.open_session();
+        session.apply(claim(1, worker, "i")).await.unwrap();
+        session.apply(report(2, changes, vec![])).await.unwrap();
+        expect_ack(&mut events, 1).await;
+        expect_ack(&mut events, 2).await;
+        gateways.push((session, events));
+    }
+    use query_request::Question;
+    let subscribers = ask(&hub, Question::ChannelSubscribers("chat:a".into())).await;
+    assert_eq!(addresses(&subscribers), pairs(&[("w1", "1"), ("w1", "2"), ("w2", "1")]));
+    let count = ask(&hub, Question::ChannelCount("chat:a".into())).await;
+    assert_eq!((count.count, count.users), (3, 1), "ana twice and an anonymous connection");
+    let count = ask(&hub, Question::ChannelCount("chat:b".into())).await;
+    assert_eq!((count.count, count.users), (2, 1));
+    assert_eq!(ask(&hub, Question::ChannelCount("chat:none".into())).await.count, 0);
+    let err = hub.query(QueryRequest { question: Some(Question::ChannelCount("news".into())) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "not a client channel: {err}");
+}
+
+#[tokio::test]
 async fn a_control_on_a_connection_that_is_not_live_is_not_found_and_reaches_no_gateway() {
     let hub = Hub::new(HubLimits::default());
     let (w1, mut w1_events) = gateway(&hub, "w1", &[("1", "", &[])]).await;
