@@ -208,6 +208,10 @@ pub struct IdleArgs {
     /// Skip the broadcast sent after the hold to check every client still receives.
     #[arg(long)]
     pub no_broadcast: bool,
+    /// Clients speak the client protocol (herald.json.v1) and each subscribes to this many
+    /// client channels (the same ones for every client); 0: classic raw clients.
+    #[arg(long, default_value_t = 0)]
+    pub subscriptions: usize,
     /// How long to wait for that broadcast to reach every client.
     #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,

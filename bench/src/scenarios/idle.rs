@@ -1,7 +1,8 @@
 //! The idle scenario: N clients connect and stay silent for the duration
 //! while gateway memory and CPU are measured; then one broadcast checks that
 //! every client is still there and receiving (its latency is the time the
-//! broadcast took to reach each client).
+//! broadcast took to reach each client). With `--subscriptions K` the clients
+//! speak the client protocol and each holds K channel subscriptions.
 
 use std::time::Duration;
 
@@ -36,8 +37,12 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<()> {
         rows.push(Row { label: super::topology(&args.common, connections), measurement });
     }
     let check = if args.no_broadcast { "" } else { "; then one broadcast (latency = its delivery to every client)" };
+    let clients = match args.subscriptions {
+        0 => String::new(),
+        n => format!(" speaking herald.json.v1 with {n} channel subscriptions each"),
+    };
     let title = format!(
-        "idle: clients held {} s (CPU over the hold){check}; median of {} runs",
+        "idle: clients{clients} held {} s (CPU over the hold){check}; median of {} runs",
         args.common.duration.as_secs_f64(),
         args.common.runs
     );
@@ -53,7 +58,8 @@ async fn run_once(
     let mut herald = bench.herald(connections, false).await?;
     let endpoints = &herald.endpoints;
     let baseline = gateway_rss(endpoints);
-    let (mut fleet, connected) = bench.clients(endpoints, connections).await?;
+    let channels: Vec<String> = (0..args.subscriptions).map(|i| format!("bench:idle-{i}")).collect();
+    let (mut fleet, connected) = bench.subscribers(endpoints, connections, &channels).await?;
     let clients = connected.addresses.len() as u64;
     let meter = CpuMeter::start(&watched(endpoints, Some(&fleet)));
     tokio::time::sleep(args.common.duration).await;

@@ -126,7 +126,8 @@ impl<'a> Bench<'a> {
     }
 
     /// Starts load generators and connects `connections` anonymous clients
-    /// speaking the client protocol, each subscribed to `channels`.
+    /// speaking the client protocol, each subscribed to `channels` (none:
+    /// classic raw clients).
     async fn subscribers(
         &mut self,
         endpoints: &Endpoints,
