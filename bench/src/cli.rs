@@ -292,6 +292,9 @@ pub enum QueryKind {
     Online,
     /// Query{user_online} for a user who never connected: every broker is asked.
     Offline,
+    /// Query{channel_subscribers} for a client channel every client subscribed to (presence):
+    /// every broker is asked, and every subscriber listed.
+    Presence,
 }
 
 #[derive(Debug, Args)]

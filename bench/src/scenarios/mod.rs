@@ -144,7 +144,18 @@ impl<'a> Bench<'a> {
         endpoints: &Endpoints,
         identities: &[ClientIdentity],
     ) -> anyhow::Result<(Fleet, Connected)> {
-        let (fleet, connected) = self.clients_with(endpoints, identities.len(), identities, &[]).await?;
+        self.logged_in_to(endpoints, identities, &[]).await
+    }
+
+    /// As [`Bench::logged_in`], each client also subscribed to `channels`
+    /// with the client protocol.
+    async fn logged_in_to(
+        &mut self,
+        endpoints: &Endpoints,
+        identities: &[ClientIdentity],
+        channels: &[String],
+    ) -> anyhow::Result<(Fleet, Connected)> {
+        let (fleet, connected) = self.clients_with(endpoints, identities.len(), identities, channels).await?;
         if connected.users.len() != connected.addresses.len() {
             bail!("{} clients connected but {} said who they are", connected.addresses.len(), connected.users.len());
         }

@@ -9,10 +9,14 @@
 //! - `remote`: Query{connection} for a connection of another broker's gateway
 //!   (broker 0 asks that broker over NATS);
 //! - `online` / `offline`: Query{user_online} for a connected user, or one
-//!   that never connected (broker 0 asks every broker).
+//!   that never connected (broker 0 asks every broker);
+//! - `presence`: Query{channel_subscribers} for a client channel every
+//!   client subscribed to (the clients then speak the client protocol):
+//!   broker 0 asks every broker and lists every subscriber.
 //!
 //! Every answer is checked: the connection is live and bound to its user, the
-//! user is online (or not), and no gateway is missing from the answer.
+//! user is online (or not), every subscriber is listed, and no gateway is
+//! missing from the answer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +48,8 @@ const COLUMNS: [Column; 7] = [
 const MAX_CHANNELS: usize = 4;
 /// How long the directories may take to list every client after they connected.
 const SETTLE: Duration = Duration::from_secs(15);
+/// The client channel every client subscribes to for the presence row.
+const PRESENCE_CHANNEL: &str = "bench:presence";
 
 /// A connected client: where it is and who it is.
 #[derive(Debug, Clone)]
@@ -65,6 +71,7 @@ fn describe(kind: QueryKind, concurrency: usize) -> String {
         QueryKind::Remote => "Query{connection}, on another broker's gateway",
         QueryKind::Online => "Query{user_online}, a connected user",
         QueryKind::Offline => "Query{user_online}, a user never connected",
+        QueryKind::Presence => "Query{channel_subscribers}, every client subscribed",
     };
     format!("{what}, {concurrency} in flight")
 }
@@ -84,7 +91,9 @@ pub async fn run(args: &QueryArgs) -> anyhow::Result<()> {
         for run in 1..=common.runs {
             let mut herald = bench.herald_with(connections, false, true).await?;
             let identities = bench.identities(connections, |_| Vec::new())?;
-            let (fleet, connected) = bench.logged_in(&herald.endpoints, &identities).await?;
+            let channels =
+                if args.kinds.contains(&QueryKind::Presence) { vec![PRESENCE_CHANNEL.to_owned()] } else { Vec::new() };
+            let (fleet, connected) = bench.logged_in_to(&herald.endpoints, &identities, &channels).await?;
             let endpoints = &herald.endpoints;
             let mut known = Vec::with_capacity(connected.addresses.len());
             for (address, user) in connected.addresses.iter().zip(&connected.users) {
@@ -100,7 +109,7 @@ pub async fn run(args: &QueryArgs) -> anyhow::Result<()> {
                     let clients_asked = match kind {
                         QueryKind::Local => local.clone(),
                         QueryKind::Remote => remote.clone(),
-                        QueryKind::Online | QueryKind::Offline => known.clone(),
+                        QueryKind::Online | QueryKind::Offline | QueryKind::Presence => known.clone(),
                     };
                     if clients_asked.is_empty() && kind != QueryKind::Offline {
                         eprintln!("  {}: no such client here, skipped", describe(kind, concurrency));
@@ -221,6 +230,7 @@ async fn caller(mut rpc: Rpc, asked: Arc<Asked>, deadline: Instant, seed: u64) -
         let question = match (asked.kind, known) {
             (QueryKind::Local | QueryKind::Remote, Some(k)) => Question::Connection(address(&k.address)),
             (QueryKind::Online, Some(k)) => Question::UserOnline(k.user.to_string()),
+            (QueryKind::Presence, _) => Question::ChannelSubscribers(PRESENCE_CHANNEL.to_owned()),
             _ => Question::UserOnline(format!("never-{pick}")),
         };
         let sent = Instant::now();
@@ -229,7 +239,7 @@ async fn caller(mut rpc: Rpc, asked: Arc<Asked>, deadline: Instant, seed: u64) -
         match answer {
             Ok(answer) => {
                 calls.answered += 1;
-                if let Err(why) = check(asked.kind, known, &answer) {
+                if let Err(why) = check(asked.kind, known, asked.clients.len(), &answer) {
                     if calls.wrong == 0 {
                         eprintln!("    wrong answer: {why}");
                     }
@@ -245,8 +255,9 @@ async fn caller(mut rpc: Rpc, asked: Arc<Asked>, deadline: Instant, seed: u64) -
     calls
 }
 
-/// Whether `answer` is right for a question of `kind` about `known`.
-fn check(kind: QueryKind, known: Option<&Known>, answer: &QueryResponse) -> Result<(), String> {
+/// Whether `answer` is right for a question of `kind` about `known`, with
+/// `clients` clients connected.
+fn check(kind: QueryKind, known: Option<&Known>, clients: usize, answer: &QueryResponse) -> Result<(), String> {
     if !answer.missing_workers.is_empty() {
         return Err(format!("gateways missing from the answer: {:?}", answer.missing_workers));
     }
@@ -265,6 +276,9 @@ fn check(kind: QueryKind, known: Option<&Known>, answer: &QueryResponse) -> Resu
         }
         (QueryKind::Online, Some(k)) if !answer.online => Err(format!("{} said offline", k.user)),
         (QueryKind::Offline, _) if answer.online => Err("a user who never connected said online".into()),
+        (QueryKind::Presence, _) if answer.connections.len() != clients || answer.count != clients as u64 => {
+            Err(format!("{} subscribers listed, {} counted, not {clients}", answer.connections.len(), answer.count))
+        }
         _ => Ok(()),
     }
 }
@@ -291,20 +305,23 @@ mod tests {
             }],
             ..QueryResponse::default()
         };
-        assert_eq!(check(QueryKind::Remote, Some(&k), &live), Ok(()));
+        assert_eq!(check(QueryKind::Remote, Some(&k), 1, &live), Ok(()));
         let stranger = QueryResponse {
             connections: vec![ConnectionInfo { user_id: "u6".into(), ..live.connections[0].clone() }],
             ..live.clone()
         };
-        assert!(check(QueryKind::Local, Some(&k), &stranger).is_err());
-        assert!(check(QueryKind::Local, Some(&k), &QueryResponse::default()).is_err());
+        assert!(check(QueryKind::Local, Some(&k), 1, &stranger).is_err());
+        assert!(check(QueryKind::Local, Some(&k), 1, &QueryResponse::default()).is_err());
         let online = QueryResponse { online: true, ..QueryResponse::default() };
-        assert_eq!(check(QueryKind::Online, Some(&k), &online), Ok(()));
-        assert!(check(QueryKind::Online, Some(&k), &QueryResponse::default()).is_err());
-        assert_eq!(check(QueryKind::Offline, None, &QueryResponse::default()), Ok(()));
-        assert!(check(QueryKind::Offline, None, &online).is_err());
+        assert_eq!(check(QueryKind::Online, Some(&k), 1, &online), Ok(()));
+        assert!(check(QueryKind::Online, Some(&k), 1, &QueryResponse::default()).is_err());
+        assert_eq!(check(QueryKind::Offline, None, 1, &QueryResponse::default()), Ok(()));
+        assert!(check(QueryKind::Offline, None, 1, &online).is_err());
         let partial = QueryResponse { online: true, missing_workers: vec!["gw2".into()], ..QueryResponse::default() };
-        assert!(check(QueryKind::Online, Some(&k), &partial).is_err());
+        assert!(check(QueryKind::Online, Some(&k), 1, &partial).is_err());
+        let two = QueryResponse { count: 2, connections: vec![live.connections[0].clone(); 2], ..live.clone() };
+        assert_eq!(check(QueryKind::Presence, None, 2, &two), Ok(()));
+        assert!(check(QueryKind::Presence, None, 3, &two).is_err());
     }
 
     #[test]

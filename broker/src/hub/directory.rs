@@ -198,17 +198,26 @@ impl Directory {
 
     /// The connections of `user`.
     pub(crate) fn user_connections(&self, user: &str) -> Vec<ConnectionInfo> {
-        self.collect(self.users.get(user), |c| c.user.as_deref() == Some(user))
+        self.collect(self.users.get(user), |c| c.user.as_deref() == Some(user), info)
     }
 
     /// The members of `group`.
     pub(crate) fn group_members(&self, group: &str) -> Vec<ConnectionInfo> {
-        self.collect(self.groups.get(group), |c| c.groups.iter().any(|g| &**g == group))
+        self.collect(self.groups.get(group), |c| c.groups.iter().any(|g| &**g == group), info)
     }
 
-    /// The subscribers of client channel `channel`.
+    /// The subscribers of client channel `channel`: their addresses and
+    /// user ids only, as presence needs (a channel may have many).
     pub(crate) fn channel_subscribers(&self, channel: &str) -> Vec<ConnectionInfo> {
-        self.collect(self.channels.get(channel), |c| c.channels.iter().any(|s| &**s == channel))
+        let subscribed = |c: &Connection| c.channels.iter().any(|s| &**s == channel);
+        self.collect(self.channels.get(channel), subscribed, |worker_id, connection_id, connection| ConnectionInfo {
+            address: Some(ConnectionAddress {
+                worker_id: worker_id.to_owned(),
+                connection_id: connection_id.to_owned(),
+            }),
+            user_id: connection.user.as_deref().unwrap_or_default().to_owned(),
+            ..ConnectionInfo::default()
+        })
     }
 
     /// How many connections are subscribed to `channel`, and the user ids
@@ -291,10 +300,13 @@ impl Directory {
         self.gateways.values().filter(|g| !g.reported).map(|g| g.worker_id.as_str())
     }
 
+    /// What `describe` says of each connection that is `selected`, on the
+    /// gateways of `sessions`.
     fn collect(
         &self,
         sessions: Option<&HashMap<SessionId, u32>>,
         selected: impl Fn(&Connection) -> bool,
+        describe: impl Fn(&str, &str, &Connection) -> ConnectionInfo,
     ) -> Vec<ConnectionInfo> {
         let Some(sessions) = sessions else {
             return Vec::new();
@@ -306,7 +318,7 @@ impl Directory {
             };
             for (id, connection) in &gateway.connections {
                 if selected(connection) {
-                    found.push(info(&gateway.worker_id, id, connection));
+                    found.push(describe(&gateway.worker_id, id, connection));
                 }
             }
         }
