@@ -1,11 +1,12 @@
 //! The directory against a model made of plain maps and sets: random
 //! sequences of claims, opened and closed connections, binds, unbinds,
-//! group joins and leaves, data changes, malformed reports and lost
-//! gateways over a few sessions, worker ids, connection ids, users and
-//! groups. After every step the directory must answer every question as the
-//! model does; and the member changes it reported, replayed in order, must
-//! give each session exactly the user and group channels of the connections
-//! it holds, with no redundant change.
+//! group joins and leaves, client channel subscriptions, data changes,
+//! malformed reports and lost gateways over a few sessions, worker ids,
+//! connection ids, users, groups and channels. After every step the
+//! directory must answer every question as the model does; and the member
+//! changes it reported, replayed in order, must give each session exactly
+//! the user, group and client channels of the connections it holds, with no
+//! redundant change.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,6 +23,7 @@ const CONNECTIONS: [&str; 6] = ["1", "2", "3", "a", "b.c", "x-y"];
 const USERS: [&str; 3] = ["ana", "bob@example.com", "c.d"];
 const GROUPS: [&str; 3] = ["g1", "room:2", "a.b"];
 const DATA: [&[(&str, &str)]; 3] = [&[], &[("k", "v")], &[("k", "w"), ("room", "1")]];
+const CHANNELS: [&str; 3] = ["chat:a", "chat:b.c", "news:x"];
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -70,6 +72,14 @@ enum Op {
         conn: usize,
         groups: Vec<usize>,
     },
+    /// A state change listing the channels held plus (`subscribe`) or minus
+    /// `channels`.
+    Subscribe {
+        session: SessionId,
+        conn: usize,
+        channels: Vec<usize>,
+        subscribe: bool,
+    },
     /// A state change of the data only.
     SetData {
         session: SessionId,
@@ -99,8 +109,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (session.clone(), conn.clone(), groups.clone())
             .prop_map(|(session, conn, groups)| Op::Join { session, conn, groups }),
         2 => (session.clone(), conn.clone(), groups).prop_map(|(session, conn, groups)| Op::Leave { session, conn, groups }),
+        3 => (session.clone(), conn.clone(), prop::collection::vec(0..CHANNELS.len(), 0..=3), any::<bool>())
+            .prop_map(|(session, conn, channels, subscribe)| Op::Subscribe { session, conn, channels, subscribe }),
         2 => (session, conn.clone(), 0..DATA.len()).prop_map(|(session, conn, data)| Op::SetData { session, conn, data }),
-        1 => (conn, 0..6usize).prop_map(|(conn, how)| Op::Malformed { conn, how }),
+        1 => (conn, 0..7usize).prop_map(|(conn, how)| Op::Malformed { conn, how }),
     ]
 }
 
@@ -109,6 +121,7 @@ struct Conn {
     user: Option<String>,
     groups: BTreeSet<String>,
     data: BTreeMap<String, String>,
+    channels: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -167,18 +180,24 @@ impl Model {
             if *s == session {
                 channels.extend(c.user.iter().map(|u| user_channel(u)));
                 channels.extend(c.groups.iter().map(|g| group_channel(g)));
+                channels.extend(c.channels.iter().cloned());
             }
         }
         channels
     }
 }
 
-fn state(user: Option<&str>, groups: Vec<&str>, data: &BTreeMap<String, String>) -> ConnectionState {
+fn state(
+    user: Option<&str>,
+    groups: Vec<&str>,
+    data: &BTreeMap<String, String>,
+    channels: &BTreeSet<String>,
+) -> ConnectionState {
     ConnectionState {
         user_id: user.unwrap_or_default().to_owned(),
         groups: groups.into_iter().map(str::to_owned).collect(),
         data: data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        channels: Vec::new(),
+        channels: channels.iter().cloned().collect(),
     }
 }
 
@@ -206,6 +225,7 @@ fn malformed(conn: &str, how: usize) -> DirectoryChange {
         2 => good.user_id = "a b".into(),
         3 => good.groups = (0..=MAX_GROUPS_PER_CONNECTION).map(|i| format!("g{i}")).collect(),
         4 => good.data = [("k".to_owned(), "v".repeat(MAX_DATA_BYTES))].into(),
+        5 => good.channels = vec!["news".into()],
         _ => return DirectoryChange { connection_id: conn.to_owned(), change: None },
     }
     changed(conn, good)
@@ -220,7 +240,8 @@ fn seen(info: &ConnectionInfo) -> Option<Seen> {
     }
     let user = (!info.user_id.is_empty()).then(|| info.user_id.clone());
     let data = info.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    Some((address.worker_id, address.connection_id, Conn { user, groups, data }))
+    let channels = info.channels.iter().cloned().collect();
+    Some((address.worker_id, address.connection_id, Conn { user, groups, data, channels }))
 }
 
 /// The connections of a query answer, each once, each group once.
@@ -279,6 +300,22 @@ fn check(
         let set: BTreeSet<SessionId> = sessions.iter().copied().collect();
         prop_assert_eq!(set.len(), sessions.len(), "sessions_of_group({}) lists one twice", group);
         prop_assert_eq!(set, model.sessions_where(has), "sessions_of_group({})", group);
+    }
+    for channel in CHANNELS {
+        let has = |c: &Conn| c.channels.contains(channel);
+        // Presence lists an address and a user id only.
+        let brief = |c: &Conn| Conn { user: c.user.clone(), ..Conn::default() };
+        let expected: BTreeSet<Seen> = model.seen(has).into_iter().map(|(w, id, c)| (w, id, brief(&c))).collect();
+        prop_assert_eq!(
+            seen_all(&directory.channel_subscribers(channel))?,
+            expected.clone(),
+            "presence of {}",
+            channel
+        );
+        let users: BTreeSet<&str> = expected.iter().filter_map(|(_, _, c)| c.user.as_deref()).collect();
+        let (count, listed) = directory.channel_count(channel);
+        prop_assert_eq!(count, expected.len() as u64, "channel_count({})", channel);
+        prop_assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), users, "the users of {}", channel);
     }
     for worker in WORKERS {
         for conn in CONNECTIONS {
@@ -344,8 +381,12 @@ fn report(
         }
         Some(directory_change::Change::Opened(state) | directory_change::Change::State(state)) => {
             let user = (!state.user_id.is_empty()).then_some(state.user_id);
-            let conn =
-                Conn { user, groups: state.groups.into_iter().collect(), data: state.data.into_iter().collect() };
+            let conn = Conn {
+                user,
+                groups: state.groups.into_iter().collect(),
+                data: state.data.into_iter().collect(),
+                channels: state.channels.into_iter().collect(),
+            };
             model.conns.insert(key, conn);
         }
         None => {}
@@ -389,7 +430,8 @@ proptest! {
                 }
                 Op::Open { session, conn, user, groups, data: d } => {
                     let groups = groups.into_iter().map(|g| GROUPS[g]).collect();
-                    let change = opened(CONNECTIONS[conn], state(user.map(|u| USERS[u]), groups, &data(d)));
+                    let change =
+                        opened(CONNECTIONS[conn], state(user.map(|u| USERS[u]), groups, &data(d), &BTreeSet::new()));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::Close { session, conn } => {
@@ -398,32 +440,44 @@ proptest! {
                 Op::Bind { session, conn, user } => {
                     let now = model.state_of(session, CONNECTIONS[conn]);
                     let groups = now.groups.iter().map(String::as_str).collect();
-                    let change = changed(CONNECTIONS[conn], state(Some(USERS[user]), groups, &now.data));
+                    let change = changed(CONNECTIONS[conn], state(Some(USERS[user]), groups, &now.data, &now.channels));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::Unbind { session, conn } => {
                     let now = model.state_of(session, CONNECTIONS[conn]);
                     let groups = now.groups.iter().map(String::as_str).collect();
-                    let change = changed(CONNECTIONS[conn], state(None, groups, &now.data));
+                    let change = changed(CONNECTIONS[conn], state(None, groups, &now.data, &now.channels));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::Join { session, conn, groups } => {
                     let now = model.state_of(session, CONNECTIONS[conn]);
                     let listed = now.groups.iter().map(String::as_str).chain(groups.iter().map(|&g| GROUPS[g])).collect();
-                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), listed, &now.data));
+                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), listed, &now.data, &now.channels));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::Leave { session, conn, groups } => {
                     let now = model.state_of(session, CONNECTIONS[conn]);
                     let leaving: BTreeSet<&str> = groups.iter().map(|&g| GROUPS[g]).collect();
                     let kept = now.groups.iter().map(String::as_str).filter(|g| !leaving.contains(g)).collect();
-                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), kept, &now.data));
+                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), kept, &now.data, &now.channels));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::SetData { session, conn, data: d } => {
                     let now = model.state_of(session, CONNECTIONS[conn]);
                     let groups = now.groups.iter().map(String::as_str).collect();
-                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), groups, &data(d)));
+                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), groups, &data(d), &now.channels));
+                    report(&mut directory, &mut model, session, change, &mut changes)?;
+                }
+                Op::Subscribe { session, conn, channels, subscribe } => {
+                    let now = model.state_of(session, CONNECTIONS[conn]);
+                    let named: BTreeSet<String> = channels.iter().map(|&c| CHANNELS[c].to_owned()).collect();
+                    let held = if subscribe {
+                        now.channels.union(&named).cloned().collect()
+                    } else {
+                        now.channels.difference(&named).cloned().collect()
+                    };
+                    let groups = now.groups.iter().map(String::as_str).collect();
+                    let change = changed(CONNECTIONS[conn], state(now.user.as_deref(), groups, &now.data, &held));
                     report(&mut directory, &mut model, session, change, &mut changes)?;
                 }
                 Op::Malformed { conn, how } => {
