@@ -324,6 +324,11 @@ pub struct WsOptions {
     #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',
           value_parser = |s: &str| Namespace::parse(s).map_err(|e| e.to_string()))]
     pub namespaces: Vec<Namespace>,
+    /// Most distinct client channels with a subscriber on this gateway; a subscription that
+    /// would open one more is refused (429), so that clients cannot make broker interest
+    /// without bound.
+    #[arg(long, env = "HERALD_MAX_CLIENT_CHANNELS", default_value_t = herald_gateway_ws::DEFAULT_MAX_CLIENT_CHANNELS)]
+    pub max_client_channels: usize,
     #[command(flatten)]
     pub client_auth: Box<ClientAuthArgs>,
 }
@@ -509,6 +514,7 @@ impl WsOptions {
             pong_timeout: ws.pong_timeout,
             client_auth: ws.client_auth.client_auth()?,
             namespaces: Namespaces::new(ws.namespaces.clone())?,
+            max_client_channels: ws.max_client_channels,
             ..GatewayConfig::new(worker_id)
         })
     }

@@ -94,7 +94,7 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<(Command, File
                 for (option, value) in section {
                     let id = arg_id(&role, option)
                         .ok_or_else(|| unknown(option, format!(" in [{key}]: herald {key} has no --{option}")))?;
-                    let value = render(value)
+                    let value = render(value, delimiter(&role, option))
                         .ok_or_else(|| ConfigError::BadValue { path: path.to_owned(), key: option.clone() })?;
                     set.values.push((format!("[{key}] {option}"), option.clone(), value.clone()));
                     role = role.mut_arg(id, |a| a.default_value(value));
@@ -102,8 +102,8 @@ fn apply(mut command: Command, text: &str, path: &Path) -> Result<(Command, File
                 command = command.mut_subcommand(key, |_| role);
             }
             _ => {
-                let value =
-                    render(value).ok_or_else(|| ConfigError::BadValue { path: path.to_owned(), key: key.clone() })?;
+                let value = render(value, delimiter(&command, key))
+                    .ok_or_else(|| ConfigError::BadValue { path: path.to_owned(), key: key.clone() })?;
                 set.values.push((key.clone(), key.clone(), value.clone()));
                 let mut known = false;
                 if key != "config"
@@ -134,14 +134,30 @@ fn arg_id(command: &Command, long: &str) -> Option<String> {
     command.get_arguments().find(|a| a.get_long() == Some(long)).map(|a| a.get_id().to_string())
 }
 
-/// A TOML value as the text a flag would carry; lists become comma-separated.
-fn render(value: &toml::Value) -> Option<String> {
+/// The character that separates the values of option `long` (of `command`
+/// or of any of its roles): its value delimiter, or a comma.
+fn delimiter(command: &Command, long: &str) -> char {
+    std::iter::once(command)
+        .chain(command.get_subcommands())
+        .flat_map(Command::get_arguments)
+        .find(|a| a.get_long() == Some(long))
+        .and_then(clap::Arg::get_value_delimiter)
+        .unwrap_or(',')
+}
+
+/// A TOML value as the text a flag would carry; lists become separated by
+/// the option's own `delimiter`.
+fn render(value: &toml::Value, delimiter: char) -> Option<String> {
     match value {
         toml::Value::String(s) => Some(s.clone()),
         toml::Value::Integer(i) => Some(i.to_string()),
         toml::Value::Float(f) => Some(f.to_string()),
         toml::Value::Boolean(b) => Some(b.to_string()),
-        toml::Value::Array(items) => items.iter().map(render).collect::<Option<Vec<_>>>().map(|v| v.join(",")),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| render(item, delimiter))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(&delimiter.to_string())),
         toml::Value::Datetime(_) | toml::Value::Table(_) => None,
     }
 }
@@ -168,6 +184,13 @@ mod tests {
         let Cli { role: Role::Ws(ws), .. } = parse(file, &["herald", "ws"]).unwrap() else { panic!() };
         assert_eq!(ws.ws.max_connections, 7);
         assert_eq!(ws.ws.allowed_origins, ["https://a", "https://b"]);
+        let namespaced = "[ws]\nnamespace = [\"chat:subscribe=anyone,presence=on\", \"news\"]\n";
+        let Cli { role: Role::Ws(ws), .. } = parse(namespaced, &["herald", "ws"]).unwrap() else { panic!() };
+        let namespaces: Vec<String> = ws.ws.namespaces.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            namespaces,
+            ["chat:subscribe=anyone,publish=nobody,presence=on", "news:subscribe=users,publish=nobody,presence=off"]
+        );
         let Cli { role: Role::Http(http), .. } = parse(file, &["herald", "http"]).unwrap() else { panic!() };
         assert_eq!(http.content.max_content_bytes, 1000);
         let Cli { role: Role::Standalone(sa), .. } = parse(file, &["herald", "standalone"]).unwrap() else { panic!() };

@@ -108,7 +108,10 @@ async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Opt
             auth.verify_subscription(&token, &channel, user.as_deref(), unix_now())?;
         }
     }
-    let position = shared.registry.subscribe(client.id, &channel).map_err(subscription_refused)?;
+    let position = shared
+        .registry
+        .subscribe(client.id, &channel, shared.config.max_client_channels)
+        .map_err(subscription_refused)?;
     if let Some(position) = position {
         let mut reported = shared.reported.subscribe();
         let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= position)).await;
@@ -126,7 +129,7 @@ fn subscription_refused(e: SubscriptionError) -> Refused {
     let code = match e {
         SubscriptionError::AlreadySubscribed => code::ALREADY_SUBSCRIBED,
         SubscriptionError::NotSubscribed => code::NOT_SUBSCRIBED,
-        SubscriptionError::TooMany => code::TOO_MANY_SUBSCRIPTIONS,
+        SubscriptionError::TooMany | SubscriptionError::GatewayFull => code::TOO_MANY_SUBSCRIPTIONS,
         SubscriptionError::Closing => code::UNAVAILABLE,
     };
     Refused::new(code, e.to_string())

@@ -12,6 +12,8 @@ use crate::namespaces::Namespaces;
 
 /// Most connections held at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Most distinct client channels with a subscriber on one gateway, by default.
+pub const DEFAULT_MAX_CLIENT_CHANNELS: usize = 100_000;
 /// Largest message a client may send, in bytes, by default.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Bytes queued for one connection before it is closed as too slow, by default.
@@ -103,6 +105,10 @@ pub struct GatewayConfig {
     /// The client channel namespaces: who may subscribe and publish. None:
     /// client-protocol connections can subscribe to nothing.
     pub namespaces: Namespaces,
+    /// Most distinct client channels with a subscriber on this gateway: each
+    /// is interest at the broker and in NATS, so clients may not make them
+    /// without bound. A subscription that would open one more is refused (429).
+    pub max_client_channels: usize,
 }
 
 impl GatewayConfig {
@@ -124,6 +130,7 @@ impl GatewayConfig {
             pong_timeout: DEFAULT_PONG_TIMEOUT,
             client_auth: None,
             namespaces: Namespaces::default(),
+            max_client_channels: DEFAULT_MAX_CLIENT_CHANNELS,
         }
     }
 

@@ -42,6 +42,8 @@ pub enum SubscriptionError {
     TooMany,
     #[error("the connection is closing")]
     Closing,
+    #[error("this gateway holds as many client channels as it may: try again later")]
+    GatewayFull,
 }
 
 /// What carrying out one delivery did.
@@ -209,17 +211,19 @@ impl Registry {
         (state.users.len(), state.groups.len(), state.channels.len())
     }
 
-    /// Subscribes connection `id` to a client channel. Returns the journal
-    /// position the broker must have acknowledged before the subscription
-    /// is in effect across the cluster, when a broker session follows.
-    pub fn subscribe(&self, id: u64, channel: &str) -> Result<Option<u64>, SubscriptionError> {
-        self.change_subscription(id, channel, true)
+    /// Subscribes connection `id` to a client channel, unless that would
+    /// make more than `max_channels` channels with a subscriber here.
+    /// Returns the journal position the broker must have acknowledged before
+    /// the subscription is in effect across the cluster, when a broker
+    /// session follows.
+    pub fn subscribe(&self, id: u64, channel: &str, max_channels: usize) -> Result<Option<u64>, SubscriptionError> {
+        self.change_subscription(id, channel, Some(max_channels))
     }
 
     /// Unsubscribes connection `id` from a client channel; as
     /// [`Registry::subscribe`].
     pub fn unsubscribe(&self, id: u64, channel: &str) -> Result<Option<u64>, SubscriptionError> {
-        self.change_subscription(id, channel, false)
+        self.change_subscription(id, channel, None)
     }
 
     /// The user id of connection `id`, if it has one.
@@ -248,8 +252,21 @@ impl Registry {
         self.read().channels.get(channel).is_some_and(|members| members.contains_key(&id))
     }
 
-    fn change_subscription(&self, id: u64, channel: &str, subscribe: bool) -> Result<Option<u64>, SubscriptionError> {
+    /// Subscribes (with the gateway's channel limit) or unsubscribes (`None`).
+    fn change_subscription(
+        &self,
+        id: u64,
+        channel: &str,
+        max_channels: Option<usize>,
+    ) -> Result<Option<u64>, SubscriptionError> {
+        let subscribe = max_channels.is_some();
         let mut state = self.write();
+        if let Some(max) = max_channels
+            && state.channels.len() >= max
+            && !state.channels.contains_key(channel)
+        {
+            return Err(SubscriptionError::GatewayFull);
+        }
         let entry = state.connections.get_mut(&id).filter(|e| !e.detached).ok_or(SubscriptionError::Closing)?;
         let position = entry.channels.iter().position(|c| **c == *channel);
         match (subscribe, position) {

@@ -396,3 +396,16 @@ async fn presence_is_the_same_seen_from_two_gateways_on_two_brokers() {
     let refused = cy.call("presence_stats", json!({ "channel": "chat:y" })).await;
     assert_eq!(refused["error"]["message"], "presence is off in this namespace", "{refused}");
 }
+
+#[tokio::test]
+async fn a_gateway_opens_no_more_client_channels_than_its_limit() {
+    let mut args = NAMESPACES.to_vec();
+    args.extend(["--max-client-channels", "1"]);
+    let herald = Herald::standalone(&args);
+    let mut ana = ProtocolClient::connect(&herald.ws_url()).await;
+    let mut bob = ProtocolClient::connect(&herald.ws_url()).await;
+    assert!(ana.call("subscribe", json!({ "channel": "chat:a" })).await.get("subscribed").is_some());
+    let refused = bob.call("subscribe", json!({ "channel": "chat:b" })).await;
+    assert_eq!(refused["error"]["code"], 429, "{refused}");
+    assert!(bob.call("subscribe", json!({ "channel": "chat:a" })).await.get("subscribed").is_some());
+}

@@ -315,8 +315,8 @@ fn a_subscription_is_journaled_indexed_and_taken_back() {
     let registry = Registry::default();
     let (id, _) = registry.register(json_outbox(), &anonymous());
     registry.snapshot();
-    assert_eq!(registry.subscribe(id, "chat:a"), Ok(Some(2)));
-    assert_eq!(registry.subscribe(id, "chat:a"), Err(SubscriptionError::AlreadySubscribed));
+    assert_eq!(registry.subscribe(id, "chat:a", 100), Ok(Some(2)));
+    assert_eq!(registry.subscribe(id, "chat:a", 100), Err(SubscriptionError::AlreadySubscribed));
     assert!(registry.is_subscribed(id, "chat:a"));
     assert_eq!(registry.census(), (0, 0, 1));
     let (changes, _, _) = registry.take_journal().unwrap();
@@ -334,12 +334,12 @@ fn subscriptions_are_bounded_and_leave_with_their_connection() {
     let registry = Registry::default();
     let (id, _) = registry.register(json_outbox(), &anonymous());
     for i in 0..MAX_CHANNELS_PER_CONNECTION {
-        assert_eq!(registry.subscribe(id, &format!("chat:{i}")), Ok(None), "no broker follows: no position");
+        assert_eq!(registry.subscribe(id, &format!("chat:{i}"), 1000), Ok(None), "no broker follows: no position");
     }
-    assert_eq!(registry.subscribe(id, "chat:one-more"), Err(SubscriptionError::TooMany));
+    assert_eq!(registry.subscribe(id, "chat:one-more", 1000), Err(SubscriptionError::TooMany));
     registry.remove(id);
     assert_eq!(registry.census(), (0, 0, 0));
-    assert_eq!(registry.subscribe(id, "chat:a"), Err(SubscriptionError::Closing));
+    assert_eq!(registry.subscribe(id, "chat:a", 100), Err(SubscriptionError::Closing));
 }
 
 #[test]
@@ -348,7 +348,7 @@ fn a_channel_publication_reaches_its_subscribers_only() {
     let (a, b) = (json_outbox(), json_outbox());
     let (a_id, _) = registry.register(a.clone(), &anonymous());
     registry.register(b.clone(), &anonymous());
-    registry.subscribe(a_id, "chat:a").unwrap();
+    registry.subscribe(a_id, "chat:a", 100).unwrap();
     let outcome = registry.deliver_to_channel("chat:a", Message::text("pub"), 0);
     assert_eq!(outcome.queued, 1);
     assert_eq!(drain(&a).unwrap(), [Message::text("pub")]);
@@ -366,4 +366,17 @@ fn a_direct_message_is_wrapped_for_client_protocol_connections_and_raw_for_the_o
     assert_eq!(outcome.queued, 2);
     assert_eq!(drain(&raw).unwrap(), [Message::text("hi")]);
     assert_eq!(drain(&json).unwrap(), [Message::text(r#"{"message":{"content":{"text":"hi"}}}"#)]);
+}
+
+#[test]
+fn a_gateway_opens_no_client_channel_past_its_limit_but_joins_those_it_has() {
+    let registry = Registry::default();
+    let (a, _) = registry.register(json_outbox(), &anonymous());
+    let (b, _) = registry.register(json_outbox(), &anonymous());
+    assert_eq!(registry.subscribe(a, "chat:1", 2), Ok(None));
+    assert_eq!(registry.subscribe(a, "chat:2", 2), Ok(None));
+    assert_eq!(registry.subscribe(b, "chat:3", 2), Err(SubscriptionError::GatewayFull));
+    assert_eq!(registry.subscribe(b, "chat:1", 2), Ok(None), "an open channel takes more subscribers");
+    registry.unsubscribe(a, "chat:2").unwrap();
+    assert_eq!(registry.subscribe(b, "chat:3", 2), Ok(None), "room again once one closed");
 }
