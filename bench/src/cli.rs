@@ -54,6 +54,9 @@ pub enum Scenario {
     /// against unary publishes to the same connections in the same run; then every group's
     /// members are checked.
     Churn(ChurnArgs),
+    /// Client-channel subscribe/unsubscribe commands per second, each answered once the broker
+    /// follows it, from callers on connections of their own.
+    Subscribe(SubscribeArgs),
     /// A load-generator process (started by the harness itself).
     #[command(hide = true)]
     Loadgen,
@@ -350,6 +353,18 @@ pub struct ChurnArgs {
     /// How long to wait for the baseline's last deliveries after publishing stops.
     #[arg(long, default_value = "5s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Callers, each on a connection of its own, one command in flight each.
+    #[arg(long, default_value_t = 64)]
+    pub callers: usize,
+    /// Distinct channels the callers cycle through.
+    #[arg(long, default_value_t = 100)]
+    pub channels: usize,
 }
 
 #[derive(Debug, Args)]

@@ -156,7 +156,41 @@ pub async fn connect(
     Ok(client)
 }
 
+/// Connects to `url` from `source` speaking the client protocol, subscribed
+/// to nothing: a client for the bench's own commands.
+pub async fn connect_speaking(url: &WsUrl, source: Ipv4Addr) -> anyhow::Result<Client> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
+    let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
+    let mut client = Client {
+        stream,
+        buf: vec![0; BUFFER_BYTES],
+        start: 0,
+        end: 0,
+        address: String::new(),
+        also: Vec::new(),
+        json: true,
+    };
+    client.upgrade(url, None).await?;
+    let greeting = client.greeting().await?;
+    client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
+    Ok(client)
+}
+
 impl Client {
+    /// Sends command `id`, a subscribe to `channel` or an unsubscribe from
+    /// it, and waits for its reply; fails unless it says it was done.
+    pub async fn change_subscription(&mut self, id: u64, channel: &str, subscribe: bool) -> anyhow::Result<()> {
+        let (command, done) = if subscribe { ("subscribe", "subscribed") } else { ("unsubscribe", "unsubscribed") };
+        let text = serde_json::json!({ "id": id, command: { "channel": channel } }).to_string();
+        self.stream.write_all(&text_frame(text.as_bytes())).await?;
+        let reply = self.greeting().await?;
+        if !reply.contains(&format!("\"{done}\"")) {
+            bail!("{command} {channel}: {reply}");
+        }
+        Ok(())
+    }
+
     /// Makes the client accept messages to `user` and to each of `groups`.
     pub fn also_accept(&mut self, user: String, groups: Vec<String>) {
         self.also.push(user);

@@ -10,6 +10,7 @@ mod idle;
 mod phase;
 mod publish;
 mod query;
+mod subscribe;
 mod user;
 mod users_idle;
 
@@ -42,6 +43,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Channel(args) => group::run(&args, group::Audience::Channel).await,
         Scenario::Query(args) => query::run(&args).await,
         Scenario::Churn(args) => churn::run(&args).await,
+        Scenario::Subscribe(args) => subscribe::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
     }
 }
