@@ -141,10 +141,7 @@ pub fn query_scope(req: &QueryRequest) -> Result<Scope, PublishError> {
             Ok(Scope::Group(group.clone()))
         }
         query_request::Question::ChannelSubscribers(channel) | query_request::Question::ChannelCount(channel) => {
-            names::validate_channel(channel)?;
-            if names::client_channel(channel).is_none() {
-                return Err(PublishError::Invalid(format!("{channel:?} is not a client channel (<namespace>:<name>)")));
-            }
+            names::validate_client_channel(channel)?;
             Ok(Scope::Channel(channel.clone()))
         }
         query_request::Question::Totals(_) => Ok(Scope::All),

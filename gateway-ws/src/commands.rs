@@ -74,15 +74,11 @@ pub(crate) async fn run(shared: &Shared, client: &mut Client, command: Command) 
 
 /// The namespace rules of a client channel, after checking its name.
 fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a crate::namespaces::Namespace, Refused> {
-    names::validate_channel(channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
-    let Some((namespace, _)) = names::client_channel(channel) else {
-        return Err(Refused::new(code::BAD_COMMAND, format!("{channel:?} has no namespace: use <namespace>:<name>")));
-    };
-    shared
-        .config
-        .namespaces
-        .of(channel)
-        .ok_or_else(|| Refused::new(code::UNKNOWN_NAMESPACE, format!("no namespace {namespace:?} on this gateway")))
+    names::validate_client_channel(channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
+    shared.config.namespaces.of(channel).ok_or_else(|| {
+        let namespace = names::client_channel(channel).map_or(channel, |(namespace, _)| namespace);
+        Refused::new(code::UNKNOWN_NAMESPACE, format!("no namespace {namespace:?} on this gateway"))
+    })
 }
 
 async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Option<String>) -> Result<Done, Refused> {

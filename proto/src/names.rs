@@ -36,6 +36,8 @@ pub enum NameError {
     NotVisibleAscii { what: &'static str },
     #[error("namespace of {value:?} must be 1 or more characters of [A-Za-z0-9_-] before one ':'")]
     BadNamespace { value: String },
+    #[error("channel {value:?} has no namespace: a client channel is <namespace>:<name>")]
+    NoNamespace { value: String },
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -102,6 +104,15 @@ pub fn validate_channel(value: &str) -> Result<(), NameError> {
 /// `("chat", "room-1")`); `None` for a channel without a namespace.
 pub fn client_channel(channel: &str) -> Option<(&str, &str)> {
     channel.split_once(':')
+}
+
+/// Checks a client channel: a channel with a namespace (`chat:room-1`).
+pub fn validate_client_channel(value: &str) -> Result<(), NameError> {
+    validate_channel(value)?;
+    if client_channel(value).is_none() {
+        return Err(NameError::NoNamespace { value: value.to_owned() });
+    }
+    Ok(())
 }
 
 /// Checks a namespace name: 1 to 64 characters of `[A-Za-z0-9_-]`.
@@ -233,6 +244,9 @@ mod tests {
             assert!(validate_channel(bad).is_err(), "{bad}");
         }
         assert!(validate_channel(&format!("chat:{}", "c".repeat(124))).is_err(), "the whole name counts");
+        assert_eq!(validate_client_channel("chat:a"), Ok(()));
+        assert_eq!(validate_client_channel("chat"), Err(NameError::NoNamespace { value: "chat".into() }));
+        assert!(validate_client_channel("chat:a..b").is_err());
         assert_eq!(validate_namespace("chat_2-x"), Ok(()));
         assert!(validate_namespace("chat:").is_err());
     }

@@ -346,10 +346,7 @@ fn check_state(state: &ConnectionState) -> Result<(), CommandErrorKind> {
         )));
     }
     for channel in &state.channels {
-        names::validate_channel(channel)?;
-        if names::client_channel(channel).is_none() {
-            return Err(CommandErrorKind::Invalid(format!("{channel:?} is not a client channel (<namespace>:<name>)")));
-        }
+        names::validate_client_channel(channel)?;
     }
     check_data(&state.data).map_err(CommandErrorKind::Invalid)
 }
