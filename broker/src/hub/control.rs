@@ -73,10 +73,7 @@ impl Hub {
         &self,
         requests: Vec<ControlRequest>,
     ) -> Result<Vec<Result<ControlResponse, PublishError>>, PublishError> {
-        let max = self.shared.limits.max_batch;
-        if requests.len() > max {
-            return Err(PublishError::BatchTooLarge { len: requests.len(), max });
-        }
+        self.check_batch(requests.len())?;
         self.check_serving(&self.read())?;
         let mut chains: Vec<Vec<(usize, ControlRequest)>> = Vec::new();
         let mut chain_of: HashMap<OrderKey, usize> = HashMap::new();

@@ -186,15 +186,21 @@ impl Hub {
         &self,
         requests: Vec<PublishRequest>,
     ) -> Result<Vec<Result<PublishResponse, PublishError>>, PublishError> {
-        let max = self.shared.limits.max_batch;
-        if requests.len() > max {
-            return Err(PublishError::BatchTooLarge { len: requests.len(), max });
-        }
+        self.check_batch(requests.len())?;
         let mut results = Vec::with_capacity(requests.len());
         for req in requests {
             results.push(self.publish(req).await);
         }
         Ok(results)
+    }
+
+    /// Refuses a batch (of publishes or controls) of more than `--max-batch`.
+    pub(super) fn check_batch(&self, len: usize) -> Result<(), PublishError> {
+        let max = self.shared.limits.max_batch;
+        if len > max {
+            return Err(PublishError::BatchTooLarge { len, max });
+        }
+        Ok(())
     }
 
     /// Checks a publish against the limits, the broker's state and the
