@@ -135,22 +135,9 @@ pub async fn connect(
     token: Option<&str>,
     subscribe: &[String],
 ) -> anyhow::Result<Client> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
-    let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
-    let json = !subscribe.is_empty();
-    let mut client =
-        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new(), json };
-    client.upgrade(url, token).await?;
-    let greeting = client.greeting().await?;
-    client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
+    let mut client = open(url, source, token, !subscribe.is_empty()).await?;
     for (id, channel) in (1..).zip(subscribe) {
-        let command = serde_json::json!({ "id": id, "subscribe": { "channel": channel } }).to_string();
-        client.stream.write_all(&text_frame(command.as_bytes())).await?;
-        let reply = client.greeting().await?;
-        if !reply.contains("\"subscribed\"") {
-            bail!("subscribing to {channel}: {reply}");
-        }
+        client.change_subscription(id, channel, true).await?;
         client.also.push(message::channel_label(channel));
     }
     Ok(client)
@@ -159,19 +146,18 @@ pub async fn connect(
 /// Connects to `url` from `source` speaking the client protocol, subscribed
 /// to nothing: a client for the bench's own commands.
 pub async fn connect_speaking(url: &WsUrl, source: Ipv4Addr) -> anyhow::Result<Client> {
+    open(url, source, None, true).await
+}
+
+/// Connects, upgrades (asking for the client protocol when `json`) and
+/// reads the greeting.
+async fn open(url: &WsUrl, source: Ipv4Addr, token: Option<&str>, json: bool) -> anyhow::Result<Client> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
-    let mut client = Client {
-        stream,
-        buf: vec![0; BUFFER_BYTES],
-        start: 0,
-        end: 0,
-        address: String::new(),
-        also: Vec::new(),
-        json: true,
-    };
-    client.upgrade(url, None).await?;
+    let mut client =
+        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new(), json };
+    client.upgrade(url, token).await?;
     let greeting = client.greeting().await?;
     client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
     Ok(client)
