@@ -138,10 +138,6 @@ impl Namespaces {
         names::client_channel(channel).and_then(|(namespace, _)| self.0.get(namespace))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Namespace> {
         self.0.values()
     }

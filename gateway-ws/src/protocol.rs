@@ -19,10 +19,9 @@ const COMMANDS: &str = "subscribe, unsubscribe, publish, refresh, presence or pr
 const MAX_ID: u64 = (1 << 53) - 1;
 
 /// What a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// The classic raw frames: each message's content as it was published.
-    #[default]
     Raw,
     /// The client protocol, JSON form.
     Json,
