@@ -105,7 +105,8 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
         return Err(refuse(format!("give exactly one command: {COMMANDS}")));
     };
     let Value::Object(mut body) = body else {
-        return Err(refuse(format!("{name} takes an object")));
+        // Quoted: a client's key may hold a line break, and a reason is one line.
+        return Err(refuse(format!("{name:?} takes an object")));
     };
     let kind = match name.as_str() {
         "subscribe" => CommandKind::Subscribe {
@@ -273,7 +274,8 @@ mod tests {
         let cases = [
             (r#"{"id":7}"#, "give exactly one command"),
             (r#"{"id":7,"subscribe":{},"unsubscribe":{}}"#, "give exactly one command"),
-            (r#"{"id":7,"subscribe":"chat:a"}"#, "subscribe takes an object"),
+            (r#"{"id":7,"subscribe":"chat:a"}"#, "\"subscribe\" takes an object"),
+            (r#"{"id":7,"a\nb":2}"#, "\"a\\nb\" takes an object"),
             (r#"{"id":7,"subscribe":{}}"#, "channel is required"),
             (r#"{"id":7,"subscribe":{"channel":1}}"#, "channel must be a string"),
             (r#"{"id":7,"subscribe":{"channel":"c:a","offset":3}}"#, "subscribe has no field \"offset\""),
@@ -286,6 +288,7 @@ mod tests {
             let e = parse(frame).unwrap_err();
             assert_eq!(e.id, Some(7), "{frame}");
             assert!(e.reason.contains(reason), "{frame}: {}", e.reason);
+            assert!(!e.reason.contains('\n'), "{frame}: the reason is not one line");
         }
     }
 
