@@ -14,9 +14,9 @@ use herald_broker::{HubLimits, hub};
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::duration::format as duration;
 use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
+use herald_common::namespaces::{Namespace, NamespaceError, Namespaces};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
-use herald_gateway_ws::namespaces::{Namespace, NamespaceError, Namespaces};
 use herald_gateway_ws::{ClientAuth, ClientAuthConfig, GatewayConfig, Greeting};
 use tokio_rustls::TlsAcceptor;
 
@@ -78,6 +78,8 @@ pub struct BrokerArgs {
     #[command(flatten)]
     pub broker: BrokerOptions,
     #[command(flatten)]
+    pub namespaces: NamespaceArgs,
+    #[command(flatten)]
     pub cluster: ClusterArgs,
 }
 
@@ -135,6 +137,8 @@ pub struct WsArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub ws: WsOptions,
+    #[command(flatten)]
+    pub namespaces: NamespaceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +186,8 @@ pub struct StandaloneArgs {
     pub broker: BrokerOptions,
     #[command(flatten)]
     pub ws: WsOptions,
+    #[command(flatten)]
+    pub namespaces: NamespaceArgs,
     #[command(flatten)]
     pub http: HttpOptions,
 }
@@ -317,13 +323,6 @@ pub struct WsOptions {
     /// Per-connection read buffer, in bytes (allocated for every connection; at least 256).
     #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
-    /// A client channel namespace, repeatable: `<name>[:subscribe=anyone|users|listed|token]
-    /// [,publish=nobody|subscribers][,presence=on|off]` (defaults: users, nobody, off). Clients
-    /// speaking the herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to
-    /// nothing.
-    #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',
-          value_parser = |s: &str| Namespace::parse(s).map_err(|e| e.to_string()))]
-    pub namespaces: Vec<Namespace>,
     /// Most distinct client channels with a subscriber on this gateway; a subscription that
     /// would open one more is refused (429), so that clients cannot make broker interest
     /// without bound.
@@ -331,6 +330,26 @@ pub struct WsOptions {
     pub max_client_channels: usize,
     #[command(flatten)]
     pub client_auth: Box<ClientAuthArgs>,
+}
+
+/// The client channel namespaces: gateways read who may subscribe and
+/// publish, brokers how much history the channels keep.
+#[derive(Debug, Args)]
+pub struct NamespaceArgs {
+    /// A client channel namespace, repeatable: `<name>[:subscribe=anyone|users|listed|token]
+    /// [,publish=nobody|subscribers][,presence=on|off][,history=<size>][,history_ttl=<duration>]
+    /// [,recover=on|off]` (defaults: users, nobody, off, 0 (no history), 5m, on). Clients
+    /// speaking the herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to
+    /// nothing. Give brokers and gateways the same list.
+    #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',
+          value_parser = |s: &str| Namespace::parse(s).map_err(|e| e.to_string()))]
+    pub namespaces: Vec<Namespace>,
+}
+
+impl NamespaceArgs {
+    pub fn namespaces(&self) -> Result<Namespaces, NamespaceError> {
+        Namespaces::new(self.namespaces.clone())
+    }
 }
 
 /// Who may open a WebSocket connection.
@@ -380,8 +399,6 @@ pub enum ClientAuthArgsError {
     ReadKey { path: PathBuf, source: std::io::Error },
     #[error("--client-auth jwt: {0}")]
     Invalid(#[from] herald_gateway_ws::ClientAuthError),
-    #[error("--namespace: {0}")]
-    Namespace(#[from] NamespaceError),
 }
 
 impl ClientAuthArgs {
@@ -444,8 +461,9 @@ pub struct HttpOptions {
 impl ContentArgs {
     /// The broker's limits (content from here, the rest from `broker`);
     /// `startup_grace` applies unless the command line sets one.
-    pub fn hub_limits(&self, broker: &BrokerOptions, startup_grace: Duration) -> HubLimits {
+    pub fn hub_limits(&self, broker: &BrokerOptions, namespaces: Namespaces, startup_grace: Duration) -> HubLimits {
         HubLimits {
+            namespaces,
             max_content_bytes: self.max_content_bytes,
             max_batch: broker.max_batch,
             max_channels_per_session: broker.max_channels_per_session,
@@ -494,7 +512,7 @@ impl PublisherAuthArgs {
 
 impl WsOptions {
     /// The gateway's configuration; fails when the client-auth options do.
-    pub fn gateway_config(&self) -> Result<GatewayConfig, ClientAuthArgsError> {
+    pub fn gateway_config(&self, namespaces: Namespaces) -> Result<GatewayConfig, ClientAuthArgsError> {
         let ws = self;
         let worker_id = ws.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
         Ok(GatewayConfig {
@@ -513,7 +531,7 @@ impl WsOptions {
             ping_interval: ws.ping_interval,
             pong_timeout: ws.pong_timeout,
             client_auth: ws.client_auth.client_auth()?,
-            namespaces: Namespaces::new(ws.namespaces.clone())?,
+            namespaces,
             max_client_channels: ws.max_client_channels,
             ..GatewayConfig::new(worker_id)
         })
@@ -537,13 +555,13 @@ mod tests {
         assert_eq!(args.broker_listen, "127.0.0.1:2206".parse().unwrap());
         assert_eq!(args.ws_listen, "127.0.0.1:4236".parse().unwrap());
         assert_eq!(args.http_listen, "127.0.0.1:4237".parse().unwrap());
-        let limits = args.content.hub_limits(&args.broker, Duration::ZERO);
+        let limits = args.content.hub_limits(&args.broker, Namespaces::default(), Duration::ZERO);
         let defaults = HubLimits::default();
         assert_eq!(
             (limits.max_content_bytes, limits.max_batch, limits.session_queue, limits.slow_session_grace),
             (defaults.max_content_bytes, defaults.max_batch, defaults.session_queue, defaults.slow_session_grace)
         );
-        let gateway = args.ws.gateway_config().unwrap();
+        let gateway = args.ws.gateway_config(Namespaces::default()).unwrap();
         assert!(gateway.client_auth.is_none(), "connections are anonymous by default");
         let library = GatewayConfig::new(gateway.worker_id.clone());
         assert_eq!(

@@ -184,13 +184,17 @@ mod tests {
         let Cli { role: Role::Ws(ws), .. } = parse(file, &["herald", "ws"]).unwrap() else { panic!() };
         assert_eq!(ws.ws.max_connections, 7);
         assert_eq!(ws.ws.allowed_origins, ["https://a", "https://b"]);
-        let namespaced = "[ws]\nnamespace = [\"chat:subscribe=anyone,presence=on\", \"news\"]\n";
+        let namespaced = "namespace = [\"chat:subscribe=anyone,presence=on\", \"news\"]\n";
         let Cli { role: Role::Ws(ws), .. } = parse(namespaced, &["herald", "ws"]).unwrap() else { panic!() };
-        let namespaces: Vec<String> = ws.ws.namespaces.iter().map(ToString::to_string).collect();
+        let namespaces: Vec<String> = ws.namespaces.namespaces.iter().map(ToString::to_string).collect();
         assert_eq!(
             namespaces,
             ["chat:subscribe=anyone,publish=nobody,presence=on", "news:subscribe=users,publish=nobody,presence=off"]
         );
+        let Cli { role: Role::Broker(broker), .. } = parse(namespaced, &["herald", "broker"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(broker.namespaces.namespaces.len(), 2, "brokers read the same namespaces, for their history");
         let Cli { role: Role::Http(http), .. } = parse(file, &["herald", "http"]).unwrap() else { panic!() };
         assert_eq!(http.content.max_content_bytes, 1000);
         let Cli { role: Role::Standalone(sa), .. } = parse(file, &["herald", "standalone"]).unwrap() else { panic!() };

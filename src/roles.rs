@@ -59,8 +59,13 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
-    let limits = args.content.hub_limits(&args.broker, herald_broker::hub::DEFAULT_STARTUP_GRACE);
+    let namespaces = args.namespaces.namespaces()?;
+    let keeps_history = namespaces.iter().any(|n| n.history.is_some());
+    let limits = args.content.hub_limits(&args.broker, namespaces, herald_broker::hub::DEFAULT_STARTUP_GRACE);
     let hub = match Option::<NatsConfig>::from(&args.cluster) {
+        Some(_) if keeps_history => {
+            anyhow::bail!("--namespace with history=: a broker in a NATS cluster cannot keep channel history yet")
+        }
         Some(config) => {
             let config = NatsConfig { dedup_window: args.broker.dedup_window, ..config };
             let (federation, notices) = NatsFederation::join(config).await?;
@@ -78,7 +83,7 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
-    let gateway = Gateway::new(args.ws.gateway_config()?)?;
+    let gateway = Gateway::new(args.ws.gateway_config(args.namespaces.namespaces()?)?)?;
     let listener = bind_unannounced("ws", args.listen, args.reuse_port)?;
     let address = listener.local_addr()?;
     let admin_stop = CancellationToken::new();
@@ -115,9 +120,10 @@ pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result
 /// On shutdown the gateways drain first, then the broker.
 pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
-    let hub = Hub::new(args.content.hub_limits(&args.broker, Duration::ZERO));
+    let namespaces = args.namespaces.namespaces()?;
+    let hub = Hub::new(args.content.hub_limits(&args.broker, namespaces.clone(), Duration::ZERO));
     let local: Arc<dyn Broker> = Arc::new(hub.clone());
-    let gateway = Gateway::new(args.ws.gateway_config()?)?;
+    let gateway = Gateway::new(args.ws.gateway_config(namespaces)?)?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
     let ws_tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let http_tls = args.tls.acceptor(ALPN_HTTP)?;

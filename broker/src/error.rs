@@ -37,6 +37,10 @@ pub enum PublishError {
     ClusterUnavailable(String),
     #[error("a publish with this idempotency key is still on its way: retry with the same key")]
     KeyInFlight,
+    #[error("channel {0:?} keeps no history: its namespace has none on this broker")]
+    NoHistory(String),
+    #[error("channel history unavailable: {0}")]
+    HistoryUnavailable(String),
 }
 
 impl PublishError {
@@ -45,13 +49,15 @@ impl PublishError {
             Self::Invalid(_) | Self::BadName(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) | Self::UnknownConnection { .. } => Code::NotFound,
             Self::NotConfirmed { .. } => Code::DeadlineExceeded,
+            Self::NoHistory(_) => Code::FailedPrecondition,
             Self::Remote { code, .. } => *code,
             Self::TooLarge { .. } | Self::BatchTooLarge { .. } => Code::ResourceExhausted,
             Self::ShuttingDown
             | Self::Starting { .. }
             | Self::ClusterUnavailable(_)
             | Self::KeyInFlight
-            | Self::GatewayReconnecting(_) => Code::Unavailable,
+            | Self::GatewayReconnecting(_)
+            | Self::HistoryUnavailable(_) => Code::Unavailable,
         }
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use herald_client::{Broker, BrokerSession, SessionCommands};
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse, PublishResult, QueryRequest,
-    QueryResponse, SubscribeRequest,
+    ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
+    PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
 };
 use tonic::Status;
 
@@ -35,6 +35,10 @@ impl Broker for Hub {
 
     async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status> {
         Hub::query(self, req).await.map_err(Status::from)
+    }
+
+    async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status> {
+        Hub::history(self, req).await.map_err(Status::from)
     }
 
     async fn open_session(&self) -> Result<BrokerSession, Status> {

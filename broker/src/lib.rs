@@ -6,6 +6,7 @@
 //! - [`control`]: validation of controls and queries, and where they go;
 //! - [`federation`]: the seam to other brokers: on its own ([`federation::Local`])
 //!   or bridged by NATS ([`federation::nats`]);
+//! - [`history`]: the publications client channels keep, for recovery;
 //! - [`server`]: `herald.v1.BrokerService` over gRPC, with reflection and
 //!   `grpc.health.v1`;
 //! - the hub is also a [`herald_client::Broker`], for gateways in the same
@@ -14,6 +15,7 @@
 pub mod control;
 mod error;
 pub mod federation;
+pub mod history;
 pub mod hub;
 mod in_process;
 mod metrics;

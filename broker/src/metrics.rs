@@ -47,6 +47,10 @@ pub struct BrokerMetrics {
     pub controls: [Counter; CONTROL_LABELS.len()],
     /// Queries answered.
     pub queries: Counter,
+    /// Publications stored in a channel's history.
+    pub history_appends: Counter,
+    /// Reads of a channel's history answered.
+    pub history_reads: Counter,
     /// Questions and controls answered for other brokers.
     pub cluster_asks_answered: Counter,
     /// Gateways left out of an answer because they did not answer in time.
@@ -76,7 +80,7 @@ impl BrokerMetrics {
 
     pub fn publish_rejected(&self, e: &PublishError) {
         match e {
-            PublishError::Invalid(_) | PublishError::BadName(_) => &self.rejected_invalid,
+            PublishError::Invalid(_) | PublishError::BadName(_) | PublishError::NoHistory(_) => &self.rejected_invalid,
             PublishError::UnknownWorker(_) => &self.rejected_unknown_worker,
             PublishError::UnknownConnection { .. } => &self.rejected_unknown_connection,
             PublishError::NotConfirmed { .. } => &self.rejected_not_confirmed,
@@ -85,9 +89,9 @@ impl BrokerMetrics {
             PublishError::ShuttingDown => &self.rejected_shutting_down,
             PublishError::Starting { .. } => &self.rejected_starting,
             PublishError::KeyInFlight => &self.rejected_key_in_flight,
-            PublishError::ClusterUnavailable(_) | PublishError::GatewayReconnecting(_) => {
-                &self.rejected_cluster_unavailable
-            }
+            PublishError::ClusterUnavailable(_)
+            | PublishError::GatewayReconnecting(_)
+            | PublishError::HistoryUnavailable(_) => &self.rejected_cluster_unavailable,
         }
         .inc();
     }
@@ -170,6 +174,12 @@ impl BrokerMetrics {
         let controls: Vec<(&[(&str, &str)], &Counter)> = controls.iter().map(|(l, c)| (&l[..], *c)).collect();
         out.counter_family("herald_broker_controls_total", "Controls carried out, by operation.", &controls);
         out.counter("herald_broker_queries_total", "Queries answered.", &self.queries);
+        out.counter(
+            "herald_broker_history_appends_total",
+            "Publications stored in a client channel's history.",
+            &self.history_appends,
+        );
+        out.counter("herald_broker_history_reads_total", "Reads of a client channel's history.", &self.history_reads);
         out.counter(
             "herald_broker_cluster_asks_answered_total",
             "Controls and queries this broker answered for other brokers.",

@@ -3,8 +3,9 @@
 
 use herald_proto::v1::broker_service_server::BrokerService;
 use herald_proto::v1::{
-    ControlBatchRequest, ControlBatchResponse, ControlRequest, ControlResponse, PublishBatchRequest,
-    PublishBatchResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse, SubscribeRequest,
+    ControlBatchRequest, ControlBatchResponse, ControlRequest, ControlResponse, HistoryRequest, HistoryResponse,
+    PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse,
+    SubscribeRequest,
 };
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
@@ -81,6 +82,10 @@ impl BrokerService for BrokerGrpc {
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         Ok(Response::new(self.hub.query(request.into_inner()).await?))
+    }
+
+    async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
+        Ok(Response::new(self.hub.history(request.into_inner()).await?))
     }
 
     type SubscribeStream = SessionEvents;

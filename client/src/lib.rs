@@ -18,8 +18,8 @@ use std::pin::Pin;
 
 use async_trait::async_trait;
 use herald_proto::v1::{
-    ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse, PublishResult, QueryRequest,
-    QueryResponse, SubscribeRequest, SubscribeResponse,
+    ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
+    PublishResult, QueryRequest, QueryResponse, SubscribeRequest, SubscribeResponse,
 };
 use tokio_stream::Stream;
 use tonic::Status;
@@ -47,6 +47,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Asks who is connected, across the cluster.
     async fn query(&self, req: QueryRequest) -> Result<QueryResponse, Status>;
+
+    /// Reads a client channel's history.
+    async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status>;
 
     /// Opens a subscriber session.
     async fn open_session(&self) -> Result<BrokerSession, Status>;

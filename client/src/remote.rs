@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
 use herald_proto::v1::{
-    ControlBatchRequest, ControlRequest, ControlResponse, ControlResult, PublishBatchRequest, PublishRequest,
-    PublishResponse, PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
+    ControlBatchRequest, ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse,
+    PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -278,6 +278,17 @@ impl Broker for RemoteBrokers {
             .failover(true, |mut client| {
                 let request = tonic::Request::new(req.clone());
                 async move { client.query(request).await }
+            })
+            .await?;
+        Ok(answer.0.into_inner())
+    }
+
+    async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status> {
+        let answer = self
+            .inner
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(req.clone());
+                async move { client.history(request).await }
             })
             .await?;
         Ok(answer.0.into_inner())

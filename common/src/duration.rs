@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+/// Parses `250ms`, `10s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
@@ -12,7 +12,8 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s or m)")),
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }

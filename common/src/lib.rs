@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod duration;
 pub mod http;
 pub mod metrics;
+pub mod namespaces;
 pub mod net;
 mod refusals;
 pub mod tls;

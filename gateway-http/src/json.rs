@@ -55,9 +55,9 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use herald_proto::v1::{
     BindUser, Broadcast, CloseConnections, ConnectionAddress, ConnectionInfo, Content, ControlRequest, ControlResponse,
-    ControlResult, GroupChange, PublishError, PublishRequest, PublishResponse, PublishResult, QueryRequest,
-    QueryResponse, Selection, SetConnectionData, Target, Totals, content, control_request, control_result,
-    publish_result, query_request, selection, target,
+    ControlResult, GroupChange, HistoryResponse, PublishError, PublishRequest, PublishResponse, PublishResult,
+    QueryRequest, QueryResponse, Selection, SetConnectionData, StreamPosition, Target, Totals, content,
+    control_request, control_result, publish_result, query_request, selection, target,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -367,7 +367,41 @@ pub fn published(res: &PublishResponse) -> Value {
     if res.duplicate {
         fields.insert("duplicate".into(), true.into());
     }
+    if let Some(position) = &res.position {
+        fields.insert("position".into(), position_json(position));
+    }
     Value::Object(fields)
+}
+
+fn position_json(position: &StreamPosition) -> Value {
+    json!({ "offset": position.offset, "epoch": position.epoch })
+}
+
+/// The JSON form of `herald.v1.HistoryResponse`: publications oldest first,
+/// each with its offset, content (`text`, or `binary` in base64) and
+/// storage time (RFC 3339), then the channel's position and whether the
+/// publications are all there were after `since`.
+pub fn history_answer(res: &HistoryResponse) -> Value {
+    let publications: Vec<Value> = res
+        .publications
+        .iter()
+        .map(|p| {
+            let content = match p.content.as_ref().and_then(|c| c.body.as_ref()) {
+                Some(content::Body::Text(text)) => json!({ "text": text }),
+                Some(content::Body::Binary(bytes)) => {
+                    json!({ "binary": base64::engine::general_purpose::STANDARD.encode(bytes) })
+                }
+                None => Value::Null,
+            };
+            let published_at = p.published_at.map(|t| t.to_string()).unwrap_or_default();
+            json!({ "offset": p.offset, "content": content, "published_at": published_at })
+        })
+        .collect();
+    json!({
+        "publications": publications,
+        "position": position_json(&res.position.clone().unwrap_or_default()),
+        "complete": res.complete,
+    })
 }
 
 /// A batch entry refused before it reached the broker, as a batch result.

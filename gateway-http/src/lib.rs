@@ -15,6 +15,9 @@
 //!   `GET /v1/users/{user_id}` (its connections; the id percent-decoded, e.g.
 //!   `/v1/users/ana%40example.com`), `GET /v1/groups/{group}` (its members),
 //!   `GET /v1/channels/{channel}` (a client channel's subscribers),
+//!   `GET /v1/channels/{channel}/history[?limit=N][&since_offset=O&epoch=E]`
+//!   (a client channel's stored publications: the newest `limit`, or those
+//!   after a position; answered as [`json::history_answer`]),
 //!   `GET /v1/connections/{worker_id}/{connection_id}` (one connection) and
 //!   `GET /v1/totals` (connections and users in the cluster).
 //!
@@ -35,8 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -47,7 +50,8 @@ use herald_common::auth::ApiKeys;
 use herald_common::http::HttpServerOptions;
 use herald_common::metrics::Exposition;
 use herald_proto::v1::{
-    ConnectionAddress, PublishResult, QueryRequest, Totals, control_result, publish_result, query_request,
+    ConnectionAddress, HistoryRequest, PublishResult, QueryRequest, StreamPosition, Totals, control_result,
+    publish_result, query_request,
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -138,6 +142,7 @@ impl HttpGateway {
             .route("/v1/users/{user_id}", only(get(user_view), "GET, HEAD"))
             .route("/v1/groups/{group}", only(get(group_view), "GET, HEAD"))
             .route("/v1/channels/{channel}", only(get(channel_view), "GET, HEAD"))
+            .route("/v1/channels/{channel}/history", only(get(channel_history), "GET, HEAD"))
             .route("/v1/connections/{worker_id}/{connection_id}", only(get(connection_view), "GET, HEAD"))
             .route("/v1/totals", only(get(totals_view), "GET, HEAD"))
             .fallback(not_found)
@@ -441,6 +446,44 @@ async fn channel_view(
     view(&shared, request, path.map(|Path(channel)| query_request::Question::ChannelSubscribers(channel))).await
 }
 
+/// What `GET /v1/channels/{channel}/history` takes in its query string.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    #[serde(default)]
+    limit: u32,
+    since_offset: Option<u64>,
+    epoch: Option<String>,
+}
+
+async fn channel_history(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let outcome = async {
+        admit(&shared, request).await?;
+        let Path(channel) = path.map_err(|e| ApiError::bad_request(format!("malformed path: {}", e.body_text())))?;
+        let Query(query) =
+            query.map_err(|e| ApiError::bad_request(format!("malformed query string: {}", e.body_text())))?;
+        let since = match (query.since_offset, query.epoch) {
+            (None, None) => None,
+            (offset, epoch) => Some(StreamPosition { offset: offset.unwrap_or(0), epoch: epoch.unwrap_or_default() }),
+        };
+        let res = shared
+            .broker
+            .history(HistoryRequest { channel, since, limit: query.limit })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        shared.metrics.queries.inc();
+        Ok((0, axum::Json(json::history_answer(&res)).into_response()))
+    }
+    .await;
+    shared.answer(started, outcome, ApiError::into_json_response)
+}
+
 async fn connection_view(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -471,7 +514,7 @@ async fn not_found(uri: Uri) -> ApiError {
         status: StatusCode::NOT_FOUND,
         ..ApiError::bad_request(format!(
             "no such endpoint {:?}: use /, POST /v1/publish, /v1/batch, /v1/control, /v1/control/batch or /v1/query, or GET \
-             /v1/users/{{user_id}}, /v1/groups/{{group}}, /v1/channels/{{channel}}, \
+             /v1/users/{{user_id}}, /v1/groups/{{group}}, /v1/channels/{{channel}}[/history], \
              /v1/connections/{{worker_id}}/{{connection_id}} or /v1/totals",
             uri.path()
         ))
@@ -485,8 +528,8 @@ mod tests {
     use axum::body::Body;
     use herald_client::BrokerSession;
     use herald_proto::v1::{
-        BindUser, ConnectionInfo, ControlRequest, ControlResponse, ControlResult, PublishRequest, PublishResponse,
-        QueryResponse, control_request, target,
+        BindUser, ConnectionInfo, Content, ControlRequest, ControlResponse, ControlResult, HistoryPublication,
+        HistoryResponse, PublishRequest, PublishResponse, QueryResponse, content, control_request, target,
     };
     use serde_json::{Value, json};
     use tonic::{Code, Status};
@@ -502,6 +545,7 @@ mod tests {
         publishes: Mutex<Vec<PublishRequest>>,
         controls: Mutex<Vec<ControlRequest>>,
         queries: Mutex<Vec<QueryRequest>>,
+        histories: Mutex<Vec<HistoryRequest>>,
         /// When set, every call is refused with this code and message.
         refusal: Mutex<Option<(Code, &'static str)>>,
     }
@@ -571,6 +615,20 @@ mod tests {
                 count: 1,
                 users: 0,
                 missing_workers: vec![],
+            })
+        }
+
+        async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status> {
+            self.refuse()?;
+            self.histories.lock().unwrap().push(req);
+            Ok(HistoryResponse {
+                publications: vec![HistoryPublication {
+                    offset: 8,
+                    content: Some(Content { body: Some(content::Body::Binary(vec![0, 255].into())) }),
+                    published_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+                }],
+                position: Some(StreamPosition { offset: 9, epoch: "e1".into() }),
+                complete: true,
             })
         }
 
@@ -746,6 +804,33 @@ mod tests {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
         assert_eq!(gateway.shared.metrics.queries.get(), 3);
         assert_eq!(gateway.shared.metrics.messages_published.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_channel_history_is_read_newest_or_after_a_position() {
+        let (gateway, broker) = gateway(None);
+        let answer =
+            send(&gateway, "GET", "/v1/channels/feed:a/history?since_offset=7&epoch=e1&limit=50", "", None).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+        assert_eq!(
+            answer.body,
+            json!({"publications": [{"offset": 8, "content": {"binary": "AP8="}, "published_at": "2023-11-14T22:13:20Z"}],
+                "position": {"offset": 9, "epoch": "e1"}, "complete": true})
+        );
+        let asked = broker.histories.lock().unwrap().pop().unwrap();
+        let since = Some(StreamPosition { offset: 7, epoch: "e1".into() });
+        assert_eq!(asked, HistoryRequest { channel: "feed:a".into(), since, limit: 50 });
+        send(&gateway, "GET", "/v1/channels/feed:a/history", "", None).await;
+        let asked = broker.histories.lock().unwrap().pop().unwrap();
+        assert_eq!((asked.since, asked.limit), (None, 0), "no position: the newest, none by default");
+        for bad in ["limit=-1", "since_offset=x", "top=3"] {
+            let answer = send(&gateway, "GET", &format!("/v1/channels/feed:a/history?{bad}"), "", None).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(answer.text.contains("malformed query string"), "{bad}: {}", answer.text);
+        }
+        *broker.refusal.lock().unwrap() = Some((Code::FailedPrecondition, "channel \"chat:a\" keeps no history"));
+        let answer = send(&gateway, "GET", "/v1/channels/chat:a/history", "", None).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text);
     }
 
     #[tokio::test]

@@ -2,23 +2,35 @@
 //! checked against the namespaces and kept in the registry (answered once the
 //! broker follows them, so that every publication after the answer arrives),
 //! publications handed to the broker, presence asked of the broker (which
-//! answers for the whole cluster from its directory), and token refreshes. Every refusal is
-//! a reply with a code; only a frame that is not a command at all ends the
-//! connection.
+//! answers for the whole cluster from its directory), history read from the
+//! broker, and token refreshes. Every refusal is a reply with a code; only a
+//! frame that is not a command at all ends the connection.
+//!
+//! A subscription holds its channel's publications aside until its reply is
+//! queued. On a channel with history the reply carries the channel's
+//! position (and, when the client recovers, what it missed), and the held
+//! publications at or before that position are dropped: the client sees the
+//! stream once, in order, across the seam.
 
 use std::time::Duration;
 
+use herald_common::namespaces::{HistoryRule, Namespace};
 use herald_proto::names;
-use herald_proto::v1::{Content, PublishRequest, QueryRequest, Target, content, query_request, target};
+use herald_proto::v1::{
+    Content, HistoryRequest, HistoryResponse, PublishRequest, QueryRequest, StreamPosition, Target, content,
+    query_request, target,
+};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
 use crate::client_auth::{TokenRejection, unix_now};
-use crate::namespaces::{PublishRule, SubscribeRule};
-use crate::protocol::{self, Command, CommandKind, Done, Subscriber, code};
+use crate::close::CloseReason;
+use crate::outbox::Outbox;
+use crate::protocol::{self, Command, CommandKind, Done, Recovery, Subscriber, code};
 use crate::registry::SubscriptionError;
 use crate::shared::Shared;
+use herald_common::namespaces::{PublishRule, SubscribeRule};
 
 /// How long a subscription waits for the broker to follow it before it is
 /// answered anyway (the broker is slow or being reconnected to).
@@ -50,30 +62,44 @@ impl From<TokenRejection> for Refused {
     }
 }
 
-/// Carries out one command; returns its reply.
-pub(crate) async fn run(shared: &Shared, client: &mut Client, command: Command) -> Message {
+/// Carries out one command and queues its reply on `outbox`; fails when
+/// the outbox closed meanwhile.
+pub(crate) async fn run(
+    shared: &Shared,
+    client: &mut Client,
+    outbox: &Outbox,
+    command: Command,
+) -> Result<(), CloseReason> {
     let result = match command.kind {
-        CommandKind::Subscribe { channel, token } => subscribe(shared, client, channel, token).await,
+        CommandKind::Subscribe { channel, token, recover } => {
+            return subscribe(shared, client, outbox, command.id, channel, token, recover).await;
+        }
         CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, channel),
         CommandKind::Publish { channel, content } => publish(shared, client, channel, content).await,
         CommandKind::Refresh { token } => refresh(shared, client, &token),
         CommandKind::Presence { channel } => presence(shared, client, channel, false).await,
         CommandKind::PresenceStats { channel } => presence(shared, client, channel, true).await,
+        CommandKind::History { channel, limit, since } => history(shared, client, channel, limit, since).await,
     };
+    outbox.push(answer(shared, command.id, result), 0)
+}
+
+/// The reply to a command, counted.
+fn answer(shared: &Shared, id: u64, result: Result<Done, Refused>) -> Message {
     match result {
         Ok(done) => {
             shared.metrics.commands_done.inc();
-            protocol::reply(command.id, &done)
+            protocol::reply(id, &done)
         }
         Err(Refused(code, reason)) => {
             shared.metrics.commands_refused.inc();
-            protocol::refusal(command.id, code, &reason)
+            protocol::refusal(id, code, &reason)
         }
     }
 }
 
 /// The namespace rules of a client channel, after checking its name.
-fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a crate::namespaces::Namespace, Refused> {
+fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a Namespace, Refused> {
     names::validate_client_channel(channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
     shared.config.namespaces.of(channel).ok_or_else(|| {
         let namespace = names::client_channel(channel).map_or(channel, |(namespace, _)| namespace);
@@ -81,8 +107,44 @@ fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a crate::name
     })
 }
 
-async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Option<String>) -> Result<Done, Refused> {
-    let namespace = namespace_of(shared, &channel)?;
+/// Subscribes, holding the channel's publications aside until the reply is
+/// queued (see the module's doc).
+async fn subscribe(
+    shared: &Shared,
+    client: &Client,
+    outbox: &Outbox,
+    id: u64,
+    channel: String,
+    token: Option<String>,
+    recover: Option<StreamPosition>,
+) -> Result<(), CloseReason> {
+    outbox.hold(&channel);
+    match subscribed(shared, client, &channel, token, recover).await {
+        Ok(history) => {
+            let after = history.as_ref().map(|h| h.position.offset);
+            outbox.release(
+                &channel,
+                answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history })),
+                after,
+            )
+        }
+        Err(refused) => {
+            outbox.drop_held(&channel);
+            outbox.push(answer(shared, id, Err(refused)), 0)
+        }
+    }
+}
+
+/// Checks and makes a subscription; on a channel with history, reads its
+/// position (and what the client missed, when it recovers).
+async fn subscribed(
+    shared: &Shared,
+    client: &Client,
+    channel: &str,
+    token: Option<String>,
+    recover: Option<StreamPosition>,
+) -> Result<Option<Recovery>, Refused> {
+    let namespace = namespace_of(shared, channel)?;
     let user = shared.registry.user_of(client.id);
     match namespace.subscribe {
         SubscribeRule::Anyone => {}
@@ -90,7 +152,7 @@ async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Opt
         SubscribeRule::Users => {
             return Err(Refused::new(code::NOT_ALLOWED, "this namespace is for connections with a user id"));
         }
-        SubscribeRule::Listed if client.listed.contains(&channel) => {}
+        SubscribeRule::Listed if client.listed.iter().any(|c| c == channel) => {}
         SubscribeRule::Listed => {
             return Err(Refused::new(code::NOT_ALLOWED, "the connection's token does not list this channel"));
         }
@@ -101,18 +163,85 @@ async fn subscribe(shared: &Shared, client: &Client, channel: String, token: Opt
             let auth = shared.config.client_auth.as_ref().ok_or_else(|| {
                 Refused::new(code::UNAVAILABLE, "this gateway has no keys to check subscription tokens")
             })?;
-            auth.verify_subscription(&token, &channel, user.as_deref(), unix_now())?;
+            auth.verify_subscription(&token, channel, user.as_deref(), unix_now())?;
         }
     }
-    let position = shared
+    let journaled = shared
         .registry
-        .subscribe(client.id, &channel, shared.config.max_client_channels)
+        .subscribe(client.id, channel, shared.config.max_client_channels)
         .map_err(subscription_refused)?;
-    if let Some(position) = position {
+    if let Some(journaled) = journaled {
         let mut reported = shared.reported.subscribe();
-        let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= position)).await;
+        let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= journaled)).await;
     }
-    Ok(Done::Subscribed { channel })
+    let Some(rule) = namespace.history else {
+        return Ok(None);
+    };
+    // Read once the broker follows the subscription: what is published
+    // from then on arrives live, and what came before is in the read.
+    match recovery(shared, channel, &rule, recover).await {
+        Ok(recovery) => Ok(Some(recovery)),
+        Err(refused) => {
+            let _ = shared.registry.unsubscribe(client.id, channel);
+            Err(refused)
+        }
+    }
+}
+
+/// Where a channel with history stands, and what a recovering client missed.
+async fn recovery(
+    shared: &Shared,
+    channel: &str,
+    rule: &HistoryRule,
+    recover: Option<StreamPosition>,
+) -> Result<Recovery, Refused> {
+    let since = recover.filter(|_| rule.recover);
+    let asked = since.is_some();
+    let limit = if asked { u32::try_from(rule.size).unwrap_or(u32::MAX) } else { 0 };
+    let read = read_history(shared, HistoryRequest { channel: channel.to_owned(), since, limit }).await?;
+    let recovered = asked && read.complete;
+    Ok(Recovery {
+        position: read.position.unwrap_or_default(),
+        recoverable: rule.recover,
+        recovered,
+        publications: if recovered { read.publications } else { Vec::new() },
+    })
+}
+
+async fn read_history(shared: &Shared, req: HistoryRequest) -> Result<HistoryResponse, Refused> {
+    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
+    broker.history(req).await.map_err(|status| {
+        let code = match status.code() {
+            Code::InvalidArgument => code::BAD_COMMAND,
+            Code::FailedPrecondition => code::NOT_ALLOWED,
+            _ => code::UNAVAILABLE,
+        };
+        Refused::new(code, status.message())
+    })
+}
+
+/// A channel's history, for a subscriber of it.
+async fn history(
+    shared: &Shared,
+    client: &Client,
+    channel: String,
+    limit: u32,
+    since: Option<StreamPosition>,
+) -> Result<Done, Refused> {
+    let namespace = namespace_of(shared, &channel)?;
+    if namespace.history.is_none() {
+        return Err(Refused::new(code::NOT_ALLOWED, "this namespace keeps no history"));
+    }
+    if !shared.registry.is_subscribed(client.id, &channel) {
+        return Err(Refused::new(code::NOT_ALLOWED, "subscribe to the channel before reading its history"));
+    }
+    let read = read_history(shared, HistoryRequest { channel: channel.clone(), since, limit }).await?;
+    Ok(Done::History {
+        channel,
+        publications: read.publications,
+        position: read.position.unwrap_or_default(),
+        complete: read.complete,
+    })
 }
 
 fn unsubscribe(shared: &Shared, client: &Client, channel: String) -> Result<Done, Refused> {

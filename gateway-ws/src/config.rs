@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::client_auth::ClientAuth;
-use crate::namespaces::Namespaces;
+use herald_common::namespaces::Namespaces;
 
 /// Most connections held at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;

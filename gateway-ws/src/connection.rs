@@ -247,19 +247,19 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         shared.metrics.client_messages_ignored.inc();
                         continue;
                     };
-                    let reply = match command(&message) {
+                    let replied = match command(&message) {
                         // Boxed: a command's state would otherwise enlarge every connection's task.
-                        Ok(command) => Box::pin(commands::run(shared, client, command)).await,
+                        Ok(command) => Box::pin(commands::run(shared, client, outbox, command)).await,
                         Err(BadCommand { id: Some(id), reason }) => {
                             shared.metrics.commands_refused.inc();
-                            protocol::refusal(id, code::BAD_COMMAND, &reason)
+                            outbox.push(protocol::refusal(id, code::BAD_COMMAND, &reason), 0)
                         }
                         Err(BadCommand { id: None, reason }) => {
                             outbox.close_with(CloseReason::BadCommand, Some(close_text(&reason)));
                             return CloseReason::BadCommand;
                         }
                     };
-                    if let Err(reason) = outbox.push(reply, 0) {
+                    if let Err(reason) = replied {
                         return reason;
                     }
                 }

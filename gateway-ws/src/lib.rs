@@ -5,7 +5,6 @@
 //! - `connection`: one client connection, handshake to close;
 //! - `handshake`: the WebSocket upgrade, and its refusals as HTTP answers;
 //! - `protocol`: the client protocol's commands, replies and pushes (JSON);
-//! - `namespaces`: who may subscribe and publish to client channels;
 //! - `commands`: a client-protocol connection's commands, carried out;
 //! - `close`: why a connection closes, and its close frame;
 //! - `outbox`: a connection's byte-bounded outbound queue;
@@ -25,7 +24,6 @@ mod connection;
 mod handshake;
 mod link;
 mod metrics;
-pub mod namespaces;
 mod outbox;
 pub mod protocol;
 mod registry;

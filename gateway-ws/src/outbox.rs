@@ -11,6 +11,12 @@
 //!
 //! Waking is one flag and one registered waker per connection, so a
 //! broadcast to many connections touches no shared lock or waiter list.
+//!
+//! While a subscription is being set up, the channel's publications are
+//! held aside ([`Outbox::hold`]) and released after the subscribe reply
+//! ([`Outbox::release`]), skipping those the reply's position already
+//! covers: a client sees its reply, then the channel's publications, with
+//! no gap and no duplicate at the seam.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -46,6 +52,18 @@ struct State {
     closed: Option<CloseReason>,
     /// The close frame's text, when a backend gave one.
     close_text: Option<Box<str>>,
+    /// Publications held while their channel's subscription is set up.
+    held: Vec<Held>,
+}
+
+/// A channel's publications held aside.
+#[derive(Debug)]
+struct Held {
+    channel: Box<str>,
+    /// (offset, frame, published at): offsets are 0 without history.
+    frames: Vec<(u64, Message, u64)>,
+    /// Their payload bytes, bounded like the queue.
+    bytes: usize,
 }
 
 /// What one [`Outbox::take`] handed over.
@@ -85,13 +103,78 @@ impl Outbox {
     /// it holds.
     pub fn push(&self, frame: Message, published_us: u64) -> Result<(), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let woke = self.queue(&mut state, frame, published_us);
+        drop(state);
+        self.after_queue(woke)
+    }
+
+    /// Queues a publication of `channel` at `offset` (0 without history),
+    /// or holds it aside while the channel's subscription is set up.
+    pub fn push_publication(
+        &self,
+        channel: &str,
+        offset: u64,
+        frame: Message,
+        published_us: u64,
+    ) -> Result<(), CloseReason> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let limit = self.limit_bytes;
+        let woke = match state.held.iter_mut().find(|h| *h.channel == *channel) {
+            Some(held) if held.bytes + frame.len() > limit => Err(CloseReason::SlowConsumer),
+            Some(held) => {
+                held.bytes += frame.len();
+                held.frames.push((offset, frame, published_us));
+                Ok(false)
+            }
+            None => self.queue(&mut state, frame, published_us),
+        };
+        drop(state);
+        self.after_queue(woke)
+    }
+
+    /// Starts holding `channel`'s publications aside.
+    pub fn hold(&self, channel: &str) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.held.push(Held { channel: channel.into(), frames: Vec::new(), bytes: 0 });
+    }
+
+    /// Queues `reply`, then what was held of `channel` past offset `after`
+    /// (every held frame when `after` is `None`), and stops holding it.
+    pub fn release(&self, channel: &str, reply: Message, after: Option<u64>) -> Result<(), CloseReason> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = self.unhold(&mut state, channel);
+        let mut woke = self.queue(&mut state, reply, 0);
+        for (offset, frame, published_us) in held {
+            if after.is_none_or(|after| offset > after) {
+                woke = woke.and_then(|w| self.queue(&mut state, frame, published_us).map(|again| w || again));
+            }
+        }
+        drop(state);
+        self.after_queue(woke)
+    }
+
+    /// Stops holding `channel`, dropping what was held: its subscription
+    /// was refused.
+    pub fn drop_held(&self, channel: &str) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.unhold(&mut state, channel);
+    }
+
+    fn unhold(&self, state: &mut State, channel: &str) -> Vec<(u64, Message, u64)> {
+        match state.held.iter().position(|h| *h.channel == *channel) {
+            Some(i) => state.held.swap_remove(i).frames,
+            None => Vec::new(),
+        }
+    }
+
+    /// Appends `frame` under the lock: `Ok(true)` when the queue was empty
+    /// (the task must be woken), or why the queue is closed.
+    fn queue(&self, state: &mut State, frame: Message, published_us: u64) -> Result<bool, CloseReason> {
         if let Some(reason) = state.closed {
             return Err(reason);
         }
         let len = frame.len();
         if state.bytes + len > self.limit_bytes {
-            drop(state);
-            self.close(CloseReason::SlowConsumer);
             return Err(CloseReason::SlowConsumer);
         }
         let was_empty = state.frames.is_empty();
@@ -100,11 +183,23 @@ impl Outbox {
         }
         state.frames.push_back(frame);
         state.bytes += len;
-        drop(state);
-        if was_empty {
-            self.wake();
+        Ok(was_empty)
+    }
+
+    /// Wakes the task after queueing, or closes the queue it overflowed.
+    fn after_queue(&self, queued: Result<bool, CloseReason>) -> Result<(), CloseReason> {
+        match queued {
+            Ok(true) => {
+                self.wake();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(CloseReason::SlowConsumer) => {
+                self.close(CloseReason::SlowConsumer);
+                Err(CloseReason::SlowConsumer)
+            }
+            Err(reason) => Err(reason),
         }
-        Ok(())
     }
 
     /// Stops the queue for `closure` (the first closure wins) and wakes the
@@ -307,6 +402,54 @@ mod tests {
         assert!(outbox.push(Message::text("12345"), 0).is_err());
         let reason = tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap();
         assert_eq!(reason, CloseReason::SlowConsumer);
+    }
+
+    fn taken(outbox: &Outbox) -> Vec<Message> {
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch).unwrap();
+        Vec::from(batch)
+    }
+
+    #[test]
+    fn a_held_channel_waits_for_its_reply_and_skips_what_the_reply_covers() {
+        let outbox = Outbox::new(100, 0);
+        outbox.hold("feed:a");
+        outbox.push_publication("feed:a", 4, Message::text("p4"), 0).unwrap();
+        outbox.push_publication("feed:b", 9, Message::text("b9"), 0).unwrap();
+        outbox.push(Message::text("other reply"), 0).unwrap();
+        outbox.push_publication("feed:a", 5, Message::text("p5"), 0).unwrap();
+        outbox.push_publication("feed:a", 6, Message::text("p6"), 0).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("b9"), Message::text("other reply")], "feed:a is held");
+        outbox.release("feed:a", Message::text("subscribed at 5"), Some(5)).unwrap();
+        outbox.push_publication("feed:a", 7, Message::text("p7"), 0).unwrap();
+        assert_eq!(
+            taken(&outbox),
+            [Message::text("subscribed at 5"), Message::text("p6"), Message::text("p7")],
+            "the reply first, then what came after its position, then live"
+        );
+    }
+
+    #[test]
+    fn without_history_everything_held_follows_the_reply_and_a_refusal_drops_it() {
+        let outbox = Outbox::new(100, 0);
+        outbox.hold("chat:a");
+        outbox.push_publication("chat:a", 0, Message::text("x"), 0).unwrap();
+        outbox.release("chat:a", Message::text("subscribed"), None).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("subscribed"), Message::text("x")]);
+        outbox.hold("chat:b");
+        outbox.push_publication("chat:b", 0, Message::text("y"), 0).unwrap();
+        outbox.drop_held("chat:b");
+        outbox.push(Message::text("refused"), 0).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("refused")]);
+    }
+
+    #[test]
+    fn what_is_held_is_bounded_like_the_queue() {
+        let outbox = Outbox::new(8, 0);
+        outbox.hold("feed:a");
+        outbox.push_publication("feed:a", 1, Message::text("12345"), 0).unwrap();
+        assert_eq!(outbox.push_publication("feed:a", 2, Message::text("12345"), 0), Err(CloseReason::SlowConsumer));
+        assert_eq!(outbox.abandoned(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

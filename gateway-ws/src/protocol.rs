@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use herald_proto::v1::content;
+use herald_proto::v1::{HistoryPublication, StreamPosition, content};
 use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 pub const SUBPROTOCOL: &str = "herald.json.v1";
 
 /// The commands there are, for refusals.
-const COMMANDS: &str = "subscribe, unsubscribe, publish, refresh, presence or presence_stats";
+const COMMANDS: &str = "subscribe, unsubscribe, publish, refresh, presence, presence_stats or history";
 
 /// Largest command id: ids must survive a JavaScript number.
 const MAX_ID: u64 = (1 << 53) - 1;
@@ -49,12 +49,13 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandKind {
-    Subscribe { channel: String, token: Option<String> },
+    Subscribe { channel: String, token: Option<String>, recover: Option<StreamPosition> },
     Unsubscribe { channel: String },
     Publish { channel: String, content: content::Body },
     Refresh { token: String },
     Presence { channel: String },
     PresenceStats { channel: String },
+    History { channel: String, limit: u32, since: Option<StreamPosition> },
 }
 
 /// A frame that is not a command the gateway can run.
@@ -70,12 +71,26 @@ pub struct BadCommand {
 /// What a reply says when its command was carried out.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Done {
-    Subscribed { channel: String },
+    Subscribed { channel: String, history: Option<Recovery> },
     Unsubscribed { channel: String },
     Published { channel: String },
     Refreshed { expires_at: Option<u64> },
     Presence { channel: String, clients: Vec<Subscriber>, missing_workers: Vec<String> },
     PresenceStats { channel: String, connections: u64, users: u64, missing_workers: Vec<String> },
+    History { channel: String, publications: Vec<HistoryPublication>, position: StreamPosition, complete: bool },
+}
+
+/// What a subscription to a channel with history says of its stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovery {
+    /// The channel's position when the subscription took effect.
+    pub position: StreamPosition,
+    /// Whether the namespace lets a client recover.
+    pub recoverable: bool,
+    /// Whether `publications` are all that the client missed.
+    pub recovered: bool,
+    /// The missed publications, oldest first.
+    pub publications: Vec<HistoryPublication>,
 }
 
 /// One subscriber of a channel, as presence lists it.
@@ -109,10 +124,22 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
         return Err(refuse(format!("{name:?} takes an object")));
     };
     let kind = match name.as_str() {
-        "subscribe" => CommandKind::Subscribe {
-            channel: string(&mut body, "channel").map_err(refuse)?,
-            token: optional_string(&mut body, "token").map_err(refuse)?,
-        },
+        "subscribe" => {
+            let channel = string(&mut body, "channel").map_err(refuse)?;
+            let token = optional_string(&mut body, "token").map_err(refuse)?;
+            let recover = match body.remove("recover") {
+                None | Some(Value::Null | Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => return Err(refuse("recover must be true or false".into())),
+            };
+            let since = position(body.remove("since")).map_err(refuse)?;
+            let recover = match (recover, since) {
+                (true, since) => Some(since.unwrap_or_default()),
+                (false, None) => None,
+                (false, Some(_)) => return Err(refuse("since goes with recover: true".into())),
+            };
+            CommandKind::Subscribe { channel, token, recover }
+        }
         "unsubscribe" => CommandKind::Unsubscribe { channel: string(&mut body, "channel").map_err(refuse)? },
         "publish" => CommandKind::Publish {
             channel: string(&mut body, "channel").map_err(refuse)?,
@@ -121,6 +148,16 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
         "refresh" => CommandKind::Refresh { token: string(&mut body, "token").map_err(refuse)? },
         "presence" => CommandKind::Presence { channel: string(&mut body, "channel").map_err(refuse)? },
         "presence_stats" => CommandKind::PresenceStats { channel: string(&mut body, "channel").map_err(refuse)? },
+        "history" => CommandKind::History {
+            channel: string(&mut body, "channel").map_err(refuse)?,
+            limit: match body.remove("limit") {
+                None | Some(Value::Null) => 0,
+                Some(value) => number(&value)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| refuse("limit must be a whole number".into()))?,
+            },
+            since: position(body.remove("since")).map_err(refuse)?,
+        },
         other => return Err(refuse(format!("unknown command {other:?}: use {COMMANDS}"))),
     };
     if let Some(extra) = body.keys().next() {
@@ -142,6 +179,34 @@ fn optional_string(body: &mut Map<String, Value>, field: &str) -> Result<Option<
     }
 }
 
+/// A whole number, given as a JSON number or a string of digits (the
+/// protobuf JSON form of 64-bit integers).
+fn number(value: &Value) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `{"offset": <n>, "epoch": "…"}`, both optional.
+fn position(value: Option<Value>) -> Result<Option<StreamPosition>, String> {
+    let mut fields = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(fields)) => fields,
+        Some(_) => return Err(r#"since is {"offset": <n>, "epoch": "…"}"#.into()),
+    };
+    let offset = match fields.remove("offset") {
+        None | Some(Value::Null) => 0,
+        Some(value) => number(&value).ok_or("since.offset must be a whole number")?,
+    };
+    let epoch = optional_string(&mut fields, "epoch").map_err(|e| format!("since.{e}"))?.unwrap_or_default();
+    if let Some(extra) = fields.keys().next() {
+        return Err(format!("since has no field {extra:?}"));
+    }
+    Ok(Some(StreamPosition { offset, epoch }))
+}
+
 /// `{"text": "…"}` or `{"binary": "<base64>"}`.
 fn content_body(value: Option<Value>) -> Result<content::Body, String> {
     let Some(Value::Object(content)) = value else {
@@ -161,7 +226,14 @@ fn content_body(value: Option<Value>) -> Result<content::Body, String> {
 /// The reply to a command that was carried out.
 pub fn reply(id: u64, done: &Done) -> Message {
     let body = match done {
-        Done::Subscribed { channel } => json!({ "subscribed": { "channel": channel } }),
+        Done::Subscribed { channel, history: None } => json!({ "subscribed": { "channel": channel } }),
+        Done::Subscribed { channel, history: Some(history) } => json!({ "subscribed": {
+            "channel": channel,
+            "position": position_json(&history.position),
+            "recoverable": history.recoverable,
+            "recovered": history.recovered,
+            "publications": publications_json(channel, &history.publications, &history.position.epoch),
+        }}),
         Done::Unsubscribed { channel } => json!({ "unsubscribed": { "channel": channel } }),
         Done::Published { channel } => json!({ "published": { "channel": channel } }),
         Done::Refreshed { expires_at } => json!({ "refreshed": { "expires_at": expires_at.unwrap_or(0) } }),
@@ -174,6 +246,12 @@ pub fn reply(id: u64, done: &Done) -> Message {
         }
         Done::PresenceStats { channel, connections, users, missing_workers } => json!({ "presence_stats": {
             "channel": channel, "connections": connections, "users": users, "missing_workers": missing_workers,
+        }}),
+        Done::History { channel, publications, position, complete } => json!({ "history": {
+            "channel": channel,
+            "publications": publications_json(channel, publications, &position.epoch),
+            "position": position_json(position),
+            "complete": complete,
         }}),
     };
     with_id(id, body)
@@ -201,9 +279,34 @@ pub fn connected(worker_id: &str, connection_id: u64, user_id: Option<&str>) -> 
     Message::text(push.to_string())
 }
 
-/// A publication to `channel`, for its subscribers.
-pub fn publication(channel: &str, body: &content::Body) -> Message {
-    Message::text(json!({ "publication": { "channel": channel, "content": content_json(body) } }).to_string())
+/// A publication to `channel`, for its subscribers, with its place in the
+/// channel's history when it has one.
+pub fn publication(channel: &str, body: &content::Body, position: Option<&StreamPosition>) -> Message {
+    Message::text(json!({ "publication": publication_json(channel, body, position) }).to_string())
+}
+
+fn publication_json(channel: &str, body: &content::Body, position: Option<&StreamPosition>) -> Value {
+    let mut publication = json!({ "channel": channel, "content": content_json(body) });
+    if let (Some(position), Value::Object(fields)) = (position, &mut publication) {
+        fields.insert("offset".into(), position.offset.into());
+        fields.insert("epoch".into(), position.epoch.clone().into());
+    }
+    publication
+}
+
+fn publications_json(channel: &str, publications: &[HistoryPublication], epoch: &str) -> Vec<Value> {
+    publications
+        .iter()
+        .filter_map(|p| {
+            let body = p.content.as_ref()?.body.as_ref()?;
+            let position = StreamPosition { offset: p.offset, epoch: epoch.to_owned() };
+            Some(publication_json(channel, body, Some(&position)))
+        })
+        .collect()
+}
+
+fn position_json(position: &StreamPosition) -> Value {
+    json!({ "offset": position.offset, "epoch": position.epoch })
 }
 
 /// A message sent to connections directly, for those speaking the client
@@ -235,9 +338,24 @@ mod tests {
     #[test]
     fn commands_are_read_with_their_id() {
         let c = parse(r#"{"id":1,"subscribe":{"channel":"chat:a"}}"#).unwrap();
-        assert_eq!(c, Command { id: 1, kind: CommandKind::Subscribe { channel: "chat:a".into(), token: None } });
+        assert_eq!(
+            c,
+            Command { id: 1, kind: CommandKind::Subscribe { channel: "chat:a".into(), token: None, recover: None } }
+        );
         let c = parse(r#"{"id":"2","subscribe":{"channel":"chat:a","token":"t"}}"#).unwrap();
-        assert_eq!(c.kind, CommandKind::Subscribe { channel: "chat:a".into(), token: Some("t".into()) });
+        assert_eq!(c.kind, CommandKind::Subscribe { channel: "chat:a".into(), token: Some("t".into()), recover: None });
+        let c = parse(r#"{"id":2,"subscribe":{"channel":"f:a","recover":true,"since":{"offset":"9","epoch":"e"}}}"#);
+        let since = StreamPosition { offset: 9, epoch: "e".into() };
+        assert_eq!(
+            c.unwrap().kind,
+            CommandKind::Subscribe { channel: "f:a".into(), token: None, recover: Some(since) }
+        );
+        let c = parse(r#"{"id":2,"subscribe":{"channel":"f:a","recover":true}}"#).unwrap();
+        let from_the_start = Some(StreamPosition::default());
+        assert_eq!(c.kind, CommandKind::Subscribe { channel: "f:a".into(), token: None, recover: from_the_start });
+        let c = parse(r#"{"id":8,"history":{"channel":"f:a","limit":10,"since":{"offset":3,"epoch":"e"}}}"#).unwrap();
+        let since = Some(StreamPosition { offset: 3, epoch: "e".into() });
+        assert_eq!(c.kind, CommandKind::History { channel: "f:a".into(), limit: 10, since });
         let c = parse(r#"{"id":3,"publish":{"channel":"chat:a","content":{"binary":"aGk="}}}"#).unwrap();
         assert_eq!(
             c.kind,
@@ -282,7 +400,14 @@ mod tests {
             (r#"{"id":7,"publish":{"channel":"c:a"}}"#, "content is required"),
             (r#"{"id":7,"publish":{"channel":"c:a","content":{"binary":"!!"}}}"#, "not base64"),
             (r#"{"id":7,"publish":{"channel":"c:a","content":{"text":"a","binary":""}}}"#, "content is one of"),
-            (r#"{"id":7,"history":{"channel":"c:a"}}"#, "unknown command \"history\": use subscribe"),
+            (r#"{"id":7,"history":{"channel":"c:a","limit":-1}}"#, "limit must be a whole number"),
+            (r#"{"id":7,"history":{"channel":"c:a","since":3}}"#, "since is {"),
+            (r#"{"id":7,"history":{"channel":"c:a","since":{"offset":1.5}}}"#, "since.offset must be a whole number"),
+            (r#"{"id":7,"history":{"channel":"c:a","since":{"epoch":1}}}"#, "since.epoch must be a string"),
+            (r#"{"id":7,"history":{"channel":"c:a","since":{"top":1}}}"#, "since has no field \"top\""),
+            (r#"{"id":7,"subscribe":{"channel":"c:a","recover":"yes"}}"#, "recover must be true or false"),
+            (r#"{"id":7,"subscribe":{"channel":"c:a","since":{"offset":1}}}"#, "since goes with recover: true"),
+            (r#"{"id":7,"unknown":{}}"#, "unknown command \"unknown\": use subscribe"),
         ];
         for (frame, reason) in cases {
             let e = parse(frame).unwrap_err();
@@ -294,7 +419,7 @@ mod tests {
 
     #[test]
     fn replies_and_pushes_are_json_with_the_proto_field_names() {
-        let done = reply(3, &Done::Subscribed { channel: "chat:a".into() });
+        let done = reply(3, &Done::Subscribed { channel: "chat:a".into(), history: None });
         assert_eq!(text(&done), json!({"id": 3, "subscribed": {"channel": "chat:a"}}));
         assert_eq!(
             text(&refusal(4, code::NOT_ALLOWED, "no")),
@@ -317,10 +442,41 @@ mod tests {
             text(&connected("w1", 42, Some("ana"))),
             json!({"connected": {"worker_id": "w1", "connection_id": "42", "user_id": "ana"}})
         );
-        let p = publication("chat:a", &content::Body::Text("hi \"you\"".into()));
+        let p = publication("chat:a", &content::Body::Text("hi \"you\"".into()), None);
         assert_eq!(text(&p), json!({"publication": {"channel": "chat:a", "content": {"text": "hi \"you\""}}}));
         let d = direct(&Message::Binary(vec![0u8, 255].into())).unwrap();
         assert_eq!(text(&d), json!({"message": {"content": {"binary": "AP8="}}}));
         assert_eq!(direct(&Message::Ping(Default::default())), None);
+    }
+
+    #[test]
+    fn publications_with_history_carry_their_offset_and_epoch() {
+        let at = |offset| StreamPosition { offset, epoch: "e1".into() };
+        let p = publication("feed:a", &content::Body::Text("x".into()), Some(&at(7)));
+        assert_eq!(
+            text(&p),
+            json!({"publication": {"channel": "feed:a", "content": {"text": "x"}, "offset": 7, "epoch": "e1"}})
+        );
+        let stored = |offset: u64| HistoryPublication {
+            offset,
+            content: Some(herald_proto::v1::Content { body: Some(content::Body::Text(offset.to_string())) }),
+            published_at: None,
+        };
+        let recovery = Recovery { position: at(9), recoverable: true, recovered: true, publications: vec![stored(9)] };
+        let done = Done::Subscribed { channel: "feed:a".into(), history: Some(recovery) };
+        assert_eq!(
+            text(&reply(2, &done)),
+            json!({"id": 2, "subscribed": {"channel": "feed:a", "position": {"offset": 9, "epoch": "e1"},
+                "recoverable": true, "recovered": true, "publications": [
+                    {"channel": "feed:a", "content": {"text": "9"}, "offset": 9, "epoch": "e1"}]}})
+        );
+        let done =
+            Done::History { channel: "feed:a".into(), publications: vec![stored(8)], position: at(9), complete: false };
+        assert_eq!(
+            text(&reply(3, &done)),
+            json!({"id": 3, "history": {"channel": "feed:a", "position": {"offset": 9, "epoch": "e1"},
+                "complete": false, "publications": [
+                    {"channel": "feed:a", "content": {"text": "8"}, "offset": 8, "epoch": "e1"}]}})
+        );
     }
 }

@@ -420,7 +420,7 @@ impl Registry {
     /// is shared, not copied.
     pub fn deliver(&self, to: &delivery::To, except: &HashSet<u64>, frame: Message, published_us: u64) -> Outcome {
         let state = self.read();
-        let mut fan = Fan { except, published_us, wrap: true, outcome: Outcome::default() };
+        let mut fan = Fan { except, published_us, wrap: true, publication: None, outcome: Outcome::default() };
         match to {
             delivery::To::Everyone(_) => fan.out(state.outboxes.iter().map(|(id, outbox)| (*id, outbox)), frame),
             delivery::To::User(user) => {
@@ -449,12 +449,18 @@ impl Registry {
         fan.outcome
     }
 
-    /// Queues `frame` (a publication, in the client protocol) on the
-    /// subscribers of client channel `channel`.
-    pub fn deliver_to_channel(&self, channel: &str, frame: Message, published_us: u64) -> Outcome {
+    /// Queues `frame` (a publication at `offset`, 0 without history, in the
+    /// client protocol) on the subscribers of client channel `channel`.
+    pub fn deliver_to_channel(&self, channel: &str, offset: u64, frame: Message, published_us: u64) -> Outcome {
         let state = self.read();
         let none = HashSet::new();
-        let mut fan = Fan { except: &none, published_us, wrap: false, outcome: Outcome::default() };
+        let mut fan = Fan {
+            except: &none,
+            published_us,
+            wrap: false,
+            publication: Some((channel, offset)),
+            outcome: Outcome::default(),
+        };
         if let Some(members) = state.channels.get(channel) {
             fan.out(members.iter().map(|(id, outbox)| (*id, outbox)), frame);
         }
@@ -611,6 +617,9 @@ struct Fan<'a> {
     /// Whether the frame is a raw one, which connections speaking the
     /// client protocol get wrapped as a direct message.
     wrap: bool,
+    /// The channel and offset of a publication, which a subscription being
+    /// set up holds aside.
+    publication: Option<(&'a str, u64)>,
     outcome: Outcome,
 }
 
@@ -637,7 +646,11 @@ impl Fan<'_> {
             let Some(this) = this else {
                 continue;
             };
-            match outbox.push(this, self.published_us) {
+            let pushed = match self.publication {
+                Some((channel, offset)) => outbox.push_publication(channel, offset, this, self.published_us),
+                None => outbox.push(this, self.published_us),
+            };
+            match pushed {
                 Ok(()) => self.outcome.queued += 1,
                 Err(_) => self.outcome.closing += 1,
             }

@@ -3,17 +3,14 @@
 //! publish and are refused, in a standalone herald and across brokers, while
 //! classic raw clients on the same gateways see nothing of it.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::browser::BrowserSockets;
+use crate::protocol_client::{ProtocolClient, QUIET};
 use crate::support::{Client, Cluster, Herald, PATIENCE, get, grpcurl_call, post, tool};
 
 /// The HS256 secret of the gateways that check tokens here.
@@ -28,91 +25,9 @@ fn signed(claims: &Value) -> String {
     jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).expect("sign")
 }
 
-const QUIET: Duration = Duration::from_millis(300);
 /// Anyone may subscribe to `chat:` and its subscribers may publish; `news:`
 /// is for connections with a user id, and only backends publish there.
 const NAMESPACES: [&str; 4] = ["--namespace", "chat:subscribe=anyone,publish=subscribers", "--namespace", "news"];
-
-/// A client speaking the client protocol: commands with ids, replies matched
-/// to them, pushes kept in order.
-struct ProtocolClient {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    worker_id: String,
-    next_id: u64,
-    pushes: VecDeque<Value>,
-}
-
-impl ProtocolClient {
-    /// Connects asking for `herald.json.v1` and reads the `connected` push.
-    async fn connect(url: &str) -> ProtocolClient {
-        Self::connect_with(url, None).await
-    }
-
-    /// Connects with `Authorization: Bearer <token>` when given.
-    async fn connect_with(url: &str, token: Option<&str>) -> ProtocolClient {
-        let mut request = url.into_client_request().expect("a WebSocket URL");
-        request.headers_mut().insert("sec-websocket-protocol", "herald.json.v1".parse().expect("a header value"));
-        if let Some(token) = token {
-            request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("a header value"));
-        }
-        let (ws, response) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("connect in time")
-            .expect("WebSocket handshake");
-        assert_eq!(response.headers()["sec-websocket-protocol"], "herald.json.v1");
-        let mut client = ProtocolClient { ws, worker_id: String::new(), next_id: 1, pushes: VecDeque::new() };
-        let connected = client.read().await;
-        client.worker_id = connected["connected"]["worker_id"].as_str().expect("a connected push").to_owned();
-        client
-    }
-
-    async fn read(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("a message in time");
-            match message {
-                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).expect("JSON from the gateway"),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a text message, got {other:?}"),
-            }
-        }
-    }
-
-    /// Sends `{"id": N, name: body}` and returns its reply; pushes that
-    /// arrive first are kept for [`ProtocolClient::push`].
-    async fn call(&mut self, name: &str, body: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send_text(&json!({ "id": id, name: body }).to_string()).await;
-        loop {
-            let message = self.read().await;
-            if message["id"] == json!(id) {
-                return message;
-            }
-            assert!(message.get("id").is_none(), "a reply to another command: {message}");
-            self.pushes.push_back(message);
-        }
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).await.expect("send a command");
-    }
-
-    /// The next push.
-    async fn push(&mut self) -> Value {
-        match self.pushes.pop_front() {
-            Some(push) => push,
-            None => self.read().await,
-        }
-    }
-
-    /// Asserts that nothing arrives within `QUIET`.
-    async fn expect_silence(&mut self) {
-        assert_eq!(self.pushes.pop_front(), None);
-        if let Ok(Some(Ok(message))) = tokio::time::timeout(QUIET, self.ws.next()).await {
-            panic!("expected nothing, got {message:?}");
-        }
-    }
-}
 
 fn publication(channel: &str, text: &str) -> Value {
     json!({ "publication": { "channel": channel, "content": { "text": text } } })

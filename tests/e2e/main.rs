@@ -18,7 +18,9 @@ mod config;
 mod directory;
 mod gateway;
 mod hardening;
+mod history;
 mod operability;
+mod protocol_client;
 mod tls;
 
 mod tools;

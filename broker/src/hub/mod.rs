@@ -12,6 +12,7 @@
 mod commands;
 mod control;
 mod directory;
+mod history;
 mod index;
 mod publish;
 mod recent;
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use std::time::Duration;
 
 use herald_common::metrics::Exposition;
+use herald_common::namespaces::Namespaces;
 use tokio::sync::mpsc;
 
 use self::control::Pending;
@@ -33,6 +35,7 @@ use self::recent::RecentKeys;
 use self::session::Sink;
 pub use self::session::{Session, SessionEvents};
 use crate::federation::{Federation, Local, Notice};
+use crate::history::memory::MemoryHistory;
 use crate::metrics::BrokerMetrics;
 
 /// Most messages in one `PublishBatch`, by default.
@@ -84,6 +87,8 @@ pub struct HubLimits {
     /// (or a publish to a connection on another broker) for the other
     /// brokers' answers.
     pub answer_timeout: Duration,
+    /// The client channel namespaces, for the history their channels keep.
+    pub namespaces: Namespaces,
 }
 
 impl Default for HubLimits {
@@ -99,6 +104,7 @@ impl Default for HubLimits {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
             answer_timeout: DEFAULT_ANSWER_TIMEOUT,
+            namespaces: Namespaces::default(),
         }
     }
 }
@@ -125,6 +131,11 @@ struct Shared {
     /// Set once the startup grace is over, so that publishes stop reading
     /// the clock for it.
     grace_over: AtomicBool,
+    /// The history of client channels whose namespace keeps one.
+    history: MemoryHistory,
+    /// Held while a publication is stored and delivered, so that channels
+    /// with history deliver in offset order.
+    history_order: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -172,6 +183,8 @@ impl Hub {
                 recent: Mutex::new(RecentKeys::new(limits.dedup_window, limits.dedup_capacity)),
                 started: tokio::time::Instant::now(),
                 grace_over: AtomicBool::new(false),
+                history: MemoryHistory::default(),
+                history_order: tokio::sync::Mutex::new(()),
                 limits,
             }),
         }

@@ -23,7 +23,7 @@ use super::session::Sink;
 use super::{Hub, State};
 use crate::error::PublishError;
 use crate::federation::{Ask, Notice};
-use crate::route::{self, Route};
+use crate::route::{self, Route, TargetKind};
 
 /// A publish that passed the checks.
 struct Routed {
@@ -50,13 +50,17 @@ impl Hub {
     pub async fn publish(&self, mut req: PublishRequest) -> Result<PublishResponse, PublishError> {
         let metrics = &self.shared.metrics;
         let Routed { route, listeners, beyond } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
+        let history = match route.kind {
+            TargetKind::Channel => self.history_rule(&route.channel),
+            _ => None,
+        };
         let key = std::mem::take(&mut req.idempotency_key);
         if !key.is_empty() {
             match self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
                 Seen::New => {}
                 Seen::Routed => {
                     metrics.duplicates.inc();
-                    return Ok(PublishResponse { subscribers: 0, forwarded: false, duplicate: true });
+                    return Ok(PublishResponse { subscribers: 0, forwarded: false, duplicate: true, position: None });
                 }
                 Seen::InFlight => {
                     let e = PublishError::KeyInFlight;
@@ -73,7 +77,13 @@ impl Hub {
             content: req.content,
             published_at: Some(prost_types::Timestamp::from(SystemTime::now())),
             delivery: route.delivery,
+            position: None,
         };
+        if let Some(rule) = history {
+            let published = self.publish_to_history(event, &rule).await;
+            self.settle(&key);
+            return Ok(published);
+        }
         if let Beyond::Worker(worker_id) = &beyond {
             return self.publish_beyond(worker_id, event, &key).await;
         }
@@ -92,7 +102,7 @@ impl Hub {
         };
         let delivered = self.deliver(listeners, event).await;
         self.settle(&key);
-        Ok(PublishResponse { subscribers: delivered, forwarded, duplicate: false })
+        Ok(PublishResponse { subscribers: delivered, forwarded, duplicate: false, position: None })
     }
 
     /// Hands a publish for a connection to the broker serving its worker,
@@ -103,7 +113,7 @@ impl Hub {
             Ok(_) => {
                 self.shared.metrics.events_forwarded.inc();
                 self.settle(key);
-                Ok(PublishResponse { subscribers: 0, forwarded: true, duplicate: false })
+                Ok(PublishResponse { subscribers: 0, forwarded: true, duplicate: false, position: None })
             }
             Err(e) => {
                 self.shared.metrics.publish_rejected(&e);
@@ -280,7 +290,7 @@ impl Hub {
     }
 
     /// Queues `event` for each of `listeners`; returns how many took it.
-    async fn deliver(&self, listeners: Option<Listeners<Arc<Sink>>>, event: Event) -> u32 {
+    pub(super) async fn deliver(&self, listeners: Option<Listeners<Arc<Sink>>>, event: Event) -> u32 {
         let Some(listeners) = listeners else {
             return 0;
         };
