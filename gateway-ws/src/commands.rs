@@ -74,7 +74,7 @@ pub(crate) async fn run(
         CommandKind::Subscribe { channel, token, recover } => {
             return subscribe(shared, client, outbox, command.id, channel, token, recover).await;
         }
-        CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, channel),
+        CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, outbox, channel),
         CommandKind::Publish { channel, content } => publish(shared, client, channel, content).await,
         CommandKind::Refresh { token } => refresh(shared, client, &token),
         CommandKind::Presence { channel } => presence(shared, client, channel, false).await,
@@ -118,18 +118,18 @@ async fn subscribe(
     token: Option<String>,
     recover: Option<StreamPosition>,
 ) -> Result<(), CloseReason> {
+    // A stale stream's client subscribes again while still subscribed, to
+    // recover what it missed.
+    let again = outbox.is_stale(&channel);
     outbox.hold(&channel);
-    match subscribed(shared, client, &channel, token, recover).await {
+    match subscribed(shared, client, &channel, token, recover, again).await {
         Ok(history) => {
-            let after = history.as_ref().map(|h| h.position.offset);
-            outbox.release(
-                &channel,
-                answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history })),
-                after,
-            )
+            let position = history.as_ref().map(|h| h.position.clone());
+            let reply = answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history }));
+            outbox.release(&channel, reply, position.as_ref())
         }
         Err(refused) => {
-            outbox.drop_held(&channel);
+            outbox.forget(&channel, again);
             outbox.push(answer(shared, id, Err(refused)), 0)
         }
     }
@@ -143,6 +143,7 @@ async fn subscribed(
     channel: &str,
     token: Option<String>,
     recover: Option<StreamPosition>,
+    again: bool,
 ) -> Result<Option<Recovery>, Refused> {
     let namespace = namespace_of(shared, channel)?;
     let user = shared.registry.user_of(client.id);
@@ -166,10 +167,14 @@ async fn subscribed(
             auth.verify_subscription(&token, channel, user.as_deref(), unix_now())?;
         }
     }
-    let journaled = shared
-        .registry
-        .subscribe(client.id, channel, shared.config.max_client_channels)
-        .map_err(subscription_refused)?;
+    let journaled = if again {
+        None
+    } else {
+        shared
+            .registry
+            .subscribe(client.id, channel, shared.config.max_client_channels)
+            .map_err(subscription_refused)?
+    };
     if let Some(journaled) = journaled {
         let mut reported = shared.reported.subscribe();
         let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= journaled)).await;
@@ -181,6 +186,7 @@ async fn subscribed(
     // from then on arrives live, and what came before is in the read.
     match recovery(shared, channel, &rule, recover).await {
         Ok(recovery) => Ok(Some(recovery)),
+        Err(refused) if again => Err(refused),
         Err(refused) => {
             let _ = shared.registry.unsubscribe(client.id, channel);
             Err(refused)
@@ -244,9 +250,10 @@ async fn history(
     })
 }
 
-fn unsubscribe(shared: &Shared, client: &Client, channel: String) -> Result<Done, Refused> {
+fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel: String) -> Result<Done, Refused> {
     names::validate_channel(&channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
     shared.registry.unsubscribe(client.id, &channel).map_err(subscription_refused)?;
+    outbox.forget(&channel, false);
     Ok(Done::Unsubscribed { channel })
 }
 

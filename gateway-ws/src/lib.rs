@@ -8,6 +8,7 @@
 //! - `commands`: a client-protocol connection's commands, carried out;
 //! - `close`: why a connection closes, and its close frame;
 //! - `outbox`: a connection's byte-bounded outbound queue;
+//! - `streams`: where a connection stands in each channel stream it follows;
 //! - `registry`: live connections, and the delivery the broker decided;
 //! - `link`: the session with the broker (claim, subscribe, reconnect);
 //! - `shared`: the state those parts share.
@@ -28,6 +29,7 @@ mod outbox;
 pub mod protocol;
 mod registry;
 mod shared;
+mod streams;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

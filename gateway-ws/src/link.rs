@@ -269,8 +269,7 @@ fn dispatch(shared: &Shared, event: Event) {
         None if names::client_channel(&event.channel).is_some() => {
             metrics.broker_channel_event();
             let frame = protocol::publication(&event.channel, &body, event.position.as_ref());
-            let offset = event.position.as_ref().map_or(0, |p| p.offset);
-            shared.registry.deliver_to_channel(&event.channel, offset, frame, published_us)
+            shared.registry.deliver_to_channel(&event.channel, event.position.as_ref(), frame, published_us)
         }
         None => {
             tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");

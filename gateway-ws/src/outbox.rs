@@ -16,7 +16,7 @@
 //! held aside ([`Outbox::hold`]) and released after the subscribe reply
 //! ([`Outbox::release`]), skipping those the reply's position already
 //! covers: a client sees its reply, then the channel's publications, with
-//! no gap and no duplicate at the seam.
+//! no gap and no duplicate at the seam ([`Streams`] keeps the count).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -25,10 +25,12 @@ use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
+use herald_proto::v1::StreamPosition;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::CloseReason;
-use crate::protocol::Protocol;
+use crate::protocol::{self, Protocol};
+use crate::streams::{Admit, Streams};
 
 #[derive(Debug)]
 pub struct Outbox {
@@ -52,18 +54,8 @@ struct State {
     closed: Option<CloseReason>,
     /// The close frame's text, when a backend gave one.
     close_text: Option<Box<str>>,
-    /// Publications held while their channel's subscription is set up.
-    held: Vec<Held>,
-}
-
-/// A channel's publications held aside.
-#[derive(Debug)]
-struct Held {
-    channel: Box<str>,
-    /// (offset, frame, published at): offsets are 0 without history.
-    frames: Vec<(u64, Message, u64)>,
-    /// Their payload bytes, bounded like the queue.
-    bytes: usize,
+    /// Where the connection stands in the channel streams it follows.
+    streams: Streams,
 }
 
 /// What one [`Outbox::take`] handed over.
@@ -108,63 +100,60 @@ impl Outbox {
         self.after_queue(woke)
     }
 
-    /// Queues a publication of `channel` at `offset` (0 without history),
-    /// or holds it aside while the channel's subscription is set up.
+    /// Queues a publication of `channel` at `position` (none without
+    /// history), unless the connection's place in that stream says to hold
+    /// it aside or skip it ([`Streams::admit`]). A publication that leaves
+    /// a gap is replaced by a push telling the client to resubscribe.
     pub fn push_publication(
         &self,
         channel: &str,
-        offset: u64,
+        position: Option<&StreamPosition>,
         frame: Message,
         published_us: u64,
     ) -> Result<(), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let limit = self.limit_bytes;
-        let woke = match state.held.iter_mut().find(|h| *h.channel == *channel) {
-            Some(held) if held.bytes + frame.len() > limit => Err(CloseReason::SlowConsumer),
-            Some(held) => {
-                held.bytes += frame.len();
-                held.frames.push((offset, frame, published_us));
-                Ok(false)
-            }
-            None => self.queue(&mut state, frame, published_us),
+        let woke = match state.streams.admit(channel, position, frame, published_us, self.limit_bytes) {
+            Admit::Queue(frame) => self.queue(&mut state, frame, published_us),
+            Admit::Kept => Ok(false),
+            Admit::Gap => self.queue(&mut state, protocol::resubscribe(channel), 0),
+            Admit::Overflow => Err(CloseReason::SlowConsumer),
         };
         drop(state);
         self.after_queue(woke)
     }
 
-    /// Starts holding `channel`'s publications aside.
+    /// Starts holding `channel`'s publications aside while its subscription
+    /// is set up.
     pub fn hold(&self, channel: &str) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.held.push(Held { channel: channel.into(), frames: Vec::new(), bytes: 0 });
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).streams.hold(channel);
     }
 
-    /// Queues `reply`, then what was held of `channel` past offset `after`
-    /// (every held frame when `after` is `None`), and stops holding it.
-    pub fn release(&self, channel: &str, reply: Message, after: Option<u64>) -> Result<(), CloseReason> {
+    /// Queues `reply`, then what was held of `channel` past `position` (all
+    /// of it without history), and stops holding it.
+    pub fn release(&self, channel: &str, reply: Message, position: Option<&StreamPosition>) -> Result<(), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let held = self.unhold(&mut state, channel);
+        let (held, stale) = state.streams.release(channel, position);
         let mut woke = self.queue(&mut state, reply, 0);
-        for (offset, frame, published_us) in held {
-            if after.is_none_or(|after| offset > after) {
-                woke = woke.and_then(|w| self.queue(&mut state, frame, published_us).map(|again| w || again));
-            }
+        for (frame, published_us) in held {
+            woke = woke.and_then(|w| self.queue(&mut state, frame, published_us).map(|again| w || again));
+        }
+        if stale {
+            woke = woke.and_then(|w| self.queue(&mut state, protocol::resubscribe(channel), 0).map(|again| w || again));
         }
         drop(state);
         self.after_queue(woke)
     }
 
-    /// Stops holding `channel`, dropping what was held: its subscription
-    /// was refused.
-    pub fn drop_held(&self, channel: &str) {
+    /// Stops following `channel`: unsubscribed, or its subscription refused
+    /// (when `stale`, a refused resubscription: the stream stays stale).
+    pub fn forget(&self, channel: &str, stale: bool) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        self.unhold(&mut state, channel);
+        state.streams.forget(channel, stale);
     }
 
-    fn unhold(&self, state: &mut State, channel: &str) -> Vec<(u64, Message, u64)> {
-        match state.held.iter().position(|h| *h.channel == *channel) {
-            Some(i) => state.held.swap_remove(i).frames,
-            None => Vec::new(),
-        }
+    /// Whether `channel`'s stream went stale (see [`Streams`]).
+    pub fn is_stale(&self, channel: &str) -> bool {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).streams.is_stale(channel)
     }
 
     /// Appends `frame` under the lock: `Ok(true)` when the queue was empty
@@ -411,44 +400,30 @@ mod tests {
     }
 
     #[test]
-    fn a_held_channel_waits_for_its_reply_and_skips_what_the_reply_covers() {
-        let outbox = Outbox::new(100, 0);
+    fn a_subscription_s_reply_comes_before_its_channel_and_a_gap_asks_the_client_to_resubscribe() {
+        let outbox = Outbox::new(1000, 0);
+        let at = |offset| StreamPosition { offset, epoch: "e".into() };
         outbox.hold("feed:a");
-        outbox.push_publication("feed:a", 4, Message::text("p4"), 0).unwrap();
-        outbox.push_publication("feed:b", 9, Message::text("b9"), 0).unwrap();
-        outbox.push(Message::text("other reply"), 0).unwrap();
-        outbox.push_publication("feed:a", 5, Message::text("p5"), 0).unwrap();
-        outbox.push_publication("feed:a", 6, Message::text("p6"), 0).unwrap();
-        assert_eq!(taken(&outbox), [Message::text("b9"), Message::text("other reply")], "feed:a is held");
-        outbox.release("feed:a", Message::text("subscribed at 5"), Some(5)).unwrap();
-        outbox.push_publication("feed:a", 7, Message::text("p7"), 0).unwrap();
-        assert_eq!(
-            taken(&outbox),
-            [Message::text("subscribed at 5"), Message::text("p6"), Message::text("p7")],
-            "the reply first, then what came after its position, then live"
-        );
-    }
-
-    #[test]
-    fn without_history_everything_held_follows_the_reply_and_a_refusal_drops_it() {
-        let outbox = Outbox::new(100, 0);
-        outbox.hold("chat:a");
-        outbox.push_publication("chat:a", 0, Message::text("x"), 0).unwrap();
-        outbox.release("chat:a", Message::text("subscribed"), None).unwrap();
-        assert_eq!(taken(&outbox), [Message::text("subscribed"), Message::text("x")]);
-        outbox.hold("chat:b");
-        outbox.push_publication("chat:b", 0, Message::text("y"), 0).unwrap();
-        outbox.drop_held("chat:b");
-        outbox.push(Message::text("refused"), 0).unwrap();
-        assert_eq!(taken(&outbox), [Message::text("refused")]);
+        outbox.push_publication("feed:a", Some(&at(5)), Message::text("p5"), 0).unwrap();
+        outbox.push_publication("feed:b", Some(&at(9)), Message::text("b9"), 0).unwrap();
+        outbox.push_publication("feed:a", Some(&at(6)), Message::text("p6"), 0).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("b9")], "feed:a is held");
+        outbox.release("feed:a", Message::text("subscribed at 5"), Some(&at(5))).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("subscribed at 5"), Message::text("p6")]);
+        outbox.push_publication("feed:a", Some(&at(8)), Message::text("p8"), 0).unwrap();
+        assert_eq!(taken(&outbox), [protocol::resubscribe("feed:a")], "7 was missed");
+        assert!(outbox.is_stale("feed:a"));
+        outbox.forget("feed:a", false);
+        outbox.push_publication("feed:a", Some(&at(9)), Message::text("p9"), 0).unwrap();
+        assert_eq!(taken(&outbox), [Message::text("p9")], "a stream no longer followed is queued as it comes");
     }
 
     #[test]
     fn what_is_held_is_bounded_like_the_queue() {
         let outbox = Outbox::new(8, 0);
-        outbox.hold("feed:a");
-        outbox.push_publication("feed:a", 1, Message::text("12345"), 0).unwrap();
-        assert_eq!(outbox.push_publication("feed:a", 2, Message::text("12345"), 0), Err(CloseReason::SlowConsumer));
+        outbox.hold("chat:a");
+        outbox.push_publication("chat:a", None, Message::text("12345"), 0).unwrap();
+        assert_eq!(outbox.push_publication("chat:a", None, Message::text("12345"), 0), Err(CloseReason::SlowConsumer));
         assert_eq!(outbox.abandoned(), Some(CloseReason::SlowConsumer));
     }
 

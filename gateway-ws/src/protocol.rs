@@ -309,6 +309,17 @@ fn position_json(position: &StreamPosition) -> Value {
     json!({ "offset": position.offset, "epoch": position.epoch })
 }
 
+/// The push that ends delivery of a channel whose stream went stale: the
+/// client must subscribe again, recovering from its last position.
+pub fn resubscribe(channel: &str) -> Message {
+    let push = json!({ "unsubscribed": {
+        "channel": channel,
+        "resubscribe": true,
+        "reason": "a publication was missed: subscribe again with recover",
+    }});
+    Message::text(push.to_string())
+}
+
 /// A message sent to connections directly, for those speaking the client
 /// protocol, from the raw frame the others get.
 pub fn direct(raw: &Message) -> Option<Message> {

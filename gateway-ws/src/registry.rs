@@ -16,8 +16,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_proto::v1::{
-    ConnectionAddress, ConnectionState, ControlDone, ControlRequest, DirectoryChange, control_request, delivery,
-    directory_change, selection,
+    ConnectionAddress, ConnectionState, ControlDone, ControlRequest, DirectoryChange, StreamPosition, control_request,
+    delivery, directory_change, selection,
 };
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
@@ -449,16 +449,22 @@ impl Registry {
         fan.outcome
     }
 
-    /// Queues `frame` (a publication at `offset`, 0 without history, in the
-    /// client protocol) on the subscribers of client channel `channel`.
-    pub fn deliver_to_channel(&self, channel: &str, offset: u64, frame: Message, published_us: u64) -> Outcome {
+    /// Queues `frame` (a publication at `position`, none without history,
+    /// in the client protocol) on the subscribers of client channel `channel`.
+    pub fn deliver_to_channel(
+        &self,
+        channel: &str,
+        position: Option<&StreamPosition>,
+        frame: Message,
+        published_us: u64,
+    ) -> Outcome {
         let state = self.read();
         let none = HashSet::new();
         let mut fan = Fan {
             except: &none,
             published_us,
             wrap: false,
-            publication: Some((channel, offset)),
+            publication: Some((channel, position)),
             outcome: Outcome::default(),
         };
         if let Some(members) = state.channels.get(channel) {
@@ -619,7 +625,7 @@ struct Fan<'a> {
     wrap: bool,
     /// The channel and offset of a publication, which a subscription being
     /// set up holds aside.
-    publication: Option<(&'a str, u64)>,
+    publication: Option<(&'a str, Option<&'a StreamPosition>)>,
     outcome: Outcome,
 }
 
@@ -647,7 +653,7 @@ impl Fan<'_> {
                 continue;
             };
             let pushed = match self.publication {
-                Some((channel, offset)) => outbox.push_publication(channel, offset, this, self.published_us),
+                Some((channel, position)) => outbox.push_publication(channel, position, this, self.published_us),
                 None => outbox.push(this, self.published_us),
             };
             match pushed {
