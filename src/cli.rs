@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use herald_broker::federation::nats::history::HistoryStorage;
 use herald_broker::federation::nats::{self, NatsConfig};
 use herald_broker::server::DEFAULT_MAX_CONCURRENT_STREAMS;
 use herald_broker::{HubLimits, hub};
@@ -102,16 +103,31 @@ pub struct ClusterArgs {
     #[arg(long, env = "HERALD_WORKER_LEASE", default_value = duration(nats::DEFAULT_LEASE_TTL),
           value_parser = herald_common::duration::parse)]
     pub worker_lease: Duration,
+    /// Where the JetStream streams of channel history live: `file` survives a NATS restart;
+    /// `memory` does not (clients then cannot recover, and are told so).
+    #[arg(long, env = "HERALD_HISTORY_STORAGE", value_enum, default_value_t = HistoryStorageArg::File)]
+    pub history_storage: HistoryStorageArg,
 }
 
-/// The cluster to join, if any.
-impl From<&ClusterArgs> for Option<NatsConfig> {
-    fn from(args: &ClusterArgs) -> Self {
-        args.nats.as_ref().map(|urls| NatsConfig {
-            bucket: args.nats_bucket.clone(),
-            subject_prefix: args.nats_subject_prefix.clone(),
-            kv_replicas: args.nats_kv_replicas,
-            lease_ttl: args.worker_lease,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HistoryStorageArg {
+    File,
+    Memory,
+}
+
+impl ClusterArgs {
+    /// The cluster to join, if any, keeping the history of `namespaces`.
+    pub fn nats_config(&self, namespaces: Namespaces) -> Option<NatsConfig> {
+        self.nats.as_ref().map(|urls| NatsConfig {
+            bucket: self.nats_bucket.clone(),
+            subject_prefix: self.nats_subject_prefix.clone(),
+            kv_replicas: self.nats_kv_replicas,
+            lease_ttl: self.worker_lease,
+            namespaces,
+            history_storage: match self.history_storage {
+                HistoryStorageArg::File => HistoryStorage::File,
+                HistoryStorageArg::Memory => HistoryStorage::Memory,
+            },
             ..NatsConfig::new(urls.clone())
         })
     }
@@ -571,7 +587,7 @@ mod tests {
         let Role::Broker(args) = Cli::parse_from(["herald", "broker", "--nats", "nats://127.0.0.1:4222"]).role else {
             panic!()
         };
-        let nats = Option::<NatsConfig>::from(&args.cluster).unwrap();
+        let nats = args.cluster.nats_config(Namespaces::default()).unwrap();
         assert_eq!((nats.bucket.as_str(), nats.lease_ttl), (nats::DEFAULT_BUCKET, nats::DEFAULT_LEASE_TTL));
     }
 }

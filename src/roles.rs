@@ -60,12 +60,8 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
     let namespaces = args.namespaces.namespaces()?;
-    let keeps_history = namespaces.iter().any(|n| n.history.is_some());
-    let limits = args.content.hub_limits(&args.broker, namespaces, herald_broker::hub::DEFAULT_STARTUP_GRACE);
-    let hub = match Option::<NatsConfig>::from(&args.cluster) {
-        Some(_) if keeps_history => {
-            anyhow::bail!("--namespace with history=: a broker in a NATS cluster cannot keep channel history yet")
-        }
+    let limits = args.content.hub_limits(&args.broker, namespaces.clone(), herald_broker::hub::DEFAULT_STARTUP_GRACE);
+    let hub = match args.cluster.nats_config(namespaces) {
         Some(config) => {
             let config = NatsConfig { dedup_window: args.broker.dedup_window, ..config };
             let (federation, notices) = NatsFederation::join(config).await?;

@@ -11,6 +11,7 @@
 //! - `streams`: where a connection stands in each channel stream it follows;
 //! - `registry`: live connections, and the delivery the broker decided;
 //! - `link`: the session with the broker (claim, subscribe, reconnect);
+//! - `gaps`: channels with history kept whole across broker failovers;
 //! - `shared`: the state those parts share.
 //!
 //! ```text
@@ -22,6 +23,7 @@ mod close;
 mod commands;
 mod config;
 mod connection;
+mod gaps;
 mod handshake;
 mod link;
 mod metrics;
@@ -92,6 +94,7 @@ impl Gateway {
                 claim_settled: tokio::sync::watch::Sender::new(false),
                 reported: tokio::sync::watch::Sender::new(0),
                 broker: OnceLock::new(),
+                gaps: gaps::Gaps::default(),
             }),
         })
     }

@@ -25,8 +25,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::protocol;
 use crate::shared::Shared;
+use crate::{gaps, protocol};
 
 const CLAIM_REQUEST: u64 = 1;
 const SUBSCRIBE_REQUEST: u64 = 2;
@@ -132,6 +132,7 @@ async fn run_session(shared: &Shared, mut session: BrokerSession, stop: &Cancell
 async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &CancellationToken) -> SessionEnd {
     let mut awaiting_acks = 2;
     let mut draining = false;
+    let mut catching_up = true;
     // One wait for the journal, kept across events: a fresh one per event
     // would register and unregister a waiter for every event received.
     let mut changed = std::pin::pin!(shared.registry.changed());
@@ -163,7 +164,7 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
             }
         };
         match response.kind {
-            Some(subscribe_response::Kind::Event(event)) => dispatch(shared, event),
+            Some(subscribe_response::Kind::Event(event)) => gaps::dispatch(shared, event).await,
             Some(subscribe_response::Kind::Control(control)) => {
                 let request = control.request.unwrap_or_default();
                 shared.metrics.controls.inc();
@@ -174,6 +175,11 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id >= REPORT_REQUEST_BASE => {
                 shared.reported.send_replace(ack.request_id - REPORT_REQUEST_BASE);
+                // The broker follows this session's channels from here on:
+                // what was published on them meanwhile can be read back.
+                if std::mem::take(&mut catching_up) {
+                    gaps::catch_up(shared).await;
+                }
             }
             Some(subscribe_response::Kind::Ack(_)) => {
                 awaiting_acks -= 1;
@@ -241,7 +247,7 @@ async fn claim_and_subscribe(shared: &Shared, commands: &dyn SessionCommands) ->
 /// connections get it; the gateway only queues the frame on them. An event
 /// on a client channel carries no delivery: it is for the channel's
 /// subscribers here.
-fn dispatch(shared: &Shared, event: Event) {
+pub(crate) fn dispatch(shared: &Shared, event: Event) {
     let metrics = &shared.metrics;
     let Some(body) = event.content.and_then(|c| c.body) else {
         tracing::warn!(channel = %event.channel, "dropping a broker event without content");

@@ -40,6 +40,10 @@ pub struct GatewayMetrics {
     pub broker_linked: Gauge,
     /// Broker sessions lost (each is followed by a reconnect).
     pub broker_disconnects: Counter,
+    /// Publications of channels with history read back to fill a gap.
+    pub history_filled: Counter,
+    /// Gaps in channels with history that could not be filled.
+    pub history_gaps_unfilled: Counter,
     /// Events received from the broker, by delivery (everyone,
     /// connections, user, group, client channel).
     broker_events: [Counter; 5],
@@ -75,6 +79,8 @@ impl Default for GatewayMetrics {
             delivery_latency: Histogram::latency(),
             broker_linked: Gauge::default(),
             broker_disconnects: Counter::default(),
+            history_filled: Counter::default(),
+            history_gaps_unfilled: Counter::default(),
             broker_events: Default::default(),
             commands_done: Counter::default(),
             commands_refused: Counter::default(),
@@ -171,6 +177,16 @@ impl GatewayMetrics {
             self.broker_linked.get(),
         );
         out.counter("herald_ws_broker_disconnects_total", "Broker sessions lost.", &self.broker_disconnects);
+        out.counter(
+            "herald_ws_history_filled_total",
+            "Publications of channels with history read back to fill a gap (after a broker failover).",
+            &self.history_filled,
+        );
+        out.counter(
+            "herald_ws_history_gaps_unfilled_total",
+            "Gaps in channels with history the history no longer covered: their clients were told to resubscribe.",
+            &self.history_gaps_unfilled,
+        );
         let events: Vec<_> = DELIVERIES.iter().zip(&self.broker_events).map(|(d, c)| ([("delivery", *d)], c)).collect();
         let events: Vec<(&[(&str, &str)], &Counter)> = events.iter().map(|(l, c)| (&l[..], *c)).collect();
         out.counter_family(

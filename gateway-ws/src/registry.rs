@@ -248,6 +248,10 @@ impl Registry {
     }
 
     /// Whether connection `id` is subscribed to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.read().channels.contains_key(channel)
+    }
+
     pub fn is_subscribed(&self, id: u64, channel: &str) -> bool {
         self.read().channels.get(channel).is_some_and(|members| members.contains_key(&id))
     }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::close::CloseReason;
 use crate::config::GatewayConfig;
+use crate::gaps::Gaps;
 use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
 
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     /// The broker that client-protocol publications go to; set when the
     /// gateway starts running.
     pub(crate) broker: OnceLock<Arc<dyn Broker>>,
+    /// The last position dispatched on each channel with history.
+    pub(crate) gaps: Gaps,
 }
 
 impl Shared {

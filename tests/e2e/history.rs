@@ -9,7 +9,7 @@ use herald_proto::v1::target;
 use serde_json::{Value, json};
 
 use crate::protocol_client::ProtocolClient;
-use crate::support::{Herald, PATIENCE, get, grpc_client, post, text_publish};
+use crate::support::{Cluster, Herald, PATIENCE, get, grpc_client, post, text_publish};
 
 /// `feed:` keeps 100 publications for a minute; `tiny:` keeps 3; `chat:`
 /// keeps none.
@@ -145,6 +145,99 @@ async fn what_a_channel_no_longer_holds_cannot_be_recovered_and_history_is_read_
     assert_eq!((answer.publications.len(), answer.position.map(|p| p.offset)), (0, Some(0)));
 }
 
+/// A client following a channel with history: it counts what arrives,
+/// remembers the last position, and subscribes again with recover when its
+/// gateway tells it to, or when it moves to another gateway.
+struct Follower {
+    client: ProtocolClient,
+    channel: String,
+    received: Vec<String>,
+    position: Value,
+    /// Whether every recovery so far got everything back.
+    recovered: Vec<bool>,
+}
+
+impl Follower {
+    async fn subscribe(url: &str, channel: &str) -> Follower {
+        let mut client = ProtocolClient::connect(url).await;
+        let reply = client.call("subscribe", json!({ "channel": channel })).await;
+        let position = reply["subscribed"]["position"].clone();
+        assert!(position.is_object(), "a channel with history has a position: {reply}");
+        Follower { client, channel: channel.to_owned(), received: Vec::new(), position, recovered: Vec::new() }
+    }
+
+    /// Goes on from where it was, on a new connection to `url`.
+    async fn move_to(&mut self, url: &str) {
+        self.client = ProtocolClient::connect(url).await;
+        self.recover().await;
+    }
+
+    async fn recover(&mut self) {
+        let body = json!({ "channel": self.channel, "recover": true, "since": self.position });
+        let reply = self.client.call("subscribe", body).await;
+        let subscribed = &reply["subscribed"];
+        self.recovered.push(subscribed["recovered"] == true);
+        for publication in subscribed["publications"].as_array().into_iter().flatten() {
+            self.take(&json!({ "publication": publication }));
+        }
+        if subscribed["recovered"] != true {
+            self.position = subscribed["position"].clone();
+        }
+    }
+
+    fn take(&mut self, push: &Value) {
+        self.received.push(seen(push).0);
+        let publication = &push["publication"];
+        self.position = json!({ "offset": publication["offset"], "epoch": publication["epoch"] });
+    }
+
+    /// Reads until `count` publications arrived in all.
+    async fn follow_until(&mut self, count: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE * 6;
+        while self.received.len() < count {
+            assert!(tokio::time::Instant::now() < deadline, "only {} of {count} arrived", self.received.len());
+            let push = self.client.push().await;
+            if push["unsubscribed"]["resubscribe"] == true {
+                self.recover().await;
+            } else {
+                self.take(&push);
+            }
+        }
+    }
+
+    /// Asserts that `1..=count` arrived, each once, in order.
+    fn assert_all(&self, count: usize) {
+        let expected: Vec<String> = (1..=count).map(|i| i.to_string()).collect();
+        let duplicates = self.received.len().saturating_sub(count);
+        assert!(
+            self.received == expected,
+            "every message once, in order: {} received, {duplicates} extra, first difference at {:?}",
+            self.received.len(),
+            self.received.iter().zip(&expected).position(|(a, b)| a != b)
+        );
+    }
+}
+
+/// Publishes `1..=count` to `channel` through `broker`, each with an
+/// idempotency key and retried until taken, a little at a time.
+fn publish_numbers(broker: String, channel: &'static str, count: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut grpc = grpc_client(&broker).await;
+        for i in 1..=count {
+            let mut request = text_publish(target::Kind::Channel(channel.into()), &i.to_string());
+            request.idempotency_key = format!("{channel}-{i}");
+            let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+            while let Err(status) = grpc.publish(request.clone()).await {
+                assert!(tokio::time::Instant::now() < deadline, "publish {i} refused for too long: {status}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+}
+
 /// A browser's gateway dies mid-stream; it reconnects to another gateway of
 /// the same broker with its last position and ends with every message,
 /// in order, once.
@@ -157,41 +250,80 @@ async fn a_client_of_a_killed_gateway_recovers_everything_on_another_gateway() {
     let mut doomed = Herald::ws(&brokers, &namespaces);
     let survivor = Herald::ws(&brokers, &namespaces);
 
-    let mut client = ProtocolClient::connect(&doomed.ws_url()).await;
-    client.call("subscribe", json!({ "channel": "feed:live" })).await;
-    let publisher = tokio::spawn({
-        let brokers = brokers.clone();
-        async move {
-            let mut grpc = grpc_client(&brokers).await;
-            for i in 1..=MESSAGES {
-                let request = text_publish(target::Kind::Channel("feed:live".into()), &i.to_string());
-                grpc.publish(request).await.expect("a publish");
-                if i % 100 == 0 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut follower = Follower::subscribe(&doomed.ws_url(), "feed:live").await;
+    let publisher = publish_numbers(brokers, "feed:live", MESSAGES);
+    follower.follow_until(MESSAGES / 4).await;
+    doomed.kill();
+    follower.move_to(&survivor.ws_url()).await;
+    follower.follow_until(MESSAGES).await;
+    publisher.await.expect("the publisher");
+    assert_eq!(follower.recovered, [true]);
+    follower.assert_all(MESSAGES);
+    follower.client.expect_silence().await;
+}
+
+/// In a 3-broker cluster the history lives in JetStream: the broker that a
+/// client's gateway is linked to is killed mid-stream, the gateway fails
+/// over, and reads back what was stored meanwhile. The client misses nothing.
+#[tokio::test]
+async fn a_broker_killed_mid_stream_loses_nothing_on_a_history_channel() {
+    const MESSAGES: usize = 2000;
+    let namespaces = ["--namespace", "feed:subscribe=anyone,history=5000,history_ttl=1m"];
+    let Some(mut cluster) = Cluster::start(3, &namespaces) else {
+        return;
+    };
+    let gateway = Herald::ws(&format!("{},{}", cluster.address(0), cluster.address(1)), &namespaces);
+    let linked = (0..2).find(|i| cluster.brokers[*i].metric("herald_broker_sessions") == 1.0).expect("a linked broker");
+
+    let mut follower = Follower::subscribe(&gateway.ws_url(), "feed:live").await;
+    let publisher = publish_numbers(cluster.address(2), "feed:live", MESSAGES);
+    follower.follow_until(MESSAGES / 4).await;
+    cluster.brokers[linked].kill();
+    follower.follow_until(MESSAGES).await;
+    publisher.await.expect("the publisher");
+    follower.assert_all(MESSAGES);
+    assert!(follower.recovered.iter().all(|r| *r), "any resubscription recovered: {:?}", follower.recovered);
+    assert!(gateway.metric("herald_ws_broker_disconnects_total") >= 1.0);
+    follower.client.expect_silence().await;
+}
+
+/// NATS restarts mid-stream. With file storage (the default) the history
+/// survives and nothing is lost; with memory storage it is lost, and a
+/// client learns that it cannot recover (the epoch changed).
+#[tokio::test]
+async fn nats_restarted_mid_stream_loses_nothing_with_file_storage_and_says_so_with_memory() {
+    const MESSAGES: usize = 1000;
+    for storage in ["file", "memory"] {
+        let namespaces =
+            ["--namespace", "feed:subscribe=anyone,history=5000,history_ttl=1m", "--history-storage", storage];
+        let Some(mut cluster) = Cluster::start(2, &namespaces) else {
+            return;
+        };
+        let gateway = Herald::ws(&cluster.address(0), &namespaces[..2]);
+        let mut follower = Follower::subscribe(&gateway.ws_url(), "feed:live").await;
+        let publisher = publish_numbers(cluster.address(1), "feed:live", MESSAGES);
+        follower.follow_until(MESSAGES / 4).await;
+        cluster.nats.restart();
+        if storage == "file" {
+            follower.follow_until(MESSAGES).await;
+            publisher.await.expect("the publisher");
+            follower.assert_all(MESSAGES);
+            assert!(follower.recovered.iter().all(|r| *r), "{:?}", follower.recovered);
+        } else {
+            // The stream starts again: offsets from 1 in a new epoch. The
+            // client is told to resubscribe, and that it cannot recover.
+            let deadline = tokio::time::Instant::now() + PATIENCE * 6;
+            while follower.recovered.is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "the client was never told of the lost stream");
+                let push = follower.client.push().await;
+                if push["unsubscribed"]["resubscribe"] == true {
+                    follower.recover().await;
+                } else {
+                    follower.take(&push);
                 }
             }
+            assert_eq!(follower.recovered, [false], "a lost stream is not recovered");
+            publisher.await.expect("the publisher");
         }
-    });
-
-    let mut received = Vec::new();
-    let mut position = json!({ "offset": 0, "epoch": "" });
-    while received.len() < MESSAGES / 4 {
-        let push = client.push().await;
-        received.push(seen(&push).0);
-        position = json!({ "offset": push["publication"]["offset"], "epoch": push["publication"]["epoch"] });
     }
-    doomed.kill();
-
-    let mut client = ProtocolClient::connect(&survivor.ws_url()).await;
-    let reply = client.call("subscribe", json!({ "channel": "feed:live", "recover": true, "since": position })).await;
-    assert_eq!(reply["subscribed"]["recovered"], true, "{reply}");
-    received.extend(texts(&reply["subscribed"]["publications"]));
-    let deadline = tokio::time::Instant::now() + PATIENCE * 4;
-    while received.len() < MESSAGES && tokio::time::Instant::now() < deadline {
-        received.push(seen(&client.push().await).0);
-    }
-    publisher.await.expect("the publisher");
-    let expected: Vec<String> = (1..=MESSAGES).map(|i| i.to_string()).collect();
-    assert!(received == expected, "every message once, in order ({} received)", received.len());
-    client.expect_silence().await;
 }

@@ -704,7 +704,7 @@ impl Drop for Nats {
 /// Brokers bridged by a private NATS. Fields drop in order: brokers first.
 pub struct Cluster {
     pub brokers: Vec<Herald>,
-    _nats: Nats,
+    pub nats: Nats,
 }
 
 impl Cluster {
@@ -718,7 +718,7 @@ impl Cluster {
         for b in &brokers {
             b.wait_ready();
         }
-        Some(Cluster { brokers, _nats: nats })
+        Some(Cluster { brokers, nats })
     }
 
     /// The gRPC address of broker `i`.

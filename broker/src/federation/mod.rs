@@ -83,6 +83,13 @@ pub trait Federation: Send + Sync + 'static {
     /// lock, so changes arrive in the order they were made.
     fn interest(&self, change: Interest);
 
+    /// The history the cluster keeps for client channels, if it keeps one:
+    /// publications to those channels are stored there, and reach every
+    /// broker's listeners from there.
+    fn history(&self) -> Option<&nats::history::JetStreamHistory> {
+        None
+    }
+
     /// Waits until every interest change so far has taken effect, so that
     /// events published on any broker from then on arrive here.
     async fn sync(&self) -> Result<(), FederationError>;

@@ -20,9 +20,30 @@ impl Hub {
         self.shared.limits.namespaces.history_of(channel).copied()
     }
 
-    /// Stores `event` in its channel's history and delivers it to the local
-    /// sessions listening on the channel, with its position.
-    pub(super) async fn publish_to_history(&self, mut event: Event, rule: &HistoryRule) -> PublishResponse {
+    /// Stores `event` in its channel's history. In a cluster that keeps
+    /// history, every broker delivers it from there (this one included);
+    /// otherwise it is delivered here, with its position.
+    pub(super) async fn publish_to_history(
+        &self,
+        event: Event,
+        rule: &HistoryRule,
+        key: &str,
+    ) -> Result<PublishResponse, PublishError> {
+        let Some(shared) = self.federation().history() else {
+            return Ok(self.publish_to_memory(event, rule).await);
+        };
+        let content = event.content.unwrap_or_default();
+        let position = shared
+            .append(&event.channel, rule, &content, key)
+            .await
+            .map_err(|e| PublishError::HistoryUnavailable(e.0))?;
+        self.shared.metrics.history_appends.inc();
+        Ok(PublishResponse { subscribers: 0, forwarded: true, duplicate: false, position: Some(position) })
+    }
+
+    /// Stores `event` in this broker's memory and delivers it to the local
+    /// sessions listening on its channel, with its position.
+    async fn publish_to_memory(&self, mut event: Event, rule: &HistoryRule) -> PublishResponse {
         let _order = self.shared.history_order.lock().await;
         let content = event.content.clone().unwrap_or_default();
         let position = self.shared.history.append(&event.channel, rule, &content);
@@ -43,6 +64,12 @@ impl Hub {
         let rule = self.history_rule(&req.channel).ok_or_else(|| PublishError::NoHistory(req.channel.clone()))?;
         let limit = req.limit.min(u32::try_from(rule.size).unwrap_or(u32::MAX));
         self.shared.metrics.history_reads.inc();
-        Ok(self.shared.history.read(&req.channel, &Read { since: req.since, limit }))
+        let read = Read { since: req.since, limit };
+        match self.federation().history() {
+            Some(shared) => {
+                shared.read(&req.channel, &rule, &read).await.map_err(|e| PublishError::HistoryUnavailable(e.0))
+            }
+            None => Ok(self.shared.history.read(&req.channel, &read)),
+        }
     }
 }

@@ -80,9 +80,15 @@ impl Hub {
             position: None,
         };
         if let Some(rule) = history {
-            let published = self.publish_to_history(event, &rule).await;
-            self.settle(&key);
-            return Ok(published);
+            let published = self.publish_to_history(event, &rule, &key).await;
+            match &published {
+                Ok(_) => self.settle(&key),
+                Err(e) => {
+                    metrics.publish_rejected(e);
+                    self.forget(&key);
+                }
+            }
+            return published;
         }
         if let Beyond::Worker(worker_id) = &beyond {
             return self.publish_beyond(worker_id, event, &key).await;

@@ -7,14 +7,18 @@
 //!   subscriber gets each message once.
 //! - Worker ids are leased in a JetStream key-value bucket ([`leases`]), so a
 //!   worker id is held by one gateway in the whole cluster.
+//! - Client channels with history are kept in JetStream streams that every
+//!   broker reads ([`history`]).
 //! - While NATS is unreachable the broker is not ready: publishes and
 //!   subscriptions are refused with `UNAVAILABLE`, never half-done.
 
 mod bus;
 mod dedup;
+pub mod history;
 mod leases;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -22,6 +26,7 @@ use async_nats::jetstream::kv::Store;
 use async_nats::{ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use herald_common::metrics::Exposition;
+use herald_common::namespaces::Namespaces;
 use herald_proto::v1::Event;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::bus::Change;
 use self::dedup::Dedup;
+use self::history::{HistoryConfig, HistoryStorage, JetStreamHistory};
 use self::leases::{Leases, maintain_leases};
 use super::{Answer, Ask, AskError, ClaimError, Federation, FederationError, Forwarding, Gathered, Interest, Notice};
 
@@ -69,6 +75,10 @@ pub struct NatsConfig {
     pub dedup_bucket: String,
     /// How long an idempotency key is remembered.
     pub dedup_window: Duration,
+    /// The client channel namespaces, for the history their channels keep.
+    pub namespaces: Namespaces,
+    /// Where that history lives.
+    pub history_storage: HistoryStorage,
 }
 
 impl NatsConfig {
@@ -81,6 +91,8 @@ impl NatsConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             dedup_bucket: DEFAULT_DEDUP_BUCKET.to_owned(),
             dedup_window: crate::hub::DEFAULT_DEDUP_WINDOW,
+            namespaces: Namespaces::default(),
+            history_storage: HistoryStorage::File,
         }
     }
 }
@@ -112,6 +124,7 @@ pub struct NatsFederation {
     leases: Arc<Leases>,
     store: Arc<RwLock<Option<Store>>>,
     dedup: Dedup,
+    history: Option<JetStreamHistory>,
     stop: CancellationToken,
 }
 
@@ -135,6 +148,10 @@ impl NatsFederation {
         if addrs.is_empty() {
             return Err(JoinError::BadUrl { url: config.urls.clone(), reason: "no URL".into() });
         }
+        // Counts (re)connections: consumers made before one are gone after
+        // a NATS restart, and are made again from where they stopped.
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
         let client = ConnectOptions::new()
             .name(format!("herald-broker-{broker_id}"))
             .no_echo()
@@ -145,7 +162,15 @@ impl NatsFederation {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis(100).saturating_mul(1 << attempts.min(5)).min(Duration::from_secs(2))
             })
-            .event_callback(|event| async move { log_event(&event) })
+            .event_callback(move |event| {
+                let counted = counted.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    log_event(&event);
+                }
+            })
             .connect(addrs)
             .await
             .map_err(|e| JoinError::Connect(e.to_string()))?;
@@ -176,6 +201,15 @@ impl NatsFederation {
             notices_tx.clone(),
             stop.clone(),
         ));
+        let history = config.namespaces.iter().any(|n| n.history.is_some()).then(|| {
+            let history = HistoryConfig {
+                namespaces: config.namespaces.clone(),
+                storage: config.history_storage,
+                subject_prefix: config.subject_prefix.clone(),
+                replicas: config.kv_replicas,
+            };
+            JetStreamHistory::start(client.clone(), history, connections, notices_tx.clone(), stop.clone())
+        });
         tokio::spawn(maintain_leases(
             client.clone(),
             config.clone(),
@@ -194,6 +228,7 @@ impl NatsFederation {
             leases,
             store,
             dedup,
+            history,
             stop,
         };
         Ok((federation, notices_rx))
@@ -248,6 +283,10 @@ impl Federation for NatsFederation {
 
     fn interest(&self, change: Interest) {
         let _ = self.changes.send(Change::Interest(change));
+    }
+
+    fn history(&self) -> Option<&JetStreamHistory> {
+        self.history.as_ref()
     }
 
     async fn sync(&self) -> Result<(), FederationError> {
