@@ -353,8 +353,9 @@ pub struct WsOptions {
 #[derive(Debug, Args)]
 pub struct NamespaceArgs {
     /// A client channel namespace, repeatable: `<name>[:subscribe=anyone|users|listed|token]
-    /// [,publish=nobody|subscribers][,presence=on|off][,history=<size>][,history_ttl=<duration>]
-    /// [,recover=on|off]` (defaults: users, nobody, off, 0 (no history), 5m, on). Clients
+    /// [,publish=nobody|subscribers][,presence=on|off][,join_leave=on|off][,history=<size>]
+    /// [,history_ttl=<duration>][,recover=on|off]` (defaults: users, nobody, off, off, 0 (no history), 5m,
+    /// on). Clients
     /// speaking the herald.json.v1 subprotocol subscribe to `<name>:<channel>`; with none, to
     /// nothing. Give brokers and gateways the same list.
     #[arg(long = "namespace", env = "HERALD_NAMESPACES", value_delimiter = ';',

@@ -273,6 +273,7 @@ fn request(msg: Msg) -> PublishRequest {
         target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(msg.payload)) }),
         idempotency_key: msg.key,
+        presence_change: None,
     }
 }
 

@@ -100,6 +100,9 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
     })?;
     let except = target.map_or(&[][..], |t| &t.except);
     check_except(except)?;
+    if req.presence_change.is_some() && !matches!(kind, target::Kind::Channel(_)) {
+        return Err(PublishError::Invalid("a presence change is announced on a client channel".into()));
+    }
     let route = |kind, channel, delivery| Route { kind, channel, content_bytes: len, delivery };
     match kind {
         target::Kind::Broadcast(_) => Ok(route(
@@ -136,10 +139,26 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
                     "channel {channel:?} is reserved for routing; address a connection, a user or a group instead"
                 )));
             }
-            if !except.is_empty() {
+            let client_channel = names::client_channel(channel).is_some();
+            if !except.is_empty() && !client_channel {
                 return Err(PublishError::Invalid(
-                    "except applies to connections; a channel target reaches subscriber sessions".into(),
+                    "except applies to connections: to client channels (<namespace>:<name>), not to channels of \
+                     subscriber sessions"
+                        .into(),
                 ));
+            }
+            if let Some(change) = &req.presence_change {
+                if !client_channel {
+                    return Err(PublishError::Invalid("a presence change is announced on a client channel".into()));
+                }
+                let address = change.address.as_ref().ok_or_else(|| {
+                    PublishError::Invalid("a presence change names the connection that joined or left".into())
+                })?;
+                names::validate_worker_id(&address.worker_id)?;
+                names::validate_connection_id(&address.connection_id)?;
+                if !change.user_id.is_empty() {
+                    names::validate_user_id(&change.user_id)?;
+                }
             }
             Ok(route(TargetKind::Channel, channel.clone(), None))
         }
@@ -148,7 +167,7 @@ pub fn resolve(req: &PublishRequest, max_content_bytes: usize) -> Result<Route, 
 
 #[cfg(test)]
 mod tests {
-    use herald_proto::v1::{Broadcast, Content, Target};
+    use herald_proto::v1::{Broadcast, ChannelPresenceChange, Content, Target};
 
     use super::*;
 
@@ -157,6 +176,7 @@ mod tests {
             target: Some(Target { kind: Some(kind), except: vec![] }),
             content: Some(Content { body: Some(content::Body::Text(text.into())) }),
             idempotency_key: String::new(),
+            presence_change: None,
         }
     }
 
@@ -235,12 +255,47 @@ mod tests {
                 }),
                 ..req(to("w", "1"), "x")
             },
+            PublishRequest {
+                presence_change: Some(ChannelPresenceChange { joined: true, address: None, user_id: String::new() }),
+                ..req(target::Kind::Channel("chat:a".into()), "")
+            },
+            PublishRequest {
+                presence_change: Some(ChannelPresenceChange {
+                    joined: true,
+                    address: Some(w1()),
+                    user_id: String::new(),
+                }),
+                ..req(target::Kind::Channel("news".into()), "")
+            },
+            PublishRequest {
+                presence_change: Some(ChannelPresenceChange {
+                    joined: true,
+                    address: Some(w1()),
+                    user_id: String::new(),
+                }),
+                ..req(target::Kind::Broadcast(Broadcast {}), "")
+            },
             PublishRequest { idempotency_key: "a key".into(), ..req(to("w", "1"), "x") },
             PublishRequest { idempotency_key: "k".repeat(129), ..req(to("w", "1"), "x") },
         ];
         for c in cases {
             assert_eq!(resolve(&c, 10).unwrap_err().code(), tonic::Code::InvalidArgument, "{c:?}");
         }
+    }
+
+    fn w1() -> ConnectionAddress {
+        ConnectionAddress { worker_id: "w1".into(), connection_id: "1".into() }
+    }
+
+    #[test]
+    fn a_client_channel_takes_exceptions_and_presence_changes() {
+        let mut publish = req(target::Kind::Channel("chat:a".into()), "x");
+        publish.target.as_mut().unwrap().except.push(w1());
+        assert_eq!(resolve(&publish, 10).unwrap().channel, "chat:a");
+        let change = ChannelPresenceChange { joined: false, address: Some(w1()), user_id: "ana".into() };
+        let publish =
+            PublishRequest { presence_change: Some(change), ..req(target::Kind::Channel("chat:a".into()), "") };
+        assert_eq!(resolve(&publish, 10).unwrap().kind, TargetKind::Channel);
     }
 
     #[test]

@@ -295,6 +295,7 @@ impl Model {
             target: Some(Target { kind: Some(kind), except: vec![] }),
             content: Some(Content { body: Some(content::Body::Text(body.clone())) }),
             idempotency_key: String::new(),
+            presence_change: None,
         };
         let result = self.hub.publish(req).await;
         if unheld_worker {

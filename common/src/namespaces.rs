@@ -67,6 +67,8 @@ pub struct Namespace {
     pub publish: PublishRule,
     /// Whether subscribers may ask who else is subscribed.
     pub presence: bool,
+    /// Whether subscribers are told when a connection joins or leaves.
+    pub join_leave: bool,
     /// The history its channels keep, if any.
     pub history: Option<HistoryRule>,
 }
@@ -82,7 +84,7 @@ pub struct NamespaceError {
 impl Namespace {
     /// Parses `<name>[:<option>,…]`, options being `subscribe=anyone|users|listed|token`
     /// (default `users`), `publish=nobody|subscribers` (default `nobody`),
-    /// `presence=on|off` (default `off`), `history=<size>` (publications
+    /// `presence=on|off` (default `off`), `join_leave=on|off` (default `off`), `history=<size>` (publications
     /// kept per channel; default 0, none), `history_ttl=<duration>` (default
     /// 5m) and `recover=on|off` (default `on` with history).
     pub fn parse(spec: &str) -> Result<Self, NamespaceError> {
@@ -94,6 +96,7 @@ impl Namespace {
             subscribe: SubscribeRule::Users,
             publish: PublishRule::Nobody,
             presence: false,
+            join_leave: false,
             history: None,
         };
         let mut size = 0;
@@ -109,6 +112,8 @@ impl Namespace {
                 Some(("publish", "subscribers")) => namespace.publish = PublishRule::Subscribers,
                 Some(("presence", "on")) => namespace.presence = true,
                 Some(("presence", "off")) => namespace.presence = false,
+                Some(("join_leave", "on")) => namespace.join_leave = true,
+                Some(("join_leave", "off")) => namespace.join_leave = false,
                 Some(("history", n)) => {
                     size = n
                         .parse()
@@ -128,7 +133,7 @@ impl Namespace {
                 _ => {
                     return Err(refuse(format!(
                         "unknown option {option:?}: use subscribe=anyone|users|listed|token, \
-                         publish=nobody|subscribers, presence=on|off, history=<size>, \
+                         publish=nobody|subscribers, presence=on|off, join_leave=on|off, history=<size>, \
                          history_ttl=<duration> and recover=on|off"
                     )));
                 }
@@ -165,6 +170,9 @@ impl fmt::Display for Namespace {
         };
         let presence = if self.presence { "on" } else { "off" };
         write!(f, "{}:subscribe={subscribe},publish={publish},presence={presence}", self.name)?;
+        if self.join_leave {
+            write!(f, ",join_leave=on")?;
+        }
         if let Some(history) = &self.history {
             let recover = if history.recover { "on" } else { "off" };
             let ttl = duration::format(history.ttl);
@@ -258,6 +266,9 @@ mod tests {
             "feed:subscribe=users,publish=nobody,presence=off,history=100,history_ttl=600s,recover=on"
         );
         assert_eq!(Namespace::parse(&feed.to_string()).unwrap(), feed, "a namespace reads back");
+        let room = Namespace::parse("room:join_leave=on").unwrap();
+        assert!(room.join_leave);
+        assert_eq!(Namespace::parse(&room.to_string()).unwrap(), room);
         let quiet = Namespace::parse("quiet:history=5,recover=off").unwrap();
         assert_eq!(quiet.history, Some(HistoryRule { size: 5, ttl: DEFAULT_HISTORY_TTL, recover: false }));
         assert_eq!(Namespace::parse("plain:history=0").unwrap().history, None);

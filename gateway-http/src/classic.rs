@@ -113,6 +113,7 @@ pub fn parse(query: &str, form: Option<&[u8]>, max_content_bytes: usize) -> Resu
         target: Some(Target { kind: Some(kind), except }),
         content: Some(Content { body: Some(content::Body::Text(content)) }),
         idempotency_key: String::new(),
+        presence_change: None,
     })
 }
 

@@ -260,6 +260,7 @@ impl PublishBody {
             target: Some(target),
             content: Some(Content { body: Some(body) }),
             idempotency_key: self.idempotency_key,
+            presence_change: None,
         })
     }
 }

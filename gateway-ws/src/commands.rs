@@ -17,8 +17,8 @@ use std::time::Duration;
 use herald_common::namespaces::{HistoryRule, Namespace};
 use herald_proto::names;
 use herald_proto::v1::{
-    Content, HistoryRequest, HistoryResponse, PublishRequest, QueryRequest, StreamPosition, Target, content,
-    query_request, target,
+    ChannelPresenceChange, ConnectionAddress, Content, HistoryRequest, HistoryResponse, PublishRequest, QueryRequest,
+    StreamPosition, Target, content, query_request, target,
 };
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
@@ -45,6 +45,15 @@ pub(crate) struct Client {
     pub(crate) listed: Vec<String>,
     /// When its token expires (unix seconds).
     pub(crate) expires_at: Option<u64>,
+    /// The channels it joined in namespaces that announce joins and
+    /// leaves: each gets a leave when the connection ends.
+    pub(crate) announced: Vec<String>,
+}
+
+impl Client {
+    pub(crate) fn new(id: u64, listed: Vec<String>, expires_at: Option<u64>) -> Self {
+        Self { id, listed, expires_at, announced: Vec::new() }
+    }
 }
 
 /// A refused command: its reply's code and reason.
@@ -62,6 +71,36 @@ impl From<TokenRejection> for Refused {
     }
 }
 
+/// Announces that the connection left every channel it joined: it is
+/// closing.
+pub(crate) fn leave_all(shared: &Shared, client: &mut Client) {
+    for channel in std::mem::take(&mut client.announced) {
+        announce(shared, client.id, channel, false);
+    }
+}
+
+/// Tells a channel's subscribers, across the cluster, that connection `id`
+/// joined or left it. In the background: a command's reply does not wait
+/// for it, and a failure is only logged (joins and leaves are best effort).
+fn announce(shared: &Shared, id: u64, channel: String, joined: bool) {
+    let Some(broker) = shared.broker.get().cloned() else {
+        return;
+    };
+    let address = ConnectionAddress { worker_id: shared.config.worker_id.clone(), connection_id: id.to_string() };
+    let user_id = shared.registry.user_of(id).map(|u| u.to_string()).unwrap_or_default();
+    let request = PublishRequest {
+        target: Some(Target { kind: Some(target::Kind::Channel(channel)), except: Vec::new() }),
+        content: Some(Content { body: Some(content::Body::Text(String::new())) }),
+        idempotency_key: String::new(),
+        presence_change: Some(ChannelPresenceChange { joined, address: Some(address), user_id }),
+    };
+    tokio::spawn(async move {
+        if let Err(status) = broker.publish(request).await {
+            tracing::debug!(reason = status.message(), joined, "a join or leave was not announced");
+        }
+    });
+}
+
 /// Carries out one command and queues its reply on `outbox`; fails when
 /// the outbox closed meanwhile.
 pub(crate) async fn run(
@@ -74,7 +113,15 @@ pub(crate) async fn run(
         CommandKind::Subscribe { channel, token, recover } => {
             return subscribe(shared, client, outbox, command.id, channel, token, recover).await;
         }
-        CommandKind::Unsubscribe { channel } => unsubscribe(shared, client, outbox, channel),
+        CommandKind::Unsubscribe { channel } => {
+            let result = unsubscribe(shared, client, outbox, channel);
+            if let Ok(Done::Unsubscribed { channel }) = &result
+                && let Some(i) = client.announced.iter().position(|c| c == channel)
+            {
+                announce(shared, client.id, client.announced.swap_remove(i), false);
+            }
+            result
+        }
         CommandKind::Publish { channel, content } => publish(shared, client, channel, content).await,
         CommandKind::Refresh { token } => refresh(shared, client, &token),
         CommandKind::Presence { channel } => presence(shared, client, channel, false).await,
@@ -111,7 +158,7 @@ fn namespace_of<'a>(shared: &'a Shared, channel: &str) -> Result<&'a Namespace, 
 /// queued (see the module's doc).
 async fn subscribe(
     shared: &Shared,
-    client: &Client,
+    client: &mut Client,
     outbox: &Outbox,
     id: u64,
     channel: String,
@@ -126,7 +173,12 @@ async fn subscribe(
         Ok(history) => {
             let position = history.as_ref().map(|h| h.position.clone());
             let reply = answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history }));
-            outbox.release(&channel, reply, position.as_ref())
+            let released = outbox.release(&channel, reply, position.as_ref());
+            if !again && shared.config.namespaces.of(&channel).is_some_and(|n| n.join_leave) {
+                client.announced.push(channel.clone());
+                announce(shared, client.id, channel, true);
+            }
+            released
         }
         Err(refused) => {
             outbox.forget(&channel, again);
@@ -283,6 +335,7 @@ async fn publish(shared: &Shared, client: &Client, channel: String, body: conten
         target: Some(Target { kind: Some(target::Kind::Channel(channel.clone())), except: Vec::new() }),
         content: Some(Content { body: Some(body) }),
         idempotency_key: String::new(),
+        presence_change: None,
     };
     broker.publish(request).await.map_err(|status| {
         let code = match status.code() {

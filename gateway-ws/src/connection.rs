@@ -182,7 +182,7 @@ async fn serve_open<S>(
         match protocol {
             Protocol::Raw => (Message::text(config.greeting.render(&config.worker_id, id, user_id)), None),
             Protocol::Json => {
-                let client = Client { id, listed: channels, expires_at };
+                let client = Client::new(id, channels, expires_at);
                 (protocol::connected(&config.worker_id, id, user_id), Some(Box::new(client)))
             }
         }
@@ -192,6 +192,9 @@ async fn serve_open<S>(
         Ok(Err(_)) => CloseReason::ClientGone,
         Err(_) => CloseReason::WriteTimeout,
     };
+    if let Some(client) = client.as_deref_mut() {
+        commands::leave_all(shared, client);
+    }
     registry.remove(id);
     metrics.connections.dec();
     metrics.closed(reason);

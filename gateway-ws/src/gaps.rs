@@ -110,6 +110,7 @@ async fn fill(shared: &Shared, channel: &str, since: StreamPosition, before: Opt
             published_at: publication.published_at,
             delivery: None,
             position: Some(position.clone()),
+            presence_change: None,
         };
         link::dispatch(shared, event);
         shared.gaps.advance(channel, &position);

@@ -274,8 +274,21 @@ pub(crate) fn dispatch(shared: &Shared, event: Event) {
         }
         None if names::client_channel(&event.channel).is_some() => {
             metrics.broker_channel_event();
-            let frame = protocol::publication(&event.channel, &body, event.position.as_ref());
-            shared.registry.deliver_to_channel(&event.channel, event.position.as_ref(), frame, published_us)
+            let worker_id = &shared.config.worker_id;
+            let except: HashSet<u64> = event
+                .target
+                .iter()
+                .flat_map(|t| &t.except)
+                .filter(|a| a.worker_id == *worker_id)
+                .filter_map(|a| a.connection_id.parse().ok())
+                .collect();
+            let (frame, position) = match &event.presence_change {
+                Some(change) => (protocol::presence_change(&event.channel, change), None),
+                None => {
+                    (protocol::publication(&event.channel, &body, event.position.as_ref()), event.position.as_ref())
+                }
+            };
+            shared.registry.deliver_to_channel(&event.channel, &except, position, frame, published_us)
         }
         None => {
             tracing::warn!(channel = %event.channel, "dropping a broker event that says nothing of its delivery");

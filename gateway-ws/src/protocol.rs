@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use herald_proto::v1::{HistoryPublication, StreamPosition, content};
+use herald_proto::v1::{ChannelPresenceChange, HistoryPublication, StreamPosition, content};
 use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -307,6 +307,15 @@ fn publications_json(channel: &str, publications: &[HistoryPublication], epoch: 
 
 fn position_json(position: &StreamPosition) -> Value {
     json!({ "offset": position.offset, "epoch": position.epoch })
+}
+
+/// A join or leave push for the subscribers of `channel`.
+pub fn presence_change(channel: &str, change: &ChannelPresenceChange) -> Message {
+    let address = change.address.clone().unwrap_or_default();
+    let kind = if change.joined { "join" } else { "leave" };
+    let info =
+        json!({ "worker_id": address.worker_id, "connection_id": address.connection_id, "user_id": change.user_id });
+    Message::text(json!({ kind: { "channel": channel, "info": info } }).to_string())
 }
 
 /// The push that ends delivery of a channel whose stream went stale: the

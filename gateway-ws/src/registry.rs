@@ -454,18 +454,19 @@ impl Registry {
     }
 
     /// Queues `frame` (a publication at `position`, none without history,
-    /// in the client protocol) on the subscribers of client channel `channel`.
+    /// in the client protocol) on the subscribers of client channel
+    /// `channel`, except `except` (connection ids of this gateway).
     pub fn deliver_to_channel(
         &self,
         channel: &str,
+        except: &HashSet<u64>,
         position: Option<&StreamPosition>,
         frame: Message,
         published_us: u64,
     ) -> Outcome {
         let state = self.read();
-        let none = HashSet::new();
         let mut fan = Fan {
-            except: &none,
+            except,
             published_us,
             wrap: false,
             publication: Some((channel, position)),

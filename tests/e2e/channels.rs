@@ -324,3 +324,48 @@ async fn a_gateway_opens_no_more_client_channels_than_its_limit() {
     assert_eq!(refused["error"]["code"], 429, "{refused}");
     assert!(bob.call("subscribe", json!({ "channel": "chat:a" })).await.get("subscribed").is_some());
 }
+
+#[tokio::test]
+async fn subscribers_see_who_joins_and_leaves_and_a_backend_can_leave_one_out() {
+    let herald = Herald::standalone(&[
+        "--namespace",
+        "room:subscribe=anyone,join_leave=on",
+        "--namespace",
+        "quiet:subscribe=anyone",
+    ]);
+    let url = herald.ws_url();
+    let mut ana = ProtocolClient::connect(&url).await;
+    ana.call("subscribe", json!({ "channel": "room:a" })).await;
+    let own = ana.push().await;
+    assert_eq!(own["join"]["info"]["connection_id"], json!(ana.connection_id), "a subscriber sees its own join: {own}");
+
+    let mut bob = ProtocolClient::connect(&url).await;
+    bob.call("subscribe", json!({ "channel": "room:a" })).await;
+    let info = json!({ "worker_id": bob.worker_id, "connection_id": bob.connection_id, "user_id": "" });
+    assert_eq!(ana.push().await, json!({ "join": { "channel": "room:a", "info": info } }));
+    assert_eq!(bob.push().await["join"]["info"], info);
+
+    // A backend sends to the channel but not to ana.
+    let body = json!({
+        "target": { "channel": "room:a", "except": [{ "worker_id": ana.worker_id, "connection_id": ana.connection_id }] },
+        "content": { "text": "not for ana" },
+    });
+    let reply = post(&format!("{}/v1/publish", herald.http_url()), &body.to_string());
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(bob.push().await, publication("room:a", "not for ana"));
+
+    bob.call("unsubscribe", json!({ "channel": "room:a" })).await;
+    assert_eq!(ana.push().await, json!({ "leave": { "channel": "room:a", "info": info } }));
+    let mut cid = ProtocolClient::connect(&url).await;
+    cid.call("subscribe", json!({ "channel": "room:a" })).await;
+    assert!(ana.push().await.get("join").is_some());
+    drop(cid);
+    let leave = ana.push().await;
+    assert_eq!(leave["leave"]["channel"], "room:a", "a closed connection leaves: {leave}");
+
+    // A namespace without join_leave announces nothing.
+    ana.call("subscribe", json!({ "channel": "quiet:a" })).await;
+    let mut dan = ProtocolClient::connect(&url).await;
+    dan.call("subscribe", json!({ "channel": "quiet:a" })).await;
+    ana.expect_silence().await;
+}

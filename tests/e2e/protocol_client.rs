@@ -21,6 +21,7 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub struct ProtocolClient {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub worker_id: String,
+    pub connection_id: String,
     next_id: u64,
     pushes: VecDeque<Value>,
 }
@@ -43,9 +44,16 @@ impl ProtocolClient {
             .expect("connect in time")
             .expect("WebSocket handshake");
         assert_eq!(response.headers()["sec-websocket-protocol"], "herald.json.v1");
-        let mut client = ProtocolClient { ws, worker_id: String::new(), next_id: 1, pushes: VecDeque::new() };
+        let mut client = ProtocolClient {
+            ws,
+            worker_id: String::new(),
+            connection_id: String::new(),
+            next_id: 1,
+            pushes: VecDeque::new(),
+        };
         let connected = client.read().await;
         client.worker_id = connected["connected"]["worker_id"].as_str().expect("a connected push").to_owned();
+        client.connection_id = connected["connected"]["connection_id"].as_str().expect("a connection id").to_owned();
         client
     }
 

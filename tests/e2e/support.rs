@@ -634,6 +634,7 @@ pub fn text_publish(kind: herald_proto::v1::target::Kind, text: &str) -> herald_
         target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(text.to_owned())) }),
         idempotency_key: String::new(),
+        presence_change: None,
     }
 }
 

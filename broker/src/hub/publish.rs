@@ -51,7 +51,7 @@ impl Hub {
         let metrics = &self.shared.metrics;
         let Routed { route, listeners, beyond } = self.route(&req).inspect_err(|e| metrics.publish_rejected(e))?;
         let history = match route.kind {
-            TargetKind::Channel => self.history_rule(&route.channel),
+            TargetKind::Channel if req.presence_change.is_none() => self.history_rule(&route.channel),
             _ => None,
         };
         let key = std::mem::take(&mut req.idempotency_key);
@@ -78,6 +78,7 @@ impl Hub {
             published_at: Some(prost_types::Timestamp::from(SystemTime::now())),
             delivery: route.delivery,
             position: None,
+            presence_change: req.presence_change,
         };
         if let Some(rule) = history {
             let published = self.publish_to_history(event, &rule, &key).await;

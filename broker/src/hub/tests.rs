@@ -26,6 +26,7 @@ fn text(kind: target::Kind, body: &str) -> PublishRequest {
         target: Some(Target { kind: Some(kind), except: Vec::new() }),
         content: Some(Content { body: Some(content::Body::Text(body.into())) }),
         idempotency_key: String::new(),
+        presence_change: None,
     }
 }
 

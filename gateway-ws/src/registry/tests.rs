@@ -1,4 +1,4 @@
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use herald_proto::v1::{
     BindUser, CloseConnections, ConnectionIds, Everyone, GroupChange, Selection, SetConnectionData,
@@ -349,11 +349,11 @@ fn a_channel_publication_reaches_its_subscribers_only() {
     let (a_id, _) = registry.register(a.clone(), &anonymous());
     registry.register(b.clone(), &anonymous());
     registry.subscribe(a_id, "chat:a", 100).unwrap();
-    let outcome = registry.deliver_to_channel("chat:a", None, Message::text("pub"), 0);
+    let outcome = registry.deliver_to_channel("chat:a", &HashSet::new(), None, Message::text("pub"), 0);
     assert_eq!(outcome.queued, 1);
     assert_eq!(drain(&a).unwrap(), [Message::text("pub")]);
     assert!(drain(&b).unwrap().is_empty());
-    assert_eq!(registry.deliver_to_channel("chat:none", None, Message::text("x"), 0).queued, 0);
+    assert_eq!(registry.deliver_to_channel("chat:none", &HashSet::new(), None, Message::text("x"), 0).queued, 0);
 }
 
 #[test]

@@ -482,6 +482,7 @@ fn event_of(
         published_at: Some(timestamp(published)),
         delivery: None,
         position: Some(StreamPosition { offset, epoch }),
+        presence_change: None,
     })
 }
 
