@@ -1,0 +1,347 @@
+/**
+ * HeraldClient: a connection to a herald WebSocket gateway — opening it with
+ * a token, reconnecting with backoff after every close the app did not ask
+ * for, refreshing the token before it expires, routing the server's frames
+ * to commands, subscriptions and the app's events, and carrying the
+ * subscriptions across reconnects.
+ */
+
+import { Backoff } from "./backoff.js";
+import { Commands } from "./commands.js";
+import { decodePayload } from "./content.js";
+import { Emitter } from "./emitter.js";
+import { ErrorCode } from "./errors.js";
+import type { ConnectedInfo, DirectMessage } from "./protocol.js";
+import { CloseCode, SUBPROTOCOL, decodeClient, decodePublication, parseServerMessage } from "./protocol.js";
+import type { ChannelListener, SubscribeOptions, SubscriptionHost } from "./subscription.js";
+import { Subscription } from "./subscription.js";
+import { TokenSource } from "./token.js";
+
+/** The part of a WebSocket the client uses: the browser's and Node's (20 with --experimental-websocket, 22+) both fit. */
+export interface WebSocketLike {
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  addEventListener(type: "message", listener: (event: { readonly data: unknown }) => void): void;
+  addEventListener(type: "close", listener: (event: { readonly code: number; readonly reason: string }) => void): void;
+  addEventListener(type: "error", listener: () => void): void;
+}
+
+/** A WebSocket constructor, such as `globalThis.WebSocket`. */
+export type WebSocketConstructor = new (url: string, protocols: string[]) => WebSocketLike;
+
+/** Options of a HeraldClient. */
+export interface HeraldClientOptions {
+  /** The connection token (a JWT), sent in the URL as `?token=`. */
+  token?: string;
+  /**
+   * Gets a connection token: before connecting when there is none, shortly
+   * before a JWT's `exp` (the new one is sent with a refresh command), and
+   * before reconnecting when the token is stale or the server closed with 4001.
+   */
+  getToken?: () => Promise<string>;
+  /** The WebSocket constructor; default `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** The first reconnect delay's ceiling (full jitter); default 100 ms. */
+  minReconnectDelayMs?: number;
+  /** The largest reconnect delay; default 10 s. */
+  maxReconnectDelayMs?: number;
+  /** How long a command may wait to be sent and answered; default 10 s. */
+  commandTimeoutMs?: number;
+}
+
+/** Where the connection is. `connecting` covers waiting to reconnect. */
+export type ConnectionState = "disconnected" | "connecting" | "connected";
+
+/** Why a connection (or an attempt at one) ended, and what comes next. */
+export interface DisconnectedInfo {
+  /** The close code: see CloseCode. */
+  readonly code: number;
+  readonly reason: string;
+  /** When the client tries again; undefined when it does not (the app disconnected, or a 4001 without getToken). */
+  readonly reconnectDelayMs: number | undefined;
+}
+
+/** The client's events and what their listeners get. */
+export interface ClientEvents {
+  /** The connection is up (the server's first push), and subscriptions are being (re)made. */
+  connected: ConnectedInfo;
+  /** A connection or an attempt at one ended. */
+  disconnected: DisconnectedInfo;
+  /** A backend sent this connection a message directly (not on a channel). */
+  message: DirectMessage;
+  /**
+   * Something failed outside any command's promise: getToken, a token
+   * refresh, a subscription refused without its own onError, a frame that
+   * could not be read, an app callback that threw. Without a listener, the
+   * error is thrown asynchronously, like an uncaught exception.
+   */
+  error: unknown;
+}
+
+const DEFAULT_MIN_RECONNECT_DELAY_MS = 100;
+const DEFAULT_MAX_RECONNECT_DELAY_MS = 10_000;
+const DEFAULT_COMMAND_TIMEOUT_MS = 10_000;
+/** setTimeout's largest delay; a token refresh further away than this is rescheduled. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export class HeraldClient {
+  readonly #url: URL;
+  readonly #WebSocket: WebSocketConstructor;
+  readonly #token: TokenSource;
+  readonly #minReconnectDelayMs: number;
+  readonly #maxReconnectDelayMs: number;
+  readonly #backoff: Backoff;
+  readonly #events = new Emitter<ClientEvents>((error, event) =>
+    event === "error" ? throwLater(error) : this.#report(error),
+  );
+  readonly #commands: Commands;
+  readonly #channels = new Map<string, ChannelListener>();
+  readonly #host: SubscriptionHost;
+  #state: ConnectionState = "disconnected";
+  #connection: ConnectedInfo | undefined;
+  #socket: WebSocketLike | undefined;
+  /** Bumped by each connection attempt and by disconnect(), so that late callbacks of an old one do nothing. */
+  #attempt = 0;
+  /** The next attempt gets a new token first (after a 4001). */
+  #renewToken = false;
+  #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  #refreshTimer: ReturnType<typeof setTimeout> | undefined;
+
+  /** `url` is the gateway's WebSocket URL, e.g. `wss://push.example.com/`. */
+  constructor(url: string, options: HeraldClientOptions = {}) {
+    this.#url = new URL(url);
+    const WebSocket = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (WebSocket === undefined) {
+      throw new TypeError(
+        "no WebSocket: pass options.WebSocket, or run Node 20 with --experimental-websocket (Node 22+ has one)",
+      );
+    }
+    this.#WebSocket = WebSocket;
+    this.#token = new TokenSource(options.token, options.getToken);
+    this.#minReconnectDelayMs = options.minReconnectDelayMs ?? DEFAULT_MIN_RECONNECT_DELAY_MS;
+    this.#maxReconnectDelayMs = options.maxReconnectDelayMs ?? DEFAULT_MAX_RECONNECT_DELAY_MS;
+    this.#backoff = new Backoff(this.#minReconnectDelayMs, this.#maxReconnectDelayMs);
+    this.#commands = new Commands(
+      { isOpen: () => this.#state === "connected", send: (frame) => this.#socket?.send(frame) },
+      options.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS,
+    );
+    this.#host = {
+      commands: this.#commands,
+      attach: (channel, listener) => {
+        this.#channels.set(channel, listener);
+        if (this.#state === "connected") listener.connected();
+      },
+      detach: (channel) => this.#channels.delete(channel),
+      retryBackoff: () => new Backoff(this.#minReconnectDelayMs, this.#maxReconnectDelayMs),
+      reconnect: (reason) => this.#reconnect(reason),
+      report: (error) => this.#report(error),
+    };
+  }
+
+  get state(): ConnectionState {
+    return this.#state;
+  }
+
+  /** The current connection's address and user, while connected. */
+  get connection(): ConnectedInfo | undefined {
+    return this.#connection;
+  }
+
+  /** Adds an event listener; returns a function that removes it. */
+  on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void {
+    return this.#events.on(event, listener);
+  }
+
+  /** Removes an event listener. */
+  off<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): void {
+    this.#events.off(event, listener);
+  }
+
+  /** Connects, and stays connected (reconnecting as needed) until disconnect(). */
+  connect(): void {
+    if (this.#state === "disconnected") this.#open();
+  }
+
+  /**
+   * Closes the connection and stops reconnecting. Commands not yet answered
+   * fail with ConnectionClosed; subscriptions stay, and are made again (with
+   * recovery) by the next connect().
+   */
+  disconnect(): void {
+    if (this.#state === "disconnected") return;
+    this.#attempt++;
+    clearTimeout(this.#reconnectTimer);
+    const socket = this.#socket;
+    this.#socket = undefined;
+    this.#state = "disconnected";
+    this.#connectionEnded();
+    this.#commands.cancelAll(ErrorCode.ConnectionClosed, "the client disconnected");
+    socket?.close(CloseCode.Normal, "client disconnected");
+    this.#events.emit("disconnected", {
+      code: CloseCode.Normal,
+      reason: "client disconnected",
+      reconnectDelayMs: undefined,
+    });
+  }
+
+  /**
+   * Subscribes to a channel, now if connected, else once connected, and
+   * again after every reconnect. One subscription per channel.
+   */
+  subscribe(channel: string, options: SubscribeOptions): Subscription {
+    if (this.#channels.has(channel)) throw new Error(`already subscribed to ${channel}`);
+    return new Subscription(this.#host, channel, options);
+  }
+
+  /** Starts a connection attempt, with a new token first if one is needed. */
+  #open(): void {
+    const attempt = ++this.#attempt;
+    this.#state = "connecting";
+    if (!this.#token.needsFetch(this.#renewToken)) return this.#dial();
+    this.#token.fetch().then(
+      () => {
+        if (attempt !== this.#attempt) return;
+        this.#renewToken = false;
+        this.#dial();
+      },
+      (error: unknown) => {
+        if (attempt !== this.#attempt) return;
+        this.#report(error);
+        this.#reconnectTimer = setTimeout(() => this.#open(), this.#backoff.next());
+      },
+    );
+  }
+
+  #dial(): void {
+    const url = new URL(this.#url);
+    const token = this.#token.current?.value;
+    if (token !== undefined) url.searchParams.set("token", token);
+    let socket: WebSocketLike;
+    try {
+      socket = new this.#WebSocket(url.href, [SUBPROTOCOL]);
+    } catch (error) {
+      this.#report(error);
+      this.#reconnectTimer = setTimeout(() => this.#open(), this.#backoff.next());
+      return;
+    }
+    this.#socket = socket;
+    socket.addEventListener("message", (event) => socket === this.#socket && this.#receive(event.data));
+    socket.addEventListener("close", (event) => socket === this.#socket && this.#closed(event.code, event.reason));
+    // An error always means the connection failed, and its close event may
+    // never come (Node 20's WebSocket gives none for a refused connection).
+    socket.addEventListener("error", () => {
+      if (socket !== this.#socket) return;
+      this.#socket = undefined;
+      socket.close();
+      this.#closed(CloseCode.Abnormal, "connection failed");
+    });
+  }
+
+  #receive(data: unknown): void {
+    try {
+      const message = parseServerMessage(data);
+      if (message.id) {
+        this.#commands.settle(message);
+      } else if (message.connected !== undefined) {
+        this.#connected(decodeClient(message.connected));
+      } else if (message.publication !== undefined) {
+        const publication = decodePublication(message.publication);
+        this.#channels.get(publication.channel)?.publication(publication);
+      } else if (message.message !== undefined) {
+        this.#events.emit("message", decodePayload(message.message.content));
+      } else if (message.unsubscribed !== undefined) {
+        const { channel = "", resubscribe = false, reason = "" } = message.unsubscribed;
+        this.#channels.get(channel)?.dropped(resubscribe, reason);
+      }
+    } catch (error) {
+      this.#report(error);
+    }
+  }
+
+  #connected(info: ConnectedInfo): void {
+    this.#state = "connected";
+    this.#connection = info;
+    this.#backoff.reset();
+    this.#scheduleRefresh();
+    for (const listener of [...this.#channels.values()]) listener.connected();
+    this.#commands.flush();
+    this.#events.emit("connected", info);
+  }
+
+  /** The socket closed without the app asking: reconnect, unless no token could work. */
+  #closed(code: number, reason: string): void {
+    this.#socket = undefined;
+    this.#connectionEnded();
+    let delay: number | undefined;
+    if (code === CloseCode.TokenExpired && !this.#token.canRefresh) {
+      this.#state = "disconnected";
+      this.#commands.cancelAll(ErrorCode.ConnectionClosed, "the token expired and there is no getToken to renew it");
+    } else {
+      if (code === CloseCode.TokenExpired) this.#renewToken = true;
+      if (code === CloseCode.BadCommand) {
+        this.#report(new Error(`herald refused a frame (4002: ${reason}); this is a bug in the herald client`));
+      }
+      // After a 4002 the same frame may well be sent again: no fast loop.
+      delay = code === CloseCode.BadCommand ? this.#maxReconnectDelayMs : this.#backoff.next();
+      this.#state = "connecting";
+      this.#reconnectTimer = setTimeout(() => this.#open(), delay);
+    }
+    this.#events.emit("disconnected", { code, reason, reconnectDelayMs: delay });
+  }
+
+  /** What every end of a connection does. The subscriptions hear of it before their commands fail. */
+  #connectionEnded(): void {
+    clearTimeout(this.#refreshTimer);
+    this.#connection = undefined;
+    for (const listener of [...this.#channels.values()]) listener.disconnected();
+    this.#commands.connectionLost();
+  }
+
+  /** Gives up on a connection that does not answer, and reconnects. */
+  #reconnect(reason: string): void {
+    const socket = this.#socket;
+    if (socket === undefined) return;
+    this.#socket = undefined;
+    socket.close(CloseCode.Timeout, reason);
+    this.#closed(CloseCode.Timeout, reason);
+  }
+
+  #scheduleRefresh(): void {
+    clearTimeout(this.#refreshTimer);
+    const refreshAtMs = this.#token.current?.refreshAtMs;
+    if (refreshAtMs === undefined || !this.#token.canRefresh) return;
+    const delay = Math.min(MAX_TIMER_MS, Math.max(0, refreshAtMs - Date.now()));
+    this.#refreshTimer = setTimeout(() => this.#refresh(), delay);
+  }
+
+  /** Gets a new token and sends it with a refresh command. */
+  #refresh(): void {
+    if (!this.#token.current?.isStale()) return this.#scheduleRefresh();
+    const attempt = this.#attempt;
+    this.#token.fetch().then(
+      (token) => {
+        if (attempt !== this.#attempt || this.#state !== "connected") return;
+        this.#commands.submit(
+          { refresh: { token } },
+          {
+            resolve: () => this.#scheduleRefresh(),
+            reject: (error) => error.code !== ErrorCode.ConnectionClosed && this.#report(error),
+          },
+        );
+      },
+      (error: unknown) => this.#report(error),
+    );
+  }
+
+  #report(error: unknown): void {
+    if (this.#events.has("error")) this.#events.emit("error", error);
+    else throwLater(error);
+  }
+}
+
+/** Throws outside the current call stack, where the platform reports uncaught errors. */
+function throwLater(error: unknown): void {
+  setTimeout(() => {
+    throw error;
+  });
+}

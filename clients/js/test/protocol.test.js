@@ -1,0 +1,206 @@
+// The client at the protocol level, against a scripted socket: what it sends
+// on connect and resubscribe, and how it hands recovered and live
+// publications on. (Against a real herald: recovery.test.js.)
+import assert from "node:assert/strict";
+import test from "node:test";
+import { HeraldClient, SUBPROTOCOL } from "../dist/index.js";
+import { FakeSocket } from "./support/fake-socket.js";
+
+const CONNECTED = { connected: { worker_id: "w1", connection_id: "1" } };
+const publication = (offset, epoch = "e1") => ({
+  publication: { channel: "feed:x", content: { text: `m${offset}` }, offset, epoch },
+});
+
+/** A client on fake sockets, connected, with a feed:x subscription whose events are logged. */
+function setUp(t, options = {}) {
+  FakeSocket.made = [];
+  const client = new HeraldClient("ws://herald.test/?x=1", {
+    WebSocket: FakeSocket,
+    minReconnectDelayMs: 1,
+    maxReconnectDelayMs: 1,
+    ...options,
+  });
+  t.after(() => client.disconnect());
+  const log = [];
+  client.on("disconnected", ({ code }) => log.push(`disconnected ${code}`));
+  client.connect();
+  const sub = client.subscribe("feed:x", {
+    onPublication: (p) => log.push(`${p.text}@${p.epoch}`),
+    onSubscribed: (info) => log.push(info),
+  });
+  return { client, sub, log };
+}
+
+test("opens the socket with the subprotocol and the token in the query", async (t) => {
+  setUp(t, { token: "t.o.k" });
+  const socket = await FakeSocket.nth(0);
+  assert.deepEqual(socket.protocols, [SUBPROTOCOL]);
+  assert.equal(socket.url, "ws://herald.test/?x=1&token=t.o.k");
+});
+
+test("a resubscribe recovers from the last publication handed on; duplicates are dropped", async (t) => {
+  const { sub, log } = setUp(t);
+  const first = await FakeSocket.nth(0);
+  first.push(CONNECTED);
+  assert.deepEqual(first.sent, [{ id: 1, subscribe: { channel: "feed:x" } }]);
+  first.push({ id: 1, subscribed: { channel: "feed:x", position: { offset: 3, epoch: "e1" }, recoverable: true } });
+  first.push(publication(4));
+  first.push(publication(5));
+  assert.deepEqual(sub.position, { offset: 5, epoch: "e1" });
+
+  first.end(1006);
+  assert.equal(sub.state, "subscribing");
+  const second = await FakeSocket.nth(1);
+  second.push(CONNECTED);
+  assert.deepEqual(second.sent, [
+    { id: 2, subscribe: { channel: "feed:x", recover: true, since: { offset: 5, epoch: "e1" } } },
+  ]);
+  second.push({
+    id: 2,
+    subscribed: {
+      channel: "feed:x",
+      position: { offset: 7, epoch: "e1" },
+      recoverable: true,
+      recovered: true,
+      publications: [publication(5).publication, publication(6).publication, publication(7).publication],
+    },
+  });
+  second.push(publication(7));
+  second.push(publication(8));
+
+  assert.deepEqual(log, [
+    { resubscribed: false, recoverable: true, recovered: false, position: { offset: 3, epoch: "e1" } },
+    "m4@e1",
+    "m5@e1",
+    "disconnected 1006",
+    { resubscribed: true, recoverable: true, recovered: true, position: { offset: 7, epoch: "e1" } },
+    "m6@e1",
+    "m7@e1",
+    "m8@e1",
+  ]);
+});
+
+test("a resubscribe that could not recover says so, and goes on from the new epoch", async (t) => {
+  const { log } = setUp(t);
+  const first = await FakeSocket.nth(0);
+  first.push(CONNECTED);
+  first.push({ id: 1, subscribed: { channel: "feed:x", position: { offset: 2, epoch: "e1" }, recoverable: true } });
+  first.end(1001);
+  const second = await FakeSocket.nth(1);
+  second.push(CONNECTED);
+  second.push({ id: 2, subscribed: { channel: "feed:x", position: { offset: 9, epoch: "e2" }, recoverable: true } });
+  second.push(publication(10, "e2"));
+  second.end(1006);
+  const third = await FakeSocket.nth(2);
+  third.push(CONNECTED);
+  assert.deepEqual(third.sent, [
+    { id: 3, subscribe: { channel: "feed:x", recover: true, since: { offset: 10, epoch: "e2" } } },
+  ]);
+  assert.deepEqual(log.slice(1), [
+    "disconnected 1001",
+    { resubscribed: true, recoverable: true, recovered: false, position: { offset: 9, epoch: "e2" } },
+    "m10@e2",
+    "disconnected 1006",
+  ]);
+});
+
+test("a channel without recovery is subscribed again plainly", async (t) => {
+  setUp(t);
+  const first = await FakeSocket.nth(0);
+  first.push(CONNECTED);
+  first.push({ id: 1, subscribed: { channel: "feed:x" } });
+  first.end(1006);
+  const second = await FakeSocket.nth(1);
+  second.push(CONNECTED);
+  assert.deepEqual(second.sent, [{ id: 2, subscribe: { channel: "feed:x" } }]);
+});
+
+test("a 503 on subscribe is retried; other refusals end the subscription", async (t) => {
+  const { sub, client } = setUp(t);
+  const errors = [];
+  client.on("error", (error) => errors.push(error.code));
+  const socket = await FakeSocket.nth(0);
+  socket.push(CONNECTED);
+  socket.push({ id: 1, error: { code: 503, message: "broker away" } });
+  while (socket.sent.length < 2) await new Promise((done) => setTimeout(done, 1));
+  assert.deepEqual(socket.sent[1], { id: 2, subscribe: { channel: "feed:x" } });
+  assert.equal(sub.state, "subscribing");
+  const ended = sub.subscribed();
+  socket.push({ id: 2, error: { code: 403, message: "not for you" } });
+  await assert.rejects(ended, { name: "HeraldError", code: 403, message: "not for you" });
+  assert.equal(sub.state, "unsubscribed");
+  assert.deepEqual(errors, [403], "a refusal without onError goes to the error event");
+});
+
+test("after a 4002 the client reports a bug and waits the longest delay", async (t) => {
+  const { client } = setUp(t, { maxReconnectDelayMs: 50 });
+  const delays = [];
+  client.on("disconnected", ({ reconnectDelayMs }) => delays.push(reconnectDelayMs));
+  const errors = [];
+  client.on("error", (error) => errors.push(error.message));
+  const socket = await FakeSocket.nth(0);
+  socket.push(CONNECTED);
+  socket.end(4002, "not JSON");
+  assert.deepEqual(delays, [50]);
+  assert.match(errors[0], /4002: not JSON/);
+});
+
+test("told to resubscribe, the subscription recovers from where it stands", async (t) => {
+  const { sub, log } = setUp(t);
+  const socket = await FakeSocket.nth(0);
+  socket.push(CONNECTED);
+  socket.push({ id: 1, subscribed: { channel: "feed:x", position: { offset: 3, epoch: "e1" }, recoverable: true } });
+  socket.push(publication(4));
+  socket.push({ unsubscribed: { channel: "feed:x", resubscribe: true, reason: "a publication was missed" } });
+  assert.equal(sub.state, "subscribing");
+  assert.deepEqual(socket.sent[1], {
+    id: 2,
+    subscribe: { channel: "feed:x", recover: true, since: { offset: 4, epoch: "e1" } },
+  });
+  socket.push({
+    id: 2,
+    subscribed: {
+      channel: "feed:x",
+      position: { offset: 6, epoch: "e1" },
+      recoverable: true,
+      recovered: true,
+      publications: [publication(5).publication, publication(6).publication],
+    },
+  });
+  socket.push(publication(7));
+  assert.deepEqual(log.slice(1), [
+    "m4@e1",
+    { resubscribed: true, recoverable: true, recovered: true, position: { offset: 6, epoch: "e1" } },
+    "m5@e1",
+    "m6@e1",
+    "m7@e1",
+  ]);
+});
+
+test("a subscription the server ends on its own is over", async (t) => {
+  const { sub, client } = setUp(t);
+  const errors = [];
+  client.on("error", (error) => errors.push(error));
+  const socket = await FakeSocket.nth(0);
+  socket.push(CONNECTED);
+  socket.push({ id: 1, subscribed: { channel: "feed:x" } });
+  socket.push({ unsubscribed: { channel: "feed:x", reason: "gone" } });
+  assert.equal(sub.state, "unsubscribed");
+  assert.deepEqual(
+    errors.map((e) => [e.code, e.message]),
+    [[410, "gone"]],
+  );
+  await sub.unsubscribe();
+  assert.equal(socket.sent.length, 1, "nothing left to unsubscribe from");
+});
+
+test("a socket that fails without a close event is given up and replaced", async (t) => {
+  const { log } = setUp(t);
+  const first = await FakeSocket.nth(0);
+  first.fail();
+  assert.deepEqual(log, ["disconnected 1006"]);
+  assert.deepEqual(first.closedWith, { code: undefined, reason: undefined });
+  const second = await FakeSocket.nth(1);
+  second.push(CONNECTED);
+  assert.deepEqual(second.sent, [{ id: 1, subscribe: { channel: "feed:x" } }]);
+});
