@@ -91,7 +91,7 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         ended = &mut run => ended,
         () = gateway.claim_settled() => {
             net::announce("ws", address);
-            println!("herald: worker id {}", gateway.worker_id());
+            net::say(&format!("herald: worker id {}", gateway.worker_id()));
             run.await
         }
     };
@@ -127,7 +127,7 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let broker_listener = bind("broker", args.broker_listen, false)?;
     let ws_listener = bind("ws", args.ws_listen, false)?;
     let http_listener = bind("http", args.http_listen, false)?;
-    println!("herald: worker id {}", gateway.worker_id());
+    net::say(&format!("herald: worker id {}", gateway.worker_id()));
     let components =
         vec![Component::Broker(hub.clone()), Component::Ws(gateway.clone()), Component::Http(http.clone())];
     let admin_stop = CancellationToken::new();

@@ -38,7 +38,16 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 
 /// Prints the announcement line for a bound listener.
 pub fn announce(kind: &str, addr: SocketAddr) {
-    println!("herald: {kind} listening on {addr}");
+    say(&format!("herald: {kind} listening on {addr}"));
+}
+
+/// Prints one line on standard output. A reader that went away (`herald
+/// standalone | head -3`) is no reason to stop serving: unlike `println!`,
+/// a failed write is ignored, not a panic.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// A place for one client connection in the process's budget of
