@@ -47,6 +47,12 @@ pub enum Scenario {
     /// N clients speaking the client protocol (herald.json.v1), all subscribed to one client
     /// channel: channel publishes against broadcasts to the same clients, in the same run.
     Channel(DeliveryArgs),
+    /// As channel, on a client channel whose namespace keeps history: each publication is
+    /// stored with its offset (in memory standalone, in JetStream with --brokers > 1).
+    History(DeliveryArgs),
+    /// Recovery latency: callers on connections of their own resubscribe to a client channel
+    /// with history from a position --missed publications back, and get them in the reply.
+    Recover(RecoverArgs),
     /// Query latency on a cluster (3 brokers on NATS by default) with N users connected:
     /// `user_online` against a `connection` query the broker answers alone, in the same run.
     Query(QueryArgs),
@@ -365,6 +371,21 @@ pub struct SubscribeArgs {
     /// Distinct channels the callers cycle through.
     #[arg(long, default_value_t = 100)]
     pub channels: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Callers, each on a connection of its own, one recovery in flight each.
+    #[arg(long, default_value_t = 16)]
+    pub callers: usize,
+    /// Publications each recovery gets back.
+    #[arg(long, default_value_t = 100)]
+    pub missed: u64,
+    /// Payload size in bytes of those publications.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
 }
 
 #[derive(Debug, Args)]

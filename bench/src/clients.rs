@@ -177,6 +177,22 @@ impl Client {
         Ok(())
     }
 
+    /// Sends command `id`, a subscribe to `channel` recovering from offset
+    /// `since` of `epoch`, and waits for its reply: the number of
+    /// publications it recovered. Fails unless the reply says it recovered.
+    pub async fn recover(&mut self, id: u64, channel: &str, since: u64, epoch: &str) -> anyhow::Result<usize> {
+        let since = serde_json::json!({ "offset": since, "epoch": epoch });
+        let text =
+            serde_json::json!({ "id": id, "subscribe": { "channel": channel, "recover": true, "since": since } });
+        self.stream.write_all(&text_frame(text.to_string().as_bytes())).await?;
+        let reply: serde_json::Value = serde_json::from_str(&self.greeting().await?)?;
+        let subscribed = &reply["subscribed"];
+        if subscribed["recovered"] != true {
+            bail!("recovering {channel} from {since}: {reply}");
+        }
+        Ok(subscribed["publications"].as_array().map_or(0, Vec::len))
+    }
+
     /// Makes the client accept messages to `user` and to each of `groups`.
     pub fn also_accept(&mut self, user: String, groups: Vec<String>) {
         self.also.push(user);

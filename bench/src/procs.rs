@@ -130,8 +130,11 @@ struct Launcher<'a> {
     jwt_secret: Option<&'a str>,
 }
 
-/// The client channel namespace every gateway the bench starts offers.
-pub const BENCH_NAMESPACE: &str = "bench:subscribe=anyone,publish=subscribers";
+/// The client channel namespaces of every herald the bench starts: `bench:`
+/// keeps no history, `hist:` keeps the last 1,000 publications of each
+/// channel (brokers read it for the history, gateways for the rules).
+pub const BENCH_NAMESPACES: &str = "bench:subscribe=anyone,publish=subscribers;\
+                                    hist:subscribe=anyone,publish=subscribers,history=1000,history_ttl=10m";
 
 /// The roles that hold WebSocket connections, and so check client tokens.
 const CLIENT_ROLES: [&str; 2] = ["ws", "standalone"];
@@ -290,10 +293,8 @@ impl Launcher<'_> {
         if let Some(secret) = self.jwt_secret.filter(|_| CLIENT_ROLES.contains(&role)) {
             command.env("HERALD_CLIENT_AUTH", "jwt").env("HERALD_JWT_SECRET", secret);
         }
-        // The namespace of the channel scenario; an older herald ignores it.
-        if CLIENT_ROLES.contains(&role) {
-            command.env("HERALD_NAMESPACES", BENCH_NAMESPACE);
-        }
+        // The namespaces of the channel scenarios; an older herald ignores them.
+        command.env("HERALD_NAMESPACES", BENCH_NAMESPACES);
         let mut child = command
             .arg(role)
             .args(args)

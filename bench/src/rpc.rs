@@ -1,11 +1,13 @@
-//! herald's `BrokerService/Query`, `Control` and `ControlBatch`, as the query,
-//! churn and users-idle scenarios call them: one broker, the API key when
+//! herald's `BrokerService/Query`, `Control`, `ControlBatch` and a unary
+//! `Publish`, as the query, churn, users-idle and recover scenarios call
+//! them: one broker, the API key when
 //! herald wants one, and the requests they send, built in one place.
 
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
 use herald_proto::v1::{
-    ConnectionAddress, ControlBatchRequest, ControlRequest, ControlResponse, GroupChange, QueryRequest, QueryResponse,
-    Selection, Totals, control_request, control_result, query_request, selection,
+    ConnectionAddress, ControlBatchRequest, ControlRequest, ControlResponse, GroupChange, PublishRequest,
+    PublishResponse, QueryRequest, QueryResponse, Selection, Totals, control_request, control_result, query_request,
+    selection,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -59,6 +61,10 @@ impl Rpc {
                 None => Err("a result with no outcome".to_owned()),
             })
             .collect())
+    }
+
+    pub async fn publish(&mut self, request: PublishRequest) -> Result<PublishResponse, tonic::Status> {
+        Ok(self.client.publish(publishers::authorized(request, &self.authorization)).await?.into_inner())
     }
 
     /// Connections and distinct users in the cluster.

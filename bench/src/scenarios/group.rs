@@ -1,7 +1,9 @@
 //! The group and channel scenarios. Group: N clients logged in with a JWT
 //! whose groups claim puts every one of them in one group. Channel: N
 //! anonymous clients speaking the client protocol, every one subscribed to
-//! one client channel. Broadcasts (the fanout scenario's traffic, the
+//! one client channel; history: the same on a channel whose namespace keeps
+//! history (each publication stored, with its offset). Broadcasts (the
+//! fanout scenario's traffic, the
 //! baseline) and then messages to that group or channel reach the same
 //! clients, on the same herald, in alternating order from run to run; every
 //! client checks every message.
@@ -20,12 +22,15 @@ const GROUP: &str = "everyone";
 /// The client channel every client subscribes to (in the namespace the
 /// bench's gateways offer).
 const CHANNEL: &str = "bench:everyone";
+/// The client channel with history every client subscribes to.
+const HISTORY_CHANNEL: &str = "hist:everyone";
 
 /// Who the non-broadcast messages go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Audience {
     Group,
     Channel,
+    History,
 }
 
 impl Audience {
@@ -33,6 +38,16 @@ impl Audience {
         match self {
             Self::Group => "group",
             Self::Channel => "channel",
+            Self::History => "history",
+        }
+    }
+
+    /// The client channel its clients subscribe to, if any.
+    fn channel(self) -> Option<&'static str> {
+        match self {
+            Self::Group => None,
+            Self::Channel => Some(CHANNEL),
+            Self::History => Some(HISTORY_CHANNEL),
         }
     }
 }
@@ -53,17 +68,17 @@ pub async fn run(args: &DeliveryArgs, audience: Audience) -> anyhow::Result<()> 
         for run in 1..=common.runs {
             let logins = audience == Audience::Group;
             let mut herald = bench.herald_with(connections, via.is_http(), logins).await?;
-            let (mut fleet, connected) = match audience {
-                Audience::Group => {
+            let (mut fleet, connected) = match audience.channel() {
+                None => {
                     let identities = bench.identities(connections, |_| vec![GROUP.to_owned()])?;
                     bench.logged_in(&herald.endpoints, &identities).await?
                 }
-                Audience::Channel => bench.subscribers(&herald.endpoints, connections, &[CHANNEL.to_owned()]).await?,
+                Some(channel) => bench.subscribers(&herald.endpoints, connections, &[channel.to_owned()]).await?,
             };
             let clients = connected.addresses.len() as u64;
-            let members = match audience {
-                Audience::Group => To::Group(GROUP.into()),
-                Audience::Channel => To::channel(CHANNEL),
+            let members = match audience.channel() {
+                None => To::Group(GROUP.into()),
+                Some(channel) => To::channel(channel),
             };
             let mut targets = [To::Everyone, members];
             if run % 2 == 0 {
@@ -95,6 +110,7 @@ pub async fn run(args: &DeliveryArgs, audience: Audience) -> anyhow::Result<()> 
                     (true, _) => "broadcast",
                     (false, Audience::Group) => "group (every client a member)",
                     (false, Audience::Channel) => "client channel (every client subscribed)",
+                    (false, Audience::History) => "client channel with history (every client subscribed)",
                 };
                 rows.add(&format!("{label}, {}", topology(common, connections)), run, &COLUMNS, m, first_error);
             }
@@ -116,6 +132,9 @@ pub async fn run(args: &DeliveryArgs, audience: Audience) -> anyhow::Result<()> 
     let clients = match audience {
         Audience::Group => "clients logged in with a JWT putting each in one group",
         Audience::Channel => "clients speaking herald.json.v1, each subscribed to one client channel",
+        Audience::History => {
+            "clients speaking herald.json.v1, each subscribed to one client channel keeping the last 1,000 publications"
+        }
     };
     let title = format!(
         "{}: {clients}, {} B payloads, {} via {via:?}{batch}{flat_out}; broadcasts vs {} messages to the same \

@@ -10,6 +10,7 @@ mod idle;
 mod phase;
 mod publish;
 mod query;
+mod recover;
 mod subscribe;
 mod user;
 mod users_idle;
@@ -41,6 +42,8 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::User(args) => user::run(&args).await,
         Scenario::Group(args) => group::run(&args, group::Audience::Group).await,
         Scenario::Channel(args) => group::run(&args, group::Audience::Channel).await,
+        Scenario::History(args) => group::run(&args, group::Audience::History).await,
+        Scenario::Recover(args) => recover::run(&args).await,
         Scenario::Query(args) => query::run(&args).await,
         Scenario::Churn(args) => churn::run(&args).await,
         Scenario::Subscribe(args) => subscribe::run(&args).await,
