@@ -20,7 +20,6 @@ use herald_proto::v1::{
     ChannelPresenceChange, ConnectionAddress, Content, HistoryRequest, HistoryResponse, PublishRequest, QueryRequest,
     StreamPosition, Target, content, query_request, target,
 };
-use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
@@ -228,8 +227,7 @@ async fn subscribed(
             .map_err(subscription_refused)?
     };
     if let Some(journaled) = journaled {
-        let mut reported = shared.reported.subscribe();
-        let _ = timeout(FOLLOW_WAIT, reported.wait_for(|upto| *upto >= journaled)).await;
+        shared.followed.wait(journaled, FOLLOW_WAIT).await;
     }
     let Some(rule) = namespace.history else {
         return Ok(None);

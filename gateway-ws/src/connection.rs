@@ -209,8 +209,7 @@ async fn serve_open<S>(
 /// Waits (a bounded time) until the broker has followed the directory
 /// journal up to `position`.
 async fn addressable(shared: &Shared, position: u64) {
-    let mut reported = shared.reported.subscribe();
-    let _ = timeout(ADDRESSABLE_WAIT, reported.wait_for(|upto| *upto >= position)).await;
+    shared.followed.wait(position, ADDRESSABLE_WAIT).await;
 }
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(

@@ -12,6 +12,7 @@
 //! - `registry`: live connections, and the delivery the broker decided;
 //! - `link`: the session with the broker (claim, subscribe, reconnect);
 //! - `gaps`: channels with history kept whole across broker failovers;
+//! - `followed`: how far the broker follows the directory, and who waits for it;
 //! - `shared`: the state those parts share.
 //!
 //! ```text
@@ -23,6 +24,7 @@ mod close;
 mod commands;
 mod config;
 mod connection;
+mod followed;
 mod gaps;
 mod handshake;
 mod link;
@@ -92,7 +94,7 @@ impl Gateway {
                 close_reason: OnceLock::new(),
                 epoch: Instant::now(),
                 claim_settled: tokio::sync::watch::Sender::new(false),
-                reported: tokio::sync::watch::Sender::new(0),
+                followed: followed::Followed::default(),
                 broker: OnceLock::new(),
                 gaps: gaps::Gaps::default(),
             }),

@@ -174,7 +174,7 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
             }
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id >= REPORT_REQUEST_BASE => {
-                shared.reported.send_replace(ack.request_id - REPORT_REQUEST_BASE);
+                shared.followed.advance(ack.request_id - REPORT_REQUEST_BASE);
                 // The broker follows this session's channels from here on:
                 // what was published on them meanwhile can be read back.
                 if std::mem::take(&mut catching_up) {

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::close::CloseReason;
 use crate::config::GatewayConfig;
+use crate::followed::Followed;
 use crate::gaps::Gaps;
 use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
@@ -29,7 +30,7 @@ pub(crate) struct Shared {
     pub(crate) claim_settled: watch::Sender<bool>,
     /// How far the broker has followed the directory journal: a connection
     /// whose opening is at or below it can be addressed through the broker.
-    pub(crate) reported: watch::Sender<u64>,
+    pub(crate) followed: Followed,
     /// The broker that client-protocol publications go to; set when the
     /// gateway starts running.
     pub(crate) broker: OnceLock<Arc<dyn Broker>>,

@@ -13,11 +13,11 @@
 //!   hands each publication to its own listeners ([`deliver`]), the broker
 //!   that appended it included: the order clients see is the stream's, the
 //!   same on every broker, and a broker's death loses nothing stored.
-//! - **Reads** for recovery walk the channel's subject with an ephemeral
-//!   ordered consumer, from any broker.
+//! - **Reads** for recovery get the channel's retained publications with
+//!   one batched direct get, from any broker.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -97,6 +97,7 @@ impl HistoryConfig {
                 HistoryStorage::Memory => StorageType::Memory,
             },
             discard: DiscardPolicy::Old,
+            allow_direct: true,
             num_replicas: self.replicas.max(1),
             ..Config::default()
         }
@@ -118,6 +119,8 @@ pub struct JetStreamHistory {
     /// The last publication of channels this broker appended to, held while
     /// appending so that this broker's appends take their turns.
     tails: tokio::sync::Mutex<HashMap<String, Tail>>,
+    /// The streams opened so far, by namespace.
+    streams: Mutex<HashMap<String, Stream>>,
 }
 
 impl JetStreamHistory {
@@ -142,7 +145,7 @@ impl JetStreamHistory {
             };
             tokio::spawn(delivery.run(stop.clone()));
         }
-        Self { context, config, tails: tokio::sync::Mutex::default() }
+        Self { context, config, tails: tokio::sync::Mutex::default(), streams: Mutex::default() }
     }
 
     /// Stores `content` as `channel`'s next publication. A publish retried
@@ -245,6 +248,9 @@ impl JetStreamHistory {
 
     /// The publications of `channel` after offset `after` (at most
     /// `limit`), up to its last one, and the oldest offset the stream holds.
+    /// One batched direct get (`$JS.API.DIRECT.GET`, NATS 2.11+) reads the
+    /// channel's retained publications, oldest first, in a single exchange:
+    /// no consumer is made, so reads cost the server nothing to clean up.
     async fn walk(
         &self,
         channel: &str,
@@ -254,38 +260,58 @@ impl JetStreamHistory {
         limit: usize,
     ) -> Result<(Vec<HistoryPublication>, Option<u64>), FederationError> {
         let failed = |e: &dyn std::fmt::Display| FederationError(format!("reading the history of {channel:?}: {e}"));
-        let stream = self.stream(channel, rule).await?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.subject(channel)?,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| failed(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        let namespace = names::client_channel(channel).map(|(namespace, _)| namespace).unwrap_or_default();
+        self.stream(channel, rule).await?;
+        let client = self.context.client();
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.map_err(|e| failed(&e))?;
+        // A channel's subject is made of name tokens: nothing in it needs
+        // escaping in JSON.
+        let request = format!(
+            r#"{{"seq":1,"next_by_subj":"{}","batch":{}}}"#,
+            self.subject(channel)?,
+            rule.size.max(1)
+        );
+        let api = format!("$JS.API.DIRECT.GET.{}", self.config.stream_name(namespace));
+        client.publish_with_reply(api, inbox, request.into()).await.map_err(|e| failed(&e))?;
         let mut publications = Vec::new();
         let mut oldest = None;
         loop {
-            let message = match tokio::time::timeout(READ_WAIT, messages.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(e))) => return Err(failed(&e)),
-                Ok(None) | Err(_) => return Err(failed(&"the stream ended before the channel's last publication")),
+            let reply = match tokio::time::timeout(READ_WAIT, replies.next()).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) | Err(_) => return Err(failed(&"no end of batch from JetStream in time")),
             };
-            let sequence = message.info().map_err(|e| failed(&e))?.stream_sequence;
-            if let Some((offset, epoch)) = position_of(message.headers.as_ref())
+            match reply.status.map(|status| status.as_u16()) {
+                // The end of the batch, or nothing (left) on the subject.
+                Some(204 | 404) => return Ok((publications, oldest)),
+                Some(code) => {
+                    return Err(failed(&format!("{code} {}", reply.description.as_deref().unwrap_or(""))));
+                }
+                None => {}
+            }
+            let headers = reply.headers.as_ref();
+            let sequence: u64 = headers
+                .and_then(|h| h.get("Nats-Sequence"))
+                .and_then(|v| v.as_str().parse().ok())
+                .ok_or_else(|| failed(&"a stored publication without its sequence"))?;
+            if let Some((offset, epoch)) = position_of(headers)
                 && epoch == last.epoch
             {
                 oldest.get_or_insert(offset);
                 if offset > after && publications.len() < limit {
+                    let published_at = headers
+                        .and_then(|h| h.get("Nats-Time-Stamp"))
+                        .and_then(|v| async_nats::datetime::parse_rfc3339(v.as_str()).ok())
+                        .map(timestamp);
                     publications.push(HistoryPublication {
                         offset,
-                        content: Content::decode(message.payload.clone()).ok(),
-                        published_at: message.info().ok().map(|info| timestamp(info.published)),
+                        content: Content::decode(reply.payload.clone()).ok(),
+                        published_at,
                     });
                 }
             }
             if sequence >= last.sequence {
+                // Past the last one read before: newer ones are live.
                 return Ok((publications, oldest));
             }
         }
@@ -319,25 +345,48 @@ impl JetStreamHistory {
                 Ok(Some(Tail { sequence: message.sequence, offset, epoch }))
             }
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(FederationError(format!("reading the last publication of {channel:?}: {e}"))),
+            Err(e) => {
+                // The stream may have been lost with its NATS store: open it
+                // anew on the next call.
+                self.forget_stream(channel);
+                Err(FederationError(format!("reading the last publication of {channel:?}: {e}")))
+            }
         }
     }
 
+    /// The stream of `channel`'s namespace, as last opened.
     async fn stream(&self, channel: &str, rule: &HistoryRule) -> Result<Stream, FederationError> {
-        self.ensure_stream(channel, rule).await
+        let namespace = names::client_channel(channel).map(|(namespace, _)| namespace).unwrap_or_default();
+        let opened = self.streams.lock().unwrap_or_else(PoisonError::into_inner).get(namespace).cloned();
+        match opened {
+            Some(stream) => Ok(stream),
+            None => self.ensure_stream(channel, rule).await,
+        }
     }
 
-    /// The stream of `channel`'s namespace, made if it is not there.
+    fn forget_stream(&self, channel: &str) {
+        if let Some((namespace, _)) = names::client_channel(channel) {
+            self.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(namespace);
+        }
+    }
+
+    /// Opens the stream of `channel`'s namespace, making it (or bringing its
+    /// limits up to date) if needed, and keeps it for the next calls.
     async fn ensure_stream(&self, channel: &str, rule: &HistoryRule) -> Result<Stream, FederationError> {
         let namespace = self
             .config
             .namespaces
             .of(channel)
             .ok_or_else(|| FederationError(format!("{channel:?} is in no configured namespace")))?;
-        self.context
-            .get_or_create_stream(self.config.stream_config(namespace, rule))
-            .await
-            .map_err(|e| FederationError(format!("opening the history stream of {:?}: {e}", namespace.name)))
+        let failed = |e: &dyn std::fmt::Display| {
+            FederationError(format!("opening the history stream of {:?}: {e}", namespace.name))
+        };
+        let config = self.config.stream_config(namespace, rule);
+        let name = config.name.clone();
+        self.context.create_or_update_stream(config).await.map_err(|e| failed(&e))?;
+        let stream = self.context.get_stream(name).await.map_err(|e| failed(&e))?;
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).insert(namespace.name.clone(), stream.clone());
+        Ok(stream)
     }
 
     fn subject(&self, channel: &str) -> Result<String, FederationError> {
@@ -408,11 +457,10 @@ impl Delivery {
         stop: &CancellationToken,
     ) -> Result<(), FederationError> {
         let failed = |e: &dyn std::fmt::Display| FederationError(e.to_string());
-        let mut stream = self
-            .context
-            .get_or_create_stream(self.config.stream_config(&self.namespace, rule))
-            .await
-            .map_err(|e| failed(&e))?;
+        let config = self.config.stream_config(&self.namespace, rule);
+        let name = config.name.clone();
+        self.context.create_or_update_stream(config).await.map_err(|e| failed(&e))?;
+        let mut stream = self.context.get_stream(name).await.map_err(|e| failed(&e))?;
         let info = stream.info().await.map_err(|e| failed(&e))?;
         let created = info.created.to_string();
         let next = match resume.take() {
