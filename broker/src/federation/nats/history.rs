@@ -116,9 +116,9 @@ struct Tail {
 pub struct JetStreamHistory {
     context: jetstream::Context,
     config: HistoryConfig,
-    /// The last publication of channels this broker appended to, held while
-    /// appending so that this broker's appends take their turns.
-    tails: tokio::sync::Mutex<HashMap<String, Tail>>,
+    /// Per channel, the lock its appends take turns on and its last
+    /// publication, as far as this broker knows.
+    tails: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Tail>>>>>,
     /// The streams opened so far, by namespace.
     streams: Mutex<HashMap<String, Stream>>,
 }
@@ -145,7 +145,7 @@ impl JetStreamHistory {
             };
             tokio::spawn(delivery.run(stop.clone()));
         }
-        Self { context, config, tails: tokio::sync::Mutex::default(), streams: Mutex::default() }
+        Self { context, config, tails: Mutex::default(), streams: Mutex::default() }
     }
 
     /// Stores `content` as `channel`'s next publication. A publish retried
@@ -160,13 +160,15 @@ impl JetStreamHistory {
     ) -> Result<StreamPosition, FederationError> {
         let subject = self.subject(channel)?;
         let payload = bytes::Bytes::from(content.encode_to_vec());
-        let mut tails = self.tails.lock().await;
+        // One append at a time per channel on this broker (other brokers'
+        // are kept out by the expected last sequence); channels go in parallel.
+        let turn = self.turn(channel);
+        let mut tail = turn.lock().await;
         for _ in 0..APPEND_ATTEMPTS {
-            let tail = match tails.get(channel) {
-                Some(tail) => Some(tail.clone()),
-                None => self.last(channel, rule).await?,
-            };
-            let (offset, epoch, expected) = match tail {
+            if tail.is_none() {
+                *tail = self.last(channel, rule).await?;
+            }
+            let (offset, epoch, expected) = match tail.clone() {
                 Some(tail) => (tail.offset + 1, tail.epoch, tail.sequence),
                 None => (1, random_token(8), 0),
             };
@@ -185,28 +187,36 @@ impl JetStreamHistory {
             };
             match acked {
                 Ok(ack) if ack.duplicate => {
-                    tails.remove(channel);
+                    *tail = None;
                     return self.position_at(channel, rule, ack.sequence).await;
                 }
                 Ok(ack) => {
-                    if tails.len() >= MAX_TAILS {
-                        tails.clear();
-                    }
-                    tails.insert(channel.to_owned(), Tail { sequence: ack.sequence, offset, epoch: epoch.clone() });
+                    *tail = Some(Tail { sequence: ack.sequence, offset, epoch: epoch.clone() });
                     return Ok(StreamPosition { offset, epoch });
                 }
                 // Another broker appended meanwhile, or the channel expired.
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    tails.remove(channel);
-                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => *tail = None,
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                    tails.remove(channel);
+                    *tail = None;
                     self.ensure_stream(channel, rule).await?;
                 }
                 Err(e) => return Err(FederationError(format!("storing a publication of {channel:?}: {e}"))),
             }
         }
         Err(FederationError(format!("storing a publication of {channel:?}: too many concurrent appends, retry")))
+    }
+
+    /// The lock `channel`'s appends take turns on, holding its last known
+    /// publication. Past `MAX_TAILS` channels, the idle ones are forgotten.
+    fn turn(&self, channel: &str) -> Arc<tokio::sync::Mutex<Option<Tail>>> {
+        let mut tails = self.tails.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(turn) = tails.get(channel) {
+            return turn.clone();
+        }
+        if tails.len() >= MAX_TAILS {
+            tails.retain(|_, turn| Arc::strong_count(turn) > 1);
+        }
+        tails.entry(channel.to_owned()).or_default().clone()
     }
 
     /// Reads `channel`'s history (see [`Read`]).
