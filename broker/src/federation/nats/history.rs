@@ -17,8 +17,8 @@
 //!   one batched direct get, from any broker.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -277,11 +277,8 @@ impl JetStreamHistory {
         let mut replies = client.subscribe(inbox.clone()).await.map_err(|e| failed(&e))?;
         // A channel's subject is made of name tokens: nothing in it needs
         // escaping in JSON.
-        let request = format!(
-            r#"{{"seq":1,"next_by_subj":"{}","batch":{}}}"#,
-            self.subject(channel)?,
-            rule.size.max(1)
-        );
+        let request =
+            format!(r#"{{"seq":1,"next_by_subj":"{}","batch":{}}}"#, self.subject(channel)?, rule.size.max(1));
         let api = format!("$JS.API.DIRECT.GET.{}", self.config.stream_name(namespace));
         client.publish_with_reply(api, inbox, request.into()).await.map_err(|e| failed(&e))?;
         let mut publications = Vec::new();
