@@ -82,7 +82,9 @@ impl Streams {
         let Some(stream) = self.find(channel) else {
             return Admit::Queue(frame);
         };
-        if stream.stale {
+        // A stale stream skips publications; a join or leave (no position)
+        // is no part of the stream and still goes out.
+        if stream.stale && position.is_some() {
             return Admit::Kept;
         }
         let (offset, epoch) = position.map_or((0, ""), |p| (p.offset, p.epoch.as_str()));
@@ -229,6 +231,8 @@ mod tests {
         assert_eq!(admit(&mut streams, 7, "e"), Admit::Gap, "6 never came");
         assert!(streams.is_stale("feed:a"));
         assert_eq!(admit(&mut streams, 8, "e"), Admit::Kept, "nothing more is queued");
+        let join = Message::text("join");
+        assert_eq!(streams.admit("feed:a", None, join.clone(), 0, LIMIT), Admit::Queue(join), "but joins and leaves");
         streams.hold("feed:a");
         assert!(!streams.is_stale("feed:a"));
         assert_eq!(admit(&mut streams, 9, "e"), Admit::Kept);
