@@ -11,6 +11,7 @@ mod support;
 mod attacks;
 mod auth;
 mod browser;
+mod browser_recovery;
 mod channels;
 mod classic;
 mod cluster;

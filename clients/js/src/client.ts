@@ -1,9 +1,10 @@
 /**
  * HeraldClient: a connection to a herald WebSocket gateway — opening it with
  * a token, reconnecting with backoff after every close the app did not ask
- * for, refreshing the token before it expires, routing the server's frames
- * to commands, subscriptions and the app's events, and carrying the
- * subscriptions across reconnects.
+ * for (each attempt to the next of the gateways given, in turn), refreshing
+ * the token before it expires, routing the server's frames to commands,
+ * subscriptions and the app's events, and carrying the subscriptions across
+ * reconnects.
  */
 
 import { Backoff } from "./backoff.js";
@@ -12,7 +13,14 @@ import { decodePayload } from "./content.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCode } from "./errors.js";
 import type { ConnectedInfo, DirectMessage } from "./protocol.js";
-import { CloseCode, SUBPROTOCOL, decodeClient, decodePublication, parseServerMessage } from "./protocol.js";
+import {
+  CloseCode,
+  SUBPROTOCOL,
+  decodeClient,
+  decodePresenceEvent,
+  decodePublication,
+  parseServerMessage,
+} from "./protocol.js";
 import type { ChannelListener, SubscribeOptions, SubscriptionHost } from "./subscription.js";
 import { Subscription } from "./subscription.js";
 import { TokenSource } from "./token.js";
@@ -85,7 +93,9 @@ const DEFAULT_COMMAND_TIMEOUT_MS = 10_000;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class HeraldClient {
-  readonly #url: URL;
+  readonly #urls: readonly URL[];
+  /** The index in #urls of the gateway the next attempt dials. */
+  #nextUrl = 0;
   readonly #WebSocket: WebSocketConstructor;
   readonly #token: TokenSource;
   readonly #minReconnectDelayMs: number;
@@ -107,9 +117,15 @@ export class HeraldClient {
   #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   #refreshTimer: ReturnType<typeof setTimeout> | undefined;
 
-  /** `url` is the gateway's WebSocket URL, e.g. `wss://push.example.com/`. */
-  constructor(url: string, options: HeraldClientOptions = {}) {
-    this.#url = new URL(url);
+  /**
+   * `url` is the gateway's WebSocket URL, e.g. `wss://push.example.com/`, or
+   * several gateways' URLs: the first connection attempt goes to the first,
+   * and each attempt after it to the next one, in turn.
+   */
+  constructor(url: string | readonly string[], options: HeraldClientOptions = {}) {
+    const urls = typeof url === "string" ? [url] : url;
+    if (urls.length === 0) throw new TypeError("no gateway URL: give at least one");
+    this.#urls = urls.map((each) => new URL(each));
     const WebSocket = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (WebSocket === undefined) {
       throw new TypeError(
@@ -213,7 +229,8 @@ export class HeraldClient {
   }
 
   #dial(): void {
-    const url = new URL(this.#url);
+    const url = new URL(this.#urls[this.#nextUrl]);
+    this.#nextUrl = (this.#nextUrl + 1) % this.#urls.length;
     const token = this.#token.current?.value;
     if (token !== undefined) url.searchParams.set("token", token);
     let socket: WebSocketLike;
@@ -252,6 +269,12 @@ export class HeraldClient {
       } else if (message.unsubscribed !== undefined) {
         const { channel = "", resubscribe = false, reason = "" } = message.unsubscribed;
         this.#channels.get(channel)?.dropped(resubscribe, reason);
+      } else if (message.join !== undefined) {
+        const event = decodePresenceEvent(message.join);
+        this.#channels.get(event.channel)?.joined(event);
+      } else if (message.leave !== undefined) {
+        const event = decodePresenceEvent(message.leave);
+        this.#channels.get(event.channel)?.left(event);
       }
     } catch (error) {
       this.#report(error);

@@ -21,6 +21,7 @@ export type {
   DirectMessage,
   HistoryOptions,
   HistoryResult,
+  PresenceEvent,
   PresenceResult,
   PresenceStats,
   Publication,

@@ -42,6 +42,12 @@ export interface ClientInfo {
 /** What `connected` tells about this connection. */
 export type ConnectedInfo = ClientInfo;
 
+/** A connection that joined or left a channel (namespaces with `join_leave=on`). */
+export interface PresenceEvent extends ClientInfo {
+  /** The channel joined or left. */
+  readonly channel: string;
+}
+
 /** Who is subscribed to a channel. */
 export interface PresenceResult {
   readonly channel: string;
@@ -93,6 +99,7 @@ type WireContent = Partial<{ text: string; binary: string }>;
 type WirePosition = Wire<{ offset: number; epoch: string }>;
 type WirePublication = Wire<{ channel: string; content: WireContent; offset: number; epoch: string }>;
 type WireClient = Wire<{ worker_id: string; connection_id: string; user_id: string }>;
+type WirePresenceEvent = Wire<{ channel: string; info: WireClient }>;
 
 /** A message from the server, as read: a reply (id > 0) or a push (id 0 or absent). */
 export interface ServerMessage {
@@ -103,6 +110,10 @@ export interface ServerMessage {
   message?: Wire<{ content: WireContent }>;
   /** As a push: the gateway stopped delivering a channel; with resubscribe, until it is subscribed again with recover. */
   unsubscribed?: Wire<{ channel: string; resubscribe: boolean; reason: string }>;
+  /** A push: a connection subscribed to a channel this one is subscribed to (namespaces with join_leave on). */
+  join?: WirePresenceEvent;
+  /** A push: a connection unsubscribed from such a channel, or closed. */
+  leave?: WirePresenceEvent;
   subscribed?: Wire<{
     position: WirePosition;
     recoverable: boolean;
@@ -143,6 +154,10 @@ export function decodeClient(client: WireClient): ClientInfo {
     connectionId: client?.connection_id ?? "",
     userId: client?.user_id ?? "",
   };
+}
+
+export function decodePresenceEvent(event: WirePresenceEvent): PresenceEvent {
+  return { channel: event?.channel ?? "", ...decodeClient(event?.info) };
 }
 
 export function decodeSubscribed(subscribed: ServerMessage["subscribed"]): SubscribeResult {

@@ -2,8 +2,8 @@
  * Subscription: one channel's subscription on a client — its handlers, its
  * life (subscribe; resubscribe, recovering what was missed, after a
  * reconnect or when the gateway asks; retry after 503; the end on a refusal,
- * an unsubscribe or the gateway's word), its subscription token, and the
- * commands that act on its channel.
+ * an unsubscribe or the gateway's word), its subscription token, who joins
+ * and leaves the channel, and the commands that act on its channel.
  */
 
 import type { Backoff } from "./backoff.js";
@@ -16,6 +16,7 @@ import type {
   Command,
   HistoryOptions,
   HistoryResult,
+  PresenceEvent,
   PresenceResult,
   PresenceStats,
   Publication,
@@ -32,6 +33,18 @@ export interface SubscribeOptions {
   onPublication(publication: Publication): void;
   /** Called each time the subscription takes effect: the first time, and after each reconnect. */
   onSubscribed?(info: SubscribedInfo): void;
+  /**
+   * A connection subscribed to the channel (namespaces with
+   * `join_leave=on`): this one too, each time it subscribes on a new
+   * connection.
+   */
+  onJoin?(event: PresenceEvent): void;
+  /**
+   * A connection unsubscribed from the channel or closed (namespaces with
+   * `join_leave=on`). Best effort: the connections of a gateway that dies
+   * are not announced.
+   */
+  onLeave?(event: PresenceEvent): void;
   /**
    * Gets the refusal that ended the subscription, and getToken's failures;
    * without it they go to the client's `error` event.
@@ -70,6 +83,10 @@ export interface ChannelListener {
   disconnected(): void;
   /** A publication of the channel arrived. */
   publication(publication: Publication): void;
+  /** A connection joined the channel. */
+  joined(event: PresenceEvent): void;
+  /** A connection left the channel. */
+  left(event: PresenceEvent): void;
   /**
    * The gateway stopped delivering the channel: until the client subscribes
    * again with recover when `resubscribe` (a publication could not be
@@ -124,6 +141,8 @@ export class Subscription {
       connected: () => this.#subscribe(false),
       disconnected: () => this.#connectionLost(),
       publication: (publication) => this.#deliver(publication),
+      joined: (event) => this.#active && this.#call(() => this.#options.onJoin?.(event)),
+      left: (event) => this.#active && this.#call(() => this.#options.onLeave?.(event)),
       dropped: (resubscribe, reason) => this.#dropped(resubscribe, reason),
     });
   }

@@ -33,12 +33,15 @@ client.connect();
 `;
 
 const TYPED_APP = `
-import { HeraldClient, HeraldError, type Publication, type SubscribedInfo } from "herald-client";
+import { HeraldClient, HeraldError, type PresenceEvent, type Publication, type SubscribedInfo } from "herald-client";
 
-const client = new HeraldClient("wss://push.example.com/", { WebSocket, getToken: async () => "jwt" });
+const urls = ["wss://push-a.example.com/", "wss://push-b.example.com/"];
+const client = new HeraldClient(urls, { WebSocket, getToken: async () => "jwt" });
 const sub = client.subscribe("chat:room", {
   onPublication: (publication: Publication) => console.log(publication.text ?? publication.data),
   onSubscribed: (info: SubscribedInfo) => console.log(info.recovered),
+  onJoin: (event: PresenceEvent) => console.log(event.userId, "joined", event.channel),
+  onLeave: ({ workerId, connectionId }: PresenceEvent) => console.log(workerId, connectionId, "left"),
 });
 sub.publish("hi").catch((error: HeraldError) => console.log(error.code));
 client.connect();

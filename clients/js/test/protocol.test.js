@@ -1,6 +1,7 @@
 // The client at the protocol level, against a scripted socket: what it sends
-// on connect and resubscribe, and how it hands recovered and live
-// publications on. (Against a real herald: recovery.test.js.)
+// on connect and resubscribe, which gateway it dials, and how it hands
+// recovered and live publications, joins and leaves on. (Against a real
+// herald: recovery.test.js, failover.test.js, presence.test.js.)
 import assert from "node:assert/strict";
 import test from "node:test";
 import { HeraldClient, SUBPROTOCOL } from "../dist/index.js";
@@ -11,7 +12,7 @@ const publication = (offset, epoch = "e1") => ({
   publication: { channel: "feed:x", content: { text: `m${offset}` }, offset, epoch },
 });
 
-/** A client on fake sockets, connected, with a feed:x subscription whose events are logged. */
+/** A client on fake sockets, connecting, with a feed:x subscription whose events are logged. */
 function setUp(t, options = {}) {
   FakeSocket.made = [];
   const client = new HeraldClient("ws://herald.test/?x=1", {
@@ -27,6 +28,8 @@ function setUp(t, options = {}) {
   const sub = client.subscribe("feed:x", {
     onPublication: (p) => log.push(`${p.text}@${p.epoch}`),
     onSubscribed: (info) => log.push(info),
+    onJoin: (event) => log.push(["join", event]),
+    onLeave: (event) => log.push(["leave", event]),
   });
   return { client, sub, log };
 }
@@ -203,4 +206,62 @@ test("a socket that fails without a close event is given up and replaced", async
   const second = await FakeSocket.nth(1);
   second.push(CONNECTED);
   assert.deepEqual(second.sent, [{ id: 1, subscribe: { channel: "feed:x" } }]);
+});
+
+test("with several gateways, each connection attempt goes to the next one, in turn", async (t) => {
+  FakeSocket.made = [];
+  const urls = ["ws://a.test/", "ws://b.test/?x=1", "ws://c.test/"];
+  const client = new HeraldClient(urls, {
+    WebSocket: FakeSocket,
+    token: "t.o.k",
+    minReconnectDelayMs: 1,
+    maxReconnectDelayMs: 1,
+  });
+  t.after(() => client.disconnect());
+  client.connect();
+  const first = await FakeSocket.nth(0);
+  first.push(CONNECTED);
+  first.end(1006);
+  (await FakeSocket.nth(1)).fail();
+  (await FakeSocket.nth(2)).end(1006);
+  const fourth = await FakeSocket.nth(3);
+  fourth.push(CONNECTED);
+  assert.equal(client.state, "connected");
+  assert.deepEqual(
+    FakeSocket.made.map((socket) => socket.url),
+    ["ws://a.test/?token=t.o.k", "ws://b.test/?x=1&token=t.o.k", "ws://c.test/?token=t.o.k", "ws://a.test/?token=t.o.k"],
+  );
+});
+
+test("without a gateway URL, the constructor refuses", () => {
+  assert.throws(() => new HeraldClient([], { WebSocket: FakeSocket }), /no gateway URL/);
+});
+
+test("joins and leaves reach the handlers of their channel's subscription, while it holds", async (t) => {
+  const { client, sub, log } = setUp(t);
+  const other = client.subscribe("room:y", { onPublication: () => {}, onJoin: (e) => log.push(["other join", e]) });
+  client.subscribe("feed:z", { onPublication: () => {} });
+  const socket = await FakeSocket.nth(0);
+  const subscribed = sub.subscribed();
+  socket.push(CONNECTED);
+  const join = (channel) => ({ join: { channel, info: { worker_id: "w2", connection_id: "7", user_id: "ana" } } });
+  socket.push(join("feed:x"));
+  assert.equal(log.length, 0, "not before the subscription holds");
+  socket.push({ id: 1, subscribed: { channel: "feed:x" } });
+  await subscribed;
+  socket.push({ id: 2, subscribed: { channel: "room:y" } });
+  socket.push({ id: 3, subscribed: { channel: "feed:z" } });
+  socket.push(join("feed:x"));
+  socket.push(join("room:y"));
+  socket.push(join("feed:z"));
+  socket.push({ leave: { channel: "feed:x", info: { worker_id: "w2", connection_id: "7" } } });
+  other.unsubscribe();
+  socket.push(join("room:y"));
+
+  const event = { channel: "feed:x", workerId: "w2", connectionId: "7", userId: "ana" };
+  assert.deepEqual(log.slice(1), [
+    ["join", event],
+    ["other join", { ...event, channel: "room:y" }],
+    ["leave", { ...event, userId: "" }],
+  ]);
 });

@@ -1,8 +1,9 @@
 /**
  * A real `herald standalone` process for the tests: started on free ports
  * (learnt from its stdout), reached through its HTTP API to publish and
- * control, stopped with SIGTERM. The binary is $HERALD_BIN, else the
- * workspace's target/debug/herald; a missing binary fails the test.
+ * control, stopped with SIGTERM, or killed as a crash would. The binary is
+ * $HERALD_BIN, else the workspace's target/debug/herald; a missing binary
+ * fails the test.
  */
 
 import { spawn } from "node:child_process";
@@ -19,6 +20,7 @@ export const HERALD_BIN = process.env.HERALD_BIN ?? resolve(here, "../../../../t
 export const CHAT = "chat:subscribe=anyone,publish=subscribers,presence=on";
 export const NEWS = "news:subscribe=anyone";
 export const FEED = "feed:subscribe=anyone,history=1000,history_ttl=10m,recover=on";
+export const ROOM = "room:subscribe=anyone,join_leave=on";
 
 const STARTUP_TIMEOUT_MS = 10_000;
 
@@ -91,5 +93,10 @@ export async function startHerald(t, { namespaces = [CHAT], args = [] } = {}) {
     broadcast: (text) => post("/v1/publish", { target: { broadcast: {} }, content: { text } }),
     /** Runs a connection control (POST /v1/control). */
     control: (body) => post("/v1/control", body),
+    /** Kills herald at once (SIGKILL), as a crash would; resolves once it is gone. */
+    kill: () => {
+      child.kill("SIGKILL");
+      return exited;
+    },
   };
 }
