@@ -133,6 +133,11 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
     let mut awaiting_acks = 2;
     let mut draining = false;
     let mut catching_up = true;
+    // One directory report in flight at a time: what is journaled meanwhile
+    // goes in the next one, sent when this one is acknowledged, so that a
+    // burst of changes (subscriptions, connections) makes a few large
+    // reports rather than many small ones.
+    let mut report_in_flight = false;
     // One wait for the journal, kept across events: a fresh one per event
     // would register and unregister a waiter for every event received.
     let mut changed = std::pin::pin!(shared.registry.changed());
@@ -145,10 +150,11 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
                 draining = true;
                 continue;
             }
-            () = &mut changed, if awaiting_acks == 0 => {
+            () = &mut changed, if awaiting_acks == 0 && !report_in_flight => {
                 changed.set(shared.registry.changed());
-                if let Err(status) = report_changes(shared, session.commands.as_ref()).await {
-                    return SessionEnd::Lost { status, linked: true };
+                match report_changes(shared, session.commands.as_ref()).await {
+                    Ok(sent) => report_in_flight = sent,
+                    Err(status) => return SessionEnd::Lost { status, linked: true },
                 }
                 continue;
             }
@@ -175,6 +181,10 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id == DRAIN_REQUEST => return SessionEnd::Stopped,
             Some(subscribe_response::Kind::Ack(ack)) if ack.request_id >= REPORT_REQUEST_BASE => {
                 shared.followed.advance(ack.request_id - REPORT_REQUEST_BASE);
+                match report_changes(shared, session.commands.as_ref()).await {
+                    Ok(sent) => report_in_flight = sent,
+                    Err(status) => return SessionEnd::Lost { status, linked: true },
+                }
                 // The broker follows this session's channels from here on:
                 // what was published on them meanwhile can be read back.
                 if std::mem::take(&mut catching_up) {
@@ -190,6 +200,7 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
                     if let Err(status) = session.commands.send(report(changes, Vec::new(), upto)).await {
                         return SessionEnd::Lost { status, linked: false };
                     }
+                    report_in_flight = true;
                     shared.set_linked(true);
                     tracing::info!(broker = %session.broker, worker_id = %shared.config.worker_id, connections = count, "linked to broker");
                 }
@@ -199,11 +210,12 @@ async fn follow(shared: &Shared, session: &mut BrokerSession, stop: &Cancellatio
     }
 }
 
-/// Sends what the directory journaled since the last report, if anything.
-async fn report_changes(shared: &Shared, commands: &dyn SessionCommands) -> Result<(), Status> {
+/// Sends what the directory journaled since the last report, if anything;
+/// says whether it sent a report.
+async fn report_changes(shared: &Shared, commands: &dyn SessionCommands) -> Result<bool, Status> {
     match shared.registry.take_journal() {
-        Some((changes, done, upto)) => commands.send(report(changes, done, upto)).await,
-        None => Ok(()),
+        Some((changes, done, upto)) => commands.send(report(changes, done, upto)).await.map(|()| true),
+        None => Ok(false),
     }
 }
 
