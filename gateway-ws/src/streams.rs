@@ -118,6 +118,7 @@ impl Streams {
         let held = stream.held.take().unwrap_or_default();
         let Some(position) = position else {
             self.0.swap_remove(index);
+            self.free_if_empty();
             return (held.frames.into_iter().map(|(_, _, frame, at)| (frame, at)).collect(), false);
         };
         stream.epoch = position.epoch.as_str().into();
@@ -141,6 +142,7 @@ impl Streams {
     pub fn forget(&mut self, channel: &str, stale: bool) {
         if !stale {
             self.0.retain(|s| *s.channel != *channel);
+            self.free_if_empty();
         } else if let Some(stream) = self.find(channel) {
             stream.held = None;
             stream.stale = true;
@@ -151,6 +153,14 @@ impl Streams {
     /// again while still subscribed.
     pub fn is_stale(&self, channel: &str) -> bool {
         self.0.iter().any(|s| *s.channel == *channel && s.stale)
+    }
+
+    /// Gives back the list's memory once it follows nothing: most
+    /// connections follow no stream between their subscriptions' setups.
+    fn free_if_empty(&mut self) {
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
     }
 
     fn find(&mut self, channel: &str) -> Option<&mut Stream> {
