@@ -113,7 +113,7 @@ pub(crate) async fn run(
             return subscribe(shared, client, outbox, command.id, channel, token, recover).await;
         }
         CommandKind::Unsubscribe { channel } => {
-            let result = unsubscribe(shared, client, outbox, channel);
+            let result = unsubscribe(shared, client, outbox, channel).await;
             if let Ok(Done::Unsubscribed { channel }) = &result
                 && let Some(i) = client.announced.iter().position(|c| c == channel)
             {
@@ -300,10 +300,15 @@ async fn history(
     })
 }
 
-fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel: String) -> Result<Done, Refused> {
+/// Unsubscribes; answered, like a subscription, once the broker follows
+/// it: from the reply on, presence no longer lists the connection.
+async fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel: String) -> Result<Done, Refused> {
     names::validate_channel(&channel).map_err(|e| Refused::new(code::BAD_COMMAND, e.to_string()))?;
-    shared.registry.unsubscribe(client.id, &channel).map_err(subscription_refused)?;
+    let journaled = shared.registry.unsubscribe(client.id, &channel).map_err(subscription_refused)?;
     outbox.forget(&channel, false);
+    if let Some(journaled) = journaled {
+        shared.followed.wait(journaled, FOLLOW_WAIT).await;
+    }
     Ok(Done::Unsubscribed { channel })
 }
 
