@@ -109,6 +109,7 @@ pub(crate) async fn run(
     command: Command,
 ) -> Result<(), CloseReason> {
     let result = match command.kind {
+        CommandKind::Connect { .. } => Err(Refused::new(code::BAD_COMMAND, "already connected")),
         CommandKind::Subscribe { channel, token, recover } => {
             return subscribe(shared, client, outbox, command.id, channel, token, recover).await;
         }

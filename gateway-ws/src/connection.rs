@@ -31,7 +31,7 @@ use crate::close::CloseReason;
 use crate::commands::{self, Client};
 use crate::handshake;
 use crate::outbox::Outbox;
-use crate::protocol::{self, BadCommand, Command, Protocol, code};
+use crate::protocol::{self, BadCommand, Command, CommandKind, Protocol, code};
 use crate::registry::Identity;
 use crate::shared::Shared;
 
@@ -143,7 +143,9 @@ where
         WebSocketStream::from_partially_read(stream, upgrade.tail, Role::Server, Some(config.websocket())).await
     };
     // Boxed: a pointer is all the connection's task then carries around.
-    Some((Box::new(ws), Box::new(upgrade.identity), upgrade.protocol))
+    let mut ws = Box::new(ws);
+    let identity = identify(&mut ws, upgrade.identity, shared).await?;
+    Some((ws, identity, upgrade.protocol))
 }
 
 /// An open connection: greeting, then the delivery loop, then the close.
@@ -177,13 +179,13 @@ async fn serve_open<S>(
     // Only the greeting and, for the client protocol, what its commands
     // need outlive this block: the rest of the identity is not kept.
     let (greeting, mut client) = {
-        let Identity { user_id, channels, expires_at, .. } = *identity;
+        let Identity { user_id, channels, expires_at, connect_id, .. } = *identity;
         let user_id = user_id.as_deref();
         match protocol {
             Protocol::Raw => (Message::text(config.greeting.render(&config.worker_id, id, user_id)), None),
             Protocol::Json => {
                 let client = Client::new(id, channels, expires_at);
-                (protocol::connected(&config.worker_id, id, user_id), Some(Box::new(client)))
+                (protocol::connected(connect_id, &config.worker_id, id, user_id), Some(Box::new(client)))
             }
         }
     };
@@ -204,6 +206,59 @@ async fn serve_open<S>(
         tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
     }
     close(&mut ws, reason, outbox.close_text()).await;
+}
+
+/// Who is on a new connection: from its handshake, or, for a client that
+/// kept its token out of the handshake, from its `connect` command (whose
+/// id the identity keeps, for the greeting to answer). `None` when the
+/// connect was refused.
+async fn identify<S>(ws: &mut WebSocketStream<S>, identity: Option<Identity>, shared: &Shared) -> Option<Box<Identity>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match identity {
+        Some(identity) => Some(Box::new(identity)),
+        None => connect_command(ws, shared)
+            .await
+            .map(|(id, identity)| Box::new(Identity { connect_id: Some(id), ..identity })),
+    }
+}
+
+/// The first frame of a client-protocol connection that opened without a
+/// token where tokens are checked: it must be `connect {token}`, within the
+/// handshake timeout. Returns the command's id and who the token says the
+/// client is; otherwise refuses it (a 401 reply when the frame had an id)
+/// and closes with 4001.
+async fn connect_command<S>(ws: &mut WebSocketStream<S>, shared: &Shared) -> Option<(u64, Identity)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let auth = shared.config.client_auth.as_ref()?;
+    let first = timeout(shared.config.handshake_timeout, ws.next()).await;
+    let (id, reason) = match first {
+        Ok(Some(Ok(Message::Text(text)))) => match protocol::parse(&text) {
+            Ok(Command { id, kind: CommandKind::Connect { token } }) => {
+                match auth.verify(&token, crate::client_auth::unix_now()) {
+                    Ok(identity) => return Some((id, identity.into())),
+                    Err(rejection) => {
+                        shared.metrics.token_refused(rejection.label());
+                        (Some(id), rejection.to_string())
+                    }
+                }
+            }
+            Ok(Command { id, .. }) => (Some(id), "connect with a token first".to_owned()),
+            Err(BadCommand { id, reason }) => (id, reason),
+        },
+        Ok(_) => (None, "connect with a token first".to_owned()),
+        Err(_) => (None, format!("no connect command within {:?}", shared.config.handshake_timeout)),
+    };
+    shared.metrics.handshakes_failed.inc();
+    if let Some(id) = id {
+        let _ =
+            timeout(shared.config.write_timeout, ws.send(protocol::refusal(id, code::TOKEN_REFUSED, &reason))).await;
+    }
+    close(ws, CloseReason::TokenExpired, Some(close_text(&reason))).await;
+    None
 }
 
 /// Waits (a bounded time) until the broker has followed the directory

@@ -29,8 +29,10 @@ pub(crate) struct Upgrade {
     accept: String,
     /// Bytes the client sent after its request head (its first frames).
     pub(crate) tail: Vec<u8>,
-    /// Who the client is, from its token (anonymous without client auth).
-    pub(crate) identity: Identity,
+    /// Who the client is, from its token (anonymous without client auth);
+    /// `None` for a client-protocol client that gives its token in a
+    /// `connect` command instead, as its first frame.
+    pub(crate) identity: Option<Identity>,
     /// What it speaks: the client protocol when it asked for it.
     pub(crate) protocol: Protocol,
 }
@@ -105,9 +107,9 @@ where
         Err(e) => return Err(Refusal::new(400, format!("malformed HTTP request: {e}"))),
     }
     let key = check(&request, config, at_capacity)?;
-    let identity = authenticate(&request, config)?;
-    let accept = derive_accept_key(key.as_bytes());
     let protocol = negotiate(&request);
+    let identity = authenticate(&request, config, protocol)?;
+    let accept = derive_accept_key(key.as_bytes());
     Ok(Upgrade { accept, tail: buf.split_off(head_len), identity, protocol })
 }
 
@@ -128,9 +130,15 @@ fn negotiate(request: &httparse::Request<'_, '_>) -> Protocol {
 /// Who the client is: with client auth on, the token it gives as
 /// `Authorization: Bearer <jwt>` or, for browsers (which cannot set
 /// headers on a WebSocket), as `?token=<jwt>`, checked; without, nobody.
-fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> Result<Identity, Refusal> {
+/// A client speaking the client protocol may give none here and send it in
+/// a `connect` command (`None`), keeping it out of URLs and logs.
+fn authenticate(
+    request: &httparse::Request<'_, '_>,
+    config: &GatewayConfig,
+    protocol: Protocol,
+) -> Result<Option<Identity>, Refusal> {
     let Some(auth) = &config.client_auth else {
-        return Ok(Identity::default());
+        return Ok(Some(Identity::default()));
     };
     let header = request
         .headers
@@ -141,18 +149,16 @@ fn authenticate(request: &httparse::Request<'_, '_>, config: &GatewayConfig) -> 
         .map(str::to_owned);
     let token = header.or_else(|| query_param(request.path.unwrap_or("/"), "token"));
     let Some(token) = token.filter(|t| !t.is_empty()) else {
+        if protocol == Protocol::Json {
+            return Ok(None);
+        }
         return Err(Refusal::unauthorized(
             "missing",
             "a token is required: send 'Authorization: Bearer <jwt>' or connect with ?token=<jwt>".into(),
         ));
     };
     match auth.verify(&token, crate::client_auth::unix_now()) {
-        Ok(identity) => Ok(Identity {
-            user_id: Some(identity.user_id),
-            groups: identity.groups,
-            expires_at: identity.expires_at,
-            channels: identity.channels,
-        }),
+        Ok(identity) => Ok(Some(identity.into())),
         Err(rejection) => Err(Refusal::unauthorized(rejection.label(), rejection.to_string())),
     }
 }
@@ -382,11 +388,14 @@ mod tests {
         let config = with_jwt_auth();
         let jwt = token(&serde_json::json!({"sub": "ana", "groups": ["room"], "exp": 4_000_000_000u64}));
         let by_header = decide(&upgrade_request(&format!("Authorization: Bearer {jwt}\r\n")), &config).await.unwrap();
-        assert_eq!(by_header.identity.user_id.as_deref(), Some("ana"));
-        assert_eq!(by_header.identity.groups, ["room"]);
-        assert_eq!(by_header.identity.expires_at, Some(4_000_000_000));
+        let identity = by_header.identity.unwrap();
+        assert_eq!(identity.user_id.as_deref(), Some("ana"));
+        assert_eq!(identity.groups, ["room"]);
+        assert_eq!(identity.expires_at, Some(4_000_000_000));
         let by_query = upgrade_request("").replace("GET / ", &format!("GET /?x=1&token={jwt} "));
-        assert_eq!(decide(&by_query, &config).await.unwrap().identity.user_id.as_deref(), Some("ana"));
+        assert_eq!(decide(&by_query, &config).await.unwrap().identity.unwrap().user_id.as_deref(), Some("ana"));
+        let speaking = upgrade_request("Sec-WebSocket-Protocol: herald.json.v1\r\n");
+        assert_eq!(decide(&speaking, &config).await.unwrap().identity, None, "the client protocol may connect later");
     }
 
     #[tokio::test]
@@ -409,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn without_client_auth_connections_stay_anonymous() {
         let upgrade = decide(&upgrade_request(""), &GatewayConfig::new("w".into())).await.unwrap();
-        assert_eq!(upgrade.identity, Identity::default());
+        assert_eq!(upgrade.identity, Some(Identity::default()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 pub const SUBPROTOCOL: &str = "herald.json.v1";
 
 /// The commands there are, for refusals.
-const COMMANDS: &str = "subscribe, unsubscribe, publish, refresh, presence, presence_stats or history";
+const COMMANDS: &str = "connect, subscribe, unsubscribe, publish, refresh, presence, presence_stats or history";
 
 /// Largest command id: ids must survive a JavaScript number.
 const MAX_ID: u64 = (1 << 53) - 1;
@@ -49,6 +49,7 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandKind {
+    Connect { token: String },
     Subscribe { channel: String, token: Option<String>, recover: Option<StreamPosition> },
     Unsubscribe { channel: String },
     Publish { channel: String, content: content::Body },
@@ -140,6 +141,7 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
             };
             CommandKind::Subscribe { channel, token, recover }
         }
+        "connect" => CommandKind::Connect { token: string(&mut body, "token").map_err(refuse)? },
         "unsubscribe" => CommandKind::Unsubscribe { channel: string(&mut body, "channel").map_err(refuse)? },
         "publish" => CommandKind::Publish {
             channel: string(&mut body, "channel").map_err(refuse)?,
@@ -269,14 +271,18 @@ fn with_id(id: u64, mut body: Value) -> Message {
     Message::text(body.to_string())
 }
 
-/// The first push of a connection: its address.
-pub fn connected(worker_id: &str, connection_id: u64, user_id: Option<&str>) -> Message {
-    let push = json!({ "connected": {
+/// The first message of a connection: its address. A push, or the reply
+/// to its `connect` command (`reply_to`).
+pub fn connected(reply_to: Option<u64>, worker_id: &str, connection_id: u64, user_id: Option<&str>) -> Message {
+    let body = json!({ "connected": {
         "worker_id": worker_id,
         "connection_id": connection_id.to_string(),
         "user_id": user_id.unwrap_or_default(),
     }});
-    Message::text(push.to_string())
+    match reply_to {
+        Some(id) => with_id(id, body),
+        None => Message::text(body.to_string()),
+    }
 }
 
 /// A publication to `channel`, for its subscribers, with its place in the
@@ -387,6 +393,9 @@ mod tests {
             parse(r#"{"id":5,"refresh":{"token":"t"}}"#).unwrap().kind,
             CommandKind::Refresh { token: "t".into() }
         );
+        let c = parse(r#"{"id":9,"connect":{"token":"t"}}"#).unwrap();
+        assert_eq!(c, Command { id: 9, kind: CommandKind::Connect { token: "t".into() } });
+        assert_eq!(text(&connected(Some(9), "w1", 42, None))["id"], 9, "connected answers a connect");
         let c = parse(r#"{"id":6,"presence":{"channel":"chat:a"}}"#).unwrap();
         assert_eq!(c.kind, CommandKind::Presence { channel: "chat:a".into() });
         let c = parse(r#"{"id":7,"presence_stats":{"channel":"chat:a"}}"#).unwrap();
@@ -427,7 +436,7 @@ mod tests {
             (r#"{"id":7,"history":{"channel":"c:a","since":{"top":1}}}"#, "since has no field \"top\""),
             (r#"{"id":7,"subscribe":{"channel":"c:a","recover":"yes"}}"#, "recover must be true or false"),
             (r#"{"id":7,"subscribe":{"channel":"c:a","since":{"offset":1}}}"#, "since goes with recover: true"),
-            (r#"{"id":7,"unknown":{}}"#, "unknown command \"unknown\": use subscribe"),
+            (r#"{"id":7,"unknown":{}}"#, "unknown command \"unknown\": use connect, subscribe"),
         ];
         for (frame, reason) in cases {
             let e = parse(frame).unwrap_err();
@@ -459,7 +468,7 @@ mod tests {
             json!({"id": 6, "presence_stats": {"channel": "chat:a", "connections": 3, "users": 2, "missing_workers": []}})
         );
         assert_eq!(
-            text(&connected("w1", 42, Some("ana"))),
+            text(&connected(None, "w1", 42, Some("ana"))),
             json!({"connected": {"worker_id": "w1", "connection_id": "42", "user_id": "ana"}})
         );
         let p = publication("chat:a", &content::Body::Text("hi \"you\"".into()), None);

@@ -73,6 +73,21 @@ pub struct Identity {
     pub expires_at: Option<u64>,
     /// Client channels its token lets it subscribe to (the `channels` claim).
     pub channels: Vec<String>,
+    /// The id of the `connect` command that gave the token, when the client
+    /// gave it so rather than in the handshake: the greeting answers it.
+    pub connect_id: Option<u64>,
+}
+
+impl From<crate::client_auth::Identity> for Identity {
+    fn from(verified: crate::client_auth::Identity) -> Self {
+        Self {
+            user_id: Some(verified.user_id),
+            groups: verified.groups,
+            expires_at: verified.expires_at,
+            channels: verified.channels,
+            connect_id: None,
+        }
+    }
 }
 
 /// Directory changes not yet reported to the broker, and the controls

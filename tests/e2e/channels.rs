@@ -369,3 +369,37 @@ async fn subscribers_see_who_joins_and_leaves_and_a_backend_can_leave_one_out() 
     dan.call("subscribe", json!({ "channel": "quiet:a" })).await;
     ana.expect_silence().await;
 }
+
+#[tokio::test]
+async fn a_client_may_keep_its_token_out_of_the_url_and_connect_with_a_command() {
+    let herald = Herald::standalone(&["--client-auth", "jwt", "--jwt-secret", SECRET, "--namespace", "news"]);
+    let url = herald.ws_url();
+    let token = signed(&json!({ "sub": "ana", "exp": unix_now() + 60 }));
+    let (mut ana, reply) = ProtocolClient::connect_by_command(&url, &token).await;
+    assert_eq!(reply["id"], 1, "the connect command is answered: {reply}");
+    assert_eq!(reply["connected"]["user_id"], "ana", "{reply}");
+    let subscribed = ana.call("subscribe", json!({ "channel": "news:today" })).await;
+    assert!(subscribed.get("subscribed").is_some(), "a users-only namespace admits the token's user: {subscribed}");
+    let again = ana.call("connect", json!({ "token": token })).await;
+    assert_eq!(again["error"]["code"], 400, "{again}");
+
+    let (mut forged, reply) = ProtocolClient::connect_by_command(&url, "not.a.jwt").await;
+    assert_eq!(reply["error"]["code"], 401, "{reply}");
+    assert_eq!(forged.closed().await.map(|(code, _)| code), Some(4001));
+
+    let mut early = {
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+            .expect("a WebSocket URL");
+        request.headers_mut().insert("sec-websocket-protocol", "herald.json.v1".parse().expect("a header value"));
+        tokio_tungstenite::connect_async(request).await.expect("the handshake is accepted without a token").0
+    };
+    early.send(Message::text(r#"{"id":5,"subscribe":{"channel":"news:today"}}"#)).await.expect("send");
+    let refusal = early.next().await.expect("a reply").expect("a frame");
+    let refusal: Value = serde_json::from_str(refusal.to_text().expect("text")).expect("JSON");
+    assert_eq!((refusal["id"].as_u64(), refusal["error"]["code"].as_u64()), (Some(5), Some(401)), "{refusal}");
+    assert_eq!(refusal["error"]["message"], "connect with a token first");
+    match early.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
+        other => panic!("expected a 4001 close, got {other:?}"),
+    }
+}

@@ -32,6 +32,42 @@ impl ProtocolClient {
         Self::connect_with(url, None).await
     }
 
+    /// Connects without a token in the handshake and sends it in a
+    /// `connect` command (id 1) instead; returns the client and the
+    /// command's reply (`connected`, or an error before the close).
+    pub async fn connect_by_command(url: &str, token: &str) -> (ProtocolClient, Value) {
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        request.headers_mut().insert("sec-websocket-protocol", "herald.json.v1".parse().expect("a header value"));
+        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket handshake");
+        let mut client = ProtocolClient {
+            ws,
+            worker_id: String::new(),
+            connection_id: String::new(),
+            next_id: 1,
+            pushes: VecDeque::new(),
+        };
+        let reply = client.call("connect", json!({ "token": token })).await;
+        if let Some(connected) = reply.get("connected") {
+            client.worker_id = connected["worker_id"].as_str().unwrap_or_default().to_owned();
+            client.connection_id = connected["connection_id"].as_str().unwrap_or_default().to_owned();
+        }
+        (client, reply)
+    }
+
+    /// The close code and reason the gateway ends the connection with.
+    pub async fn closed(&mut self) -> Option<(u16, String)> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("a close in time") {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     /// Connects with `Authorization: Bearer <token>` when given.
     pub async fn connect_with(url: &str, token: Option<&str>) -> ProtocolClient {
         let mut request = url.into_client_request().expect("a WebSocket URL");

@@ -22,6 +22,7 @@ fn user(name: &str, groups: &[&str]) -> Identity {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         expires_at: None,
         channels: vec![],
+        connect_id: None,
     }
 }
 
