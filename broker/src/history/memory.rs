@@ -119,43 +119,24 @@ impl MemoryHistory {
     pub fn read(&self, channel: &str, read: &Read) -> HistoryResponse {
         let now = Instant::now();
         let mut state = self.lock();
-        let stream = state.streams.get_mut(channel).filter(|stream| !stream.forgotten(now));
-        let Some(stream) = stream else {
-            // Nothing stored, or forgotten: only a client that saw nothing
-            // either has nothing to catch up on.
-            let complete = read.since.as_ref().is_some_and(|since| since.offset == 0 && since.epoch.is_empty());
-            return HistoryResponse { publications: Vec::new(), position: Some(StreamPosition::default()), complete };
+        let Some(stream) = state.streams.get_mut(channel).filter(|stream| !stream.forgotten(now)) else {
+            return read.of_nothing();
         };
         stream.expire(now);
-        let limit = read.limit as usize;
-        let (after, complete) = match &read.since {
-            None => (stream.top.saturating_sub(limit as u64), false),
-            Some(since) if since.epoch.is_empty() && since.offset == 0 => (0, stream.oldest() == 1),
-            Some(since) if since.epoch == stream.epoch => (since.offset, stream.oldest() <= since.offset + 1),
-            Some(_) => {
-                return HistoryResponse {
-                    publications: Vec::new(),
-                    position: Some(stream.position()),
-                    complete: false,
-                };
-            }
-        };
-        let publications = if read.since.is_some() && !complete {
-            Vec::new()
-        } else {
-            stream
-                .entries
-                .iter()
-                .filter(|e| e.offset > after)
-                .take(limit)
-                .map(|e| HistoryPublication {
-                    offset: e.offset,
-                    content: Some(e.content.clone()),
-                    published_at: Some(e.published_at.into()),
-                })
-                .collect()
-        };
-        HistoryResponse { publications, position: Some(stream.position()), complete }
+        let top = stream.position();
+        let after = read.after(&top);
+        let publications = stream
+            .entries
+            .iter()
+            .filter(|e| after.is_some_and(|after| e.offset > after))
+            .take(read.limit as usize)
+            .map(|e| HistoryPublication {
+                offset: e.offset,
+                content: Some(e.content.clone()),
+                published_at: Some(e.published_at.into()),
+            })
+            .collect();
+        read.answer(top, after, stream.oldest(), publications)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

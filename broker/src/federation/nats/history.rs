@@ -227,33 +227,21 @@ impl JetStreamHistory {
         read: &Read,
     ) -> Result<HistoryResponse, FederationError> {
         let Some(last) = self.last(channel, rule).await? else {
-            let complete = read.since.as_ref().is_some_and(|since| since.offset == 0 && since.epoch.is_empty());
-            return Ok(HistoryResponse {
-                publications: Vec::new(),
-                position: Some(StreamPosition::default()),
-                complete,
-            });
+            return Ok(read.of_nothing());
         };
-        let position = StreamPosition { offset: last.offset, epoch: last.epoch.clone() };
-        let limit = read.limit as usize;
-        let after = match &read.since {
-            Some(since) if since.epoch.is_empty() && since.offset == 0 => 0,
-            Some(since) if since.epoch == last.epoch && since.offset >= last.offset => {
-                return Ok(HistoryResponse { publications: Vec::new(), position: Some(position), complete: true });
+        let top = StreamPosition { offset: last.offset, epoch: last.epoch.clone() };
+        let after = read.after(&top);
+        // Walked only when there is something past `after` (nothing is newer
+        // than the last publication), and something to learn: publications,
+        // or, with `since`, the oldest offset held.
+        let (publications, oldest) = match after {
+            Some(after) if after < last.offset && (read.limit > 0 || read.since.is_some()) => {
+                let (publications, oldest) = self.walk(channel, rule, &last, after, read.limit as usize).await?;
+                (publications, oldest.unwrap_or(last.offset + 1))
             }
-            Some(since) if since.epoch == last.epoch => since.offset,
-            Some(_) => {
-                return Ok(HistoryResponse { publications: Vec::new(), position: Some(position), complete: false });
-            }
-            None => last.offset.saturating_sub(limit as u64),
+            _ => (Vec::new(), last.offset + 1),
         };
-        if limit == 0 && read.since.is_none() {
-            return Ok(HistoryResponse { publications: Vec::new(), position: Some(position), complete: false });
-        }
-        let (publications, oldest) = self.walk(channel, rule, &last, after, limit).await?;
-        let complete = read.since.is_some() && oldest.is_some_and(|oldest| oldest <= after + 1);
-        let publications = if read.since.is_some() && !complete { Vec::new() } else { publications };
-        Ok(HistoryResponse { publications, position: Some(position), complete })
+        Ok(read.answer(top, after, oldest, publications))
     }
 
     /// The publications of `channel` after offset `after` (at most
