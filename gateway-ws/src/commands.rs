@@ -12,8 +12,10 @@
 //! publications at or before that position are dropped: the client sees the
 //! stream once, in order, across the seam.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use herald_client::Broker;
 use herald_common::namespaces::{HistoryRule, Namespace};
 use herald_proto::names;
 use herald_proto::v1::{
@@ -61,6 +63,21 @@ struct Refused(u32, String);
 impl Refused {
     fn new(code: u32, reason: impl Into<String>) -> Self {
         Self(code, reason.into())
+    }
+}
+
+/// A broker's refusal, as the client's code: a malformed request, a
+/// channel without history, content over the limit; anything else is the
+/// broker being unavailable.
+impl From<tonic::Status> for Refused {
+    fn from(status: tonic::Status) -> Self {
+        let code = match status.code() {
+            Code::InvalidArgument => code::BAD_COMMAND,
+            Code::FailedPrecondition => code::NOT_ALLOWED,
+            Code::ResourceExhausted => code::TOO_LARGE,
+            _ => code::UNAVAILABLE,
+        };
+        Self(code, status.message().to_owned())
     }
 }
 
@@ -266,15 +283,8 @@ async fn recovery(
 }
 
 async fn read_history(shared: &Shared, req: HistoryRequest) -> Result<HistoryResponse, Refused> {
-    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
-    broker.history(req).await.map_err(|status| {
-        let code = match status.code() {
-            Code::InvalidArgument => code::BAD_COMMAND,
-            Code::FailedPrecondition => code::NOT_ALLOWED,
-            _ => code::UNAVAILABLE,
-        };
-        Refused::new(code, status.message())
-    })
+    let broker = broker(shared)?;
+    Ok(broker.history(req).await?)
 }
 
 /// A channel's history, for a subscriber of it.
@@ -313,6 +323,11 @@ async fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel:
     Ok(Done::Unsubscribed { channel })
 }
 
+/// The broker, once the gateway runs.
+fn broker(shared: &Shared) -> Result<&Arc<dyn Broker>, Refused> {
+    shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))
+}
+
 fn subscription_refused(e: SubscriptionError) -> Refused {
     let code = match e {
         SubscriptionError::AlreadySubscribed => code::ALREADY_SUBSCRIBED,
@@ -334,21 +349,14 @@ async fn publish(shared: &Shared, client: &Client, channel: String, body: conten
         }
         PublishRule::Subscribers => {}
     }
-    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
+    let broker = broker(shared)?;
     let request = PublishRequest {
         target: Some(Target { kind: Some(target::Kind::Channel(channel.clone())), except: Vec::new() }),
         content: Some(Content { body: Some(body) }),
         idempotency_key: String::new(),
         presence_change: None,
     };
-    broker.publish(request).await.map_err(|status| {
-        let code = match status.code() {
-            Code::InvalidArgument => code::BAD_COMMAND,
-            Code::ResourceExhausted => code::TOO_LARGE,
-            _ => code::UNAVAILABLE,
-        };
-        Refused::new(code, status.message())
-    })?;
+    broker.publish(request).await?;
     Ok(Done::Published { channel })
 }
 
@@ -362,7 +370,7 @@ async fn presence(shared: &Shared, client: &Client, channel: String, stats: bool
     if !shared.registry.is_subscribed(client.id, &channel) {
         return Err(Refused::new(code::NOT_ALLOWED, "subscribe to the channel before asking who is there"));
     }
-    let broker = shared.broker.get().ok_or_else(|| Refused::new(code::UNAVAILABLE, "the gateway is starting"))?;
+    let broker = broker(shared)?;
     let question = if stats {
         query_request::Question::ChannelCount(channel.clone())
     } else {
