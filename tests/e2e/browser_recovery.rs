@@ -7,16 +7,15 @@
 //! tests/python/browser_recovery.py drives the browser.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use herald_proto::v1::target;
 use serde_json::{Value, json};
 
-use crate::browser::BrowserSockets;
+use crate::browser::{BrowserScript, BrowserSockets};
 use crate::support::{Cluster, Herald, PATIENCE, TempDir, grpc_client, repo_root, text_publish, tool};
 
 /// The channel the page follows; `feed:` keeps more than every message.
@@ -140,17 +139,17 @@ fn follow_through(
 
 /// What the tests need: Python with Selenium, Chromium and its driver, and npm.
 struct PageTools {
-    chromium: PathBuf,
-    chromedriver: PathBuf,
+    /// Chromium and its driver.
+    browser: (PathBuf, PathBuf),
     npm: PathBuf,
 }
 
 impl PageTools {
     /// The tools, or `None` (after saying why) when one is missing.
     fn find() -> Option<PageTools> {
-        let (chromium, chromedriver) = BrowserSockets::tools()?;
+        let browser = BrowserSockets::tools()?;
         let npm = tool("npm")?;
-        Some(PageTools { chromium, chromedriver, npm })
+        Some(PageTools { browser, npm })
     }
 }
 
@@ -241,11 +240,8 @@ async fn publish_numbers(broker: &str) {
 /// library; driven by tests/python/browser_recovery.py over its standard
 /// input and output.
 struct RecoveringPage {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-    /// The script's standard error, and the unpacked library it serves.
-    dir: TempDir,
+    /// The script; its directory holds the unpacked library it serves.
+    script: BrowserScript,
     /// Packing and unpacking the library, until [`Self::open`] waits for it.
     unpacking: Option<std::thread::JoinHandle<()>>,
 }
@@ -255,30 +251,14 @@ impl RecoveringPage {
     /// unpacks the library. Returns before either is done, so that the test
     /// starts its servers meanwhile: the page opens later, with [`Self::open`].
     fn launch(tools: &PageTools) -> RecoveringPage {
-        let dir = TempDir::new("browser-recovery");
-        let mut command = Command::new("python3");
-        command.arg(repo_root().join("tests/python/browser_recovery.py"));
-        command.arg("--chromium").arg(&tools.chromium).arg("--chromedriver").arg(&tools.chromedriver);
-        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("create a log file");
-        let mut child =
-            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log).spawn().expect("run browser_recovery.py");
-        let stdin = child.stdin.take().expect("stdin piped");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (npm, into) = (tools.npm.clone(), dir.path().to_owned());
+        let script = BrowserScript::start("browser_recovery.py", &tools.browser, &[]);
+        let (npm, into) = (tools.npm.clone(), script.dir().to_owned());
         let unpacking = std::thread::spawn(move || {
             let tarball = into.join("herald-client.tgz");
             std::fs::write(&tarball, TARBALL.get_or_init(|| pack(&npm))).expect("write the tarball");
             run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&into));
         });
-        RecoveringPage { child, stdin, lines, dir, unpacking: Some(unpacking) }
+        RecoveringPage { script, unpacking: Some(unpacking) }
     }
 
     /// Opens the page with `gateways` in this order, and waits until its
@@ -287,7 +267,7 @@ impl RecoveringPage {
         if let Some(Err(panic)) = self.unpacking.take().map(std::thread::JoinHandle::join) {
             std::panic::resume_unwind(panic);
         }
-        let dist = self.dir.path().join("package/dist");
+        let dist = self.script.dir().join("package/dist");
         self.say(&format!("open {}", json!({ "dist": dist, "gateways": gateways, "channel": CHANNEL })));
         // Starting Chromium is the slow part.
         let ready = self.answer("ready", PATIENCE * 3);
@@ -328,39 +308,11 @@ impl RecoveringPage {
     }
 
     fn say(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to browser_recovery.py");
-        self.stdin.flush().expect("flush");
+        self.script.say(line);
     }
 
-    /// The next line, which must start with `word`; its JSON.
     fn answer(&mut self, word: &str, within: Duration) -> Value {
-        let line = self.lines.recv_timeout(within).unwrap_or_else(|_| {
-            panic!("browser_recovery.py said nothing in {within:?}; its log:\n{}", self.log());
-        });
-        let Some(json) = line.strip_prefix(word).and_then(|rest| rest.strip_prefix(' ')) else {
-            panic!("browser_recovery.py: expected {word:?}, got {line}\nits log:\n{}", self.log());
-        };
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for RecoveringPage {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.script.answer(word, within)
     }
 }
 
