@@ -7,19 +7,18 @@
 //! Standalone, the history is in the broker's memory; with `--brokers` above
 //! 1, in JetStream.
 
-use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use herald_proto::v1::{Content, PublishRequest, Target, content, target};
 
 use crate::cli::RecoverArgs;
-use crate::clients::{self, Client};
-use crate::procfs::CpuMeter;
+use crate::clients::Client;
 use crate::rpc::{Calls, Rpc};
-use crate::stats::{Column, Measurement};
+use crate::stats::Column;
 
-use super::{Bench, RowRuns, check_alive, print_table, topology, watched};
+use super::subscribe::measure_callers;
+use super::{Bench, RowRuns, check_alive, print_table, topology};
 
 const COLUMNS: [Column; 6] =
     [Column::Connections, Column::OpsRate, Column::PublishErrors, Column::Latency, Column::Cpu, Column::Closed];
@@ -50,35 +49,14 @@ pub async fn run(args: &RecoverArgs) -> anyhow::Result<()> {
         }
         let last = last.context("a publication to a channel with history has a position")?;
         let since = last.offset - args.missed;
-        let url = herald.endpoints.ws_urls.first().cloned().context("no WebSocket URL")?;
-        let mut callers = Vec::with_capacity(args.callers);
-        for _ in 0..args.callers {
-            callers.push(clients::connect_speaking(&url, Ipv4Addr::LOCALHOST).await?);
-        }
-        let meter = CpuMeter::start(&watched(&herald.endpoints, None));
-        let began = Instant::now();
-        let deadline = began + common.duration;
-        let tasks: Vec<_> = callers
-            .into_iter()
-            .map(|client| {
-                let epoch = last.epoch.clone();
-                tokio::spawn(recover(client, since, epoch, args.missed, deadline))
+        let missed = args.missed;
+        let (m, first_error) =
+            measure_callers(&herald, args.callers, common.duration, "recovering", |_, client, deadline| {
+                recover(client, since, last.epoch.clone(), missed, deadline)
             })
-            .collect();
-        let mut total = Calls::default();
-        for task in tasks {
-            total.merge(task.await.context("a recovering caller failed")?);
-        }
-        let m = Measurement {
-            connections: args.callers as u64,
-            ops_rate: total.answered as f64 / began.elapsed().as_secs_f64(),
-            publish_errors: total.errors,
-            latency: total.latency.percentiles(),
-            cpu: meter.finish(),
-            ..Measurement::default()
-        };
+            .await?;
         let label = format!("recover {} missed, {}", args.missed, topology(common, args.callers));
-        rows.add(&label, run, &COLUMNS, m, total.first_error);
+        rows.add(&label, run, &COLUMNS, m, first_error);
         check_alive(&mut herald);
     }
     let title = format!(

@@ -7,13 +7,14 @@
 //! so each one is a round trip through the gateway's directory report.
 
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::cli::SubscribeArgs;
 use crate::clients::{self, Client};
 use crate::procfs::CpuMeter;
+use crate::procs::Herald;
 use crate::rpc::Calls;
 use crate::stats::{Column, Measurement};
 
@@ -35,34 +36,14 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<()> {
     );
     for run in 1..=common.runs {
         let mut herald = bench.herald(args.callers, false).await?;
-        let url = herald.endpoints.ws_urls.first().cloned().context("no WebSocket URL")?;
-        let mut callers = Vec::with_capacity(args.callers);
-        for _ in 0..args.callers {
-            callers.push(clients::connect_speaking(&url, Ipv4Addr::LOCALHOST).await?);
-        }
-        let meter = CpuMeter::start(&watched(&herald.endpoints, None));
-        let began = Instant::now();
-        let deadline = began + common.duration;
         let channels = args.channels;
-        let tasks: Vec<_> = callers
-            .into_iter()
-            .enumerate()
-            .map(|(i, client)| tokio::spawn(churn(client, i, channels, deadline)))
-            .collect();
-        let mut total = Calls::default();
-        for task in tasks {
-            total.merge(task.await.context("a subscribe caller failed")?);
-        }
-        let m = Measurement {
-            connections: args.callers as u64,
-            ops_rate: total.answered as f64 / began.elapsed().as_secs_f64(),
-            publish_errors: total.errors,
-            latency: total.latency.percentiles(),
-            cpu: meter.finish(),
-            ..Measurement::default()
-        };
+        let (m, first_error) =
+            measure_callers(&herald, args.callers, common.duration, "subscribe", |i, client, deadline| {
+                churn(client, i, channels, deadline)
+            })
+            .await?;
         let label = format!("subscribe + unsubscribe, {}", topology(common, args.callers));
-        rows.add(&label, run, &COLUMNS, m, total.first_error);
+        rows.add(&label, run, &COLUMNS, m, first_error);
         check_alive(&mut herald);
     }
     let title = format!(
@@ -74,6 +55,46 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<()> {
     );
     print_table(&title, "commands", &COLUMNS, &rows.summarize());
     Ok(())
+}
+
+/// Connects `count` callers to `herald`, each on a connection of its own
+/// speaking the client protocol, runs `caller(i, client, deadline)` for
+/// each until `duration` has passed, and measures what they did: calls
+/// answered per second, errors, latency, CPU; and the first error.
+pub(super) async fn measure_callers<F, Fut>(
+    herald: &Herald,
+    count: usize,
+    duration: Duration,
+    what: &str,
+    caller: F,
+) -> anyhow::Result<(Measurement, Option<String>)>
+where
+    F: Fn(usize, Client, Instant) -> Fut,
+    Fut: Future<Output = Calls> + Send + 'static,
+{
+    let url = herald.endpoints.ws_urls.first().cloned().context("no WebSocket URL")?;
+    let mut callers = Vec::with_capacity(count);
+    for _ in 0..count {
+        callers.push(clients::connect_speaking(&url, Ipv4Addr::LOCALHOST).await?);
+    }
+    let meter = CpuMeter::start(&watched(&herald.endpoints, None));
+    let began = Instant::now();
+    let deadline = began + duration;
+    let tasks: Vec<_> =
+        callers.into_iter().enumerate().map(|(i, client)| tokio::spawn(caller(i, client, deadline))).collect();
+    let mut total = Calls::default();
+    for task in tasks {
+        total.merge(task.await.with_context(|| format!("a {what} caller failed"))?);
+    }
+    let m = Measurement {
+        connections: count as u64,
+        ops_rate: total.answered as f64 / began.elapsed().as_secs_f64(),
+        publish_errors: total.errors,
+        latency: total.latency.percentiles(),
+        cpu: meter.finish(),
+        ..Measurement::default()
+    };
+    Ok((m, total.first_error))
 }
 
 /// One caller: subscribe, unsubscribe, next channel, until `deadline`.
