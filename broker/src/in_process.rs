@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_client::{Broker, BrokerSession, SessionCommands};
+use herald_proto::v1::{CallAnswer, CallRequest, ConnectionEvent};
 use herald_proto::v1::{
     ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
     PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
@@ -39,6 +40,14 @@ impl Broker for Hub {
 
     async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status> {
         Hub::history(self, req).await.map_err(Status::from)
+    }
+
+    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
+        Hub::report_events(self, events).await
+    }
+
+    async fn call(&self, req: CallRequest) -> Result<CallAnswer, Status> {
+        Hub::call(self, req).await.map_err(Status::from)
     }
 
     async fn open_session(&self) -> Result<BrokerSession, Status> {

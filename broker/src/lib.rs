@@ -7,11 +7,13 @@
 //! - [`federation`]: the seam to other brokers: on its own ([`federation::Local`])
 //!   or bridged by NATS ([`federation::nats`]);
 //! - [`history`]: the publications client channels keep, for recovery;
+//! - [`backends`]: connection events for backends, and clients' calls to them;
 //! - [`server`]: `herald.v1.BrokerService` over gRPC, with reflection and
 //!   `grpc.health.v1`;
 //! - the hub is also a [`herald_client::Broker`], for gateways in the same
 //!   process.
 
+pub mod backends;
 pub mod control;
 mod error;
 pub mod federation;

@@ -3,6 +3,10 @@
 
 use herald_proto::v1::broker_service_server::BrokerService;
 use herald_proto::v1::{
+    AckEventsRequest, AckEventsResponse, CallRequest, CallResponse, ConsumeEventsRequest, ReportEventsRequest,
+    ReportEventsResponse, ServeCallsRequest, ServeCallsResponse, serve_calls_request,
+};
+use herald_proto::v1::{
     ControlBatchRequest, ControlBatchResponse, ControlRequest, ControlResponse, HistoryRequest, HistoryResponse,
     PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse, QueryRequest, QueryResponse,
     SubscribeRequest,
@@ -12,6 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use herald_common::auth::ApiKeys;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backends::Consumer;
 use crate::error::{control_result, publish_result};
 use crate::hub::{Hub, SessionEvents};
 
@@ -120,5 +128,72 @@ impl BrokerService for BrokerGrpc {
             }
         });
         Ok(Response::new(events))
+    }
+
+    async fn report_events(
+        &self,
+        request: Request<ReportEventsRequest>,
+    ) -> Result<Response<ReportEventsResponse>, Status> {
+        self.hub.report_events(request.into_inner().events).await?;
+        Ok(Response::new(ReportEventsResponse {}))
+    }
+
+    type ConsumeEventsStream = Consumer;
+
+    async fn consume_events(
+        &self,
+        request: Request<ConsumeEventsRequest>,
+    ) -> Result<Response<Self::ConsumeEventsStream>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(self.hub.consume_events(&request.group, request.max_unacked)?))
+    }
+
+    async fn ack_events(&self, request: Request<AckEventsRequest>) -> Result<Response<AckEventsResponse>, Status> {
+        let request = request.into_inner();
+        self.hub.ack_events(&request.group, &request.ack_ids).await?;
+        Ok(Response::new(AckEventsResponse {}))
+    }
+
+    async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
+        let answer = self.hub.call(request.into_inner()).await?;
+        Ok(Response::new(CallResponse { answer: Some(answer) }))
+    }
+
+    type ServeCallsStream = ReceiverStream<Result<ServeCallsResponse, Status>>;
+
+    async fn serve_calls(
+        &self,
+        request: Request<Streaming<ServeCallsRequest>>,
+    ) -> Result<Response<Self::ServeCallsStream>, Status> {
+        let mut incoming = request.into_inner();
+        let methods = match incoming.message().await? {
+            Some(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Start(start)) }) => start.methods,
+            _ => return Err(Status::invalid_argument("the first message must be start, naming the methods served")),
+        };
+        let (tx, rx) = mpsc::channel(self.hub.backend_queue());
+        let registration = self.hub.serve_calls(methods, tx.clone())?;
+        let hub = self.hub.clone();
+        // Answers are read by one task; the backend's stream ends its
+        // registration, and its unanswered calls fail at once.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = incoming.message() => match message {
+                        Ok(Some(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Answer(answer)) })) => {
+                            hub.answer_call(&registration, answer);
+                        }
+                        Ok(Some(_)) => {
+                            let status = Status::invalid_argument("only the first message may be start; then answers");
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = tx.closed() => break,
+                }
+            }
+            hub.stop_serving(registration);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -17,6 +17,7 @@ pub mod remote;
 use std::pin::Pin;
 
 use async_trait::async_trait;
+use herald_proto::v1::{CallAnswer, CallRequest, ConnectionEvent};
 use herald_proto::v1::{
     ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
     PublishResult, QueryRequest, QueryResponse, SubscribeRequest, SubscribeResponse,
@@ -50,6 +51,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Reads a client channel's history.
     async fn history(&self, req: HistoryRequest) -> Result<HistoryResponse, Status>;
+
+    /// Stores connection events for the backends' consumer groups,
+    /// answering once they are stored.
+    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status>;
+
+    /// Asks a backend serving the call's method, and waits for its answer.
+    async fn call(&self, req: CallRequest) -> Result<CallAnswer, Status>;
 
     /// Opens a subscriber session.
     async fn open_session(&self) -> Result<BrokerSession, Status>;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_proto::v1::broker_service_client::BrokerServiceClient;
+use herald_proto::v1::{CallAnswer, CallRequest, ConnectionEvent, ReportEventsRequest};
 use herald_proto::v1::{
     ControlBatchRequest, ControlRequest, ControlResponse, ControlResult, HistoryRequest, HistoryResponse,
     PublishBatchRequest, PublishRequest, PublishResponse, PublishResult, QueryRequest, QueryResponse, SubscribeRequest,
@@ -292,6 +293,28 @@ impl Broker for RemoteBrokers {
             })
             .await?;
         Ok(answer.0.into_inner())
+    }
+
+    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
+        let req = ReportEventsRequest { events };
+        self.inner
+            .failover(true, |mut client| {
+                let request = tonic::Request::new(req.clone());
+                async move { client.report_events(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn call(&self, req: CallRequest) -> Result<CallAnswer, Status> {
+        let answer = self
+            .inner
+            .failover(false, |mut client| {
+                let request = tonic::Request::new(req.clone());
+                async move { client.call(request).await }
+            })
+            .await?;
+        answer.0.into_inner().answer.ok_or_else(|| Status::internal("the broker answered a call without an answer"))
     }
 
     async fn open_session(&self) -> Result<BrokerSession, Status> {

@@ -632,6 +632,14 @@ mod tests {
             })
         }
 
+        async fn report_events(&self, _events: Vec<herald_proto::v1::ConnectionEvent>) -> Result<(), Status> {
+            Err(Status::unimplemented("the HTTP gateway reports no events"))
+        }
+
+        async fn call(&self, _req: herald_proto::v1::CallRequest) -> Result<herald_proto::v1::CallAnswer, Status> {
+            Err(Status::unimplemented("the HTTP gateway makes no calls"))
+        }
+
         async fn open_session(&self) -> Result<BrokerSession, Status> {
             Err(Status::unimplemented("no sessions in this test"))
         }

@@ -41,6 +41,12 @@ pub enum Notice {
     WorkerLost { worker_id: String, same_instance: bool },
     /// Another broker asks something of this one's gateways.
     Ask { ask: Ask, reply: oneshot::Sender<Answer> },
+    /// Another broker hands over a call that a backend of this one serves.
+    Call {
+        request: herald_proto::v1::CallRequest,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<herald_proto::v1::CallAnswer, crate::backends::calls::CallFailure>>,
+    },
 }
 
 /// The other brokers could not be reached.
@@ -87,6 +93,30 @@ pub trait Federation: Send + Sync + 'static {
     /// publications to those channels are stored there, and reach every
     /// broker's listeners from there.
     fn history(&self) -> Option<&nats::history::JetStreamHistory> {
+        None
+    }
+
+    /// The event log the cluster keeps for consumer groups, if it keeps
+    /// one; a broker on its own keeps events in memory.
+    fn event_log(&self) -> Option<std::sync::Arc<dyn crate::backends::log::EventLog>> {
+        None
+    }
+
+    /// Records that this broker's backends started (`Add`) or stopped
+    /// (`Remove`) serving a method, so that calls from other brokers reach
+    /// them.
+    fn serve_method(&self, change: Interest) {
+        let _ = change;
+    }
+
+    /// Hands a call no backend of this broker serves to the brokers whose
+    /// backends serve it; `None` when there is no other broker.
+    async fn forward_call(
+        &self,
+        request: &herald_proto::v1::CallRequest,
+        timeout: Duration,
+    ) -> Option<Result<herald_proto::v1::CallAnswer, crate::backends::calls::CallFailure>> {
+        let _ = (request, timeout);
         None
     }
 

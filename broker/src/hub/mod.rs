@@ -9,6 +9,7 @@
 //!
 //! State lives behind one `RwLock` that is never held across an `.await`.
 
+mod backends;
 mod commands;
 mod control;
 mod directory;
@@ -34,6 +35,9 @@ use self::index::{Changes, Index};
 use self::recent::RecentKeys;
 use self::session::Sink;
 pub use self::session::{Session, SessionEvents};
+use crate::backends::Backends;
+use crate::backends::LogConfig;
+use crate::backends::memory::MemoryLog;
 use crate::federation::{Federation, Local, Notice};
 use crate::history::memory::MemoryHistory;
 use crate::metrics::BrokerMetrics;
@@ -89,6 +93,8 @@ pub struct HubLimits {
     pub answer_timeout: Duration,
     /// The client channel namespaces, for the history their channels keep.
     pub namespaces: Namespaces,
+    /// How connection events are kept for consumer groups.
+    pub events: LogConfig,
 }
 
 impl Default for HubLimits {
@@ -105,6 +111,7 @@ impl Default for HubLimits {
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
             answer_timeout: DEFAULT_ANSWER_TIMEOUT,
             namespaces: Namespaces::default(),
+            events: LogConfig::default(),
         }
     }
 }
@@ -136,6 +143,8 @@ struct Shared {
     /// Held while a publication is stored and delivered, so that channels
     /// with history deliver in offset order.
     history_order: tokio::sync::Mutex<()>,
+    /// Connection events for backends, and clients' calls to them.
+    backends: Backends,
 }
 
 #[derive(Default)]
@@ -172,6 +181,8 @@ impl Hub {
 
     fn build(mut limits: HubLimits, federation: Box<dyn Federation>) -> Self {
         limits.session_queue = limits.session_queue.max(1);
+        let log = federation.event_log().unwrap_or_else(|| Arc::new(MemoryLog::new(limits.events.clone())));
+        let backends = Backends::new(log, &limits.events);
         Self {
             shared: Arc::new(Shared {
                 state: RwLock::new(State::default()),
@@ -185,6 +196,7 @@ impl Hub {
                 grace_over: AtomicBool::new(false),
                 history: MemoryHistory::default(),
                 history_order: tokio::sync::Mutex::new(()),
+                backends,
                 limits,
             }),
         }
@@ -249,6 +261,7 @@ impl Hub {
             out.gauge("herald_broker_directory_users", "Distinct user ids among those connections.", users as i64);
             out.gauge("herald_broker_directory_groups", "Groups with a member among those connections.", groups as i64);
         }
+        self.shared.backends.render(out);
         self.federation().render_metrics(out);
     }
 

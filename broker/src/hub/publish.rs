@@ -282,6 +282,12 @@ impl Hub {
                     let _ = reply.send(hub.answer(ask).await);
                 });
             }
+            Notice::Call { request, timeout, reply } => {
+                let hub = self.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(hub.shared.backends.call_local(request, timeout).await);
+                });
+            }
             Notice::WorkerLost { worker_id, same_instance } => {
                 let holder = self.read().index.holder(&worker_id).cloned();
                 if let Some(sink) = holder {

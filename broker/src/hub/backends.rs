@@ -1,0 +1,85 @@
+//! The hub's face for backends: connection events reported by gateways and
+//! consumed by groups, and clients' calls to the backends serving them. The
+//! work is in [`crate::backends`]; this file adds what needs the hub (its
+//! readiness, and the other brokers of a cluster).
+
+use herald_proto::v1::{CallAnswer, CallRequest, ConnectionEvent, ServeCallsResponse};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::Hub;
+use crate::backends::Consumer;
+use crate::backends::calls::{CallFailure, Registration};
+use crate::backends::log::LogError;
+use crate::federation::Interest;
+
+impl Hub {
+    /// Stores a gateway's connection events for the consumer groups.
+    pub async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
+        if self.is_shutting_down() {
+            return Err(LogError::Unavailable("broker is shutting down".into()).into());
+        }
+        Ok(self.shared.backends.report(events).await?)
+    }
+
+    /// Attaches an instance of a consumer group.
+    pub(crate) fn consume_events(&self, group: &str, max_unacked: u32) -> Result<Consumer, Status> {
+        Ok(self.shared.backends.consume(group, max_unacked)?)
+    }
+
+    /// Acknowledges deliveries of a group.
+    pub async fn ack_events(&self, group: &str, ack_ids: &[String]) -> Result<(), Status> {
+        Ok(self.shared.backends.ack(group, ack_ids).await?)
+    }
+
+    /// Asks a backend serving the call's method: one on this broker if
+    /// there is one, else one on another broker of the cluster.
+    pub async fn call(&self, request: CallRequest) -> Result<CallAnswer, CallFailure> {
+        let backends = &self.shared.backends;
+        let timeout = backends.check_call(&request)?;
+        if backends.serves(&request.method) {
+            return backends.call_local(request, timeout).await;
+        }
+        let outcome = match self.federation().forward_call(&request, timeout).await {
+            Some(outcome) => outcome,
+            None => Err(CallFailure::NoBackend(request.method)),
+        };
+        backends.count_call(&outcome);
+        outcome
+    }
+
+    /// Registers a backend serving `methods`, and tells the cluster which
+    /// methods this broker now serves.
+    pub(crate) fn serve_calls(
+        &self,
+        methods: Vec<String>,
+        tx: mpsc::Sender<Result<ServeCallsResponse, Status>>,
+    ) -> Result<Registration, CallFailure> {
+        let (registration, new) = self.shared.backends.serve(methods, tx)?;
+        for method in new {
+            self.federation().serve_method(Interest::Add(method));
+        }
+        Ok(registration)
+    }
+
+    /// Hands a backend's answer to its caller.
+    pub(crate) fn answer_call(&self, registration: &Registration, answer: CallAnswer) {
+        self.shared.backends.answer(registration, answer);
+    }
+
+    /// Unregisters a backend; its unanswered calls fail at once.
+    pub(crate) fn stop_serving(&self, registration: Registration) {
+        for method in registration.end() {
+            self.federation().serve_method(Interest::Remove(method));
+        }
+    }
+
+    pub(crate) fn webhook_metrics(&self) -> std::sync::Arc<crate::backends::webhook::WebhookMetrics> {
+        self.shared.backends.webhook.clone()
+    }
+
+    /// How many calls a backend may have queued.
+    pub(crate) fn backend_queue(&self) -> usize {
+        crate::backends::calls::Calls::backend_queue()
+    }
+}
