@@ -18,6 +18,7 @@ use std::time::Duration;
 use herald_client::Broker;
 use herald_common::namespaces::{HistoryRule, Namespace};
 use herald_proto::names;
+use herald_proto::v1::{CallRequest, call_answer};
 use herald_proto::v1::{
     ChannelPresenceChange, ConnectionAddress, Content, HistoryRequest, HistoryResponse, PublishRequest, QueryRequest,
     StreamPosition, Target, content, query_request, target,
@@ -27,6 +28,7 @@ use tonic::Code;
 
 use crate::client_auth::{TokenRejection, unix_now};
 use crate::close::CloseReason;
+use crate::events::About;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandKind, Done, Recovery, Subscriber, code};
 use crate::registry::SubscriptionError;
@@ -132,10 +134,11 @@ pub(crate) async fn run(
         }
         CommandKind::Unsubscribe { channel } => {
             let result = unsubscribe(shared, client, outbox, channel).await;
-            if let Ok(Done::Unsubscribed { channel }) = &result
-                && let Some(i) = client.announced.iter().position(|c| c == channel)
-            {
-                announce(shared, client.id, client.announced.swap_remove(i), false);
+            if let Ok(Done::Unsubscribed { channel }) = &result {
+                shared.unsubscribe_event(about(shared, client.id).as_about(), channel);
+                if let Some(i) = client.announced.iter().position(|c| c == channel) {
+                    announce(shared, client.id, client.announced.swap_remove(i), false);
+                }
             }
             result
         }
@@ -144,6 +147,8 @@ pub(crate) async fn run(
         CommandKind::Presence { channel } => presence(shared, client, channel, false).await,
         CommandKind::PresenceStats { channel } => presence(shared, client, channel, true).await,
         CommandKind::History { channel, limit, since } => history(shared, client, channel, limit, since).await,
+        CommandKind::Send { content } => send(shared, client, content),
+        CommandKind::Rpc { method, data } => rpc(shared, client, method, data).await,
     };
     outbox.push(answer(shared, command.id, result), 0)
 }
@@ -191,6 +196,9 @@ async fn subscribe(
             let position = history.as_ref().map(|h| h.position.clone());
             let reply = answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history }));
             let released = outbox.release(&channel, reply, position.as_ref());
+            if !again {
+                shared.subscribe_event(about(shared, client.id).as_about(), &channel);
+            }
             if !again && shared.config.namespaces.of(&channel).is_some_and(|n| n.join_leave) {
                 client.announced.push(channel.clone());
                 announce(shared, client.id, channel, true);
@@ -321,6 +329,64 @@ async fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel:
         shared.followed.wait(journaled, FOLLOW_WAIT).await;
     }
     Ok(Done::Unsubscribed { channel })
+}
+
+/// A connection's user, for the events about it.
+struct Who(u64, Option<Arc<str>>);
+
+impl Who {
+    fn as_about(&self) -> About<'_> {
+        About { connection_id: self.0, user_id: self.1.as_deref() }
+    }
+}
+
+fn about(shared: &Shared, id: u64) -> Who {
+    Who(id, shared.registry.user_of(id))
+}
+
+/// Hands a client's message to the backends, as a message event.
+fn send(shared: &Shared, client: &Client, body: content::Body) -> Result<Done, Refused> {
+    if !shared.events.kinds().message {
+        return Err(Refused::new(code::NOT_ALLOWED, "this gateway passes no messages to backends"));
+    }
+    let who = about(shared, client.id);
+    if shared.message_event(who.as_about(), Content { body: Some(body) }) {
+        Ok(Done::Sent)
+    } else {
+        Err(Refused::new(code::UNAVAILABLE, "the backends are not taking messages now: retry later"))
+    }
+}
+
+/// Asks a backend serving `method`, and answers with its answer.
+async fn rpc(shared: &Shared, client: &Client, method: String, data: content::Body) -> Result<Done, Refused> {
+    names::validate_channel(&method).map_err(|e| Refused::new(code::BAD_COMMAND, format!("method: {e}")))?;
+    let broker = broker(shared)?;
+    let request = CallRequest {
+        method,
+        data: Some(Content { body: Some(data) }),
+        connection: Some(ConnectionAddress {
+            worker_id: shared.config.worker_id.clone(),
+            connection_id: client.id.to_string(),
+        }),
+        user_id: shared.registry.user_of(client.id).map(|u| u.to_string()).unwrap_or_default(),
+        timeout_ms: u32::try_from(shared.config.rpc_timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let answer = broker.call(request).await.map_err(|status| match status.code() {
+        Code::NotFound => Refused::new(code::UNKNOWN_NAMESPACE, status.message()),
+        Code::DeadlineExceeded => Refused::new(code::TIMED_OUT, status.message()),
+        _ => Refused::from(status),
+    })?;
+    match answer.result {
+        Some(call_answer::Result::Data(Content { body: Some(data) })) => Ok(Done::Rpc { data }),
+        Some(call_answer::Result::Error(error)) => {
+            let code = match error.code {
+                c @ (400..=599 | 1000..) => c,
+                _ => code::INTERNAL,
+            };
+            Err(Refused::new(code, error.message))
+        }
+        _ => Err(Refused::new(code::INTERNAL, "the backend answered without data")),
+    }
 }
 
 /// The broker, once the gateway runs.

@@ -44,18 +44,24 @@ pub enum Greeting {
     /// `{"type":"connected","worker_id":"…","connection_id":"…","user_id":"…"}`
     /// (`user_id` only when the connection has one).
     Json,
+    /// Nothing: the connection says nothing before the backend does (for
+    /// echo-style backends built on the event stream).
+    None,
 }
 
 impl Greeting {
     /// The greeting for one connection. Ids are URL-safe tokens, so they
     /// need no escaping; a user id is visible ASCII, escaped for JSON.
-    pub fn render(self, worker_id: &str, connection_id: u64, user_id: Option<&str>) -> String {
+    pub fn render(self, worker_id: &str, connection_id: u64, user_id: Option<&str>) -> Option<String> {
         match self {
-            Self::Text => format!("Worker ID:{worker_id} Connection ID:{connection_id} connected"),
+            Self::Text => Some(format!("Worker ID:{worker_id} Connection ID:{connection_id} connected")),
             Self::Json => {
                 let user = user_id.map(|u| format!(r#","user_id":"{}""#, json_escape(u))).unwrap_or_default();
-                format!(r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"{user}}}"#)
+                Some(format!(
+                    r#"{{"type":"connected","worker_id":"{worker_id}","connection_id":"{connection_id}"{user}}}"#
+                ))
             }
+            Self::None => None,
         }
     }
 }
@@ -109,6 +115,84 @@ pub struct GatewayConfig {
     /// is interest at the broker and in NATS, so clients may not make them
     /// without bound. A subscription that would open one more is refused (429).
     pub max_client_channels: usize,
+    /// Which connection events are reported to the backends.
+    pub events: EventKinds,
+    /// Handshake headers passed on in connect events (lower-case names).
+    pub event_headers: Vec<String>,
+    /// Events queued for the broker before new ones are dropped (counted).
+    pub event_queue: usize,
+    /// The HTTP endpoint that decides who may connect, if any.
+    pub connect_hook: Option<ConnectHookConfig>,
+    /// How long a client's rpc waits for a backend's answer.
+    pub rpc_timeout: Duration,
+}
+
+/// Events queued for the broker, by default.
+pub const DEFAULT_EVENT_QUEUE: usize = 100_000;
+/// How long a client's rpc waits for its answer, by default.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the connect hook may take, by default.
+pub const DEFAULT_CONNECT_HOOK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which connection events a gateway reports to the backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventKinds {
+    pub connect: bool,
+    pub disconnect: bool,
+    pub subscribe: bool,
+    pub unsubscribe: bool,
+    pub message: bool,
+}
+
+impl EventKinds {
+    pub const ALL: Self = Self { connect: true, disconnect: true, subscribe: true, unsubscribe: true, message: true };
+
+    /// Parses `all`, `none`, or a comma-separated list of
+    /// `connect,disconnect,subscribe,unsubscribe,message`.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut kinds = Self::default();
+        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "all" => kinds = Self::ALL,
+                "none" => {}
+                "connect" => kinds.connect = true,
+                "disconnect" => kinds.disconnect = true,
+                "subscribe" => kinds.subscribe = true,
+                "unsubscribe" => kinds.unsubscribe = true,
+                "message" => kinds.message = true,
+                other => {
+                    return Err(format!(
+                        "unknown event {other:?}: use all, none, or connect,disconnect,subscribe,unsubscribe,message"
+                    ));
+                }
+            }
+        }
+        Ok(kinds)
+    }
+
+    pub fn any(self) -> bool {
+        self != Self::default()
+    }
+}
+
+/// What to do with a connection when the connect hook cannot be asked
+/// (unreachable, timed out, or answering other than 2xx, 401 or 403).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HookDown {
+    /// Refuse it with HTTP 503.
+    #[default]
+    Refuse,
+    /// Let it in, anonymous.
+    Anonymous,
+}
+
+/// The connect hook: an HTTP endpoint asked about every new connection.
+#[derive(Debug, Clone)]
+pub struct ConnectHookConfig {
+    /// `http://host:port/path`.
+    pub url: String,
+    pub timeout: Duration,
+    pub when_down: HookDown,
 }
 
 impl GatewayConfig {
@@ -131,6 +215,11 @@ impl GatewayConfig {
             client_auth: None,
             namespaces: Namespaces::default(),
             max_client_channels: DEFAULT_MAX_CLIENT_CHANNELS,
+            events: EventKinds::default(),
+            event_headers: Vec::new(),
+            event_queue: DEFAULT_EVENT_QUEUE,
+            connect_hook: None,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
         }
     }
 
@@ -140,6 +229,9 @@ impl GatewayConfig {
         self.read_buffer_bytes = self.read_buffer_bytes.max(MIN_READ_BUFFER_BYTES);
         self.allowed_origins =
             self.allowed_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+        self.event_headers =
+            self.event_headers.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        self.event_queue = self.event_queue.max(1);
         self
     }
 
@@ -164,15 +256,25 @@ mod tests {
 
     #[test]
     fn greetings_carry_the_address_in_the_classic_text_or_json() {
-        assert_eq!(Greeting::Text.render("w1", 7, Some("ana")), "Worker ID:w1 Connection ID:7 connected");
+        assert_eq!(Greeting::Text.render("w1", 7, Some("ana")).unwrap(), "Worker ID:w1 Connection ID:7 connected");
         assert_eq!(
-            Greeting::Json.render("w1", 7, None),
+            Greeting::Json.render("w1", 7, None).unwrap(),
             r#"{"type":"connected","worker_id":"w1","connection_id":"7"}"#
         );
         assert_eq!(
-            Greeting::Json.render("w1", 7, Some(r#"a"b\c"#)),
+            Greeting::Json.render("w1", 7, Some(r#"a"b\c"#)).unwrap(),
             r#"{"type":"connected","worker_id":"w1","connection_id":"7","user_id":"a\"b\\c"}"#
         );
+        assert_eq!(Greeting::None.render("w1", 7, None), None);
+    }
+
+    #[test]
+    fn event_kinds_are_all_none_or_a_list() {
+        assert_eq!(EventKinds::parse("all").unwrap(), EventKinds::ALL);
+        assert!(!EventKinds::parse("none").unwrap().any());
+        let some = EventKinds::parse("connect, message").unwrap();
+        assert!(some.connect && some.message && !some.disconnect);
+        assert!(EventKinds::parse("connect,typo").unwrap_err().contains("typo"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use herald_common::net::ConnectionSlot;
+use herald_proto::v1::{Content, content};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -29,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseReason;
 use crate::commands::{self, Client};
+use crate::connect_hook::{self, Verdict};
+use crate::events::About;
 use crate::handshake;
 use crate::outbox::Outbox;
 use crate::protocol::{self, BadCommand, Command, CommandKind, Protocol, code};
@@ -112,7 +115,17 @@ where
     let config = &shared.config;
     let at_capacity = shared.registry.len() >= config.max_connections;
     let upgraded = timeout(config.handshake_timeout, async {
-        match handshake::read_request(&mut stream, config, at_capacity).await {
+        let checked = match handshake::read_request(&mut stream, config, at_capacity).await {
+            Ok(mut upgrade) => match upgrade.hook.take() {
+                Some(request) => consult_hook(shared, peer, request).await.map(|identity| {
+                    upgrade.identity = Some(identity);
+                    upgrade
+                }),
+                None => Ok(upgrade),
+            },
+            Err(refusal) => Err(refusal),
+        };
+        match checked {
             Ok(upgrade) => handshake::accept(&mut stream, &upgrade).await.map(|()| upgrade).map_err(|e| e.to_string()),
             Err(refusal) => {
                 if let Some(rejection) = refusal.token_rejection {
@@ -144,8 +157,36 @@ where
     };
     // Boxed: a pointer is all the connection's task then carries around.
     let mut ws = Box::new(ws);
-    let identity = identify(&mut ws, upgrade.identity, shared).await?;
+    let mut identity = identify(&mut ws, upgrade.identity, shared).await?;
+    identity.headers = upgrade.event_headers;
     Some((ws, identity, upgrade.protocol))
+}
+
+/// Asks the connect hook who is connecting; a refusal is the handshake's
+/// answer.
+async fn consult_hook(
+    shared: &Shared,
+    peer: SocketAddr,
+    request: crate::connect_hook::HookRequest,
+) -> Result<Identity, handshake::Refusal> {
+    let (Some(poster), Some(config)) = (&shared.connect_hook, &shared.config.connect_hook) else {
+        return Ok(Identity::default());
+    };
+    match connect_hook::ask(poster, config, peer, request).await {
+        Verdict::Accepted(identity) => {
+            shared.metrics.hook_accepted.inc();
+            Ok(identity)
+        }
+        Verdict::Refused(refusal) => {
+            shared.metrics.hook_refused.inc();
+            Err(refusal)
+        }
+        Verdict::Down { reason, outcome } => {
+            shared.metrics.hook_down.inc();
+            tracing::warn!(%peer, %reason, "connect hook down");
+            outcome
+        }
+    }
 }
 
 /// An open connection: greeting, then the delivery loop, then the close.
@@ -179,33 +220,61 @@ async fn serve_open<S>(
     // Only the greeting and, for the client protocol, what its commands
     // need outlive this block: the rest of the identity is not kept.
     let (greeting, mut client) = {
-        let Identity { user_id, channels, expires_at, connect_id, .. } = *identity;
+        let Identity { user_id, channels, expires_at, connect_id, groups, headers } = *identity;
         let user_id = user_id.as_deref();
+        shared.connect_event(About { connection_id: id, user_id }, peer, &headers, protocol, &groups);
         match protocol {
-            Protocol::Raw => (Message::text(config.greeting.render(&config.worker_id, id, user_id)), None),
+            Protocol::Raw => {
+                (shared.config.greeting.render(&shared.config.worker_id, id, user_id).map(Message::text), None)
+            }
             Protocol::Json => {
                 let client = Client::new(id, channels, expires_at);
-                (protocol::connected(connect_id, &config.worker_id, id, user_id), Some(Box::new(client)))
+                (Some(protocol::connected(connect_id, &shared.config.worker_id, id, user_id)), Some(Box::new(client)))
             }
         }
     };
-    let reason = match timeout(config.write_timeout, ws.send(greeting)).await {
-        Ok(Ok(())) => run(&mut ws, &outbox, shared, client.as_deref_mut()).await,
-        Ok(Err(_)) => CloseReason::ClientGone,
-        Err(_) => CloseReason::WriteTimeout,
+    let greeted = match greeting {
+        Some(greeting) => match timeout(shared.config.write_timeout, ws.send(greeting)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(CloseReason::ClientGone),
+            Err(_) => Some(CloseReason::WriteTimeout),
+        },
+        None => None,
+    };
+    let (reason, client_code) = match greeted {
+        None => run(&mut ws, &outbox, shared, id, client.as_deref_mut()).await,
+        Some(reason) => (reason, None),
     };
     if let Some(client) = client.as_deref_mut() {
         commands::leave_all(shared, client);
     }
-    registry.remove(id);
-    metrics.connections.dec();
-    metrics.closed(reason);
+    closed_events(shared, id, reason, client_code);
+    shared.registry.remove(id);
+    shared.metrics.connections.dec();
+    shared.metrics.closed(reason);
     if matches!(reason, CloseReason::SlowConsumer | CloseReason::WriteTimeout | CloseReason::Unresponsive) {
         tracing::info!(%peer, connection_id = id, reason = reason.label(), "disconnecting a slow client");
     } else {
         tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
     }
     close(&mut ws, reason, outbox.close_text()).await;
+}
+
+/// The events of a closing connection: it leaves its channels, then
+/// disconnects.
+fn closed_events(shared: &Shared, id: u64, reason: CloseReason, client_code: Option<u16>) {
+    let kinds = shared.events.kinds();
+    if !kinds.unsubscribe && !kinds.disconnect {
+        return;
+    }
+    let user = shared.registry.user_of(id);
+    let about = || About { connection_id: id, user_id: user.as_deref() };
+    if kinds.unsubscribe {
+        for channel in shared.registry.channels_of(id) {
+            shared.unsubscribe_event(about(), &channel);
+        }
+    }
+    shared.disconnect_event(about(), reason, client_code);
 }
 
 /// Who is on a new connection: from its handshake, or, for a client that
@@ -267,41 +336,46 @@ async fn addressable(shared: &Shared, position: u64) {
     shared.followed.wait(position, ADDRESSABLE_WAIT).await;
 }
 
+/// The delivery loop, until the connection ends: why, with the code of the
+/// client's close frame when it sent one.
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     outbox: &Outbox,
     shared: &Shared,
+    id: u64,
     mut client: Option<&mut Client>,
-) -> CloseReason {
+) -> (CloseReason, Option<u16>) {
     let mut batch = VecDeque::new();
     loop {
         tokio::select! {
             () = outbox.ready() => {
                 let taken = match outbox.take(&mut batch) {
                     Ok(taken) => taken,
-                    Err(reason) => return reason,
+                    Err(reason) => return (reason, None),
                 };
                 match write_within(shared.config.write_timeout, ws, &mut batch, outbox).await {
                     Written::Done(Ok(())) => shared.metrics.written(taken),
-                    Written::Done(Err(_)) => return CloseReason::ClientGone,
-                    Written::TimedOut => return CloseReason::WriteTimeout,
-                    Written::Abandoned(reason) => return reason,
+                    Written::Done(Err(_)) => return (CloseReason::ClientGone, None),
+                    Written::TimedOut => return (CloseReason::WriteTimeout, None),
+                    Written::Abandoned(reason) => return (reason, None),
                 }
                 // At shutdown the broker link drained first: what was queued
                 // was published before the drain began, and is now written.
                 if let Some(reason) = taken.then_close {
-                    return reason;
+                    return (reason, None);
                 }
             }
             incoming = ws.next() => {
                 outbox.heard(shared.now_ms());
                 match incoming {
-                None => return CloseReason::ClientGone,
-                Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
+                None => return (CloseReason::ClientGone, None),
+                Some(Ok(Message::Close(frame))) => {
+                    return (CloseReason::ClientClosed, frame.map(|f| u16::from(f.code)));
+                }
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                     shared.metrics.bytes_received.add(message.len() as u64);
                     let Some(client) = client.as_deref_mut() else {
-                        shared.metrics.client_messages_ignored.inc();
+                        raw_message(shared, id, message);
                         continue;
                     };
                     let replied = match command(&message) {
@@ -313,21 +387,36 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         Err(BadCommand { id: None, reason }) => {
                             outbox.close_with(CloseReason::BadCommand, Some(close_text(&reason)));
-                            return CloseReason::BadCommand;
+                            return (CloseReason::BadCommand, None);
                         }
                     };
                     if let Err(reason) = replied {
-                        return reason;
+                        return (reason, None);
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return CloseReason::MessageTooBig,
-                Some(Err(WsError::Utf8(_))) => return CloseReason::InvalidPayload,
-                Some(Err(WsError::Protocol(_))) => return CloseReason::ProtocolError,
-                Some(Err(_)) => return CloseReason::ClientGone,
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => return (CloseReason::MessageTooBig, None),
+                Some(Err(WsError::Utf8(_))) => return (CloseReason::InvalidPayload, None),
+                Some(Err(WsError::Protocol(_))) => return (CloseReason::ProtocolError, None),
+                Some(Err(_)) => return (CloseReason::ClientGone, None),
                 }
             }
         }
+    }
+}
+
+/// A classic raw client's frame: a message event for the backends, when
+/// they take them.
+fn raw_message(shared: &Shared, id: u64, message: Message) {
+    let body = match message {
+        Message::Text(text) => content::Body::Text(text.as_str().to_owned()),
+        Message::Binary(bytes) => content::Body::Binary(bytes),
+        _ => return,
+    };
+    let user = shared.registry.user_of(id);
+    let about = About { connection_id: id, user_id: user.as_deref() };
+    if !shared.message_event(about, Content { body: Some(body) }) {
+        shared.metrics.client_messages_ignored.inc();
     }
 }
 

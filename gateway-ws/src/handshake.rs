@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::client_auth::TokenRejection;
 use crate::config::GatewayConfig;
+use crate::connect_hook::HookRequest;
 use crate::protocol::{Protocol, SUBPROTOCOL};
 use crate::registry::Identity;
 
@@ -35,6 +36,11 @@ pub(crate) struct Upgrade {
     pub(crate) identity: Option<Identity>,
     /// What it speaks: the client protocol when it asked for it.
     pub(crate) protocol: Protocol,
+    /// Handshake headers for the connect event (those configured), by
+    /// lower-case name.
+    pub(crate) event_headers: Vec<(String, String)>,
+    /// What the connect hook is asked, when there is one.
+    pub(crate) hook: Option<HookRequest>,
 }
 
 /// Why a request is not upgraded: the HTTP answer it gets.
@@ -49,7 +55,7 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: u16, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(status: u16, reason: impl Into<String>) -> Self {
         Self { status, reason: reason.into(), headers: Vec::new(), token_rejection: None }
     }
 
@@ -110,7 +116,19 @@ where
     let protocol = negotiate(&request);
     let identity = authenticate(&request, config, protocol)?;
     let accept = derive_accept_key(key.as_bytes());
-    Ok(Upgrade { accept, tail: buf.split_off(head_len), identity, protocol })
+    let header_text = |h: &httparse::Header<'_>| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into());
+    let event_headers = request
+        .headers
+        .iter()
+        .filter(|h| config.event_headers.iter().any(|name| h.name.eq_ignore_ascii_case(name)))
+        .map(header_text)
+        .collect();
+    let hook = config.connect_hook.as_ref().map(|_| HookRequest {
+        path: request.path.unwrap_or("/").to_owned(),
+        headers: request.headers.iter().map(header_text).collect(),
+        protocol,
+    });
+    Ok(Upgrade { accept, tail: buf.split_off(head_len), identity, protocol, event_headers, hook })
 }
 
 /// The client protocol when the client lists it in `Sec-WebSocket-Protocol`;

@@ -7,6 +7,9 @@
 //! - `protocol`: the client protocol's commands, replies and pushes (JSON);
 //! - `commands`: a client-protocol connection's commands, carried out;
 //! - `close`: why a connection closes, and its close frame;
+//! - `events`: connection events, queued and reported to the broker for the
+//!   backends;
+//! - `connect_hook`: the backend endpoint that decides who may connect;
 //! - `outbox`: a connection's byte-bounded outbound queue;
 //! - `streams`: where a connection stands in each channel stream it follows;
 //! - `registry`: live connections, and the delivery the broker decided;
@@ -17,13 +20,16 @@
 //!
 //! ```text
 //! broker ──events──▶ link ──▶ registry ──▶ outbox ──▶ connection task ──▶ client
+//! broker ◀──ReportEvents── events ◀── connection task (connect, message, close)
 //! ```
 
 pub mod client_auth;
 mod close;
 mod commands;
 mod config;
+mod connect_hook;
 mod connection;
+mod events;
 mod followed;
 mod gaps;
 mod handshake;
@@ -68,6 +74,10 @@ pub enum GatewayError {
     Link(#[from] LinkError),
     #[error("namespace {0:?} checks tokens: it needs --client-auth jwt")]
     NamespaceNeedsClientAuth(String),
+    #[error("connect hook: {0}")]
+    BadConnectHook(#[from] herald_common::http_client::PostError),
+    #[error("a connect hook and --client-auth jwt both decide who connects: choose one")]
+    HookAndClientAuth,
 }
 
 /// A WebSocket gateway. Clone it to watch its metrics while it runs.
@@ -85,10 +95,17 @@ impl Gateway {
             return Err(GatewayError::NamespaceNeedsClientAuth(namespace.name.clone()));
         }
         let config = config.normalized();
+        let connect_hook = match &config.connect_hook {
+            Some(_) if config.client_auth.is_some() => return Err(GatewayError::HookAndClientAuth),
+            Some(hook) => Some(herald_common::http_client::HttpPoster::new(&hook.url)?),
+            None => None,
+        };
+        let instance_id = herald_common::token::random_token(16);
+        let events = events::Events::new(config.events, &config.worker_id, &instance_id, config.event_queue);
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
-                instance_id: herald_common::token::random_token(16),
+                instance_id,
                 registry: Registry::default(),
                 metrics: GatewayMetrics::default(),
                 close_reason: OnceLock::new(),
@@ -97,6 +114,8 @@ impl Gateway {
                 followed: followed::Followed::default(),
                 broker: OnceLock::new(),
                 gaps: gaps::Gaps::default(),
+                events,
+                connect_hook,
             }),
         })
     }
@@ -155,6 +174,8 @@ impl Gateway {
         let connections = TaskTracker::new();
         let closing = CancellationToken::new();
         let link_stop = CancellationToken::new();
+        let events_stop = CancellationToken::new();
+        let reporter = tokio::spawn(events::report(shared.clone(), broker.clone(), events_stop.clone()));
         let mut link = tokio::spawn(link::run(shared.clone(), broker, link_stop.clone()));
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let expiry = tokio::spawn(expire_tokens(shared.clone()));
@@ -201,6 +222,11 @@ impl Gateway {
         connections.close();
         if tokio::time::timeout(shared.config.drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(left = shared.registry.len(), "connections still open after the drain timeout");
+        }
+        // Last: the events of the connections just closed go too.
+        events_stop.cancel();
+        if tokio::time::timeout(shared.config.drain_timeout * 2, reporter).await.is_err() {
+            tracing::warn!("connection events still unreported after the drain timeout");
         }
         result
     }

@@ -47,6 +47,17 @@ pub struct GatewayMetrics {
     /// Events received from the broker, by delivery (everyone,
     /// connections, user, group, client channel).
     broker_events: [Counter; 5],
+    /// Connection events stored by a broker.
+    pub events_reported: Counter,
+    /// Connection events dropped: the queue was full, or no broker stored
+    /// them before shutdown.
+    pub events_dropped: Counter,
+    /// Reports of events a broker did not store (each retried).
+    pub event_reports_failed: Counter,
+    /// Connect hook verdicts: accepted, refused, down.
+    pub hook_accepted: Counter,
+    pub hook_refused: Counter,
+    pub hook_down: Counter,
     /// Client-protocol commands carried out.
     pub commands_done: Counter,
     /// Client-protocol commands refused with an error reply.
@@ -82,6 +93,12 @@ impl Default for GatewayMetrics {
             history_filled: Counter::default(),
             history_gaps_unfilled: Counter::default(),
             broker_events: Default::default(),
+            events_reported: Counter::default(),
+            events_dropped: Counter::default(),
+            event_reports_failed: Counter::default(),
+            hook_accepted: Counter::default(),
+            hook_refused: Counter::default(),
+            hook_down: Counter::default(),
             commands_done: Counter::default(),
             commands_refused: Counter::default(),
             controls: Counter::default(),
@@ -156,7 +173,7 @@ impl GatewayMetrics {
         );
         out.counter(
             "herald_ws_client_messages_ignored_total",
-            "Data frames sent by classic raw clients (herald does not route them).",
+            "Data frames sent by classic raw clients while message events are off (herald does not route them).",
             &self.client_messages_ignored,
         );
         out.counter("herald_ws_pings_sent_total", "Heartbeat pings sent to clients.", &self.pings_sent);
@@ -193,6 +210,26 @@ impl GatewayMetrics {
             "herald_ws_broker_events_total",
             "Events received from the broker, by delivery: a gateway receives only those with a recipient on it.",
             &events,
+        );
+        out.counter("herald_ws_events_reported_total", "Connection events stored by a broker.", &self.events_reported);
+        out.counter(
+            "herald_ws_events_dropped_total",
+            "Connection events dropped: the queue to the broker was full, or no broker stored them before shutdown.",
+            &self.events_dropped,
+        );
+        out.counter(
+            "herald_ws_event_reports_failed_total",
+            "Reports of connection events a broker did not store (each is retried).",
+            &self.event_reports_failed,
+        );
+        out.counter_family(
+            "herald_ws_connect_hook_total",
+            "Connect hook verdicts: accepted, refused (401/403), or down (the down policy decided).",
+            &[
+                (&[("verdict", "accepted")], &self.hook_accepted),
+                (&[("verdict", "refused")], &self.hook_refused),
+                (&[("verdict", "down")], &self.hook_down),
+            ],
         );
         out.counter("herald_ws_controls_total", "Controls received from the broker and carried out.", &self.controls);
         out.counter_family(

@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 pub const SUBPROTOCOL: &str = "herald.json.v1";
 
 /// The commands there are, for refusals.
-const COMMANDS: &str = "connect, subscribe, unsubscribe, publish, refresh, presence, presence_stats or history";
+const COMMANDS: &str =
+    "connect, subscribe, unsubscribe, publish, refresh, presence, presence_stats, history, send or rpc";
 
 /// Largest command id: ids must survive a JavaScript number.
 const MAX_ID: u64 = (1 << 53) - 1;
@@ -37,7 +38,9 @@ pub mod code {
     pub const NOT_SUBSCRIBED: u32 = 410;
     pub const TOO_LARGE: u32 = 413;
     pub const TOO_MANY_SUBSCRIPTIONS: u32 = 429;
+    pub const INTERNAL: u32 = 500;
     pub const UNAVAILABLE: u32 = 503;
+    pub const TIMED_OUT: u32 = 504;
 }
 
 /// A command a client sent.
@@ -57,6 +60,8 @@ pub enum CommandKind {
     Presence { channel: String },
     PresenceStats { channel: String },
     History { channel: String, limit: u32, since: Option<StreamPosition> },
+    Send { content: content::Body },
+    Rpc { method: String, data: content::Body },
 }
 
 /// A frame that is not a command the gateway can run.
@@ -79,6 +84,8 @@ pub enum Done {
     Presence { channel: String, clients: Vec<Subscriber>, missing_workers: Vec<String> },
     PresenceStats { channel: String, connections: u64, users: u64, missing_workers: Vec<String> },
     History { channel: String, publications: Vec<HistoryPublication>, position: StreamPosition, complete: bool },
+    Sent,
+    Rpc { data: content::Body },
 }
 
 /// What a subscription to a channel with history says of its stream.
@@ -159,6 +166,11 @@ pub fn parse(text: &str) -> Result<Command, BadCommand> {
                     .ok_or_else(|| refuse("limit must be a whole number".into()))?,
             },
             since: position(body.remove("since")).map_err(refuse)?,
+        },
+        "send" => CommandKind::Send { content: content_body(body.remove("content")).map_err(refuse)? },
+        "rpc" => CommandKind::Rpc {
+            method: string(&mut body, "method").map_err(refuse)?,
+            data: content_body(body.remove("data")).map_err(|e| refuse(e.replacen("content", "data", 2)))?,
         },
         other => return Err(refuse(format!("unknown command {other:?}: use {COMMANDS}"))),
     };
@@ -255,6 +267,8 @@ pub fn reply(id: u64, done: &Done) -> Message {
             "position": position_json(position),
             "complete": complete,
         }}),
+        Done::Sent => json!({ "sent": {} }),
+        Done::Rpc { data } => json!({ "rpc": { "data": content_json(data) } }),
     };
     with_id(id, body)
 }
@@ -400,6 +414,19 @@ mod tests {
         assert_eq!(c.kind, CommandKind::Presence { channel: "chat:a".into() });
         let c = parse(r#"{"id":7,"presence_stats":{"channel":"chat:a"}}"#).unwrap();
         assert_eq!(c.kind, CommandKind::PresenceStats { channel: "chat:a".into() });
+        let c = parse(r#"{"id":10,"send":{"content":{"text":"hello"}}}"#).unwrap();
+        assert_eq!(c.kind, CommandKind::Send { content: content::Body::Text("hello".into()) });
+        let c = parse(r#"{"id":11,"rpc":{"method":"profile.get","data":{"text":"{}"}}}"#).unwrap();
+        assert_eq!(c.kind, CommandKind::Rpc { method: "profile.get".into(), data: content::Body::Text("{}".into()) });
+        let missing = parse(r#"{"id":12,"rpc":{"method":"m"}}"#).unwrap_err();
+        assert!(missing.reason.starts_with("data is required"), "{}", missing.reason);
+    }
+
+    #[test]
+    fn send_and_rpc_replies_carry_what_was_done() {
+        assert_eq!(text(&reply(3, &Done::Sent)), json!({ "id": 3, "sent": {} }));
+        let answered = reply(4, &Done::Rpc { data: content::Body::Binary(vec![1, 2].into()) });
+        assert_eq!(text(&answered), json!({ "id": 4, "rpc": { "data": { "binary": "AQI=" } } }));
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Identity {
     /// The id of the `connect` command that gave the token, when the client
     /// gave it so rather than in the handshake: the greeting answers it.
     pub connect_id: Option<u64>,
+    /// The handshake headers passed on in its connect event.
+    pub headers: Vec<(String, String)>,
 }
 
 impl From<crate::client_auth::Identity> for Identity {
@@ -86,6 +88,7 @@ impl From<crate::client_auth::Identity> for Identity {
             expires_at: verified.expires_at,
             channels: verified.channels,
             connect_id: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -244,6 +247,11 @@ impl Registry {
     /// The user id of connection `id`, if it has one.
     pub fn user_of(&self, id: u64) -> Option<Arc<str>> {
         self.read().connections.get(&id).and_then(|e| e.user.clone())
+    }
+
+    /// The client channels connection `id` is subscribed to.
+    pub fn channels_of(&self, id: u64) -> Vec<Arc<str>> {
+        self.read().connections.get(&id).map(|e| e.channels.clone()).unwrap_or_default()
     }
 
     /// Moves connection `id`'s token expiry (a refreshed token) from

@@ -8,8 +8,11 @@ use std::time::Instant;
 use herald_client::Broker;
 use tokio::sync::watch;
 
+use herald_common::http_client::HttpPoster;
+
 use crate::close::CloseReason;
 use crate::config::GatewayConfig;
+use crate::events::Events;
 use crate::followed::Followed;
 use crate::gaps::Gaps;
 use crate::metrics::GatewayMetrics;
@@ -36,6 +39,10 @@ pub(crate) struct Shared {
     pub(crate) broker: OnceLock<Arc<dyn Broker>>,
     /// The last position dispatched on each channel with history.
     pub(crate) gaps: Gaps,
+    /// Connection events on their way to the backends.
+    pub(crate) events: Events,
+    /// The connect hook's endpoint, when there is one.
+    pub(crate) connect_hook: Option<HttpPoster>,
 }
 
 impl Shared {

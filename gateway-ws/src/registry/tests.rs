@@ -20,9 +20,7 @@ fn user(name: &str, groups: &[&str]) -> Identity {
     Identity {
         user_id: Some(name.into()),
         groups: groups.iter().map(|g| g.to_string()).collect(),
-        expires_at: None,
-        channels: vec![],
-        connect_id: None,
+        ..Identity::default()
     }
 }
 

@@ -1,0 +1,227 @@
+//! Connection events for the backends: what happens on this gateway's
+//! connections (connect, disconnect, subscribe, unsubscribe, a client's
+//! message), reported to the broker, which keeps them for consumer groups.
+//!
+//! Connection tasks [`Events::emit`] into one bounded queue without waiting;
+//! when it is full (the broker has been unreachable for that long) the event
+//! is dropped and counted, so a connection never stalls on the backends. One
+//! reporter task ([`report`]) sends the queue in batches, in order, and
+//! retries a batch until a broker has stored it; each event's id is unique
+//! in the cluster, so a retried batch is stored once. At shutdown the
+//! reporter goes last, after the connections' disconnects.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use herald_client::Broker;
+use herald_common::backoff::Backoff;
+use herald_proto::v1::{
+    ChannelEvent, ConnectEvent, ConnectionAddress, ConnectionEvent, Content, DisconnectCause, DisconnectEvent,
+    MessageEvent, connection_event,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::close::CloseReason;
+use crate::config::EventKinds;
+use crate::protocol::Protocol;
+use crate::shared::Shared;
+
+/// Most events in one report.
+const MAX_BATCH: usize = 1000;
+
+/// The event queue of one gateway.
+pub(crate) struct Events {
+    kinds: EventKinds,
+    worker_id: String,
+    /// `<worker_id>.<instance_id>.`: with a sequence number, an id no other
+    /// gateway process ever gives.
+    id_prefix: String,
+    next: AtomicU64,
+    tx: mpsc::Sender<ConnectionEvent>,
+    rx: Mutex<Option<mpsc::Receiver<ConnectionEvent>>>,
+}
+
+/// Who an event is about.
+pub(crate) struct About<'a> {
+    pub(crate) connection_id: u64,
+    pub(crate) user_id: Option<&'a str>,
+}
+
+impl Events {
+    pub(crate) fn new(kinds: EventKinds, worker_id: &str, instance_id: &str, queue: usize) -> Self {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        Self {
+            kinds,
+            worker_id: worker_id.to_owned(),
+            id_prefix: format!("{worker_id}.{instance_id}."),
+            next: AtomicU64::new(1),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    pub(crate) fn kinds(&self) -> EventKinds {
+        self.kinds
+    }
+
+    /// Queues an event; false when the queue was full and it was dropped.
+    fn emit(&self, about: About<'_>, kind: connection_event::Kind) -> bool {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let event = ConnectionEvent {
+            id: format!("{}{seq}", self.id_prefix),
+            connection: Some(ConnectionAddress {
+                worker_id: self.worker_id.clone(),
+                connection_id: about.connection_id.to_string(),
+            }),
+            user_id: about.user_id.unwrap_or_default().to_owned(),
+            at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            kind: Some(kind),
+        };
+        self.tx.try_send(event).is_ok()
+    }
+}
+
+impl Shared {
+    fn emit(&self, about: About<'_>, kind: connection_event::Kind) {
+        if !self.events.emit(about, kind) {
+            self.metrics.events_dropped.inc();
+        }
+    }
+
+    /// A connection opened (its handshake done, its address known).
+    pub(crate) fn connect_event(
+        &self,
+        about: About<'_>,
+        peer: SocketAddr,
+        headers: &[(String, String)],
+        protocol: Protocol,
+        groups: &[String],
+    ) {
+        if self.events.kinds.connect {
+            let event = ConnectEvent {
+                remote_address: peer.to_string(),
+                headers: headers.iter().cloned().collect(),
+                client_protocol: match protocol {
+                    Protocol::Raw => String::new(),
+                    Protocol::Json => crate::protocol::SUBPROTOCOL.to_owned(),
+                },
+                groups: groups.to_vec(),
+            };
+            self.emit(about, connection_event::Kind::Connect(event));
+        }
+    }
+
+    /// A connection ended; `client_code` is the code of the client's close
+    /// frame, when it sent one.
+    pub(crate) fn disconnect_event(&self, about: About<'_>, reason: CloseReason, client_code: Option<u16>) {
+        if self.events.kinds.disconnect {
+            let code = match reason {
+                CloseReason::ClientClosed => client_code.unwrap_or(0),
+                _ => reason.frame().map_or(0, |frame| u16::from(frame.code)),
+            };
+            let event = DisconnectEvent {
+                cause: cause(reason) as i32,
+                code: u32::from(code),
+                reason: reason.label().to_owned(),
+            };
+            self.emit(about, connection_event::Kind::Disconnect(event));
+        }
+    }
+
+    pub(crate) fn subscribe_event(&self, about: About<'_>, channel: &str) {
+        if self.events.kinds.subscribe {
+            let event = ChannelEvent { channel: channel.to_owned() };
+            self.emit(about, connection_event::Kind::Subscribe(event));
+        }
+    }
+
+    pub(crate) fn unsubscribe_event(&self, about: About<'_>, channel: &str) {
+        if self.events.kinds.unsubscribe {
+            let event = ChannelEvent { channel: channel.to_owned() };
+            self.emit(about, connection_event::Kind::Unsubscribe(event));
+        }
+    }
+
+    /// A client's message; false when it was not taken (message events are
+    /// off, or the queue is full).
+    pub(crate) fn message_event(&self, about: About<'_>, content: Content) -> bool {
+        if !self.events.kinds.message {
+            return false;
+        }
+        let taken = self.events.emit(about, connection_event::Kind::Message(MessageEvent { content: Some(content) }));
+        if !taken {
+            self.metrics.events_dropped.inc();
+        }
+        taken
+    }
+}
+
+fn cause(reason: CloseReason) -> DisconnectCause {
+    match reason {
+        CloseReason::ClientClosed | CloseReason::ClientGone => DisconnectCause::Client,
+        CloseReason::MessageTooBig
+        | CloseReason::ProtocolError
+        | CloseReason::InvalidPayload
+        | CloseReason::BadCommand => DisconnectCause::ProtocolError,
+        CloseReason::SlowConsumer | CloseReason::WriteTimeout => DisconnectCause::SlowConsumer,
+        CloseReason::Unresponsive => DisconnectCause::Unresponsive,
+        CloseReason::Shutdown => DisconnectCause::GatewayShutdown,
+        CloseReason::WorkerIdLost => DisconnectCause::GatewayLost,
+        CloseReason::Kicked => DisconnectCause::Kicked,
+        CloseReason::TokenExpired => DisconnectCause::TokenExpired,
+    }
+}
+
+/// Sends the queued events to the broker, in order, until `stop`; then
+/// sends what is left, giving up on a batch no broker stores within the
+/// drain timeout.
+pub(crate) async fn report(shared: Arc<Shared>, broker: Arc<dyn Broker>, stop: CancellationToken) {
+    let Some(mut rx) = shared.events.rx.lock().unwrap_or_else(PoisonError::into_inner).take() else {
+        return;
+    };
+    let metrics = &shared.metrics;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if batch.is_empty() {
+            tokio::select! {
+                received = rx.recv_many(&mut batch, MAX_BATCH) => if received == 0 { return },
+                () = stop.cancelled() => {
+                    while batch.len() < MAX_BATCH && let Ok(event) = rx.try_recv() {
+                        batch.push(event);
+                    }
+                    if batch.is_empty() {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut gave_up_at = None;
+        loop {
+            match broker.report_events(batch.clone()).await {
+                Ok(()) => {
+                    metrics.events_reported.add(batch.len() as u64);
+                    break;
+                }
+                Err(status) => {
+                    metrics.event_reports_failed.inc();
+                    tracing::debug!(%status, events = batch.len(), "reporting events failed; retrying");
+                    if stop.is_cancelled() {
+                        let deadline = *gave_up_at
+                            .get_or_insert_with(|| tokio::time::Instant::now() + shared.config.drain_timeout);
+                        if tokio::time::Instant::now() >= deadline {
+                            tracing::warn!(events = batch.len(), "shutting down with events no broker stored");
+                            metrics.events_dropped.add(batch.len() as u64);
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
