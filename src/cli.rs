@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use herald_broker::backends::webhook::{self, Webhook, WebhookConfig, WebhookError};
+use herald_broker::backends::{self, LogConfig};
 use herald_broker::federation::nats::history::HistoryStorage;
 use herald_broker::federation::nats::{self, NatsConfig};
 use herald_broker::server::DEFAULT_MAX_CONCURRENT_STREAMS;
@@ -18,7 +20,9 @@ use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, 
 use herald_common::namespaces::{Namespace, NamespaceError, Namespaces};
 use herald_common::tls::TlsError;
 use herald_gateway_http::HttpConfig;
-use herald_gateway_ws::{ClientAuth, ClientAuthConfig, GatewayConfig, Greeting};
+use herald_gateway_ws::{
+    ClientAuth, ClientAuthConfig, ConnectHookConfig, EventKinds, GatewayConfig, Greeting, HookDown,
+};
 use tokio_rustls::TlsAcceptor;
 
 /// A loopback address: every listener's default, so that nothing is exposed
@@ -293,6 +297,55 @@ pub struct BrokerOptions {
     #[arg(long, env = "HERALD_ANSWER_TIMEOUT", default_value = duration(hub::DEFAULT_ANSWER_TIMEOUT),
           value_parser = herald_common::duration::parse)]
     pub answer_timeout: Duration,
+    /// Connection events kept per consumer group (ConsumeEvents, webhooks); past it a group's
+    /// oldest are dropped (counted in herald_events_dropped_total).
+    #[arg(long, env = "HERALD_EVENT_RETENTION", default_value_t = backends::DEFAULT_RETENTION)]
+    pub event_retention: usize,
+    /// How long connection events are kept for consumer groups.
+    #[arg(long, env = "HERALD_EVENT_MAX_AGE", default_value = duration(backends::DEFAULT_MAX_AGE),
+          value_parser = herald_common::duration::parse)]
+    pub event_max_age: Duration,
+    /// How long a delivered event waits for its acknowledgement before it is delivered again.
+    #[arg(long, env = "HERALD_EVENT_ACK_WAIT", default_value = duration(backends::DEFAULT_ACK_WAIT),
+          value_parser = herald_common::duration::parse)]
+    pub event_ack_wait: Duration,
+    /// POST connection events to this URL (http://), signed with --webhook-secret.
+    #[arg(long, env = "HERALD_WEBHOOK_URL", requires = "webhook_secret")]
+    pub webhook_url: Option<String>,
+    /// Secret of the webhook's HMAC-SHA256 signature (Herald-Signature header), 16+ characters.
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// The consumer group the webhook consumes (shared by every broker's webhook).
+    #[arg(long, env = "HERALD_WEBHOOK_GROUP", default_value = webhook::DEFAULT_GROUP)]
+    pub webhook_group: String,
+    /// Most events in one webhook POST.
+    #[arg(long, env = "HERALD_WEBHOOK_BATCH", default_value_t = webhook::DEFAULT_BATCH)]
+    pub webhook_batch: usize,
+    /// How long one webhook POST may take.
+    #[arg(long, env = "HERALD_WEBHOOK_TIMEOUT", default_value = duration(webhook::DEFAULT_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
+    pub webhook_timeout: Duration,
+    /// Attempts at one webhook batch (with backoff) before it waits for the ack wait to come again.
+    #[arg(long, env = "HERALD_WEBHOOK_ATTEMPTS", default_value_t = webhook::DEFAULT_ATTEMPTS)]
+    pub webhook_attempts: u32,
+}
+
+impl BrokerOptions {
+    /// The webhook, when one is configured.
+    pub fn webhook(&self) -> Result<Option<Webhook>, WebhookError> {
+        let (Some(url), Some(secret)) = (&self.webhook_url, &self.webhook_secret) else {
+            return Ok(None);
+        };
+        Webhook::new(WebhookConfig {
+            url: url.clone(),
+            secret: secret.clone(),
+            group: self.webhook_group.clone(),
+            batch: self.webhook_batch,
+            timeout: self.webhook_timeout,
+            attempts: self.webhook_attempts,
+        })
+        .map(Some)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -303,6 +356,31 @@ pub struct WsOptions {
     /// Greeting sent to each new connection.
     #[arg(long, env = "HERALD_GREETING", value_enum, default_value_t = GreetingArg::Text)]
     pub greeting: GreetingArg,
+    /// Connection events reported to the backends (ConsumeEvents, webhooks): all, none, or a
+    /// comma-separated list of connect,disconnect,subscribe,unsubscribe,message.
+    #[arg(long, env = "HERALD_EVENTS", default_value = "none", value_parser = EventKinds::parse)]
+    pub events: EventKinds,
+    /// Handshake headers passed on in connect events, comma-separated (e.g. user-agent,origin).
+    #[arg(long, env = "HERALD_EVENT_HEADERS", value_delimiter = ',')]
+    pub event_headers: Vec<String>,
+    /// Connection events queued for the broker before new ones are dropped (counted).
+    #[arg(long, env = "HERALD_EVENT_QUEUE", default_value_t = herald_gateway_ws::DEFAULT_EVENT_QUEUE)]
+    pub event_queue: usize,
+    /// Ask this HTTP endpoint (http://) whether each new connection may open, and who is on it.
+    #[arg(long, env = "HERALD_CONNECT_HOOK", conflicts_with = "client_auth")]
+    pub connect_hook: Option<String>,
+    /// How long the connect hook may take.
+    #[arg(long, env = "HERALD_CONNECT_HOOK_TIMEOUT",
+          default_value = duration(herald_gateway_ws::DEFAULT_CONNECT_HOOK_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
+    pub connect_hook_timeout: Duration,
+    /// What to do when the connect hook cannot be asked: refuse (HTTP 503) or anonymous (let in).
+    #[arg(long, env = "HERALD_CONNECT_HOOK_DOWN", value_enum, default_value_t = HookDownArg::Refuse)]
+    pub connect_hook_down: HookDownArg,
+    /// How long a client's rpc waits for a backend's answer (then error 504).
+    #[arg(long, env = "HERALD_RPC_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_RPC_TIMEOUT),
+          value_parser = herald_common::duration::parse)]
+    pub rpc_timeout: Duration,
     /// Most WebSocket connections at once; more are refused with HTTP 503.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = herald_gateway_ws::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -454,6 +532,16 @@ pub enum GreetingArg {
     Text,
     /// {"type":"connected","worker_id":"…","connection_id":"…"}
     Json,
+    /// Nothing (for echo-style backends built on the event stream)
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HookDownArg {
+    /// Refuse the connection with HTTP 503.
+    Refuse,
+    /// Let the connection in, anonymous.
+    Anonymous,
 }
 
 #[derive(Debug, Args)]
@@ -491,6 +579,11 @@ impl ContentArgs {
             dedup_window: broker.dedup_window,
             dedup_capacity: broker.dedup_capacity,
             answer_timeout: broker.answer_timeout,
+            events: LogConfig {
+                retention: broker.event_retention.max(1),
+                max_age: broker.event_max_age,
+                ack_wait: broker.event_ack_wait,
+            },
         }
     }
 
@@ -536,7 +629,20 @@ impl WsOptions {
             greeting: match ws.greeting {
                 GreetingArg::Text => Greeting::Text,
                 GreetingArg::Json => Greeting::Json,
+                GreetingArg::None => Greeting::None,
             },
+            events: ws.events,
+            event_headers: ws.event_headers.clone(),
+            event_queue: ws.event_queue,
+            connect_hook: ws.connect_hook.clone().map(|url| ConnectHookConfig {
+                url,
+                timeout: ws.connect_hook_timeout,
+                when_down: match ws.connect_hook_down {
+                    HookDownArg::Refuse => HookDown::Refuse,
+                    HookDownArg::Anonymous => HookDown::Anonymous,
+                },
+            }),
+            rpc_timeout: ws.rpc_timeout,
             max_connections: ws.max_connections,
             max_message_bytes: ws.max_client_message_bytes,
             outbox_limit_bytes: ws.outbox_limit_bytes,

@@ -69,6 +69,9 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
         }
         None => Hub::new(limits),
     };
+    if let Some(webhook) = args.broker.webhook()? {
+        tokio::spawn(webhook.run(hub.clone(), shutdown.clone()));
+    }
     let listener = bind("broker", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Broker(hub.clone())], admin_stop.clone())?;
@@ -118,6 +121,9 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let keys = args.auth.keys_for(&[("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)])?;
     let namespaces = args.namespaces.namespaces()?;
     let hub = Hub::new(args.content.hub_limits(&args.broker, namespaces.clone(), Duration::ZERO));
+    if let Some(webhook) = args.broker.webhook()? {
+        tokio::spawn(webhook.run(hub.clone(), shutdown.clone()));
+    }
     let local: Arc<dyn Broker> = Arc::new(hub.clone());
     let gateway = Gateway::new(args.ws.gateway_config(namespaces)?)?;
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());

@@ -10,6 +10,7 @@ mod support;
 
 mod attacks;
 mod auth;
+mod backends;
 mod browser;
 mod browser_recovery;
 mod channels;

@@ -1,0 +1,186 @@
+//! Backends: connection events consumed in groups over gRPC, and clients'
+//! calls to the backends serving them, against real `herald` processes.
+
+use std::time::Duration;
+
+use herald_proto::v1::{
+    AckEventsRequest, CallAnswer, ConsumeEventsRequest, ConsumedEvent, Content, ServeCallsRequest, ServeCallsStart,
+    call_answer, connection_event, content, serve_calls_request,
+};
+use tokio_stream::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Streaming;
+
+use crate::support::*;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// One instance of a consumer group, reading over gRPC.
+struct Instance {
+    stream: Streaming<herald_proto::v1::ConsumeEventsResponse>,
+    broker: String,
+    group: String,
+}
+
+impl Instance {
+    async fn attach(broker: &str, group: &str) -> Instance {
+        let mut client = grpc_client(broker).await;
+        let request = ConsumeEventsRequest { group: group.into(), max_unacked: 0 };
+        let stream = client.consume_events(request).await.expect("consume events").into_inner();
+        Instance { stream, broker: broker.into(), group: group.into() }
+    }
+
+    /// The next batch, within the patience.
+    async fn batch(&mut self) -> Vec<ConsumedEvent> {
+        let next = tokio::time::timeout(PATIENCE, self.stream.next()).await.expect("events in time");
+        next.expect("the stream goes on").expect("a batch").events
+    }
+
+    /// Events until `n` arrived, acknowledged.
+    async fn take(&mut self, n: usize) -> Vec<ConsumedEvent> {
+        let mut events = Vec::new();
+        while events.len() < n {
+            let batch = self.batch().await;
+            self.ack(&batch).await;
+            events.extend(batch);
+        }
+        events
+    }
+
+    async fn ack(&self, events: &[ConsumedEvent]) {
+        let mut client = grpc_client(&self.broker).await;
+        let ack_ids = events.iter().map(|e| e.ack_id.clone()).collect();
+        client.ack_events(AckEventsRequest { group: self.group.clone(), ack_ids }).await.expect("ack");
+    }
+}
+
+fn kind(event: &ConsumedEvent) -> &'static str {
+    match event.event.as_ref().and_then(|e| e.kind.as_ref()) {
+        Some(connection_event::Kind::Connect(_)) => "connect",
+        Some(connection_event::Kind::Disconnect(_)) => "disconnect",
+        Some(connection_event::Kind::Subscribe(_)) => "subscribe",
+        Some(connection_event::Kind::Unsubscribe(_)) => "unsubscribe",
+        Some(connection_event::Kind::Message(_)) => "message",
+        None => "none",
+    }
+}
+
+#[tokio::test]
+async fn a_connection_s_life_reaches_every_group_once_and_in_order() {
+    let herald = Herald::standalone(&["--events", "all", "--event-headers", "user-agent"]);
+    let broker = herald.address("broker");
+    let mut billing = Instance::attach(&broker, "billing").await;
+    let mut audit = Instance::attach(&broker, "audit").await;
+    // Attached: the groups exist before the connection does.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut client = Client::connect(&herald.ws_url()).await;
+    client.send(Message::text("hello")).await;
+    client.send(Message::binary(vec![0u8, 1, 2])).await;
+    client.send(Message::Close(None)).await;
+    let _ = client.expect_close().await;
+
+    for group in [&mut billing, &mut audit] {
+        let events = group.take(4).await;
+        let kinds: Vec<&str> = events.iter().map(kind).collect();
+        assert_eq!(kinds, ["connect", "message", "message", "disconnect"], "{}", group.group);
+        let first = events[0].event.as_ref().unwrap();
+        let address = first.connection.as_ref().unwrap();
+        assert_eq!(
+            (address.worker_id.as_str(), address.connection_id.as_str()),
+            (client.worker_id.as_str(), client.connection_id.as_str())
+        );
+        let Some(connection_event::Kind::Message(text)) = &events[1].event.as_ref().unwrap().kind else { panic!() };
+        assert_eq!(text.content, Some(Content { body: Some(content::Body::Text("hello".into())) }));
+        let Some(connection_event::Kind::Message(binary)) = &events[2].event.as_ref().unwrap().kind else { panic!() };
+        assert_eq!(binary.content, Some(Content { body: Some(content::Body::Binary(vec![0u8, 1, 2].into())) }));
+        let Some(connection_event::Kind::Disconnect(gone)) = &events[3].event.as_ref().unwrap().kind else { panic!() };
+        assert_eq!(gone.reason, "client_closed");
+        assert!(events.iter().all(|e| e.delivery == 1));
+    }
+}
+
+#[tokio::test]
+async fn an_unacknowledged_event_is_delivered_again_and_instances_share_a_group() {
+    let herald = Herald::standalone(&["--events", "connect", "--event-ack-wait", "1s"]);
+    let broker = herald.address("broker");
+    let mut first = Instance::attach(&broker, "workers").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _client = Client::connect(&herald.ws_url()).await;
+    let delivered = first.batch().await;
+    assert_eq!(delivered.len(), 1);
+    // Not acknowledged: after the ack wait it comes again, counted.
+    let again = first.batch().await;
+    assert_eq!(again[0].event.as_ref().unwrap().id, delivered[0].event.as_ref().unwrap().id);
+    assert_eq!(again[0].delivery, 2);
+    first.ack(&again).await;
+
+    // A second instance of the group: each new event goes to one of them.
+    let mut second = Instance::attach(&broker, "workers").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(Client::connect(&herald.ws_url()).await);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while seen.len() < 20 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            Some(Ok(batch)) = first.stream.next() => {
+                first.ack(&batch.events).await;
+                for e in batch.events { assert!(seen.insert(e.event.unwrap().id), "seen twice"); }
+            }
+            Some(Ok(batch)) = second.stream.next() => {
+                second.ack(&batch.events).await;
+                for e in batch.events { assert!(seen.insert(e.event.unwrap().id), "seen twice"); }
+            }
+        }
+    }
+    assert_eq!(seen.len(), 20);
+}
+
+#[tokio::test]
+async fn a_malformed_group_or_ack_is_refused_with_invalid_argument() {
+    let herald = Herald::standalone(&[]);
+    let mut client = grpc_client(&herald.address("broker")).await;
+    let refused = client.consume_events(ConsumeEventsRequest { group: "a b".into(), max_unacked: 0 }).await;
+    assert_eq!(refused.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+    let refused = client.ack_events(AckEventsRequest { group: "g".into(), ack_ids: vec!["bad id".into()] }).await;
+    assert_eq!(refused.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+}
+
+/// A backend serving `method`: answers each call with its data reversed.
+async fn serve_reversed(broker: &str, method: &str) -> tokio::task::JoinHandle<()> {
+    let mut client = grpc_client(broker).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let start = ServeCallsRequest {
+        kind: Some(serve_calls_request::Kind::Start(ServeCallsStart { methods: vec![method.into()] })),
+    };
+    tx.send(start).await.unwrap();
+    let mut calls = client.serve_calls(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        while let Some(Ok(call)) = calls.next().await {
+            let data = match call.call.and_then(|c| c.data).and_then(|d| d.body) {
+                Some(content::Body::Text(text)) => text.chars().rev().collect::<String>(),
+                _ => String::new(),
+            };
+            let answer = CallAnswer {
+                call_id: call.call_id,
+                result: Some(call_answer::Result::Data(Content { body: Some(content::Body::Text(data)) })),
+            };
+            let _ = tx.send(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Answer(answer)) }).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_client_rpc_is_answered_by_a_backend_and_refused_when_none_serves_it() {
+    let herald = Herald::standalone(&[]);
+    let backend = serve_reversed(&herald.address("broker"), "text.reverse").await;
+    let mut client = crate::protocol_client::ProtocolClient::connect(&herald.ws_url()).await;
+    let answer = client.call("rpc", serde_json::json!({"method": "text.reverse", "data": {"text": "herald"}})).await;
+    assert_eq!(answer["rpc"]["data"]["text"], "dlareh", "{answer}");
+    let refused = client.call("rpc", serde_json::json!({"method": "nobody.home", "data": {"text": "x"}})).await;
+    assert_eq!(refused["error"]["code"], 404, "{refused}");
+    backend.abort();
+}
