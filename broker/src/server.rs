@@ -25,8 +25,11 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Largest gRPC message the broker decodes (a full `PublishBatch`).
+/// Largest gRPC message the broker decodes (a full `PublishBatch`), unless
+/// the content limit asks for more.
 const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Room for a message's own fields around its content.
+const ENVELOPE_BYTES: usize = 1024 * 1024;
 
 /// How the gRPC server admits callers.
 #[derive(Debug, Clone)]
@@ -65,8 +68,9 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let max_decoding = MAX_DECODING_MESSAGE_BYTES.max(hub.max_content_bytes().saturating_add(ENVELOPE_BYTES));
     let broker = InterceptedService::new(
-        BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+        BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(max_decoding),
         Authorize::new(options.api_keys, hub.clone()),
     );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));

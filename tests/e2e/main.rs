@@ -10,13 +10,16 @@ mod support;
 
 mod attacks;
 mod auth;
+mod backend_events;
 mod backends;
 mod browser;
 mod browser_recovery;
+mod browser_rpc;
 mod channels;
 mod classic;
 mod cluster;
 mod config;
+mod conformance;
 mod directory;
 mod gateway;
 mod hardening;

@@ -265,6 +265,11 @@ impl Hub {
         self.federation().render_metrics(out);
     }
 
+    /// The largest content of one message this broker takes.
+    pub fn max_content_bytes(&self) -> usize {
+        self.shared.limits.max_content_bytes
+    }
+
     /// Counts calls refused for a missing or wrong API key.
     pub fn count_auth_failure(&self) {
         self.shared.metrics.auth_failures.inc();
