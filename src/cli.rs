@@ -309,6 +309,11 @@ pub struct BrokerOptions {
     #[arg(long, env = "HERALD_EVENT_ACK_WAIT", default_value = duration(backends::DEFAULT_ACK_WAIT),
           value_parser = herald_common::duration::parse)]
     pub event_ack_wait: Duration,
+    /// How long a gateway's session may be gone, not back on any broker, before the disconnects
+    /// of its connections are reported for it (cause GATEWAY_LOST).
+    #[arg(long, env = "HERALD_GATEWAY_LOST_GRACE", default_value = duration(backends::DEFAULT_GATEWAY_GRACE),
+          value_parser = herald_common::duration::parse)]
+    pub gateway_lost_grace: Duration,
     /// POST connection events to this URL (http://), signed with --webhook-secret.
     #[arg(long, env = "HERALD_WEBHOOK_URL", requires = "webhook_secret")]
     pub webhook_url: Option<String>,
@@ -583,6 +588,7 @@ impl ContentArgs {
                 retention: broker.event_retention.max(1),
                 max_age: broker.event_max_age,
                 ack_wait: broker.event_ack_wait,
+                gateway_grace: broker.gateway_lost_grace,
             },
         }
     }

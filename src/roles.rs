@@ -63,7 +63,7 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
     let limits = args.content.hub_limits(&args.broker, namespaces.clone(), herald_broker::hub::DEFAULT_STARTUP_GRACE);
     let hub = match args.cluster.nats_config(namespaces) {
         Some(config) => {
-            let config = NatsConfig { dedup_window: args.broker.dedup_window, ..config };
+            let config = NatsConfig { dedup_window: args.broker.dedup_window, events: limits.events.clone(), ..config };
             let (federation, notices) = NatsFederation::join(config).await?;
             Hub::federated(limits, federation, notices)
         }

@@ -239,6 +239,7 @@ impl Model {
         let cmd = subscribe_request::Command::ClaimWorker(ClaimWorker {
             worker_id: worker.to_owned(),
             instance_id: instance.to_owned(),
+            reports_disconnects: false,
         });
         let result = live.session.apply(command(request_id, cmd)).await.map_err(|e| e.code());
         if already_held.is_some() {

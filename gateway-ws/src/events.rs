@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use herald_client::Broker;
 use herald_common::backoff::Backoff;
+use herald_proto::names;
 use herald_proto::v1::{
     ChannelEvent, ConnectEvent, ConnectionAddress, ConnectionEvent, Content, DisconnectCause, DisconnectEvent,
     MessageEvent, connection_event,
@@ -36,6 +37,7 @@ const MAX_BATCH: usize = 1000;
 pub(crate) struct Events {
     kinds: EventKinds,
     worker_id: String,
+    instance_id: String,
     /// `<worker_id>.<instance_id>.`: with a sequence number, an id no other
     /// gateway process ever gives.
     id_prefix: String,
@@ -56,6 +58,7 @@ impl Events {
         Self {
             kinds,
             worker_id: worker_id.to_owned(),
+            instance_id: instance_id.to_owned(),
             id_prefix: format!("{worker_id}.{instance_id}."),
             next: AtomicU64::new(1),
             tx,
@@ -69,9 +72,16 @@ impl Events {
 
     /// Queues an event; false when the queue was full and it was dropped.
     fn emit(&self, about: About<'_>, kind: connection_event::Kind) -> bool {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = match kind {
+            // Known to the broker too, which reports it if this gateway
+            // goes away first.
+            connection_event::Kind::Disconnect(_) => {
+                names::disconnect_event_id(&self.worker_id, &self.instance_id, &about.connection_id.to_string())
+            }
+            _ => format!("{}{}", self.id_prefix, self.next.fetch_add(1, Ordering::Relaxed)),
+        };
         let event = ConnectionEvent {
-            id: format!("{}{seq}", self.id_prefix),
+            id,
             connection: Some(ConnectionAddress {
                 worker_id: self.worker_id.clone(),
                 connection_id: about.connection_id.to_string(),

@@ -242,6 +242,7 @@ async fn claim_and_subscribe(shared: &Shared, commands: &dyn SessionCommands) ->
             command: Some(subscribe_request::Command::ClaimWorker(ClaimWorker {
                 worker_id: shared.config.worker_id.clone(),
                 instance_id: shared.instance_id.clone(),
+                reports_disconnects: shared.events.kinds().disconnect,
             })),
         })
         .await?;

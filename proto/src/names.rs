@@ -193,6 +193,13 @@ pub fn is_reserved_channel(channel: &str) -> bool {
 }
 
 /// The channel on which the gateway holding `worker_id` listens.
+/// The id of a connection's disconnect event: the same whether the gateway
+/// reports it or a broker reports it for a gateway that went away, so that
+/// it is stored once.
+pub fn disconnect_event_id(worker_id: &str, instance_id: &str, connection_id: &str) -> String {
+    format!("{worker_id}.{instance_id}.closed.{connection_id}")
+}
+
 pub fn worker_channel(worker_id: &str) -> String {
     format!("{WORKER_CHANNEL_PREFIX}{worker_id}")
 }

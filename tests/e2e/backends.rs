@@ -184,3 +184,71 @@ async fn a_client_rpc_is_answered_by_a_backend_and_refused_when_none_serves_it()
     assert_eq!(refused["error"]["code"], 404, "{refused}");
     backend.abort();
 }
+
+fn disconnect(event: &ConsumedEvent) -> Option<(String, herald_proto::v1::DisconnectEvent)> {
+    let event = event.event.as_ref()?;
+    match &event.kind {
+        Some(connection_event::Kind::Disconnect(d)) => {
+            Some((event.connection.as_ref()?.connection_id.clone(), d.clone()))
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_killed_gateway_s_connections_are_reported_lost_and_a_stopped_one_s_once() {
+    use herald_proto::v1::DisconnectCause;
+    let broker = Herald::broker(&["--gateway-lost-grace", "1s"]);
+    let address = broker.address("broker");
+    let mut audit = Instance::attach(&address, "audit").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Killed: nobody on the gateway says goodbye, the broker does.
+    let mut gateway = Herald::ws(&address, &["--events", "connect,disconnect"]);
+    let client = Client::connect(&gateway.ws_url()).await;
+    assert_eq!(kind(&audit.take(1).await[0]), "connect");
+    gateway.kill();
+    let gone = audit.take(1).await;
+    let (connection_id, event) = disconnect(&gone[0]).expect("a disconnect");
+    assert_eq!(connection_id, client.connection_id);
+    assert_eq!(event.cause(), DisconnectCause::GatewayLost);
+
+    // Stopped: the gateway reports its clients' disconnects itself, and
+    // the broker's later account of them is not stored again.
+    let mut gateway = Herald::ws(&address, &["--events", "connect,disconnect"]);
+    let client = Client::connect(&gateway.ws_url()).await;
+    assert_eq!(kind(&audit.take(1).await[0]), "connect");
+    gateway.signal(libc::SIGTERM);
+    gateway.wait_exit(PATIENCE);
+    let gone = audit.take(1).await;
+    let (connection_id, event) = disconnect(&gone[0]).expect("a disconnect");
+    assert_eq!((connection_id, event.cause()), (client.connection_id.clone(), DisconnectCause::GatewayShutdown));
+    assert_eq!(event.code, 1001);
+    let extra = tokio::time::timeout(Duration::from_secs(3), audit.stream.next()).await;
+    assert!(extra.is_err(), "nothing more after the grace: {extra:?}");
+}
+
+#[tokio::test]
+async fn in_a_cluster_events_and_calls_cross_brokers() {
+    let Some(cluster) = Cluster::start(2, &[]) else {
+        return;
+    };
+    // The gateway reports to broker 0; the group consumes on broker 1,
+    // where the backend serving calls is attached too.
+    let gateway = Herald::ws(&cluster.address(0), &["--events", "all"]);
+    let mut group = Instance::attach(&cluster.address(1), "audit").await;
+    let backend = serve_reversed(&cluster.address(1), "text.reverse").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut client = crate::protocol_client::ProtocolClient::connect(&gateway.ws_url()).await;
+    let sent = client.call("send", serde_json::json!({"content": {"text": "to the backends"}})).await;
+    assert!(sent.get("sent").is_some(), "{sent}");
+    let events = group.take(2).await;
+    assert_eq!(events.iter().map(kind).collect::<Vec<_>>(), ["connect", "message"]);
+
+    let answer = client.call("rpc", serde_json::json!({"method": "text.reverse", "data": {"text": "nats"}})).await;
+    assert_eq!(answer["rpc"]["data"]["text"], "stan", "{answer}");
+    let refused = client.call("rpc", serde_json::json!({"method": "nobody.home", "data": {"text": "x"}})).await;
+    assert_eq!(refused["error"]["code"], 404, "{refused}");
+    backend.abort();
+}

@@ -247,7 +247,7 @@ mod tests {
     }
 
     fn config() -> LogConfig {
-        LogConfig { retention: 3, max_age: Duration::from_secs(3600), ack_wait: Duration::from_secs(5) }
+        LogConfig { retention: 3, ack_wait: Duration::from_secs(5), ..LogConfig::default() }
     }
 
     fn ids(events: &[ConsumedEvent]) -> Vec<String> {

@@ -39,6 +39,9 @@ pub const DEFAULT_RETENTION: usize = 1_000_000;
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How long a delivery waits for its acknowledgement, by default.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a gateway's session may be gone before its connections count
+/// as lost, by default.
+pub const DEFAULT_GATEWAY_GRACE: Duration = Duration::from_secs(10);
 /// How long a call waits for its answer, by default and at most.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -60,11 +63,20 @@ pub struct LogConfig {
     /// How long a delivery waits for its acknowledgement before it is
     /// delivered again.
     pub ack_wait: Duration,
+    /// How long a gateway's session may be gone (and not back, here or on
+    /// another broker) before its connections' disconnects are reported
+    /// for it, as lost.
+    pub gateway_grace: Duration,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { retention: DEFAULT_RETENTION, max_age: DEFAULT_MAX_AGE, ack_wait: DEFAULT_ACK_WAIT }
+        Self {
+            retention: DEFAULT_RETENTION,
+            max_age: DEFAULT_MAX_AGE,
+            ack_wait: DEFAULT_ACK_WAIT,
+            gateway_grace: DEFAULT_GATEWAY_GRACE,
+        }
     }
 }
 

@@ -7,8 +7,14 @@ use herald_proto::v1::{CallAnswer, CallRequest, ConnectionEvent, ServeCallsRespo
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use std::time::SystemTime;
+
+use herald_proto::v1::{ConnectionAddress, DisconnectCause, DisconnectEvent, connection_event};
+
 use super::Hub;
+use super::directory::Departed;
 use crate::backends::Consumer;
+use crate::backends::MAX_EVENTS_PER_CALL;
 use crate::backends::calls::{CallFailure, Registration};
 use crate::backends::log::LogError;
 use crate::federation::Interest;
@@ -76,6 +82,60 @@ impl Hub {
 
     pub(crate) fn webhook_metrics(&self) -> std::sync::Arc<crate::backends::webhook::WebhookMetrics> {
         self.shared.backends.webhook.clone()
+    }
+
+    /// Reports the disconnects of a departed gateway's connections, as
+    /// lost, unless its worker id is held again (here or on another broker)
+    /// within the grace: then the gateway came back, its connections live.
+    pub(super) fn watch_departed(&self, departed: Departed) {
+        let hub = self.clone();
+        let grace = self.shared.limits.events.gateway_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let worker_id = &departed.worker_id;
+            if hub.worker_is_held(worker_id) || hub.federation().held_elsewhere(worker_id) {
+                return;
+            }
+            tracing::info!(
+                worker_id,
+                connections = departed.connections.len(),
+                "a gateway went away without closing its connections: reporting them lost"
+            );
+            let at = prost_types::Timestamp::from(SystemTime::now());
+            let events: Vec<ConnectionEvent> = departed
+                .connections
+                .iter()
+                .map(|(connection_id, user)| ConnectionEvent {
+                    id: herald_proto::names::disconnect_event_id(worker_id, &departed.instance_id, connection_id),
+                    connection: Some(ConnectionAddress {
+                        worker_id: worker_id.clone(),
+                        connection_id: connection_id.clone(),
+                    }),
+                    user_id: user.as_deref().unwrap_or_default().to_owned(),
+                    at: Some(at),
+                    kind: Some(connection_event::Kind::Disconnect(DisconnectEvent {
+                        cause: DisconnectCause::GatewayLost as i32,
+                        code: 0,
+                        reason: "gateway_lost".into(),
+                    })),
+                })
+                .collect();
+            for chunk in events.chunks(MAX_EVENTS_PER_CALL) {
+                let mut backoff = herald_common::backoff::Backoff::new(
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_secs(5),
+                );
+                for _ in 0..10 {
+                    match hub.shared.backends.report(chunk.to_vec()).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reporting lost connections failed; retrying");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// How many calls a backend may have queued.

@@ -128,7 +128,8 @@ impl Hub {
                 return Err(e);
             }
         };
-        state.directory.attach(id, &claim.worker_id);
+        let watch = claim.reports_disconnects.then_some(claim.instance_id.as_str());
+        state.directory.attach(id, &claim.worker_id, watch);
         if let Some(stale) = &stale {
             state.directory.detach(stale.session_id, &mut Vec::new());
             stale.end(Status::aborted(format!(

@@ -57,11 +57,22 @@ pub(crate) struct Directory {
 #[derive(Debug)]
 struct Gateway {
     worker_id: String,
+    /// Its process's instance id, when it reports disconnect events.
+    reporting: Option<String>,
     /// Whether its first report (every live connection) arrived. Until
     /// then its connections are unknown, not absent: answers name it
     /// missing rather than count it empty.
     reported: bool,
     connections: HashMap<String, Connection>,
+}
+
+/// A gateway whose session ended, with the connections it had.
+#[derive(Debug)]
+pub(crate) struct Departed {
+    pub(crate) worker_id: String,
+    pub(crate) instance_id: String,
+    /// Connection ids, with their users.
+    pub(crate) connections: Vec<(String, Option<Arc<str>>)>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -73,24 +84,33 @@ struct Connection {
 }
 
 impl Directory {
-    /// Starts following the gateway holding `worker_id` on session `session`.
-    pub(crate) fn attach(&mut self, session: SessionId, worker_id: &str) {
+    /// Starts following the gateway holding `worker_id` on session
+    /// `session`; `reporting` is its process's instance id when it reports
+    /// disconnect events.
+    pub(crate) fn attach(&mut self, session: SessionId, worker_id: &str, reporting: Option<&str>) {
         self.gateways.entry(session).or_insert_with(|| Gateway {
             worker_id: worker_id.to_owned(),
+            reporting: reporting.map(str::to_owned),
             reported: false,
             connections: HashMap::new(),
         });
     }
 
-    /// Forgets a session's gateway and all of its connections.
-    pub(crate) fn detach(&mut self, session: SessionId, changes: &mut Vec<MemberChange>) {
-        let Some(gateway) = self.gateways.remove(&session) else {
-            return;
-        };
+    /// Forgets a session's gateway and all of its connections; returns
+    /// them when the gateway reports disconnects, for the disconnects of a
+    /// gateway that does not come back.
+    pub(crate) fn detach(&mut self, session: SessionId, changes: &mut Vec<MemberChange>) -> Option<Departed> {
+        let gateway = self.gateways.remove(&session)?;
         self.connections -= gateway.connections.len();
-        for connection in gateway.connections.into_values() {
+        let mut connections = Vec::new();
+        for (id, connection) in gateway.connections {
             self.unindex(session, &connection, changes);
+            if gateway.reporting.is_some() {
+                connections.push((id, connection.user));
+            }
         }
+        let instance_id = gateway.reporting?;
+        Some(Departed { worker_id: gateway.worker_id, instance_id, connections })
     }
 
     /// Records that the gateway of `session` reported: from its first

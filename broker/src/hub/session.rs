@@ -97,10 +97,15 @@ impl Hub {
         // The index dropped every channel of the session, its user and
         // group channels included: the directory's own account of those is
         // not needed.
-        state.directory.detach(id, &mut Vec::new());
+        let departed = state.directory.detach(id, &mut Vec::new());
+        let shutting_down = state.shutting_down;
         self.shared.metrics.sessions.dec();
         self.commit(&state, changes);
         drop(state);
+        // A broker shutting down hands its gateways to the others.
+        if let Some(departed) = departed.filter(|d| !d.connections.is_empty() && !shutting_down) {
+            self.watch_departed(departed);
+        }
         self.abandon_controls(id);
         if let Some(worker_id) = removed.released {
             self.federation().release(worker_id);

@@ -44,6 +44,7 @@ fn claim(request_id: u64, worker: &str, instance: &str) -> SubscribeRequest {
         command: Some(subscribe_request::Command::ClaimWorker(ClaimWorker {
             worker_id: worker.into(),
             instance_id: instance.into(),
+            reports_disconnects: false,
         })),
     }
 }

@@ -9,11 +9,16 @@
 //!   worker id is held by one gateway in the whole cluster.
 //! - Client channels with history are kept in JetStream streams that every
 //!   broker reads ([`history`]).
+//! - Connection events for backends are kept in a JetStream stream that
+//!   every broker serves consumer groups from ([`events`]), and clients'
+//!   calls reach the broker whose backends serve them ([`calls`]).
 //! - While NATS is unreachable the broker is not ready: publishes and
 //!   subscriptions are refused with `UNAVAILABLE`, never half-done.
 
 mod bus;
+mod calls;
 mod dedup;
+pub mod events;
 pub mod history;
 mod leases;
 
@@ -27,16 +32,22 @@ use async_nats::{ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use herald_common::metrics::Exposition;
 use herald_common::namespaces::Namespaces;
-use herald_proto::v1::Event;
+use herald_proto::v1::{CallAnswer, CallRequest, Event};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use self::bus::Change;
+use self::calls::CallRouter;
 use self::dedup::Dedup;
+use self::events::{EventsConfig, JetStreamEvents};
 use self::history::{HistoryConfig, HistoryStorage, JetStreamHistory};
 use self::leases::{Leases, maintain_leases};
+use crate::backends::LogConfig;
+use crate::backends::calls::CallFailure;
+use crate::backends::log::EventLog;
+
 use super::{Answer, Ask, AskError, ClaimError, Federation, FederationError, Forwarding, Gathered, Interest, Notice};
 
 /// Key-value bucket holding worker-id leases, by default.
@@ -77,8 +88,10 @@ pub struct NatsConfig {
     pub dedup_window: Duration,
     /// The client channel namespaces, for the history their channels keep.
     pub namespaces: Namespaces,
-    /// Where that history lives.
+    /// Where that history lives (and the connection events).
     pub history_storage: HistoryStorage,
+    /// How connection events are kept for consumer groups.
+    pub events: LogConfig,
 }
 
 impl NatsConfig {
@@ -93,6 +106,7 @@ impl NatsConfig {
             dedup_window: crate::hub::DEFAULT_DEDUP_WINDOW,
             namespaces: Namespaces::default(),
             history_storage: HistoryStorage::File,
+            events: LogConfig::default(),
         }
     }
 }
@@ -125,6 +139,8 @@ pub struct NatsFederation {
     store: Arc<RwLock<Option<Store>>>,
     dedup: Dedup,
     history: Option<JetStreamHistory>,
+    events: Arc<JetStreamEvents>,
+    calls: CallRouter,
     stop: CancellationToken,
 }
 
@@ -210,6 +226,16 @@ impl NatsFederation {
             };
             JetStreamHistory::start(client.clone(), history, connections, notices_tx.clone(), stop.clone())
         });
+        let events = Arc::new(JetStreamEvents::new(
+            client.clone(),
+            EventsConfig {
+                log: config.events.clone(),
+                storage: config.history_storage,
+                subject_prefix: config.subject_prefix.clone(),
+                replicas: config.kv_replicas,
+            },
+        ));
+        let calls = CallRouter::new(client.clone(), config.subject_prefix.clone(), notices_tx.clone(), stop.clone());
         tokio::spawn(maintain_leases(
             client.clone(),
             config.clone(),
@@ -229,6 +255,8 @@ impl NatsFederation {
             store,
             dedup,
             history,
+            events,
+            calls,
             stop,
         };
         Ok((federation, notices_rx))
@@ -287,6 +315,18 @@ impl Federation for NatsFederation {
 
     fn history(&self) -> Option<&JetStreamHistory> {
         self.history.as_ref()
+    }
+
+    fn event_log(&self) -> Option<Arc<dyn EventLog>> {
+        Some(self.events.clone())
+    }
+
+    fn serve_method(&self, change: Interest) {
+        self.calls.serve(change);
+    }
+
+    async fn forward_call(&self, request: &CallRequest, timeout: Duration) -> Option<Result<CallAnswer, CallFailure>> {
+        Some(self.calls.forward(request, timeout).await)
     }
 
     async fn sync(&self) -> Result<(), FederationError> {

@@ -416,7 +416,7 @@ proptest! {
                         directory.detach(stale, &mut Vec::new());
                         interest.remove(&stale);
                     }
-                    directory.attach(session, worker);
+                    directory.attach(session, worker, None);
                 }
                 Op::Detach { session } => {
                     directory.detach(session, &mut changes);
