@@ -252,3 +252,35 @@ async fn in_a_cluster_events_and_calls_cross_brokers() {
     assert_eq!(refused["error"]["code"], 404, "{refused}");
     backend.abort();
 }
+
+/// A group that does not keep up loses its oldest events past the
+/// retention, counted; the gateways are never held up by it.
+#[tokio::test]
+async fn a_group_that_falls_behind_the_retention_loses_its_oldest_counted() {
+    let Some(cluster) = Cluster::start(1, &["--event-retention", "5"]) else {
+        return;
+    };
+    let standalone = Herald::standalone(&["--events", "connect", "--event-retention", "5"]);
+    let gateway = Herald::ws(&cluster.address(0), &["--events", "connect"]);
+    for (broker, ws_url, metrics) in [
+        (standalone.address("broker"), standalone.ws_url(), &standalone),
+        (cluster.address(0), gateway.ws_url(), &cluster.brokers[0]),
+    ] {
+        // Attached, then never acknowledging: it holds one, the rest wait.
+        let mut client = grpc_client(&broker).await;
+        let request = ConsumeEventsRequest { group: "laggard".into(), max_unacked: 1 };
+        let mut stream = client.consume_events(request).await.expect("consume").into_inner();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(Client::connect(&ws_url).await);
+        }
+        let first = tokio::time::timeout(PATIENCE, stream.next()).await.expect("a first event");
+        assert!(first.is_some());
+        wait_until("the lost events are counted", || {
+            let text = metrics.metrics();
+            let sample = text.lines().find_map(|l| l.strip_prefix(r#"herald_events_dropped_total{group="laggard"} "#));
+            sample.and_then(|v| v.trim().parse::<f64>().ok()).is_some_and(|n| n >= 10.0)
+        });
+    }
+}

@@ -13,8 +13,14 @@
 //!
 //! The stream and consumers are made when first needed, and made again
 //! after an error (a NATS restarted with memory storage lost them).
+//!
+//! Overflow: past the retention the stream discards its oldest events. A
+//! group that had not acknowledged them lost them; [`JetStreamEvents::watch`]
+//! counts those, for each group consumed on this broker, from the group's
+//! ack floor and the stream's first sequence.
 
 use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -27,6 +33,7 @@ use herald_proto::v1::{ConnectionEvent, ConsumedEvent, connection_event};
 use prost::Message;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use super::history::HistoryStorage;
 use crate::backends::LogConfig;
@@ -36,6 +43,8 @@ use crate::backends::log::{EventLog, LogError};
 const MAX_ACK_PENDING: i64 = 1_000_000;
 /// How long one wait for a group's next event lasts, at most.
 const LONGEST_WAIT: Duration = Duration::from_secs(1);
+/// How often the groups are checked for events the stream discarded.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// What the event stream is made of.
 #[derive(Debug, Clone)]
@@ -110,11 +119,52 @@ pub struct JetStreamEvents {
     config: EventsConfig,
     stream: Mutex<Option<Stream>>,
     consumers: Mutex<HashMap<String, PullConsumer>>,
+    /// Per group: events lost to the retention, and the stream sequence
+    /// counted up to.
+    dropped: std::sync::Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl JetStreamEvents {
     pub fn new(client: async_nats::Client, config: EventsConfig) -> Self {
-        Self { context: jetstream::new(client), config, stream: Mutex::default(), consumers: Mutex::default() }
+        Self {
+            context: jetstream::new(client),
+            config,
+            stream: Mutex::default(),
+            consumers: Mutex::default(),
+            dropped: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Counts, every few seconds until `stop`, the events the stream
+    /// discarded before the groups consumed here acknowledged them.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(WATCH_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let consumers: Vec<(String, PullConsumer)> =
+                self.consumers.lock().await.iter().map(|(g, c)| (g.clone(), c.clone())).collect();
+            if consumers.is_empty() {
+                continue;
+            }
+            let Some(stream) = self.stream.lock().await.clone() else { continue };
+            let Ok(stream_info) = stream.get_info().await else { continue };
+            let first = stream_info.state.first_sequence;
+            for (group, consumer) in consumers {
+                let Ok(info) = consumer.get_info().await else { continue };
+                let floor = info.ack_floor.stream_sequence;
+                let mut dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+                let (count, upto) = dropped.entry(group).or_insert((0, floor));
+                let gone_upto = first.saturating_sub(1);
+                if gone_upto > (*upto).max(floor) {
+                    *count += gone_upto - (*upto).max(floor);
+                }
+                *upto = (*upto).max(gone_upto);
+            }
+        }
     }
 
     async fn stream(&self) -> Result<Stream, LogError> {
@@ -134,6 +184,9 @@ impl JetStreamEvents {
         let stream = self.stream().await?;
         let consumer: PullConsumer =
             stream.get_or_create_consumer(group, self.config.consumer_config(group)).await.map_err(unavailable)?;
+        // Losses are counted from here on: from the group's ack floor.
+        let floor = consumer.get_info().await.map_err(unavailable)?.ack_floor.stream_sequence;
+        self.dropped.lock().unwrap_or_else(PoisonError::into_inner).entry(group.to_owned()).or_insert((0, floor));
         self.consumers.lock().await.insert(group.to_owned(), consumer.clone());
         Ok(consumer)
     }
@@ -251,7 +304,8 @@ impl EventLog for JetStreamEvents {
     }
 
     fn dropped(&self) -> Vec<(String, u64)> {
-        Vec::new()
+        let dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+        dropped.iter().map(|(group, (count, _))| (group.clone(), *count)).collect()
     }
 }
 

@@ -235,6 +235,7 @@ impl NatsFederation {
                 replicas: config.kv_replicas,
             },
         ));
+        tokio::spawn(events.clone().watch(stop.clone()));
         let calls = CallRouter::new(client.clone(), config.subject_prefix.clone(), notices_tx.clone(), stop.clone());
         tokio::spawn(maintain_leases(
             client.clone(),
