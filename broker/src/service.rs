@@ -145,7 +145,7 @@ impl BrokerService for BrokerGrpc {
         request: Request<ConsumeEventsRequest>,
     ) -> Result<Response<Self::ConsumeEventsStream>, Status> {
         let request = request.into_inner();
-        Ok(Response::new(self.hub.consume_events(&request.group, request.max_unacked)?))
+        Ok(Response::new(self.hub.consume_events(&request.group, request.max_unacked).await?))
     }
 
     async fn ack_events(&self, request: Request<AckEventsRequest>) -> Result<Response<AckEventsResponse>, Status> {

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use super::log::EventLog;
+use super::log::{EventLog, LogError};
 
 /// Most events one pull asks for.
 const MAX_PULL: usize = 1024;
@@ -90,8 +90,9 @@ impl Dispatcher {
         Self { log, ack_wait, groups: Mutex::default() }
     }
 
-    /// Attaches a new instance of `group`.
-    pub(crate) fn attach(self: &Arc<Self>, group: &str, max_unacked: usize) -> Consumer {
+    /// Attaches a new instance of `group`, once the group exists.
+    pub(crate) async fn attach(self: &Arc<Self>, group: &str, max_unacked: usize) -> Result<Consumer, LogError> {
+        self.log.open(group).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let local = {
             let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
@@ -117,12 +118,12 @@ impl Dispatcher {
             id
         };
         local.changed.notify_one();
-        Consumer { rx, detach: Some(Detach { dispatcher: self.clone(), group: local, id }) }
+        Ok(Consumer { rx, detach: Some(Detach { dispatcher: self.clone(), group: local, id }) })
     }
 
     /// Acknowledges deliveries of `group`, on the log and for this broker's
     /// instances' room.
-    pub(crate) async fn ack(&self, group: &str, ack_ids: &[String]) -> Result<(), super::log::LogError> {
+    pub(crate) async fn ack(&self, group: &str, ack_ids: &[String]) -> Result<(), LogError> {
         self.log.ack(group, ack_ids).await?;
         let local = self.groups.lock().unwrap_or_else(PoisonError::into_inner).get(group).cloned();
         if let Some(local) = local {

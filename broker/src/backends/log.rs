@@ -37,6 +37,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// stored (within the de-duplication window) is not stored again.
     async fn store(&self, events: Vec<ConnectionEvent>) -> Result<(), LogError>;
 
+    /// Makes `group` if it is new: from now on it sees every event stored.
+    async fn open(&self, group: &str) -> Result<(), LogError>;
+
     /// Takes up to `max` events for `group` (creating the group, which then
     /// sees events stored from now on), waiting up to `wait` for the first
     /// one. Each is the group's until acknowledged or its ack wait ends.

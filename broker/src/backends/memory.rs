@@ -178,6 +178,11 @@ impl EventLog for MemoryLog {
         Ok(())
     }
 
+    async fn open(&self, group: &str) -> Result<(), LogError> {
+        self.group(group);
+        Ok(())
+    }
+
     async fn pull(&self, group: &str, max: usize, wait: Duration) -> Result<Vec<ConsumedEvent>, LogError> {
         let group = self.group(group);
         let until = Instant::now() + wait;

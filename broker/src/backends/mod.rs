@@ -126,8 +126,8 @@ impl Backends {
         Ok(())
     }
 
-    /// Attaches an instance of `group`.
-    pub(crate) fn consume(&self, group: &str, max_unacked: u32) -> Result<Consumer, LogError> {
+    /// Attaches an instance of `group`, once the group exists.
+    pub(crate) async fn consume(&self, group: &str, max_unacked: u32) -> Result<Consumer, LogError> {
         check_group(group).map_err(LogError::Invalid)?;
         let max_unacked = match max_unacked as usize {
             0 => DEFAULT_MAX_UNACKED,
@@ -136,7 +136,7 @@ impl Backends {
             }
             n => n,
         };
-        Ok(self.dispatcher.attach(group, max_unacked))
+        self.dispatcher.attach(group, max_unacked).await
     }
 
     /// Acknowledges deliveries of `group`.

@@ -109,7 +109,7 @@ impl Webhook {
     pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
         let Self { config, poster } = self;
         let batch = u32::try_from(config.batch.clamp(1, super::MAX_UNACKED)).unwrap_or(1);
-        let mut consumer = match hub.consume_events(&config.group, batch) {
+        let mut consumer = match hub.consume_events(&config.group, batch).await {
             Ok(consumer) => consumer,
             Err(status) => {
                 tracing::error!(%status, "webhook could not consume its group");

@@ -28,9 +28,9 @@ impl Hub {
         Ok(self.shared.backends.report(events).await?)
     }
 
-    /// Attaches an instance of a consumer group.
-    pub(crate) fn consume_events(&self, group: &str, max_unacked: u32) -> Result<Consumer, Status> {
-        Ok(self.shared.backends.consume(group, max_unacked)?)
+    /// Attaches an instance of a consumer group, once the group exists.
+    pub(crate) async fn consume_events(&self, group: &str, max_unacked: u32) -> Result<Consumer, Status> {
+        Ok(self.shared.backends.consume(group, max_unacked).await?)
     }
 
     /// Acknowledges deliveries of a group.

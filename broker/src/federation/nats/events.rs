@@ -268,6 +268,10 @@ impl EventLog for JetStreamEvents {
         Ok(())
     }
 
+    async fn open(&self, group: &str) -> Result<(), LogError> {
+        self.consumer(group).await.map(drop)
+    }
+
     async fn pull(&self, group: &str, max: usize, wait: Duration) -> Result<Vec<ConsumedEvent>, LogError> {
         let consumer = self.consumer(group).await?;
         let outcome = async {
