@@ -109,11 +109,17 @@ impl Webhook {
     pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
         let Self { config, poster } = self;
         let batch = u32::try_from(config.batch.clamp(1, super::MAX_UNACKED)).unwrap_or(1);
-        let mut consumer = match hub.consume_events(&config.group, batch).await {
-            Ok(consumer) => consumer,
-            Err(status) => {
-                tracing::error!(%status, "webhook could not consume its group");
-                return;
+        let mut attempts = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut consumer = loop {
+            match hub.consume_events(&config.group, batch).await {
+                Ok(consumer) => break consumer,
+                Err(status) => {
+                    tracing::warn!(%status, "the webhook cannot consume its group yet; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(attempts.next_delay()) => {}
+                    }
+                }
             }
         };
         let metrics = hub.webhook_metrics();
