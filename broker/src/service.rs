@@ -173,11 +173,14 @@ impl BrokerService for BrokerGrpc {
         let (tx, rx) = mpsc::channel(self.hub.backend_queue());
         let registration = self.hub.serve_calls(methods, tx.clone())?;
         let hub = self.hub.clone();
+        let closing = hub.backends_closing();
         // Answers are read by one task; the backend's stream ends its
         // registration, and its unanswered calls fail at once.
         tokio::spawn(async move {
+            tokio::pin!(closing);
             loop {
                 tokio::select! {
+                    () = &mut closing => break,
                     message = incoming.message() => match message {
                         Ok(Some(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Answer(answer)) })) => {
                             hub.answer_call(&registration, answer);

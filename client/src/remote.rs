@@ -35,8 +35,10 @@ use crate::{Broker, BrokerSession, SessionCommands};
 /// The service name brokers report health for.
 const BROKER_SERVICE: &str = "herald.v1.BrokerService";
 
-/// Largest gRPC message decoded from a broker (a full batch of results).
-const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest gRPC message decoded from a broker: a full batch of results, or
+/// an event as large as the broker's content limit lets it be (the broker
+/// is trusted to keep to its own limit).
+const MAX_DECODING_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Commands queued for a remote session before `send` waits.
 const SESSION_COMMAND_QUEUE: usize = 64;

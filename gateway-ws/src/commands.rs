@@ -13,6 +13,7 @@
 //! stream once, in order, across the seam.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use herald_client::Broker;
@@ -38,6 +39,8 @@ use herald_common::namespaces::{PublishRule, SubscribeRule};
 /// How long a subscription waits for the broker to follow it before it is
 /// answered anyway (the broker is slow or being reconnected to).
 const FOLLOW_WAIT: Duration = Duration::from_secs(2);
+/// Most rpcs of one connection waiting for their answers at once.
+const MAX_RPCS_IN_FLIGHT: usize = 64;
 /// Most subscribers a presence answer lists; past it, presence_stats counts them.
 const MAX_PRESENCE: usize = 1000;
 
@@ -51,11 +54,13 @@ pub(crate) struct Client {
     /// The channels it joined in namespaces that announce joins and
     /// leaves: each gets a leave when the connection ends.
     pub(crate) announced: Vec<String>,
+    /// Its rpcs waiting for their answers (made at its first rpc).
+    rpcs: Option<Arc<AtomicUsize>>,
 }
 
 impl Client {
     pub(crate) fn new(id: u64, listed: Vec<String>, expires_at: Option<u64>) -> Self {
-        Self { id, listed, expires_at, announced: Vec::new() }
+        Self { id, listed, expires_at, announced: Vec::new(), rpcs: None }
     }
 }
 
@@ -148,7 +153,7 @@ pub(crate) async fn run(
         CommandKind::PresenceStats { channel } => presence(shared, client, channel, true).await,
         CommandKind::History { channel, limit, since } => history(shared, client, channel, limit, since).await,
         CommandKind::Send { content } => send(shared, client, content),
-        CommandKind::Rpc { method, data } => rpc(shared, client, method, data).await,
+        CommandKind::Rpc { method, data } => return start_rpc(shared, client, outbox, command.id, method, data),
     };
     outbox.push(answer(shared, command.id, result), 0)
 }
@@ -357,11 +362,47 @@ fn send(shared: &Shared, client: &Client, body: content::Body) -> Result<Done, R
     }
 }
 
-/// Asks a backend serving `method`, and answers with its answer.
-async fn rpc(shared: &Shared, client: &Client, method: String, data: content::Body) -> Result<Done, Refused> {
+/// Starts a call to a backend: its reply is queued when the backend
+/// answers, and meanwhile the connection goes on (deliveries, other
+/// commands, its close). At most [`MAX_RPCS_IN_FLIGHT`] at once.
+fn start_rpc(
+    shared: &Shared,
+    client: &mut Client,
+    outbox: &Outbox,
+    id: u64,
+    method: String,
+    data: content::Body,
+) -> Result<(), CloseReason> {
+    let in_flight = client.rpcs.get_or_insert_with(Arc::default).clone();
+    let request = match call_request(shared, client, method, data) {
+        Ok(_) if in_flight.load(Ordering::Relaxed) >= MAX_RPCS_IN_FLIGHT => Err(Refused::new(
+            code::TOO_MANY_SUBSCRIPTIONS,
+            format!("{MAX_RPCS_IN_FLIGHT} rpcs are waiting for their answers already: wait for one"),
+        )),
+        outcome => outcome,
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(refused) => return outbox.push(answer(shared, id, Err(refused)), 0),
+    };
+    let (Some(outbox), Some(shared)) = (shared.registry.outbox(client.id), shared.this.upgrade()) else {
+        return Err(CloseReason::ClientGone);
+    };
+    in_flight.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let result = rpc(&shared, request).await;
+        // A connection closed meanwhile drops the answer.
+        let _ = outbox.push(answer(&shared, id, result), 0);
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+    });
+    Ok(())
+}
+
+/// The call a client's rpc makes.
+fn call_request(shared: &Shared, client: &Client, method: String, data: content::Body) -> Result<CallRequest, Refused> {
     names::validate_channel(&method).map_err(|e| Refused::new(code::BAD_COMMAND, format!("method: {e}")))?;
-    let broker = broker(shared)?;
-    let request = CallRequest {
+    broker(shared)?;
+    Ok(CallRequest {
         method,
         data: Some(Content { body: Some(data) }),
         connection: Some(ConnectionAddress {
@@ -370,8 +411,12 @@ async fn rpc(shared: &Shared, client: &Client, method: String, data: content::Bo
         }),
         user_id: shared.registry.user_of(client.id).map(|u| u.to_string()).unwrap_or_default(),
         timeout_ms: u32::try_from(shared.config.rpc_timeout.as_millis()).unwrap_or(u32::MAX),
-    };
-    let answer = broker.call(request).await.map_err(|status| match status.code() {
+    })
+}
+
+/// Asks a backend serving the call's method, and answers with its answer.
+async fn rpc(shared: &Shared, request: CallRequest) -> Result<Done, Refused> {
+    let answer = broker(shared)?.call(request).await.map_err(|status| match status.code() {
         Code::NotFound => Refused::new(code::UNKNOWN_NAMESPACE, status.message()),
         Code::DeadlineExceeded => Refused::new(code::TIMED_OUT, status.message()),
         _ => Refused::from(status),

@@ -22,6 +22,7 @@ use herald_proto::v1::{
     ChannelEvent, ConnectEvent, ConnectionAddress, ConnectionEvent, Content, DisconnectCause, DisconnectEvent,
     MessageEvent, connection_event,
 };
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +33,9 @@ use crate::shared::Shared;
 
 /// Most events in one report.
 const MAX_BATCH: usize = 1000;
+/// Most encoded bytes in one report (past one event): client messages may
+/// be large, and a broker decodes 16 MiB at least.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The event queue of one gateway.
 pub(crate) struct Events {
@@ -193,21 +197,22 @@ pub(crate) async fn report(shared: Arc<Shared>, broker: Arc<dyn Broker>, stop: C
         return;
     };
     let metrics = &shared.metrics;
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut received = Vec::with_capacity(MAX_BATCH);
     loop {
-        if batch.is_empty() {
+        if received.is_empty() {
             tokio::select! {
-                received = rx.recv_many(&mut batch, MAX_BATCH) => if received == 0 { return },
+                count = rx.recv_many(&mut received, MAX_BATCH) => if count == 0 { return },
                 () = stop.cancelled() => {
-                    while batch.len() < MAX_BATCH && let Ok(event) = rx.try_recv() {
-                        batch.push(event);
+                    while received.len() < MAX_BATCH && let Ok(event) = rx.try_recv() {
+                        received.push(event);
                     }
-                    if batch.is_empty() {
+                    if received.is_empty() {
                         return;
                     }
                 }
             }
         }
+        let batch: Vec<ConnectionEvent> = received.drain(..batch_len(&received)).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut gave_up_at = None;
         loop {
@@ -232,6 +237,42 @@ pub(crate) async fn report(shared: Arc<Shared>, broker: Arc<dyn Broker>, stop: C
                 }
             }
         }
-        batch.clear();
+    }
+}
+
+/// How many of `events`, from the first, make one report: at least one,
+/// and no more than [`MAX_BATCH_BYTES`] encoded.
+fn batch_len(events: &[ConnectionEvent]) -> usize {
+    let mut bytes = 0;
+    events
+        .iter()
+        .position(|event| {
+            bytes += event.encoded_len();
+            bytes > MAX_BATCH_BYTES
+        })
+        .map_or(events.len(), |i| i.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(bytes: usize) -> ConnectionEvent {
+        let content = Content { body: Some(herald_proto::v1::content::Body::Binary(vec![0u8; bytes].into())) };
+        ConnectionEvent {
+            id: "w.i.1".into(),
+            kind: Some(connection_event::Kind::Message(MessageEvent { content: Some(content) })),
+            ..ConnectionEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_report_is_bounded_in_bytes_but_always_carries_one_event() {
+        let small: Vec<_> = (0..10).map(|_| message(100)).collect();
+        assert_eq!(batch_len(&small), 10);
+        let large: Vec<_> = (0..4).map(|_| message(3 * 1024 * 1024)).collect();
+        assert_eq!(batch_len(&large), 2);
+        let huge = vec![message(16 * 1024 * 1024), message(10)];
+        assert_eq!(batch_len(&huge), 1);
     }
 }

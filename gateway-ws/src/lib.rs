@@ -103,7 +103,8 @@ impl Gateway {
         let instance_id = herald_common::token::random_token(16);
         let events = events::Events::new(config.events, &config.worker_id, &instance_id, config.event_queue);
         Ok(Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|this| Shared {
+                this: this.clone(),
                 config,
                 instance_id,
                 registry: Registry::default(),

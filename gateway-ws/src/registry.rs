@@ -249,6 +249,11 @@ impl Registry {
         self.read().connections.get(&id).and_then(|e| e.user.clone())
     }
 
+    /// The outbox of connection `id`, while it is open.
+    pub fn outbox(&self, id: u64) -> Option<Arc<Outbox>> {
+        self.read().outboxes.get(&id).cloned()
+    }
+
     /// The client channels connection `id` is subscribed to.
     pub fn channels_of(&self, id: u64) -> Vec<Arc<str>> {
         self.read().connections.get(&id).map(|e| e.channels.clone()).unwrap_or_default()

@@ -2,7 +2,7 @@
 //! identity, connections and metrics. Owned by [`crate::Gateway`]; the
 //! connection tasks, the broker link and the heartbeat hold an `Arc` of it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use herald_client::Broker;
@@ -19,6 +19,9 @@ use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
 
 pub(crate) struct Shared {
+    /// This state itself, for tasks a connection starts that outlive the
+    /// command that started them (an rpc waiting for its answer).
+    pub(crate) this: Weak<Shared>,
     pub(crate) config: GatewayConfig,
     /// Random per process: lets this process reclaim its worker id after a reconnect.
     pub(crate) instance_id: String,

@@ -284,3 +284,64 @@ async fn a_group_that_falls_behind_the_retention_loses_its_oldest_counted() {
         });
     }
 }
+
+/// A backend that answers `slow` after `delay`, and `fast` at once.
+async fn serve_slow_and_fast(broker: &str, delay: Duration) {
+    let mut client = grpc_client(broker).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let start = ServeCallsRequest {
+        kind: Some(serve_calls_request::Kind::Start(ServeCallsStart { methods: vec!["slow".into(), "fast".into()] })),
+    };
+    tx.send(start).await.unwrap();
+    let mut calls = client.serve_calls(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        while let Some(Ok(call)) = calls.next().await {
+            let method = call.call.map(|c| c.method).unwrap_or_default();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if method == "slow" {
+                    tokio::time::sleep(delay).await;
+                }
+                let answer = CallAnswer {
+                    call_id: call.call_id,
+                    result: Some(call_answer::Result::Data(Content { body: Some(content::Body::Text(method)) })),
+                };
+                let _ = tx.send(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Answer(answer)) }).await;
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_slow_rpc_holds_up_nothing_else_on_its_connection() {
+    let herald = Herald::standalone(&[]);
+    serve_slow_and_fast(&herald.address("broker"), Duration::from_secs(2)).await;
+    let mut client = crate::protocol_client::ProtocolClient::connect(&herald.ws_url()).await;
+    let started = std::time::Instant::now();
+    client.send_text(r#"{"id":1,"rpc":{"method":"slow","data":{"text":""}}}"#).await;
+    let fast = client.call("rpc", serde_json::json!({"method": "fast", "data": {"text": ""}})).await;
+    assert_eq!(fast["rpc"]["data"]["text"], "fast", "{fast}");
+    assert!(started.elapsed() < Duration::from_secs(1), "the fast rpc waited {:?}", started.elapsed());
+    let slow = client.read().await;
+    assert_eq!(
+        (slow["id"].clone(), slow["rpc"]["data"]["text"].clone()),
+        (serde_json::json!(1), serde_json::json!("slow"))
+    );
+}
+
+// Multi-threaded: the clients' connections must answer the server's
+// goodbye while the test waits for the process to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stops_promptly_with_backends_attached() {
+    let mut herald = Herald::standalone(&[]);
+    let broker = herald.address("broker");
+    let mut instance = Instance::attach(&broker, "audit").await;
+    serve_slow_and_fast(&broker, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    herald.signal(libc::SIGTERM);
+    herald.wait_exit(PATIENCE);
+    assert!(started.elapsed() < Duration::from_secs(5), "stopping took {:?}", started.elapsed());
+    let ended = tokio::time::timeout(PATIENCE, instance.stream.next()).await.expect("the stream ends");
+    assert!(!matches!(ended, Some(Ok(_))), "{ended:?}");
+}

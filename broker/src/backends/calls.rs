@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use herald_proto::v1::{CallAnswer, CallRequest, ServeCallsResponse};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 /// Calls queued for one backend before it counts as busy.
@@ -49,6 +50,8 @@ impl From<CallFailure> for Status {
 pub(crate) struct Calls {
     state: Mutex<Servers>,
     next_call: AtomicU64,
+    /// Cancelled when the broker shuts down: backends' streams end.
+    closing: CancellationToken,
 }
 
 #[derive(Default)]
@@ -97,6 +100,18 @@ impl Calls {
         }
         state.servers.insert(id, Server { tx, methods, waiting: HashMap::new() });
         (Registration { calls: self.clone(), id }, new)
+    }
+
+    /// Ends every backend's stream (their unanswered calls fail at once):
+    /// the broker is shutting down.
+    pub(crate) fn close_all(&self) {
+        self.closing.cancel();
+        self.state().servers.clear();
+    }
+
+    /// Resolves when the broker shuts down.
+    pub(crate) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.closing.clone().cancelled_owned()
     }
 
     /// The queue size for a backend's calls.

@@ -138,6 +138,16 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Ends every instance's stream: the broker is shutting down (their
+    /// deliveries come back after the ack wait, on another broker).
+    pub(crate) fn close_all(&self) {
+        let groups: Vec<Arc<LocalGroup>> =
+            self.groups.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        for group in groups {
+            group.state().list.clear();
+        }
+    }
+
     pub(crate) fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
     }

@@ -212,6 +212,18 @@ impl Backends {
         }
     }
 
+    /// Ends the streams of the instances and backends attached here: the
+    /// broker is shutting down, and they move to another broker.
+    pub(crate) fn shut_down(&self) {
+        self.dispatcher.close_all();
+        self.calls.close_all();
+    }
+
+    /// Resolves when the broker shuts down.
+    pub(crate) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.calls.closing()
+    }
+
     pub(crate) fn render(&self, out: &mut Exposition) {
         let m = &self.metrics;
         out.counter(

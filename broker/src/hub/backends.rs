@@ -30,6 +30,9 @@ impl Hub {
 
     /// Attaches an instance of a consumer group, once the group exists.
     pub(crate) async fn consume_events(&self, group: &str, max_unacked: u32) -> Result<Consumer, Status> {
+        if self.is_shutting_down() {
+            return Err(LogError::Unavailable("broker is shutting down".into()).into());
+        }
         Ok(self.shared.backends.consume(group, max_unacked).await?)
     }
 
@@ -61,6 +64,9 @@ impl Hub {
         methods: Vec<String>,
         tx: mpsc::Sender<Result<ServeCallsResponse, Status>>,
     ) -> Result<Registration, CallFailure> {
+        if self.is_shutting_down() {
+            return Err(CallFailure::Unavailable("broker is shutting down".into()));
+        }
         let (registration, new) = self.shared.backends.serve(methods, tx)?;
         for method in new {
             self.federation().serve_method(Interest::Add(method));
@@ -136,6 +142,11 @@ impl Hub {
                 }
             }
         });
+    }
+
+    /// Resolves when the broker shuts down: backends' streams end.
+    pub(crate) fn backends_closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.shared.backends.closing()
     }
 
     /// How many calls a backend may have queued.

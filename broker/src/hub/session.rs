@@ -78,6 +78,7 @@ impl Hub {
             sink.end(Status::unavailable("broker is shutting down"));
             self.close_session(sink.session_id);
         }
+        self.shared.backends.shut_down();
         self.federation().leave();
     }
 
