@@ -1,18 +1,20 @@
 /**
- * HeraldClient: a connection to a herald WebSocket gateway — opening it with
- * a token, reconnecting with backoff after every close the app did not ask
- * for (each attempt to the next of the gateways given, in turn), refreshing
- * the token before it expires, routing the server's frames to commands,
- * subscriptions and the app's events, and carrying the subscriptions across
- * reconnects.
+ * HeraldClient: a connection to a herald WebSocket gateway — opening it (its
+ * token given in a `connect` command), reconnecting with backoff after every
+ * close the app did not ask for (each attempt to the next of the gateways
+ * given, in turn), refreshing the token before it expires, routing the
+ * server's frames to commands, subscriptions and the app's events, carrying
+ * the subscriptions across reconnects, and the commands to the backends:
+ * rpc and send.
  */
 
 import { Backoff } from "./backoff.js";
 import { Commands } from "./commands.js";
-import { decodePayload } from "./content.js";
+import type { PublishContent } from "./content.js";
+import { decodePayload, encodeContent } from "./content.js";
 import { Emitter } from "./emitter.js";
-import { ErrorCode } from "./errors.js";
-import type { ConnectedInfo, DirectMessage } from "./protocol.js";
+import { ErrorCode, HeraldError } from "./errors.js";
+import type { ConnectedInfo, DirectMessage, ServerMessage } from "./protocol.js";
 import {
   CloseCode,
   SUBPROTOCOL,
@@ -29,6 +31,7 @@ import { TokenSource } from "./token.js";
 export interface WebSocketLike {
   send(data: string): void;
   close(code?: number, reason?: string): void;
+  addEventListener(type: "open", listener: () => void): void;
   addEventListener(type: "message", listener: (event: { readonly data: unknown }) => void): void;
   addEventListener(type: "close", listener: (event: { readonly code: number; readonly reason: string }) => void): void;
   addEventListener(type: "error", listener: () => void): void;
@@ -39,7 +42,10 @@ export type WebSocketConstructor = new (url: string, protocols: string[]) => Web
 
 /** Options of a HeraldClient. */
 export interface HeraldClientOptions {
-  /** The connection token (a JWT), sent in the URL as `?token=`. */
+  /**
+   * The connection token (a JWT), sent in a `connect` command, the
+   * connection's first frame (never in the URL).
+   */
   token?: string;
   /**
    * Gets a connection token: before connecting when there is none, shortly
@@ -55,6 +61,17 @@ export interface HeraldClientOptions {
   maxReconnectDelayMs?: number;
   /** How long a command may wait to be sent and answered; default 10 s. */
   commandTimeoutMs?: number;
+}
+
+/** Options of an rpc. */
+export interface RpcOptions {
+  /**
+   * How long the call may wait to be sent and answered, in milliseconds;
+   * default: the client's `commandTimeoutMs`. The gateway gives the backend
+   * its own `--rpc-timeout` (5 s by default), after which the call fails with
+   * 504.
+   */
+  timeoutMs?: number;
 }
 
 /** Where the connection is. `connecting` covers waiting to reconnect. */
@@ -89,6 +106,10 @@ export interface ClientEvents {
 const DEFAULT_MIN_RECONNECT_DELAY_MS = 100;
 const DEFAULT_MAX_RECONNECT_DELAY_MS = 10_000;
 const DEFAULT_COMMAND_TIMEOUT_MS = 10_000;
+/** Why an rpc or a send fails when its connection closes before the reply: it may have been carried out. */
+const RPC_LOST = "the connection closed before the rpc's answer: the backend may or may not have handled the call";
+const SEND_LOST =
+  "the connection closed before the gateway confirmed the send: the backends may or may not get the message";
 /** setTimeout's largest delay; a token refresh further away than this is rescheduled. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -209,6 +230,60 @@ export class HeraldClient {
     return new Subscription(this.#host, channel, options);
   }
 
+  /**
+   * Asks a backend serving `method` (see ServeCalls in broker.proto), with
+   * `data` as the request: a string is sent as text, bytes as binary.
+   * Resolves with the backend's answer: a string for text, a Uint8Array for
+   * binary. Rejects with a HeraldError: 404 (ErrorCode.NoBackend) when no
+   * backend serves the method, 504 (ErrorCode.BackendTimeout) when none
+   * answered within the gateway's rpc timeout, the backend's own code and
+   * message when it refused the call, 408 when there was no reply within
+   * `timeoutMs`, and 499 when the connection closed after the call was sent
+   * (the backend may or may not have handled it: the call is not made again).
+   * A call made while disconnected waits for the connection, within
+   * `timeoutMs`.
+   */
+  rpc(method: string, data: PublishContent, options: RpcOptions = {}): Promise<string | Uint8Array> {
+    const timeoutMs = options.timeoutMs;
+    if (timeoutMs !== undefined && !(timeoutMs > 0 && timeoutMs <= MAX_TIMER_MS)) {
+      return Promise.reject(new RangeError(`rpc timeoutMs must be between 1 and ${MAX_TIMER_MS}, not ${timeoutMs}`));
+    }
+    return new Promise((resolve, reject) =>
+      this.#commands.submit(
+        { rpc: { method, data: encodeContent(data) } },
+        {
+          resolve: (message) => {
+            const answer = decodePayload(message.rpc?.data);
+            resolve(answer.data ?? answer.text ?? "");
+          },
+          reject,
+        },
+        { lost: RPC_LOST, ...(timeoutMs === undefined ? {} : { timeoutMs }) },
+      ),
+    );
+  }
+
+  /**
+   * Sends `data` to the backends, as a message event of this connection
+   * (see ConsumeEvents in broker.proto): a string as text, bytes as binary.
+   * Resolves once the gateway took it. Rejects with a HeraldError: 403 when
+   * the gateway passes no messages to backends (its `--events` lacks
+   * `message`), 503 when it cannot take them now (retry later), 408 when
+   * there was no reply within `commandTimeoutMs`, and 499 when the connection
+   * closed after the message was sent (it may or may not have been taken: it
+   * is not sent again). A message sent while disconnected waits for the
+   * connection, within `commandTimeoutMs`.
+   */
+  send(data: PublishContent): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.#commands.submit(
+        { send: { content: encodeContent(data) } },
+        { resolve: () => resolve(), reject },
+        { lost: SEND_LOST },
+      ),
+    );
+  }
+
   /** Starts a connection attempt, with a new token first if one is needed. */
   #open(): void {
     const attempt = ++this.#attempt;
@@ -232,7 +307,6 @@ export class HeraldClient {
     const url = new URL(this.#urls[this.#nextUrl]);
     this.#nextUrl = (this.#nextUrl + 1) % this.#urls.length;
     const token = this.#token.current?.value;
-    if (token !== undefined) url.searchParams.set("token", token);
     let socket: WebSocketLike;
     try {
       socket = new this.#WebSocket(url.href, [SUBPROTOCOL]);
@@ -242,6 +316,8 @@ export class HeraldClient {
       return;
     }
     this.#socket = socket;
+    // The token goes in the connection's first frame, out of URLs and logs.
+    if (token !== undefined) socket.addEventListener("open", () => socket === this.#socket && this.#sendConnect(token));
     socket.addEventListener("message", (event) => socket === this.#socket && this.#receive(event.data));
     socket.addEventListener("close", (event) => socket === this.#socket && this.#closed(event.code, event.reason));
     // An error always means the connection failed, and its close event may
@@ -252,6 +328,30 @@ export class HeraldClient {
       socket.close();
       this.#closed(CloseCode.Abnormal, "connection failed");
     });
+  }
+
+  /**
+   * Gives the token with a `connect` command, answered by `connected`. A
+   * gateway that checks no token has greeted the connection already, and
+   * refuses the connect (400): nothing to do. One that refuses the token
+   * closes the connection with 4001 next, which #closed handles.
+   */
+  #sendConnect(token: string): void {
+    const attempt = this.#attempt;
+    const current = () => attempt === this.#attempt && this.#state === "connecting";
+    this.#commands.sendNow(
+      { connect: { token } },
+      {
+        resolve: (message: ServerMessage) => {
+          if (!current()) return;
+          if (message.connected === undefined) return this.#reconnect("the reply to connect was not connected");
+          this.#connected(decodeClient(message.connected));
+        },
+        reject: (error: HeraldError) => {
+          if (current() && error.code === ErrorCode.Timeout) this.#reconnect(`no reply to connect: ${error.message}`);
+        },
+      },
+    );
   }
 
   #receive(data: unknown): void {

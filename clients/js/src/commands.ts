@@ -4,6 +4,8 @@
  * condition holds (its subscription is in effect, say), is then sent, and is
  * settled by its reply, by its deadline, or by the connection's end.
  * Replies are delivered synchronously, before the frame after them is read.
+ * The `connect` command alone goes out before the connection is up
+ * (sendNow), as its first frame.
  */
 
 import { ErrorCode, HeraldError } from "./errors.js";
@@ -24,6 +26,13 @@ export interface SubmitOptions {
   ready?: () => boolean;
   /** A tag for cancelOwned(). */
   owner?: object;
+  /** How long it may wait to be sent and answered; default: the client's commandTimeoutMs. */
+  timeoutMs?: number;
+  /**
+   * Why it fails when its connection closes after it was sent (code 499);
+   * default: "the connection closed before the reply".
+   */
+  lost?: string;
 }
 
 interface Entry {
@@ -32,6 +41,8 @@ interface Entry {
   readonly ready: () => boolean;
   readonly owner: object | undefined;
   readonly timer: ReturnType<typeof setTimeout>;
+  readonly timeoutMs: number;
+  readonly lost: string;
   /** Its id, once sent. */
   id: number | undefined;
 }
@@ -58,16 +69,39 @@ export class Commands {
 
   /** Queues a command; it is sent at the first flush where the link is open and it is ready. */
   submit(command: Command, reply: Reply, options: SubmitOptions = {}): void {
+    this.#waiting.push(this.#entry(command, reply, options));
+    this.flush();
+  }
+
+  /**
+   * Sends a command at once, whether the link counts as open or not: the
+   * `connect` command, the first frame of a connection that is not up yet.
+   * It is settled like any other.
+   */
+  sendNow(command: Command, reply: Reply, options: SubmitOptions = {}): void {
+    this.#send(this.#entry(command, reply, options));
+  }
+
+  #entry(command: Command, reply: Reply, options: SubmitOptions): Entry {
+    const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
     const entry: Entry = {
       command,
       reply,
       ready: options.ready ?? (() => true),
       owner: options.owner,
-      timer: setTimeout(() => this.#expire(entry), this.#timeoutMs),
+      timer: setTimeout(() => this.#expire(entry), timeoutMs),
+      timeoutMs,
+      lost: options.lost ?? "the connection closed before the reply",
       id: undefined,
     };
-    this.#waiting.push(entry);
-    this.flush();
+    return entry;
+  }
+
+  #send(entry: Entry): void {
+    this.#lastId = this.#lastId >= MAX_ID ? 1 : this.#lastId + 1;
+    entry.id = this.#lastId;
+    this.#sent.set(entry.id, entry);
+    this.#link.send(JSON.stringify({ id: entry.id, ...entry.command }));
   }
 
   /** Sends, in order, every waiting command that can go now. */
@@ -79,10 +113,7 @@ export class Commands {
         still.push(entry);
         continue;
       }
-      this.#lastId = this.#lastId >= MAX_ID ? 1 : this.#lastId + 1;
-      entry.id = this.#lastId;
-      this.#sent.set(entry.id, entry);
-      this.#link.send(JSON.stringify({ id: this.#lastId, ...entry.command }));
+      this.#send(entry);
     }
     this.#waiting = still;
   }
@@ -104,7 +135,7 @@ export class Commands {
   connectionLost(): void {
     const sent = [...this.#sent.values()];
     this.#sent.clear();
-    for (const entry of sent) this.#fail(entry, ErrorCode.ConnectionClosed, "the connection closed before the reply");
+    for (const entry of sent) this.#fail(entry, ErrorCode.ConnectionClosed, entry.lost);
   }
 
   /** Fails every command, sent or waiting. */
@@ -125,10 +156,10 @@ export class Commands {
   #expire(entry: Entry): void {
     if (entry.id !== undefined) {
       this.#sent.delete(entry.id);
-      entry.reply.reject(new HeraldError(ErrorCode.Timeout, `no reply within ${this.#timeoutMs} ms`));
+      entry.reply.reject(new HeraldError(ErrorCode.Timeout, `no reply within ${entry.timeoutMs} ms`));
     } else {
       this.#waiting = this.#waiting.filter((waiting) => waiting !== entry);
-      entry.reply.reject(new HeraldError(ErrorCode.Timeout, `could not be sent within ${this.#timeoutMs} ms`));
+      entry.reply.reject(new HeraldError(ErrorCode.Timeout, `could not be sent within ${entry.timeoutMs} ms`));
     }
   }
 

@@ -9,6 +9,7 @@ export type {
   ConnectionState,
   DisconnectedInfo,
   HeraldClientOptions,
+  RpcOptions,
   WebSocketConstructor,
   WebSocketLike,
 } from "./client.js";

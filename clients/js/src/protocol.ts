@@ -86,13 +86,16 @@ export interface SubscribeResult {
 
 /** A command, without its id. */
 export type Command =
+  | { connect: { token: string } }
   | { subscribe: { channel: string; token?: string; recover?: true; since?: StreamPosition } }
   | { unsubscribe: { channel: string } }
   | { publish: { channel: string; content: Content } }
   | { refresh: { token: string } }
   | { presence: { channel: string } }
   | { presence_stats: { channel: string } }
-  | { history: { channel: string; limit?: number; since?: StreamPosition } };
+  | { history: { channel: string; limit?: number; since?: StreamPosition } }
+  | { send: { content: Content } }
+  | { rpc: { method: string; data: Content } };
 
 type Wire<T> = Partial<T> | undefined;
 type WireContent = Partial<{ text: string; binary: string }>;
@@ -105,6 +108,7 @@ type WirePresenceEvent = Wire<{ channel: string; info: WireClient }>;
 export interface ServerMessage {
   id?: number;
   error?: Wire<{ code: number; message: string }>;
+  /** A push, the connection's first message; or the reply to connect. */
   connected?: WireClient;
   publication?: WirePublication;
   message?: Wire<{ content: WireContent }>;
@@ -123,6 +127,10 @@ export interface ServerMessage {
   presence?: Wire<{ channel: string; clients: WireClient[]; missing_workers: string[] }>;
   presence_stats?: Wire<{ channel: string; connections: number; users: number; missing_workers: string[] }>;
   history?: Wire<{ channel: string; publications: WirePublication[]; position: WirePosition; complete: boolean }>;
+  /** Answers send: the gateway took the message for the backends. */
+  sent?: Wire<Record<string, never>>;
+  /** Answers rpc: the backend's answer. */
+  rpc?: Wire<{ data: WireContent }>;
 }
 
 /** Reads one frame; throws if it is not a JSON object. */
@@ -218,7 +226,10 @@ export const CloseCode = {
   PolicyViolation: 1008,
   /** The gateway lost its worker id. */
   InternalError: 1011,
-  /** Client side: a subscribe got no reply in time, so the client gave up on the connection. */
+  /**
+   * Client side: a subscribe or the connect command got no reply in time, so
+   * the client gave up on the connection.
+   */
   Timeout: 3008,
   /** A backend closed the connection. */
   ClosedByBackend: 4000,

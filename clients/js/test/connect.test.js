@@ -1,5 +1,6 @@
-// Connecting to a real herald: the connected push, the token in the URL,
-// disconnecting, and a backend's close (4000) followed by a reconnect.
+// Connecting to a real herald: the connected push, the token in a connect
+// command (never in the URL), a refused token, disconnecting, and a
+// backend's close (4000) followed by a reconnect.
 import assert from "node:assert/strict";
 import test from "node:test";
 import { CloseCode, HeraldClient } from "../dist/index.js";
@@ -33,11 +34,63 @@ test("connects and gets its address; disconnect() ends it for good", async (t) =
   assert.equal(client.connection, undefined);
 });
 
-test("sends its token in the URL; the user id comes from it", async (t) => {
+/** A WebSocket constructor that records the URLs it opens. */
+function recordingWebSocket() {
+  const urls = [];
+  class RecordingWebSocket extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      urls.push(url);
+    }
+  }
+  return { WebSocket: RecordingWebSocket, urls };
+}
+
+test("sends its token in a connect command, not in the URL; the user id comes from it", async (t) => {
   const herald = await startHerald(t, { args: ["--client-auth", "jwt", "--jwt-secret", SECRET] });
   const token = jwt(SECRET, { sub: "ana", exp: Math.floor(Date.now() / 1000) + 600 });
-  const client = await makeClient(t, herald.wsUrl, { token });
+  const recording = recordingWebSocket();
+  const client = await makeClient(t, herald.wsUrl, { token, WebSocket: recording.WebSocket });
   assert.equal(client.connection.userId, "ana");
+  assert.deepEqual(recording.urls, [herald.wsUrl]);
+  await client.subscribe("chat:signed-in", { onPublication: () => {} }).subscribed();
+});
+
+test("a token where the gateway checks none is harmless", async (t) => {
+  const herald = await startHerald(t);
+  const errors = [];
+  const client = await makeClient(t, herald.wsUrl, { token: "not.a.jwt" });
+  client.on("error", (error) => errors.push(error));
+  assert.equal(client.connection.userId, "");
+  await client.subscribe("chat:anyone", { onPublication: () => {} }).subscribed();
+  assert.deepEqual(errors, []);
+});
+
+test("a refused token closes with 4001; without getToken the client stops there", async (t) => {
+  const herald = await startHerald(t, { args: ["--client-auth", "jwt", "--jwt-secret", SECRET] });
+  const token = jwt("another-secret-of-at-least-32-bytes!!", { sub: "eve", exp: Math.floor(Date.now() / 1000) + 600 });
+  const client = await makeClient(t, herald.wsUrl, { token, connect: false });
+  const disconnected = nextEvent(client, "disconnected");
+  client.connect();
+  const info = await disconnected;
+  assert.equal(info.code, CloseCode.TokenExpired);
+  assert.equal(info.reconnectDelayMs, undefined);
+  assert.equal(client.state, "disconnected");
+});
+
+test("a refused token is replaced with getToken's, and the client connects", async (t) => {
+  const herald = await startHerald(t, { args: ["--client-auth", "jwt", "--jwt-secret", SECRET] });
+  let calls = 0;
+  const client = await makeClient(t, herald.wsUrl, {
+    token: jwt("another-secret-of-at-least-32-bytes!!", { sub: "eve", exp: Math.floor(Date.now() / 1000) + 600 }),
+    getToken: async () => {
+      calls++;
+      return jwt(SECRET, { sub: "bob", exp: Math.floor(Date.now() / 1000) + 600 });
+    },
+    minReconnectDelayMs: 10,
+  });
+  assert.equal(client.connection.userId, "bob", "refused first, then connected with getToken's token");
+  assert.equal(calls, 1);
 });
 
 test("gets its first token from getToken", async (t) => {

@@ -33,7 +33,15 @@ client.connect();
 `;
 
 const TYPED_APP = `
-import { HeraldClient, HeraldError, type PresenceEvent, type Publication, type SubscribedInfo } from "herald-client";
+import {
+  ErrorCode,
+  HeraldClient,
+  HeraldError,
+  type PresenceEvent,
+  type Publication,
+  type RpcOptions,
+  type SubscribedInfo,
+} from "herald-client";
 
 const urls = ["wss://push-a.example.com/", "wss://push-b.example.com/"];
 const client = new HeraldClient(urls, { WebSocket, getToken: async () => "jwt" });
@@ -44,6 +52,11 @@ const sub = client.subscribe("chat:room", {
   onLeave: ({ workerId, connectionId }: PresenceEvent) => console.log(workerId, connectionId, "left"),
 });
 sub.publish("hi").catch((error: HeraldError) => console.log(error.code));
+const answer: Promise<string | Uint8Array> = client.rpc("math.add", new Uint8Array([2, 3]), { timeoutMs: 1_000 });
+answer.then((sum) => console.log(typeof sum === "string" ? sum : sum.length));
+const options: RpcOptions = {};
+client.send("typing").then((nothing: void) => nothing, (error: HeraldError) => error.code === ErrorCode.NoBackend);
+client.rpc("echo", "x", options);
 client.connect();
 `;
 

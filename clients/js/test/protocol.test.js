@@ -1,10 +1,11 @@
 // The client at the protocol level, against a scripted socket: what it sends
-// on connect and resubscribe, which gateway it dials, and how it hands
-// recovered and live publications, joins and leaves on. (Against a real
+// on connect (its token, in a connect command) and resubscribe, which gateway
+// it dials, how it hands recovered and live publications, joins and leaves
+// on, and what becomes of an rpc or a send when the connection drops. (Against a real
 // herald: recovery.test.js, failover.test.js, presence.test.js.)
 import assert from "node:assert/strict";
 import test from "node:test";
-import { HeraldClient, SUBPROTOCOL } from "../dist/index.js";
+import { CloseCode, ErrorCode, HeraldClient, SUBPROTOCOL } from "../dist/index.js";
 import { FakeSocket } from "./support/fake-socket.js";
 
 const CONNECTED = { connected: { worker_id: "w1", connection_id: "1" } };
@@ -34,11 +35,124 @@ function setUp(t, options = {}) {
   return { client, sub, log };
 }
 
-test("opens the socket with the subprotocol and the token in the query", async (t) => {
-  setUp(t, { token: "t.o.k" });
+test("opens the socket with the subprotocol; the token goes in a connect command, the first frame", async (t) => {
+  const { client, log } = setUp(t, { token: "t.o.k" });
   const socket = await FakeSocket.nth(0);
   assert.deepEqual(socket.protocols, [SUBPROTOCOL]);
-  assert.equal(socket.url, "ws://herald.test/?x=1&token=t.o.k");
+  assert.equal(socket.url, "ws://herald.test/?x=1", "no token in the URL");
+  assert.deepEqual(socket.sent, [], "nothing before the socket opens");
+  socket.open();
+  assert.deepEqual(socket.sent, [{ id: 1, connect: { token: "t.o.k" } }]);
+  assert.equal(client.state, "connecting");
+  socket.push({ id: 1, connected: { worker_id: "w1", connection_id: "1", user_id: "ana" } });
+  assert.equal(client.state, "connected");
+  assert.deepEqual(client.connection, { workerId: "w1", connectionId: "1", userId: "ana" });
+  assert.deepEqual(socket.sent[1], { id: 2, subscribe: { channel: "feed:x" } }, "commands follow the connect");
+  assert.deepEqual(log, []);
+});
+
+test("without a token, no connect command: the gateway's connected push opens the connection", async (t) => {
+  const { client } = setUp(t);
+  const socket = await FakeSocket.nth(0);
+  socket.open();
+  assert.deepEqual(socket.sent, []);
+  socket.push(CONNECTED);
+  assert.equal(client.state, "connected");
+  assert.deepEqual(socket.sent, [{ id: 1, subscribe: { channel: "feed:x" } }]);
+});
+
+test("a gateway that checks no token greets at once and refuses the connect: no harm done", async (t) => {
+  const { client, log } = setUp(t, { token: "t.o.k" });
+  const errors = [];
+  client.on("error", (error) => errors.push(error));
+  const socket = await FakeSocket.nth(0);
+  socket.open();
+  socket.push(CONNECTED);
+  socket.push({ id: 1, error: { code: 400, message: "already connected" } });
+  assert.equal(client.state, "connected");
+  assert.deepEqual(socket.sent.slice(1), [{ id: 2, subscribe: { channel: "feed:x" } }]);
+  assert.deepEqual(errors, []);
+  assert.deepEqual(log, []);
+});
+
+test("a refused connect token: the 4001 that follows gets a new token from getToken", async (t) => {
+  let calls = 0;
+  const { client } = setUp(t, { getToken: async () => `t.o.k${++calls}` });
+  const first = await FakeSocket.nth(0);
+  first.open();
+  assert.deepEqual(first.sent, [{ id: 1, connect: { token: "t.o.k1" } }]);
+  first.push({ id: 1, error: { code: 401, message: "token expired" } });
+  first.end(CloseCode.TokenExpired, "token expired");
+  const second = await FakeSocket.nth(1);
+  assert.equal(second.url, "ws://herald.test/?x=1");
+  second.open();
+  assert.deepEqual(second.sent, [{ id: 2, connect: { token: "t.o.k2" } }]);
+  second.push({ id: 2, connected: { worker_id: "w1", connection_id: "2" } });
+  assert.equal(client.state, "connected");
+});
+
+test("a connect without a reply in time gives the connection up and tries again", async (t) => {
+  const { client, log } = setUp(t, { token: "t.o.k", commandTimeoutMs: 20 });
+  const first = await FakeSocket.nth(0);
+  first.open();
+  const second = await FakeSocket.nth(1);
+  assert.equal(first.closedWith.code, CloseCode.Timeout);
+  assert.match(first.closedWith.reason, /no reply to connect/);
+  assert.deepEqual(log, [`disconnected ${CloseCode.Timeout}`]);
+  second.open();
+  second.push({ id: 2, connected: { worker_id: "w1", connection_id: "2" } });
+  assert.equal(client.state, "connected");
+});
+
+test("an rpc or a send in flight when the connection drops fails with 499; neither is made again", async (t) => {
+  const { client } = setUp(t);
+  const first = await FakeSocket.nth(0);
+  first.push(CONNECTED);
+  first.push({ id: 1, subscribed: { channel: "feed:x" } });
+  const call = client.rpc("math.add", '{"a":2,"b":3}');
+  const sent = client.send(new Uint8Array([1, 2]));
+  assert.deepEqual(first.sent.slice(1), [
+    { id: 2, rpc: { method: "math.add", data: { text: '{"a":2,"b":3}' } } },
+    { id: 3, send: { content: { binary: "AQI=" } } },
+  ]);
+  first.end(1006);
+  await assert.rejects(call, {
+    name: "HeraldError",
+    code: ErrorCode.ConnectionClosed,
+    message: /may or may not have handled/,
+  });
+  await assert.rejects(sent, { code: ErrorCode.ConnectionClosed, message: /may or may not get the message/ });
+  const second = await FakeSocket.nth(1);
+  second.push(CONNECTED);
+  assert.deepEqual(second.sent, [{ id: 4, subscribe: { channel: "feed:x" } }], "neither is made again");
+});
+
+test("an rpc made while disconnected goes once connected; its answer is text or bytes", async (t) => {
+  const { client } = setUp(t);
+  const socket = await FakeSocket.nth(0);
+  const text = client.rpc("echo", "hi");
+  const bytes = client.rpc("echo", new Uint8Array([0, 255]));
+  assert.deepEqual(socket.sent, []);
+  socket.push(CONNECTED);
+  assert.deepEqual(socket.sent.slice(0, 2), [
+    { id: 1, rpc: { method: "echo", data: { text: "hi" } } },
+    { id: 2, rpc: { method: "echo", data: { binary: "AP8=" } } },
+  ]);
+  socket.push({ id: 2, rpc: { data: { binary: "/wA=" } } });
+  socket.push({ id: 1, rpc: { data: { text: "ih" } } });
+  assert.equal(await text, "ih");
+  assert.deepEqual(await bytes, new Uint8Array([255, 0]));
+});
+
+test("an rpc's own timeout overrides commandTimeoutMs; a late answer is dropped", async (t) => {
+  const { client } = setUp(t);
+  const socket = await FakeSocket.nth(0);
+  socket.push(CONNECTED);
+  const started = Date.now();
+  await assert.rejects(client.rpc("slow", "x", { timeoutMs: 30 }), { code: ErrorCode.Timeout, message: /30 ms/ });
+  assert.ok(Date.now() - started < 1_000);
+  socket.push({ id: 2, rpc: { data: { text: "too late" } } });
+  await assert.rejects(client.rpc("slow", "x", { timeoutMs: 0 }), RangeError);
 });
 
 test("a resubscribe recovers from the last publication handed on; duplicates are dropped", async (t) => {
@@ -229,7 +343,7 @@ test("with several gateways, each connection attempt goes to the next one, in tu
   assert.equal(client.state, "connected");
   assert.deepEqual(
     FakeSocket.made.map((socket) => socket.url),
-    ["ws://a.test/?token=t.o.k", "ws://b.test/?x=1&token=t.o.k", "ws://c.test/?token=t.o.k", "ws://a.test/?token=t.o.k"],
+    ["ws://a.test/", "ws://b.test/?x=1", "ws://c.test/", "ws://a.test/"],
   );
 });
 

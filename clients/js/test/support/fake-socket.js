@@ -14,7 +14,7 @@ export class FakeSocket {
     this.protocols = protocols;
     this.sent = [];
     this.closedWith = undefined;
-    this.listeners = { message: [], close: [], error: [] };
+    this.listeners = { open: [], message: [], close: [], error: [] };
     FakeSocket.made.push(this);
   }
 
@@ -28,6 +28,11 @@ export class FakeSocket {
 
   close(code, reason) {
     this.closedWith = { code, reason };
+  }
+
+  /** The connection opens (fake sockets do not, unless told). */
+  open() {
+    for (const listener of this.listeners.open) listener({});
   }
 
   /** The server sends a frame. */

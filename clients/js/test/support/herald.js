@@ -1,9 +1,9 @@
 /**
  * A real `herald standalone` process for the tests: started on free ports
  * (learnt from its stdout), reached through its HTTP API to publish and
- * control, stopped with SIGTERM, or killed as a crash would. The binary is
- * $HERALD_BIN, else the workspace's target/debug/herald; a missing binary
- * fails the test.
+ * control, and by backends through its broker's gRPC address; stopped with
+ * SIGTERM, or killed as a crash would. The binary is $HERALD_BIN, else the
+ * workspace's target/debug/herald; a missing binary fails the test.
  */
 
 import { spawn } from "node:child_process";
@@ -45,7 +45,11 @@ export async function startHerald(t, { namespaces = [CHAT], args = [] } = {}) {
     { stdio: ["ignore", "pipe", "pipe"] },
   );
   const exited = new Promise((done) => child.once("exit", (code, signal) => done({ code, signal })));
+  // What must stop before herald does: its backends, whose open ServeCalls
+  // and ConsumeEvents streams would hold up its graceful shutdown.
+  const first = [];
   t.after(async () => {
+    await Promise.all(first.map((stop) => stop()));
     child.kill("SIGTERM");
     const timer = setTimeout(() => child.kill("SIGKILL"), 5_000);
     await exited;
@@ -63,10 +67,10 @@ export async function startHerald(t, { namespaces = [CHAT], args = [] } = {}) {
     );
     child.stdout.setEncoding("utf8").on("data", (chunk) => {
       stdout += chunk;
-      for (const [, role, port] of stdout.matchAll(/^herald: (ws|http) listening on 127\.0\.0\.1:(\d+)$/gm)) {
+      for (const [, role, port] of stdout.matchAll(/^herald: (broker|ws|http) listening on 127\.0\.0\.1:(\d+)$/gm)) {
         found[role] = Number(port);
       }
-      if (found.ws && found.http) {
+      if (found.broker && found.ws && found.http) {
         clearTimeout(timer);
         done(found);
       }
@@ -86,6 +90,8 @@ export async function startHerald(t, { namespaces = [CHAT], args = [] } = {}) {
   };
   return {
     wsUrl: `ws://127.0.0.1:${ports.ws}/`,
+    /** The broker's gRPC address, host:port, for backends. */
+    broker: `127.0.0.1:${ports.broker}`,
     /** Publishes to a channel as a backend: a string as text, else a Content object. */
     publish: (channel, content) =>
       post("/v1/publish", { target: { channel }, content: typeof content === "string" ? { text: content } : content }),
@@ -93,6 +99,8 @@ export async function startHerald(t, { namespaces = [CHAT], args = [] } = {}) {
     broadcast: (text) => post("/v1/publish", { target: { broadcast: {} }, content: { text } }),
     /** Runs a connection control (POST /v1/control). */
     control: (body) => post("/v1/control", body),
+    /** Has `stop` (async) run before herald is stopped at the test's end. */
+    beforeStop: (stop) => first.push(stop),
     /** Kills herald at once (SIGKILL), as a crash would; resolves once it is gone. */
     kill: () => {
       child.kill("SIGKILL");
