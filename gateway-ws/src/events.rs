@@ -115,9 +115,20 @@ impl Shared {
         groups: &[String],
     ) {
         if self.events.kinds.connect {
+            // Repeated headers are joined with ", ", as HTTP allows.
+            let mut joined = std::collections::HashMap::<String, String>::new();
+            for (name, value) in headers {
+                joined
+                    .entry(name.clone())
+                    .and_modify(|v| {
+                        v.push_str(", ");
+                        v.push_str(value);
+                    })
+                    .or_insert_with(|| value.clone());
+            }
             let event = ConnectEvent {
                 remote_address: peer.to_string(),
-                headers: headers.iter().cloned().collect(),
+                headers: joined,
                 client_protocol: match protocol {
                     Protocol::Raw => String::new(),
                     Protocol::Json => crate::protocol::SUBPROTOCOL.to_owned(),
