@@ -28,6 +28,8 @@ pub enum ServeError {
 /// Largest gRPC message the broker decodes (a full `PublishBatch`), unless
 /// the content limit asks for more.
 const MAX_DECODING_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How long calls still open at shutdown may take to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Room for a message's own fields around its content.
 const ENVELOPE_BYTES: usize = 1024 * 1024;
 
@@ -73,6 +75,7 @@ pub async fn serve(
         BrokerServiceServer::new(BrokerGrpc::new(hub.clone())).max_decoding_message_size(max_decoding),
         Authorize::new(options.api_keys, hub.clone()),
     );
+    let stopped = shutdown.clone();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
     let drain = async move {
         // The health status follows readiness (a clustered broker without
@@ -98,7 +101,7 @@ pub async fn serve(
         health.set_not_serving::<BrokerServiceServer<BrokerGrpc>>().await;
         hub.shut_down();
     };
-    Server::builder()
+    let server = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -106,7 +109,16 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker)
-        .serve_with_incoming_shutdown(incoming, drain)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, drain);
+    // A caller that keeps a stream open (a reflection stream, a backend
+    // that ignores the end of its calls) cannot hold the broker up for good.
+    let overdue = async {
+        stopped.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = overdue => tracing::warn!("calls still open {SHUTDOWN_GRACE:?} after shutdown began: cut off"),
+    }
     Ok(())
 }
