@@ -63,6 +63,20 @@ pub enum Scenario {
     /// Client-channel subscribe/unsubscribe commands per second, each answered once the broker
     /// follows it, from callers on connections of their own.
     Subscribe(SubscribeArgs),
+    /// Client messages to one gRPC consumer: N raw clients send text frames (flat out or at a
+    /// rate), herald reports each as a message event (`--events message`), and one consumer
+    /// instance in the bench receives and acknowledges them; each is checked to arrive once.
+    /// A running herald given by address must have `--events message`.
+    Events(EventsArgs),
+    /// Connect and disconnect events at a steady connect rate: clients open connections, hold
+    /// them briefly and close them; a consumer checks that each connection's connect and
+    /// disconnect event arrive exactly once (`--events connect,disconnect`, which a running
+    /// herald given by address must have).
+    Connects(ConnectsArgs),
+    /// Client-to-backend RPC at a fixed request rate: client-protocol connections send `rpc`
+    /// commands through the gateway to a backend in the bench (`ServeCalls`) that echoes them;
+    /// latency from send to reply.
+    Rpc(RpcArgs),
     /// A load-generator process (started by the harness itself).
     #[command(hide = true)]
     Loadgen,
@@ -373,6 +387,111 @@ pub struct SubscribeArgs {
     pub channels: usize,
 }
 
+/// The consumer side of the event scenarios.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
+    /// The consumer instance's `max_unacked`: deliveries it may hold unacknowledged before
+    /// the broker pauses (herald's limit: 100,000).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_unacked: u32,
+    /// Ack ids per `AckEvents` call (at most 10,000); calls are pipelined, up to 4 in flight,
+    /// and a partial batch goes out every 5 ms.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub ack_batch: u32,
+    /// Longest wait for the last events once the clients are done; the wait ends sooner when
+    /// every expected event has arrived, or when none has arrived for 3 s.
+    #[arg(long, default_value = "30s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("standalone", |a| a.hide(true)))]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Start a broker and WebSocket gateways instead of one `herald standalone` process
+    /// (implied by --brokers above 1 and by --gateways).
+    #[arg(long)]
+    pub split: bool,
+    /// Sending clients (classic raw WebSocket); a comma-separated list gives one row each.
+    #[arg(long, short = 'n', value_delimiter = ',', default_value = "1000")]
+    pub connections: Vec<usize>,
+    /// Frames per second, all clients together, or "max": every client flat out, --burst
+    /// frames per write, as fast as herald takes them (within --window).
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    pub rate: Rate,
+    /// Payload bytes of each frame (`<seq>:<sent_ns>::` padded with `x`).
+    #[arg(long, default_value_t = 32)]
+    pub payload: usize,
+    /// Flat out: frames per write (each still a frame, and an event, of its own).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub burst: u32,
+    /// At a rate: each client writes the frames that are due at most this often.
+    #[arg(long, default_value = "20ms", value_parser = herald_common::duration::parse)]
+    pub interval: Duration,
+    /// Flat out: most frames sent but not yet received by the consumer (so flat out is the
+    /// most herald carries without loss; the default stays below the gateway's event queue,
+    /// 100,000). 0: no window, the clients outrun herald and it drops what its queue cannot
+    /// hold (counted in the dropped column).
+    #[arg(long, default_value_t = 50_000)]
+    pub window: u64,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("standalone", |a| a.hide(true)))]
+pub struct ConnectsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Start a broker and WebSocket gateways instead of one `herald standalone` process
+    /// (implied by --brokers above 1 and by --gateways).
+    #[arg(long)]
+    pub split: bool,
+    /// Connections opened per second, all load generators together (for --duration); a
+    /// comma-separated list gives one row each. Handshakes in flight are capped at
+    /// --connect-concurrency per process: past that the achieved rate falls behind.
+    #[arg(long, value_delimiter = ',', default_value = "5000")]
+    pub rate: Vec<f64>,
+    /// How long each connection stays open after its greeting (sending nothing) before the
+    /// client closes it with a close frame.
+    #[arg(long, default_value = "500ms", value_parser = herald_common::duration::parse)]
+    pub hold: Duration,
+    /// Load-generator processes sharing the connections (each from source addresses of its
+    /// own, a fresh one per --per-source connections).
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("standalone", |a| a.hide(true)))]
+pub struct RpcArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Start a broker and WebSocket gateways instead of one `herald standalone` process
+    /// (implied by --brokers above 1 and by --gateways).
+    #[arg(long)]
+    pub split: bool,
+    /// Requests per second, all connections together; open loop: a request never waits for
+    /// the answers of earlier ones. A comma-separated list gives one row each.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    pub rate: Vec<f64>,
+    /// Client-protocol connections (herald.json.v1) the requests take turns on.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub connections: usize,
+    /// Bytes of text in each request, echoed back by the backend.
+    #[arg(long, default_value_t = 32)]
+    pub payload: usize,
+    /// ServeCalls streams serving the method in the bench (calls are shared among them).
+    #[arg(long, default_value_t = 1)]
+    pub backends: usize,
+    /// Longest wait for the last answers once sending stops (herald's rpc timeout is 5 s).
+    #[arg(long, default_value = "6s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
 #[derive(Debug, Args)]
 pub struct RecoverArgs {
     #[command(flatten)]
@@ -513,6 +632,20 @@ mod tests {
         assert_eq!((args.connections, args.concurrency, args.groups, args.split), (vec![10_000], 64, 100, false));
         let Scenario::Fanout(args) = parse(&["fanout"]) else { panic!("not fanout") };
         assert_eq!((args.common.brokers, args.common.duration), (1, Duration::from_secs(10)), "others keep theirs");
+    }
+
+    #[test]
+    fn the_event_and_rpc_scenarios_default_to_their_targets() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["herald-bench"], args].concat()).unwrap().scenario;
+        let Scenario::Events(args) = parse(&["events"]) else { panic!("not events") };
+        assert_eq!((args.connections, args.rate, args.split), (vec![1000], Rate::Max, false));
+        assert_eq!((args.consumer.max_unacked, args.consumer.ack_batch), (20_000, 1000));
+        let Scenario::Connects(args) = parse(&["connects"]) else { panic!("not connects") };
+        assert_eq!((args.rate, args.common.duration), (vec![5000.0], Duration::from_secs(10)));
+        let Scenario::Rpc(args) = parse(&["rpc", "--rate", "500,1000"]) else { panic!("not rpc") };
+        assert_eq!((args.rate, args.connections, args.backends), (vec![500.0, 1000.0], 100, 1));
+        assert!(Cli::try_parse_from(["herald-bench", "events", "--ack-batch", "10001"]).is_err());
+        assert!(Cli::try_parse_from(["herald-bench", "events", "--max-unacked", "100001"]).is_err());
     }
 
     #[test]

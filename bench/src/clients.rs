@@ -15,17 +15,27 @@
 //! with a JWT, its user id or one of its groups (else it is misdelivered); its sequence number, counted
 //! per target, must be new (else it is duplicated) and should be the next one
 //! (else it is reordered); and its stamp gives the publish→delivery latency.
+//!
+//! A client may also talk: send text frames for a while ([`Client::send`],
+//! the events scenario), close with a close handshake ([`Client::close`],
+//! connects), or be split into a reader and a writer for commands that
+//! overlap ([`Client::split`], rpc).
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
 
 use crate::endpoints::WsUrl;
+use crate::loadgen::{Allowance, Sending};
 use crate::message;
 use crate::stats::Latency;
 
@@ -54,6 +64,7 @@ struct PaddedCounter(AtomicU64);
 /// What every client of one load-generator process has seen.
 pub struct Stats {
     delivered: [PaddedCounter; SHARDS],
+    sent: [PaddedCounter; SHARDS],
     latency: Vec<Mutex<Latency>>,
     duplicated: AtomicU64,
     misdelivered: AtomicU64,
@@ -69,6 +80,7 @@ pub struct Totals {
     pub misdelivered: u64,
     pub reordered: u64,
     pub closed: u64,
+    pub sent: u64,
     pub latency: Latency,
 }
 
@@ -76,6 +88,7 @@ impl Stats {
     pub fn new() -> Self {
         Self {
             delivered: Default::default(),
+            sent: Default::default(),
             latency: (0..SHARDS).map(|_| Mutex::new(Latency::new())).collect(),
             duplicated: AtomicU64::new(0),
             misdelivered: AtomicU64::new(0),
@@ -87,6 +100,11 @@ impl Stats {
     /// Messages delivered to their target for the first time, so far.
     pub fn delivered(&self) -> u64 {
         self.delivered.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Frames the clients have sent, so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 
     /// Clients whose connection has ended, so far.
@@ -105,6 +123,7 @@ impl Stats {
             misdelivered: self.misdelivered.load(Ordering::Relaxed),
             reordered: self.reordered.load(Ordering::Relaxed),
             closed: self.closed.load(Ordering::Relaxed),
+            sent: self.sent(),
             latency,
         }
     }
@@ -191,6 +210,104 @@ impl Client {
             bail!("recovering {channel} from {since}: {reply}");
         }
         Ok(subscribed["publications"].as_array().map_or(0, Vec::len))
+    }
+
+    /// Sends text frames as `sending` says during `period` (flat out, or at
+    /// its rate per client), counting each written frame in `stats`;
+    /// meanwhile answers the server's pings. Flat out, each burst is first
+    /// claimed from `allowance`. Frame `seq` carries `<seq>:<sent_ns>::`,
+    /// padded. The connection stays open afterwards, still answering pings.
+    pub async fn send(
+        self,
+        sending: &Sending,
+        period: Period,
+        stats: &Stats,
+        allowance: &Allowance,
+        shard: usize,
+    ) -> anyhow::Result<()> {
+        let Period { began, phase, deadline } = period;
+        let counter = &stats.sent[shard % SHARDS].0;
+        let (reader, writer) = self.split();
+        tokio::spawn(reader.answer_pings());
+        let mut seq = 0u64;
+        let mut out = Vec::with_capacity(sending.burst.max(1) * (sending.payload + 16));
+        match sending.rate {
+            None => {
+                while Instant::now() < deadline {
+                    if !allowance.claim(sending.burst.max(1) as u64, deadline).await {
+                        break;
+                    }
+                    out.clear();
+                    for _ in 0..sending.burst.max(1) {
+                        push_event_frame(&mut out, seq, sending.payload);
+                        seq += 1;
+                    }
+                    writer.write(&out).await?;
+                    counter.fetch_add(sending.burst.max(1) as u64, Ordering::Relaxed);
+                }
+            }
+            Some(rate) => {
+                let every = Duration::from_millis(sending.interval_ms.max(1)).max(Duration::from_secs_f64(1.0 / rate));
+                let mut ticks = tokio::time::interval_at(began + every.mul_f64(phase), every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    let now = ticks.tick().await;
+                    if now >= deadline {
+                        break;
+                    }
+                    let due = (now.duration_since(began).as_secs_f64() * rate) as u64 + 1;
+                    if due <= seq {
+                        continue;
+                    }
+                    out.clear();
+                    let first = seq;
+                    while seq < due {
+                        push_event_frame(&mut out, seq, sending.payload);
+                        seq += 1;
+                    }
+                    writer.write(&out).await?;
+                    counter.fetch_add(seq - first, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connection: a close frame (1000), then reads until the
+    /// server's close frame or the end of the stream.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        self.stream.write_all(&control_frame(OP_CLOSE, &1000u16.to_be_bytes())).await?;
+        loop {
+            match parse_frame(&self.buf[self.start..self.end])? {
+                Some(frame) => {
+                    self.start += frame.len;
+                    if frame.opcode == OP_CLOSE {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    self.reserve(BUFFER_BYTES);
+                    match self.stream.read(&mut self.buf[self.end..]).await? {
+                        0 => return Ok(()),
+                        n => self.end += n,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends small writes at once (TCP_NODELAY), for request/reply timing.
+    pub fn set_nodelay(&self) -> std::io::Result<()> {
+        self.stream.set_nodelay(true)
+    }
+
+    /// Splits the client into a reader of the server's frames and a writer
+    /// that several tasks may share (pings are answered through it).
+    pub fn split(self) -> (Reader, Writer) {
+        let (read, write) = self.stream.into_split();
+        let writer = Writer(Arc::new(tokio::sync::Mutex::new(write)));
+        let reader = Reader { read, buf: self.buf, start: self.start, end: self.end, writer: writer.clone() };
+        (reader, writer)
     }
 
     /// Makes the client accept messages to `user` and to each of `groups`.
@@ -319,6 +436,130 @@ impl Client {
             arrived_ns = message::now_ns();
         }
     }
+}
+
+/// When a client sends: from `began` until `deadline`; at a rate, its
+/// writes start `phase` (0 to 1) of an interval late, so that clients do
+/// not all write at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Period {
+    pub began: Instant,
+    pub phase: f64,
+    pub deadline: Instant,
+}
+
+/// The write half of a split client; clones share it.
+#[derive(Clone)]
+pub struct Writer(Arc<tokio::sync::Mutex<OwnedWriteHalf>>);
+
+impl Writer {
+    /// Writes `bytes` (whole frames) at once.
+    pub async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.lock().await.write_all(bytes).await
+    }
+
+    /// Sends a client-protocol command as a text frame.
+    pub async fn command(&self, json: &str) -> std::io::Result<()> {
+        self.write(&text_frame(json.as_bytes())).await
+    }
+}
+
+/// The read half of a split client.
+pub struct Reader {
+    read: OwnedReadHalf,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Where pings are answered.
+    writer: Writer,
+}
+
+impl Reader {
+    /// The next text (or binary) frame's payload, answering pings on the
+    /// way; `None` once the connection has ended or closed.
+    pub async fn next_text(&mut self) -> Option<String> {
+        let mut fragments: Option<Vec<u8>> = None;
+        loop {
+            let frame = match parse_frame(&self.buf[self.start..self.end]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    let need = frame_len(&self.buf[self.start..self.end]).unwrap_or(0);
+                    self.reserve(need);
+                    match self.read.read(&mut self.buf[self.end..]).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => self.end += n,
+                    }
+                    continue;
+                }
+                Err(_) => return None,
+            };
+            let payload = self.start + frame.payload.start..self.start + frame.payload.end;
+            self.start += frame.len;
+            let payload = &self.buf[payload];
+            match (frame.opcode, frame.fin) {
+                (OP_TEXT | OP_BINARY, true) => return Some(String::from_utf8_lossy(payload).into_owned()),
+                (OP_TEXT | OP_BINARY, false) => fragments = Some(payload.to_vec()),
+                (OP_CONTINUATION, fin) => {
+                    let gathered = fragments.as_mut()?;
+                    gathered.extend_from_slice(payload);
+                    if fin {
+                        return Some(String::from_utf8_lossy(&fragments.take()?).into_owned());
+                    }
+                }
+                (OP_PING, _) => {
+                    let pong = control_frame(OP_PONG, payload);
+                    if self.writer.write(&pong).await.is_err() {
+                        return None;
+                    }
+                }
+                (OP_CLOSE, _) => {
+                    let reply = control_frame(OP_CLOSE, &payload[..payload.len().min(2)]);
+                    let _ = self.writer.write(&reply).await;
+                    return None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads (and drops) whatever the server sends, answering its pings,
+    /// until the connection ends.
+    pub async fn answer_pings(mut self) {
+        while self.next_text().await.is_some() {}
+    }
+
+    /// As [`Client::reserve`].
+    fn reserve(&mut self, need: usize) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let want = need.max(self.end + 1024).max(BUFFER_BYTES);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+    }
+}
+
+/// Appends a masked text frame carrying event `seq`: `<seq>:<sent_ns>::`
+/// padded with `x` to `payload` bytes (longer when the header does not fit).
+fn push_event_frame(out: &mut Vec<u8>, seq: u64, payload: usize) {
+    let mut header = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut header[..]);
+    let _ = write!(cursor, "{seq}:{}::", message::now_ns());
+    let header_len = cursor.position() as usize;
+    let len = payload.max(header_len).min(u16::MAX as usize);
+    out.push(0x80 | OP_TEXT);
+    if len <= 125 {
+        out.push(0x80 | len as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&header[..header_len]);
+    out.resize(out.len() + (len - header_len), b'x');
 }
 
 fn ended(stats: &Stats) {
@@ -580,6 +821,31 @@ mod tests {
         assert_eq!(check.message(message::encode(0, "other-room", 32).as_bytes(), now, &stats), 0);
         let totals = stats.totals();
         assert_eq!((totals.misdelivered, totals.duplicated, totals.reordered), (2, 1, 0));
+    }
+
+    #[test]
+    fn event_frames_are_masked_text_frames_of_the_payload_size() {
+        let mut out = Vec::new();
+        push_event_frame(&mut out, 7, 32);
+        push_event_frame(&mut out, 8, 200);
+        let first = parse_client_frame(&out);
+        assert_eq!(first.len(), 32);
+        let header = message::parse(first).unwrap();
+        assert_eq!((header.seq, header.target), (7, &b""[..]));
+        let second = parse_client_frame(&out[6 + 32..]);
+        assert_eq!((second.len(), message::parse(second).unwrap().seq), (200, 8));
+        let mut short = Vec::new();
+        push_event_frame(&mut short, 123_456, 4);
+        assert!(message::parse(parse_client_frame(&short)).is_some(), "a header longer than the size is kept");
+    }
+
+    /// The payload of the masked (zero-mask) client frame at the start of `frame`.
+    fn parse_client_frame(frame: &[u8]) -> &[u8] {
+        let (header, len) = match frame[1] & 0x7f {
+            126 => (4, usize::from(u16::from_be_bytes([frame[2], frame[3]]))),
+            n => (2, usize::from(n)),
+        };
+        &frame[header + 4..header + 4 + len]
     }
 
     #[test]

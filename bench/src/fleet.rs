@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::endpoints::{SourceAddrs, WsUrl};
 use crate::identity::ClientIdentity;
-use crate::loadgen::{Event, Plan, Report};
+use crate::loadgen::{Event, Finished, Plan, Report, Task};
 use crate::message;
 
 /// How clients are spread over processes and source addresses.
@@ -54,6 +54,7 @@ pub fn plans(
                 progress_ms: 2,
                 identities: mine,
                 subscribe: subscribe.to_vec(),
+                task: Task::Receive,
             }
         })
         .collect()
@@ -101,6 +102,8 @@ impl Progress {
 }
 
 struct Worker {
+    /// Clients this process was given.
+    connections: usize,
     child: Child,
     stdin: ChildStdin,
     events: mpsc::UnboundedReceiver<Event>,
@@ -147,7 +150,7 @@ impl Fleet {
             let (tx, events) = mpsc::unbounded_channel();
             let progress = fleet.progress.clone();
             std::thread::spawn(move || follow(BufReader::new(stdout), index, &progress, &tx));
-            fleet.workers.push(Worker { child, stdin, events });
+            fleet.workers.push(Worker { connections: plan.connections, child, stdin, events });
         }
         Ok(fleet)
     }
@@ -170,6 +173,66 @@ impl Fleet {
                     }
                 }
                 other => bail!("a load generator answered {other:?} before connecting"),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Starts every process's task (sending, or opening and closing connections).
+    pub fn go(&mut self) -> anyhow::Result<()> {
+        for worker in &mut self.workers {
+            writeln!(worker.stdin, "go").context("starting a load generator's task")?;
+        }
+        Ok(())
+    }
+
+    /// As [`Fleet::finished`], meanwhile telling the processes every few
+    /// milliseconds how many frames they may have sent in all: `window()`
+    /// (when it is `Some`), shared in proportion to their clients.
+    pub async fn finished_within_window(
+        &mut self,
+        within: Duration,
+        mut window: impl FnMut() -> Option<u64>,
+    ) -> anyhow::Result<Vec<Finished>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let total: usize = self.workers.iter().map(|w| w.connections).sum::<usize>().max(1);
+        let mut done: Vec<Option<Finished>> = self.workers.iter().map(|_| None).collect();
+        loop {
+            if let Some(allowed) = window() {
+                for (worker, done) in self.workers.iter_mut().zip(&done) {
+                    if done.is_none() {
+                        let share = (allowed as f64 * worker.connections as f64 / total as f64) as u64;
+                        writeln!(worker.stdin, "allow {share}").context("telling a load generator its window")?;
+                    }
+                }
+            }
+            for (worker, done) in self.workers.iter_mut().zip(done.iter_mut()) {
+                while let Ok(event) = worker.events.try_recv() {
+                    match event {
+                        Event::Finished(finished) => *done = Some(finished),
+                        other => bail!("a load generator answered {other:?} instead of finishing"),
+                    }
+                }
+            }
+            if done.iter().all(Option::is_some) {
+                return Ok(done.into_iter().flatten().collect());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the load generators did not finish within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits for every process to finish the task `go` started.
+    pub async fn finished(&mut self, within: Duration) -> anyhow::Result<Vec<Finished>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut all = Vec::new();
+        for worker in &mut self.workers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match next_event(worker, left).await? {
+                Event::Finished(finished) => all.push(finished),
+                other => bail!("a load generator answered {other:?} instead of finishing"),
             }
         }
         Ok(all)

@@ -2,11 +2,13 @@
 //! clients and publishers on this machine, and prints markdown tables.
 //!
 //! `cargo run --release -p herald-bench -- <scenario> [options]`, the scenarios being
-//! fanout, targeted, idle, publish, floor, users-idle, user, group, query and churn;
+//! fanout, targeted, idle, publish, floor, users-idle, user, group, channel, history,
+//! recover, query, churn, subscribe, events, connects and rpc;
 //! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
 
 mod cli;
 mod clients;
+mod consumer;
 mod endpoints;
 mod fleet;
 mod http1;

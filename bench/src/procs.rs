@@ -66,6 +66,8 @@ pub struct Endpoints {
     pub watched: Vec<Watched>,
     /// The key publishers present, if herald requires one.
     pub api_key: Option<String>,
+    /// Admin endpoints (`/metrics`) of every herald process known.
+    pub admin: Vec<SocketAddr>,
 }
 
 impl Endpoints {
@@ -128,6 +130,8 @@ struct Launcher<'a> {
     api_key: Option<&'a str>,
     /// With client auth: the HS256 secret the WebSocket gateways check tokens with.
     jwt_secret: Option<&'a str>,
+    /// Variables set for every started process (e.g. `HERALD_EVENTS`).
+    env: &'a [(String, String)],
 }
 
 /// The client channel namespaces of every herald the bench starts: `bench:`
@@ -142,19 +146,20 @@ const CLIENT_ROLES: [&str; 2] = ["ws", "standalone"];
 impl Herald {
     /// Starts `topology` from the binary at `bin` (requiring `api_key` when
     /// given, and a JWT signed with `jwt_secret` from every WebSocket client
-    /// when given) and waits until it is ready. Whatever was started is
-    /// stopped again if that fails.
+    /// when given; every process with the variables `env` set) and waits
+    /// until it is ready. Whatever was started is stopped again if that fails.
     pub async fn start(
         bin: &Path,
         topology: &Topology,
         api_key: Option<&str>,
         jwt_secret: Option<&str>,
+        env: &[(String, String)],
     ) -> anyhow::Result<Herald> {
         let logs = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
         std::fs::create_dir_all(&logs)?;
         let endpoints = Endpoints { api_key: api_key.map(str::to_owned), ..Endpoints::default() };
         let mut herald = Herald { endpoints, procs: Vec::new(), nats: None };
-        let launcher = Launcher { bin, logs, api_key, jwt_secret };
+        let launcher = Launcher { bin, logs, api_key, jwt_secret, env };
         match topology {
             Topology::Standalone => {
                 let args = ["--broker-listen", ANY, "--ws-listen", ANY, "--http-listen", ANY, "--admin-listen", ANY];
@@ -162,6 +167,7 @@ impl Herald {
                 let (pid, addrs) = herald.keep("herald", standalone);
                 herald.endpoints.gateway_pids.push(pid);
                 wait_ready(addrs["admin"]).await?;
+                herald.endpoints.admin.push(addrs["admin"]);
                 herald.endpoints.ws_urls.push(ws_url(addrs["ws"]));
                 herald.endpoints.http = Some(addrs["http"]);
                 herald.endpoints.grpc.push(addrs["broker"]);
@@ -195,6 +201,7 @@ impl Herald {
             }
             let (_, addrs) = self.keep("broker", launcher.spawn("broker", &args, &["broker", "admin"])?);
             wait_ready(addrs["admin"]).await?;
+            self.endpoints.admin.push(addrs["admin"]);
             self.endpoints.grpc.push(addrs["broker"]);
         }
         // One broker: gateways share a port (the kernel spreads connections
@@ -212,6 +219,7 @@ impl Herald {
             let (pid, addrs) = self.keep("gw", launcher.spawn("ws", &args, &["ws", "admin"])?);
             self.endpoints.gateway_pids.push(pid);
             wait_ready(addrs["admin"]).await?;
+            self.endpoints.admin.push(addrs["admin"]);
             if !reuse_port || i == 0 {
                 self.endpoints.ws_urls.push(ws_url(addrs["ws"]));
             }
@@ -224,6 +232,7 @@ impl Herald {
             let args = ["--listen", ANY, "--admin-listen", ANY, "--broker", &broker_list];
             let (_, addrs) = self.keep("http", launcher.spawn("http", &args, &["http", "admin"])?);
             self.endpoints.http = Some(addrs["http"]);
+            self.endpoints.admin.push(addrs["admin"]);
         }
         Ok(())
     }
@@ -257,6 +266,7 @@ impl Herald {
             gateway_pids: external.gateway_pids.clone(),
             watched,
             api_key: external.api_key.clone(),
+            admin: external.admin.clone(),
         };
         Ok(Herald { endpoints, procs: Vec::new(), nats: None })
     }
@@ -295,6 +305,7 @@ impl Launcher<'_> {
         }
         // The namespaces of the channel scenarios; an older herald ignores them.
         command.env("HERALD_NAMESPACES", BENCH_NAMESPACES);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .arg(role)
             .args(args)

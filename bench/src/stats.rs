@@ -64,7 +64,7 @@ impl Latency {
         latency
     }
 
-    /// p50, p99, p99.9 and max, in milliseconds; `None` when empty.
+    /// p50, p90, p99, p99.9 and max, in milliseconds; `None` when empty.
     pub fn percentiles(&self) -> Option<Percentiles> {
         if self.0.is_empty() {
             return None;
@@ -72,6 +72,7 @@ impl Latency {
         let ms = |us: u64| us as f64 / 1000.0;
         Some(Percentiles {
             p50: ms(self.0.value_at_quantile(0.5)),
+            p90: ms(self.0.value_at_quantile(0.9)),
             p99: ms(self.0.value_at_quantile(0.99)),
             p999: ms(self.0.value_at_quantile(0.999)),
             max: ms(self.0.max()),
@@ -83,6 +84,7 @@ impl Latency {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Percentiles {
     pub p50: f64,
+    pub p90: f64,
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
@@ -113,6 +115,15 @@ pub struct Measurement {
     pub wrong: u64,
     /// This row's main figure over its baseline's, measured in the same run.
     pub ratio: Option<f64>,
+    /// Events or requests the load generators sent (events, rpc).
+    pub sent: u64,
+    /// Distinct events a consumer received, or events expected (connects: two per connection).
+    pub received: u64,
+    pub expected: u64,
+    /// Deliveries of an event that were not its first (delivery count above 1).
+    pub redelivered: u64,
+    /// Events herald dropped on purpose, by its own count (a full gateway queue, a group past its retention).
+    pub dropped: u64,
     pub cpu: Vec<(String, f64)>,
 }
 
@@ -125,6 +136,7 @@ impl Measurement {
         let latency = if runs.iter().any(|r| r.latency.is_some()) {
             Some(Percentiles {
                 p50: med(&|r| r.latency.map(|l| l.p50)).unwrap_or_default(),
+                p90: med(&|r| r.latency.map(|l| l.p90)).unwrap_or_default(),
                 p99: med(&|r| r.latency.map(|l| l.p99)).unwrap_or_default(),
                 p999: med(&|r| r.latency.map(|l| l.p999)).unwrap_or_default(),
                 max: med(&|r| r.latency.map(|l| l.max)).unwrap_or_default(),
@@ -161,6 +173,11 @@ impl Measurement {
             ops_rate: med(&|r| Some(r.ops_rate)).unwrap_or_default(),
             wrong: worst(&|r| r.wrong),
             ratio: med(&|r| r.ratio),
+            sent: med(&|r| Some(r.sent as f64)).unwrap_or_default() as u64,
+            received: med(&|r| Some(r.received as f64)).unwrap_or_default() as u64,
+            expected: med(&|r| Some(r.expected as f64)).unwrap_or_default() as u64,
+            redelivered: worst(&|r| r.redelivered),
+            dropped: worst(&|r| r.dropped),
             cpu,
         }
     }
@@ -197,6 +214,21 @@ pub enum Column {
     Ratio,
     /// One column per role that has a CPU figure.
     Cpu,
+    /// p50, p90, p99 and max latency.
+    LatencyP90,
+    /// Events sent per second (the publish rate).
+    SendRate,
+    /// Events received per second (the delivery rate).
+    EventRate,
+    /// Connections opened per second (the ops rate).
+    ConnectRate,
+    /// Requests answered per second (the ops rate).
+    RequestRate,
+    Sent,
+    Expected,
+    Received,
+    Redelivered,
+    Dropped,
 }
 
 /// One labelled row of a results table.
@@ -240,6 +272,7 @@ fn titles(columns: &[Column], roles: &[&str]) -> Vec<String> {
     for column in columns {
         match column {
             Column::Latency => titles.extend(["p50 ms", "p99 ms", "p99.9 ms", "max ms"].map(String::from)),
+            Column::LatencyP90 => titles.extend(["p50 ms", "p90 ms", "p99 ms", "max ms"].map(String::from)),
             Column::Cpu => titles.extend(roles.iter().map(|role| format!("{role} CPU"))),
             other => titles.push(other.title().to_owned()),
         }
@@ -253,6 +286,10 @@ fn cells_of(columns: &[Column], roles: &[&str], m: &Measurement) -> Vec<String> 
         match column {
             Column::Latency => match m.latency {
                 Some(l) => cells.extend([l.p50, l.p99, l.p999, l.max].map(millis)),
+                None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
+            },
+            Column::LatencyP90 => match m.latency {
+                Some(l) => cells.extend([l.p50, l.p90, l.p99, l.max].map(millis)),
                 None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
             },
             Column::Cpu => cells.extend(roles.iter().map(|role| {
@@ -287,7 +324,16 @@ impl Column {
             Self::OpsRate => "ops/s",
             Self::Wrong => "wrong",
             Self::Ratio => "vs baseline",
-            Self::Latency | Self::Cpu => "",
+            Self::SendRate => "sent/s",
+            Self::EventRate => "events/s",
+            Self::ConnectRate => "connects/s",
+            Self::RequestRate => "requests/s",
+            Self::Sent => "sent",
+            Self::Expected => "expected",
+            Self::Received => "received",
+            Self::Redelivered => "redelivered",
+            Self::Dropped => "dropped",
+            Self::Latency | Self::LatencyP90 | Self::Cpu => "",
         }
     }
 
@@ -309,7 +355,15 @@ impl Column {
             Self::OpsRate => thousands(m.ops_rate.round() as u64),
             Self::Wrong => thousands(m.wrong),
             Self::Ratio => m.ratio.filter(|r| r.is_finite()).map_or("–".into(), |r| format!("{r:.2}")),
-            Self::Latency | Self::Cpu => String::new(),
+            Self::SendRate => thousands(m.publish_rate.round() as u64),
+            Self::EventRate => thousands(m.delivery_rate.round() as u64),
+            Self::ConnectRate | Self::RequestRate => thousands(m.ops_rate.round() as u64),
+            Self::Sent => thousands(m.sent),
+            Self::Expected => thousands(m.expected),
+            Self::Received => thousands(m.received),
+            Self::Redelivered => thousands(m.redelivered),
+            Self::Dropped => thousands(m.dropped),
+            Self::Latency | Self::LatencyP90 | Self::Cpu => String::new(),
         }
     }
 }
@@ -394,11 +448,47 @@ mod tests {
     }
 
     #[test]
+    fn event_columns_show_counts_rates_and_p90() {
+        let m = Measurement {
+            publish_rate: 150_000.4,
+            delivery_rate: 99_999.6,
+            ops_rate: 4_999.5,
+            sent: 1_000_000,
+            expected: 20,
+            received: 999_990,
+            redelivered: 3,
+            dropped: 10,
+            latency: Some(Percentiles { p50: 0.25, p90: 0.5, p99: 2.0, p999: 3.0, max: 12.0 }),
+            ..Measurement::default()
+        };
+        let columns = [
+            Column::SendRate,
+            Column::EventRate,
+            Column::ConnectRate,
+            Column::Sent,
+            Column::Expected,
+            Column::Received,
+            Column::Redelivered,
+            Column::Dropped,
+            Column::LatencyP90,
+        ];
+        assert_eq!(
+            inline(&columns, &m),
+            "sent/s 150,000, events/s 100,000, connects/s 5,000, sent 1,000,000, expected 20, received 999,990, \
+             redelivered 3, dropped 10, p50 ms 0.25, p90 ms 0.50, p99 ms 2.00, max ms 12.0"
+        );
+        let runs = [m.clone(), Measurement { redelivered: 7, sent: 3, ..m.clone() }, m];
+        let summary = Measurement::summarize(&runs);
+        assert_eq!((summary.sent, summary.redelivered), (1_000_000, 7), "counts: medians; errors: the worst");
+        assert_eq!(summary.latency.map(|l| l.p90), Some(0.5));
+    }
+
+    #[test]
     fn tables_are_markdown_with_one_column_per_cpu_role() {
         let m = Measurement {
             connections: 10_000,
             delivery_rate: 1_234_567.4,
-            latency: Some(Percentiles { p50: 0.5, p99: 12.34, p999: 20.0, max: 30.0 }),
+            latency: Some(Percentiles { p50: 0.5, p90: 5.0, p99: 12.34, p999: 20.0, max: 30.0 }),
             cpu: vec![("gw".into(), 95.4), ("clients".into(), 80.0)],
             ..Measurement::default()
         };

@@ -3,7 +3,9 @@
 //! (one line per run on standard error, the median table on standard output).
 
 mod churn;
+mod connects;
 mod delivery;
+mod events;
 mod floor;
 mod group;
 mod idle;
@@ -11,6 +13,7 @@ mod phase;
 mod publish;
 mod query;
 mod recover;
+mod rpc;
 mod subscribe;
 mod user;
 mod users_idle;
@@ -22,7 +25,9 @@ use anyhow::bail;
 use crate::cli::{Common, Scenario};
 use crate::endpoints::{self, SourceAddrs, WsUrl};
 use crate::fleet::{self, Connected, Fleet, Spread};
+use crate::http1;
 use crate::identity::{self, ClientIdentity};
+use crate::loadgen::Task;
 use crate::nats;
 use crate::procfs::{self, Watched};
 use crate::procs::{Endpoints, External, Herald, Topology};
@@ -47,6 +52,9 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Query(args) => query::run(&args).await,
         Scenario::Churn(args) => churn::run(&args).await,
         Scenario::Subscribe(args) => subscribe::run(&args).await,
+        Scenario::Events(args) => events::run(&args).await,
+        Scenario::Connects(args) => connects::run(&args).await,
+        Scenario::Rpc(args) => rpc::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
     }
 }
@@ -76,6 +84,9 @@ fn topology(common: &Common, connections: usize) -> String {
 struct Bench<'a> {
     common: &'a Common,
     sources: SourceAddrs,
+    /// Variables set for every herald process the bench starts (besides the
+    /// environment they inherit), e.g. `HERALD_EVENTS`.
+    herald_env: Vec<(String, String)>,
 }
 
 impl<'a> Bench<'a> {
@@ -83,7 +94,7 @@ impl<'a> Bench<'a> {
         if common.runs == 0 {
             bail!("--runs must be at least 1");
         }
-        Ok(Self { common, sources: SourceAddrs::new() })
+        Ok(Self { common, sources: SourceAddrs::new(), herald_env: Vec::new() })
     }
 
     /// A herald for one run: freshly started, or the running one given on the command line.
@@ -113,7 +124,7 @@ impl<'a> Bench<'a> {
             Topology::Split { gateways, http }
         };
         let secret = logins.then(|| self.jwt_secret());
-        Herald::start(&common.herald_binary()?, &topology, common.api_key.as_deref(), secret).await
+        Herald::start(&common.herald_binary()?, &topology, common.api_key.as_deref(), secret, &self.herald_env).await
     }
 
     /// `count` logged-in clients: client `i` is user `u<i>` in `groups_of(i)`.
@@ -128,6 +139,17 @@ impl<'a> Bench<'a> {
     /// Starts load generators and connects `connections` anonymous clients to `endpoints`.
     async fn clients(&mut self, endpoints: &Endpoints, connections: usize) -> anyhow::Result<(Fleet, Connected)> {
         self.clients_with(endpoints, connections, &[], &[]).await
+    }
+
+    /// Starts load generators and connects `connections` anonymous raw
+    /// clients that will do `task` at [`Fleet::go`].
+    async fn talkers(
+        &mut self,
+        endpoints: &Endpoints,
+        connections: usize,
+        task: Task,
+    ) -> anyhow::Result<(Fleet, Connected)> {
+        self.clients_doing(endpoints, connections, &[], &[], task).await
     }
 
     /// Starts load generators and connects `connections` anonymous clients
@@ -174,6 +196,17 @@ impl<'a> Bench<'a> {
         identities: &[ClientIdentity],
         subscribe: &[String],
     ) -> anyhow::Result<(Fleet, Connected)> {
+        self.clients_doing(endpoints, connections, identities, subscribe, Task::Receive).await
+    }
+
+    async fn clients_doing(
+        &mut self,
+        endpoints: &Endpoints,
+        connections: usize,
+        identities: &[ClientIdentity],
+        subscribe: &[String],
+        task: Task,
+    ) -> anyhow::Result<(Fleet, Connected)> {
         if endpoints.ws_urls.is_empty() {
             bail!("no WebSocket URL to connect clients to (give --ws-url)");
         }
@@ -183,7 +216,11 @@ impl<'a> Bench<'a> {
             connect_concurrency: self.common.connect_concurrency,
             connect_timeout: Duration::from_secs(30),
         };
-        let plans = fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources, identities, subscribe);
+        let mut plans =
+            fleet::plans(connections, &endpoints.ws_urls, &spread, &mut self.sources, identities, subscribe);
+        for plan in &mut plans {
+            plan.task = task.clone();
+        }
         let processes = plans.len();
         let began = std::time::Instant::now();
         let mut fleet = Fleet::start(plans)?;
@@ -333,6 +370,63 @@ impl RowRuns {
     }
 }
 
+/// `common` with `standalone` set unless the command line asks for split
+/// roles (`--split`, `--brokers` above 1, `--gateways`) or a running herald:
+/// the default of the scenarios whose target is a standalone figure.
+fn standalone_unless_split(common: &Common, split: bool) -> Common {
+    let mut common = common.clone();
+    common.standalone = !split && common.brokers == 1 && common.gateways.is_none() && !common.is_external();
+    common
+}
+
+/// The sum of every sample of the metric `name` (whatever its labels) over
+/// the admin endpoints of `endpoints`; `None` when there is none to ask or
+/// none answered.
+async fn metric_total(endpoints: &Endpoints, name: &str) -> Option<f64> {
+    let mut total = None;
+    for admin in &endpoints.admin {
+        let Ok(mut conn) = http1::Conn::connect(*admin, None).await else { continue };
+        let Ok((200, body)) = conn.get("/metrics").await else { continue };
+        let sum = metric_sum(&String::from_utf8_lossy(&body), name);
+        *total.get_or_insert(0.0) += sum;
+    }
+    total
+}
+
+/// The sum of the samples of `name` in a Prometheus text exposition.
+fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Several metrics' totals (see [`metric_total`]), in the order of `names`.
+async fn metric_totals(endpoints: &Endpoints, names: &[&str]) -> Vec<Option<f64>> {
+    let mut totals = Vec::with_capacity(names.len());
+    for name in names {
+        totals.push(metric_total(endpoints, name).await);
+    }
+    totals
+}
+
+/// How much a counter grew between two scrapes (0 when either is missing).
+fn grew(before: Option<f64>, after: Option<f64>) -> u64 {
+    match (before, after) {
+        (Some(b), Some(a)) => (a - b).max(0.0).round() as u64,
+        _ => 0,
+    }
+}
+
+/// Prints a row for the summary tables of BENCHMARKS.md (`| measure |
+/// target | measured | notes |`): the headline figure in bold with each
+/// run's value after it.
+fn print_summary(measure: &str, target: &str, headline: &str, per_run: &[String], notes: &str) {
+    println!("\nSummary row for BENCHMARKS.md (| measure | target | measured | baseline / notes |):\n");
+    println!("| {measure} | {target} | **{headline}** ({}) | {notes} |", per_run.join(", "));
+}
+
 /// `value / baseline`, when both are figures.
 fn ratio(value: f64, baseline: f64) -> Option<f64> {
     (baseline > 0.0 && value.is_finite()).then(|| value / baseline)
@@ -341,6 +435,18 @@ fn ratio(value: f64, baseline: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_are_summed_over_their_labels() {
+        let text = "# HELP herald_events_dropped_total x\n# TYPE herald_events_dropped_total counter\n\
+                    herald_events_dropped_total{group=\"a\"} 3\nherald_events_dropped_total{group=\"b\"} 4\n\
+                    herald_events_dropped_total_other 100\nherald_ws_events_dropped_total 7\n";
+        assert_eq!(metric_sum(text, "herald_events_dropped_total"), 7.0);
+        assert_eq!(metric_sum(text, "herald_ws_events_dropped_total"), 7.0);
+        assert_eq!(metric_sum(text, "herald_nothing_total"), 0.0);
+        assert_eq!(grew(Some(5.0), Some(8.0)), 3);
+        assert_eq!(grew(None, Some(8.0)), 0);
+    }
 
     #[test]
     fn command_lines_quote_what_a_shell_would_split() {
