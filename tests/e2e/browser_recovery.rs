@@ -186,6 +186,15 @@ fn pack(npm: &Path) -> Vec<u8> {
     std::fs::read(work.path().join(tarball)).unwrap_or_else(|e| panic!("read {tarball} ({e})"))
 }
 
+/// Extracts the packed library (packed once for every test) into `into`;
+/// returns the extracted library's `dist/`, where a page imports it from.
+pub(crate) fn unpack(npm: &Path, into: &Path) -> PathBuf {
+    let tarball = into.join("herald-client.tgz");
+    std::fs::write(&tarball, TARBALL.get_or_init(|| pack(npm))).expect("write the tarball");
+    run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(into));
+    into.join("package/dist")
+}
+
 /// Runs `command`; panics with its output unless it succeeds. Returns its standard output.
 fn run(command: &mut Command) -> String {
     let out = command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"));
@@ -254,9 +263,7 @@ impl RecoveringPage {
         let script = BrowserScript::start("browser_recovery.py", &tools.browser, &[]);
         let (npm, into) = (tools.npm.clone(), script.dir().to_owned());
         let unpacking = std::thread::spawn(move || {
-            let tarball = into.join("herald-client.tgz");
-            std::fs::write(&tarball, TARBALL.get_or_init(|| pack(&npm))).expect("write the tarball");
-            run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&into));
+            unpack(&npm, &into);
         });
         RecoveringPage { script, unpacking: Some(unpacking) }
     }

@@ -6,8 +6,7 @@
 //! a backend consuming connection events receives as a message event of
 //! the page's connection. tests/python/browser_rpc.py drives the browser.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use herald_proto::v1::{
@@ -19,7 +18,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 use crate::browser::{BrowserScript, BrowserSockets};
-use crate::support::{Herald, PATIENCE, TempDir, grpc_client, repo_root, tool};
+use crate::support::{Herald, PATIENCE, grpc_client, tool};
 
 const SECRET: &str = "a-secret-of-at-least-32-bytes-for-hs256";
 /// The consumer group reading the page's message events.
@@ -39,7 +38,7 @@ fn a_page_calls_a_backend_with_rpc_and_its_send_reaches_an_event_consumer() {
     // Chromium starts, and the library is packed, while herald and the backends start.
     let mut script = BrowserScript::start("browser_rpc.py", &browser, &[]);
     let dir = script.dir().to_owned();
-    let unpacking = std::thread::spawn(move || unpack(&npm, &dir));
+    let unpacking = std::thread::spawn(move || crate::browser_recovery::unpack(&npm, &dir));
 
     let herald = Herald::standalone(&["--client-auth", "jwt", "--jwt-secret", SECRET, "--events", "message"]);
     let broker = herald.address("broker");
@@ -163,45 +162,4 @@ async fn serve_sums(
         }
     });
     calls
-}
-
-/// Packs clients/js and extracts the tarball into `into`; returns the
-/// extracted library's `dist/`. Packed from a copy of its sources: `npm
-/// pack` builds `dist/` first, which must not change under anything reading
-/// clients/js/dist.
-fn unpack(npm: &Path, into: &Path) -> PathBuf {
-    let sources = repo_root().join("clients/js");
-    let node_modules = sources.join("node_modules");
-    assert!(
-        node_modules.is_dir(),
-        "{} is missing: run `npm ci --prefix clients/js` first (scripts/test does)",
-        node_modules.display()
-    );
-    let work = TempDir::new("herald-client-pack");
-    let copy = work.path().join("herald-client");
-    std::fs::create_dir(&copy).expect("create the copy's directory");
-    for name in ["package.json", "package-lock.json", "tsconfig.json", "README.md", "src"] {
-        run(Command::new("cp").arg("-R").arg(sources.join(name)).arg(&copy));
-    }
-    std::os::unix::fs::symlink(&node_modules, copy.join("node_modules")).expect("link node_modules");
-    let packed =
-        run(Command::new(npm).args(["pack", "--json", "--pack-destination"]).arg(work.path()).current_dir(&copy));
-    let packed: Value =
-        serde_json::from_str(&packed).unwrap_or_else(|e| panic!("npm pack printed no JSON ({e}): {packed}"));
-    let tarball = packed[0]["filename"].as_str().unwrap_or_else(|| panic!("npm pack named no tarball: {packed}"));
-    run(Command::new("tar").arg("xzf").arg(work.path().join(tarball)).arg("-C").arg(into));
-    into.join("package/dist")
-}
-
-/// Runs `command`; panics with its output unless it succeeds. Returns its standard output.
-fn run(command: &mut Command) -> String {
-    let out = command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{command:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }

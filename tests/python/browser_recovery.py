@@ -33,15 +33,11 @@ Usage: browser_recovery.py [--chromium PATH] [--chromedriver PATH]
 """
 
 import argparse
-import functools
-import http.server
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 
@@ -53,6 +49,7 @@ from selenium.common.exceptions import TimeoutException  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from browser_alerts import start_browser  # noqa: E402
+import library_server  # noqa: E402
 
 PATIENCE = 10
 QUIET = 0.5
@@ -101,7 +98,6 @@ client.connect();
 COUNT = "return window.follower.publications.length;"
 UNTIL = "window.until(arguments[0]).then(arguments[arguments.length - 1]);"
 REPORT = "return window.follower ?? null;"
-MODULE_NAME = re.compile(r"/dist/([A-Za-z0-9_.-]+\.js)")
 
 
 def log(text):
@@ -112,42 +108,9 @@ def say(line):
     print(line, flush=True)
 
 
-class LibraryHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the page at `/` (any query) and the library's modules at `/dist/NAME.js`; 404 for anything else."""
-
-    def __init__(self, *args, dist, **kwargs):
-        self.dist = dist
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self):  # noqa: N802 (the name http.server dispatches to)
-        path = urllib.parse.urlsplit(self.path).path
-        module = MODULE_NAME.fullmatch(path)
-        if path == "/":
-            self.answer(200, "text/html; charset=utf-8", PAGE)
-        elif module and os.path.isfile(os.path.join(self.dist, module.group(1))):
-            with open(os.path.join(self.dist, module.group(1)), "rb") as file:
-                self.answer(200, "text/javascript; charset=utf-8", file.read())
-        else:
-            log(f"404 for {self.path}")
-            self.answer(404, "text/plain", b"not found")
-
-    def answer(self, status, content_type, body):
-        self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-        pass
-
-
 def serve_library(dist):
-    """Starts the page and module server on an ephemeral loopback port; returns it."""
-    handler = functools.partial(LibraryHandler, dist=dist)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    """Starts the page and module server (see library_server); returns it."""
+    return library_server.serve_library(dist, PAGE, log)
 
 
 def wait_for_count(driver, wanted, within):
