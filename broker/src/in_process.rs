@@ -42,7 +42,7 @@ impl Broker for Hub {
         Hub::history(self, req).await.map_err(Status::from)
     }
 
-    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
+    async fn report_events(&self, events: &[ConnectionEvent]) -> Result<(), Status> {
         Hub::report_events(self, events).await
     }
 

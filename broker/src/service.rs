@@ -134,7 +134,7 @@ impl BrokerService for BrokerGrpc {
         &self,
         request: Request<ReportEventsRequest>,
     ) -> Result<Response<ReportEventsResponse>, Status> {
-        self.hub.report_events(request.into_inner().events).await?;
+        self.hub.report_events(&request.into_inner().events).await?;
         Ok(Response::new(ReportEventsResponse {}))
     }
 

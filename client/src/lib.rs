@@ -54,7 +54,8 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Stores connection events for the backends' consumer groups,
     /// answering once they are stored.
-    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status>;
+    /// The caller keeps the events, to report them again after an error.
+    async fn report_events(&self, events: &[ConnectionEvent]) -> Result<(), Status>;
 
     /// Asks a backend serving the call's method, and waits for its answer.
     async fn call(&self, req: CallRequest) -> Result<CallAnswer, Status>;

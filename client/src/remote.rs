@@ -297,8 +297,8 @@ impl Broker for RemoteBrokers {
         Ok(answer.0.into_inner())
     }
 
-    async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
-        let req = ReportEventsRequest { events };
+    async fn report_events(&self, events: &[ConnectionEvent]) -> Result<(), Status> {
+        let req = ReportEventsRequest { events: events.to_vec() };
         self.inner
             .failover(true, |mut client| {
                 let request = tonic::Request::new(req.clone());

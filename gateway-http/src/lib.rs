@@ -632,7 +632,7 @@ mod tests {
             })
         }
 
-        async fn report_events(&self, _events: Vec<herald_proto::v1::ConnectionEvent>) -> Result<(), Status> {
+        async fn report_events(&self, _events: &[herald_proto::v1::ConnectionEvent]) -> Result<(), Status> {
             Err(Status::unimplemented("the HTTP gateway reports no events"))
         }
 

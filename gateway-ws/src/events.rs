@@ -227,7 +227,7 @@ pub(crate) async fn report(shared: Arc<Shared>, broker: Arc<dyn Broker>, stop: C
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut gave_up_at = None;
         loop {
-            match broker.report_events(batch.clone()).await {
+            match broker.report_events(&batch).await {
                 Ok(()) => {
                     metrics.events_reported.add(batch.len() as u64);
                     break;

@@ -35,7 +35,7 @@ impl From<LogError> for tonic::Status {
 pub trait EventLog: Send + Sync + 'static {
     /// Stores `events`, in order, once each: an event whose id is already
     /// stored (within the de-duplication window) is not stored again.
-    async fn store(&self, events: Vec<ConnectionEvent>) -> Result<(), LogError>;
+    async fn store(&self, events: &[ConnectionEvent]) -> Result<(), LogError>;
 
     /// Makes `group` if it is new: from now on it sees every event stored.
     async fn open(&self, group: &str) -> Result<(), LogError>;

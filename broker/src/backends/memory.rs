@@ -30,8 +30,10 @@ pub struct MemoryLog {
 #[derive(Default)]
 struct State {
     groups: HashMap<String, Arc<Group>>,
-    seen: HashSet<String>,
-    seen_order: VecDeque<(Instant, String)>,
+    /// Ids stored lately, in a set and in the order they came (one
+    /// allocation each, shared).
+    seen: HashSet<Arc<str>>,
+    seen_order: VecDeque<(Instant, Arc<str>)>,
 }
 
 struct Group {
@@ -136,9 +138,9 @@ impl Queue {
 
 #[async_trait]
 impl EventLog for MemoryLog {
-    async fn store(&self, events: Vec<ConnectionEvent>) -> Result<(), LogError> {
+    async fn store(&self, events: &[ConnectionEvent]) -> Result<(), LogError> {
         let now = Instant::now();
-        let groups: Vec<Arc<Group>> = {
+        let (groups, fresh) = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             while state.seen_order.front().is_some_and(|(at, _)| now.duration_since(*at) > DEDUP_WINDOW)
                 || state.seen_order.len() > DEDUP_CAPACITY
@@ -147,21 +149,18 @@ impl EventLog for MemoryLog {
                     state.seen.remove(&id);
                 }
             }
-            state.groups.values().cloned().collect()
-        };
-        let fresh: Vec<Arc<ConnectionEvent>> = {
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            events
-                .into_iter()
-                .filter(|event| {
-                    let first = state.seen.insert(event.id.clone());
-                    if first {
-                        state.seen_order.push_back((now, event.id.clone()));
-                    }
-                    first
-                })
-                .map(Arc::new)
-                .collect()
+            let mut fresh: Vec<Arc<ConnectionEvent>> = Vec::with_capacity(events.len());
+            for event in events {
+                if state.seen.contains(event.id.as_str()) {
+                    continue;
+                }
+                let id: Arc<str> = Arc::from(event.id.as_str());
+                state.seen.insert(id.clone());
+                state.seen_order.push_back((now, id));
+                fresh.push(Arc::new(event.clone()));
+            }
+            let groups: Vec<Arc<Group>> = state.groups.values().cloned().collect();
+            (groups, fresh)
         };
         if fresh.is_empty() {
             return Ok(());
@@ -264,9 +263,9 @@ mod tests {
     #[tokio::test]
     async fn a_group_sees_events_stored_after_it_was_first_consumed() {
         let log = MemoryLog::new(config());
-        log.store(vec![event("before")]).await.unwrap();
+        log.store(&[event("before")]).await.unwrap();
         assert!(log.pull("g", 10, NOW).await.unwrap().is_empty());
-        log.store(vec![event("a"), event("b")]).await.unwrap();
+        log.store(&[event("a"), event("b")]).await.unwrap();
         assert_eq!(ids(&log.pull("g", 10, NOW).await.unwrap()), ["a", "b"]);
     }
 
@@ -275,8 +274,8 @@ mod tests {
         let log = MemoryLog::new(config());
         log.pull("one", 1, NOW).await.unwrap();
         log.pull("two", 1, NOW).await.unwrap();
-        log.store(vec![event("a")]).await.unwrap();
-        log.store(vec![event("a"), event("b")]).await.unwrap();
+        log.store(&[event("a")]).await.unwrap();
+        log.store(&[event("a"), event("b")]).await.unwrap();
         assert_eq!(ids(&log.pull("one", 10, NOW).await.unwrap()), ["a", "b"]);
         assert_eq!(ids(&log.pull("two", 10, NOW).await.unwrap()), ["a", "b"]);
     }
@@ -285,7 +284,7 @@ mod tests {
     async fn an_unacknowledged_event_comes_back_after_the_ack_wait_and_an_acknowledged_one_does_not() {
         let log = MemoryLog::new(config());
         log.pull("g", 1, NOW).await.unwrap();
-        log.store(vec![event("a"), event("b")]).await.unwrap();
+        log.store(&[event("a"), event("b")]).await.unwrap();
         let first = log.pull("g", 10, NOW).await.unwrap();
         log.ack("g", &[first[0].ack_id.clone()]).await.unwrap();
         assert!(log.pull("g", 10, NOW).await.unwrap().is_empty());
@@ -299,7 +298,7 @@ mod tests {
     async fn released_events_are_delivered_again_at_once_in_order() {
         let log = MemoryLog::new(config());
         log.pull("g", 1, NOW).await.unwrap();
-        log.store(vec![event("a"), event("b"), event("c")]).await.unwrap();
+        log.store(&[event("a"), event("b"), event("c")]).await.unwrap();
         let first = log.pull("g", 2, NOW).await.unwrap();
         log.release("g", &[first[1].ack_id.clone(), first[0].ack_id.clone()]).await;
         assert_eq!(ids(&log.pull("g", 10, NOW).await.unwrap()), ["a", "b", "c"]);
@@ -309,7 +308,7 @@ mod tests {
     async fn a_group_that_falls_behind_the_retention_loses_its_oldest_events_and_counts_them() {
         let log = MemoryLog::new(config());
         log.pull("g", 1, NOW).await.unwrap();
-        log.store((1..=5).map(|n| event(&n.to_string())).collect()).await.unwrap();
+        log.store(&(1..=5).map(|n| event(&n.to_string())).collect::<Vec<_>>()).await.unwrap();
         assert_eq!(ids(&log.pull("g", 10, NOW).await.unwrap()), ["3", "4", "5"]);
         assert_eq!(log.dropped(), [("g".to_owned(), 2)]);
     }
@@ -323,7 +322,7 @@ mod tests {
             async move { log.pull("g", 10, Duration::from_secs(10)).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        log.store(vec![event("late")]).await.unwrap();
+        log.store(&[event("late")]).await.unwrap();
         assert_eq!(ids(&waiting.await.unwrap().unwrap()), ["late"]);
     }
 }

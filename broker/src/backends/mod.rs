@@ -110,14 +110,14 @@ impl Backends {
     }
 
     /// Stores a gateway's events.
-    pub(crate) async fn report(&self, events: Vec<ConnectionEvent>) -> Result<(), LogError> {
+    pub(crate) async fn report(&self, events: &[ConnectionEvent]) -> Result<(), LogError> {
         if events.len() > MAX_EVENTS_PER_CALL {
             return Err(LogError::Invalid(format!(
                 "report has {} events; the limit is {MAX_EVENTS_PER_CALL}",
                 events.len()
             )));
         }
-        for event in &events {
+        for event in events {
             check_event(event).map_err(LogError::Invalid)?;
         }
         let count = events.len() as u64;

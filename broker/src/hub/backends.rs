@@ -21,7 +21,7 @@ use crate::federation::Interest;
 
 impl Hub {
     /// Stores a gateway's connection events for the consumer groups.
-    pub async fn report_events(&self, events: Vec<ConnectionEvent>) -> Result<(), Status> {
+    pub async fn report_events(&self, events: &[ConnectionEvent]) -> Result<(), Status> {
         if self.is_shutting_down() {
             return Err(LogError::Unavailable("broker is shutting down".into()).into());
         }
@@ -132,7 +132,7 @@ impl Hub {
                     std::time::Duration::from_secs(5),
                 );
                 for _ in 0..10 {
-                    match hub.shared.backends.report(chunk.to_vec()).await {
+                    match hub.shared.backends.report(chunk).await {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(error = %e, "reporting lost connections failed; retrying");

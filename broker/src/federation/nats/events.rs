@@ -246,10 +246,10 @@ fn consumed(message: &JetStreamMessage) -> Option<ConsumedEvent> {
 
 #[async_trait]
 impl EventLog for JetStreamEvents {
-    async fn store(&self, events: Vec<ConnectionEvent>) -> Result<(), LogError> {
+    async fn store(&self, events: &[ConnectionEvent]) -> Result<(), LogError> {
         self.stream().await?;
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
-        for event in &events {
+        for event in events {
             let publish = PublishMessage::build().message_id(event.id.as_str()).payload(event.encode_to_vec().into());
             match self.context.send_publish(self.config.subject(event), publish).await {
                 Ok(ack) => acks.push(ack),
