@@ -382,6 +382,10 @@ pub struct WsOptions {
     /// What to do when the connect hook cannot be asked: refuse (HTTP 503) or anonymous (let in).
     #[arg(long, env = "HERALD_CONNECT_HOOK_DOWN", value_enum, default_value_t = HookDownArg::Refuse)]
     pub connect_hook_down: HookDownArg,
+    /// Most messages (data frames or commands) one client may send per second; past it the
+    /// connection is closed with 1008. 0: no limit.
+    #[arg(long, env = "HERALD_MAX_CLIENT_MESSAGES_PER_SECOND", default_value_t = 0)]
+    pub max_client_messages_per_second: u32,
     /// How long a client's rpc waits for a backend's answer (then error 504).
     #[arg(long, env = "HERALD_RPC_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_RPC_TIMEOUT),
           value_parser = herald_common::duration::parse)]
@@ -649,6 +653,7 @@ impl WsOptions {
                 },
             }),
             rpc_timeout: ws.rpc_timeout,
+            max_client_messages_per_second: ws.max_client_messages_per_second,
             max_connections: ws.max_connections,
             max_message_bytes: ws.max_client_message_bytes,
             outbox_limit_bytes: ws.outbox_limit_bytes,

@@ -45,10 +45,13 @@ pub(crate) enum CloseReason {
     /// A client-protocol connection sent a frame that is not a command
     /// (close code 4002).
     BadCommand,
+    /// The client sent more messages in a second than the gateway takes
+    /// (close code 1008).
+    TooManyMessages,
 }
 
 impl CloseReason {
-    pub(crate) const ALL: [CloseReason; 13] = [
+    pub(crate) const ALL: [CloseReason; 14] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::MessageTooBig,
@@ -62,6 +65,7 @@ impl CloseReason {
         Self::Kicked,
         Self::TokenExpired,
         Self::BadCommand,
+        Self::TooManyMessages,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -79,6 +83,7 @@ impl CloseReason {
             Self::Kicked => "closed_by_backend",
             Self::TokenExpired => "token_expired",
             Self::BadCommand => "bad_command",
+            Self::TooManyMessages => "too_many_messages",
         }
     }
 
@@ -97,6 +102,7 @@ impl CloseReason {
             Self::Kicked => (CloseCode::Library(KICKED), "closed by the server"),
             Self::TokenExpired => (CloseCode::Library(TOKEN_EXPIRED), "token expired"),
             Self::BadCommand => (CloseCode::Library(BAD_COMMAND), "not a command"),
+            Self::TooManyMessages => (CloseCode::Policy, "too many messages: slow down"),
         };
         Some(CloseFrame { code, reason: reason.into() })
     }

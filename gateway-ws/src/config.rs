@@ -125,6 +125,9 @@ pub struct GatewayConfig {
     pub connect_hook: Option<ConnectHookConfig>,
     /// How long a client's rpc waits for a backend's answer.
     pub rpc_timeout: Duration,
+    /// Most data messages (frames, or commands) a client may send in one
+    /// second; past it the connection is closed (1008). 0: no limit.
+    pub max_client_messages_per_second: u32,
 }
 
 /// Events queued for the broker, by default.
@@ -220,6 +223,7 @@ impl GatewayConfig {
             event_queue: DEFAULT_EVENT_QUEUE,
             connect_hook: None,
             rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            max_client_messages_per_second: 0,
         }
     }
 

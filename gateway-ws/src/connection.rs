@@ -374,6 +374,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                     shared.metrics.bytes_received.add(message.len() as u64);
+                    let limit = shared.config.max_client_messages_per_second;
+                    if limit > 0 && !outbox.admit_message(shared.now_ms(), limit) {
+                        return (CloseReason::TooManyMessages, None);
+                    }
                     let Some(client) = client.as_deref_mut() else {
                         raw_message(shared, id, message);
                         continue;

@@ -197,6 +197,7 @@ fn cause(reason: CloseReason) -> DisconnectCause {
         CloseReason::WorkerIdLost => DisconnectCause::GatewayLost,
         CloseReason::Kicked => DisconnectCause::Kicked,
         CloseReason::TokenExpired => DisconnectCause::TokenExpired,
+        CloseReason::TooManyMessages => DisconnectCause::RateLimited,
     }
 }
 

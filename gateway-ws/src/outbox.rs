@@ -41,6 +41,9 @@ pub struct Outbox {
     limit_bytes: usize,
     /// Milliseconds since the gateway's clock origin at which the client was last heard from.
     last_heard_ms: AtomicU64,
+    /// The second (of the gateway's clock) the client's messages are being
+    /// counted in, high 32 bits, and how many it sent in it, low 32 bits.
+    messages_this_second: AtomicU64,
     /// What the connection speaks, so that a delivery queues the frame it understands.
     protocol: Protocol,
 }
@@ -77,6 +80,7 @@ impl Outbox {
             waker: AtomicWaker::new(),
             limit_bytes,
             last_heard_ms: AtomicU64::new(now_ms),
+            messages_this_second: AtomicU64::new(0),
             protocol: Protocol::Raw,
         }
     }
@@ -292,10 +296,28 @@ impl Outbox {
     pub fn last_heard(&self) -> u64 {
         self.last_heard_ms.load(Ordering::Relaxed)
     }
+
+    /// Counts a message the client sent at `now_ms`; false when it is over
+    /// `per_second` in that second. Only the connection's own task calls it.
+    pub fn admit_message(&self, now_ms: u64, per_second: u32) -> bool {
+        let second = (now_ms / 1000) & u64::from(u32::MAX);
+        let counted = self.messages_this_second.load(Ordering::Relaxed);
+        let count = if counted >> 32 == second { (counted & u64::from(u32::MAX)) + 1 } else { 1 };
+        self.messages_this_second.store((second << 32) | count.min(u64::from(u32::MAX)), Ordering::Relaxed);
+        count <= u64::from(per_second)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_client_may_send_its_messages_per_second_and_no_more() {
+        let outbox = Outbox::new(100, 0);
+        assert!((0..3).all(|i| outbox.admit_message(10_000 + i, 3)), "three in one second");
+        assert!(!outbox.admit_message(10_500, 3), "a fourth in the same second");
+        assert!(outbox.admit_message(11_000, 3), "a new second counts from zero");
+    }
     use std::time::Duration;
 
     use super::*;

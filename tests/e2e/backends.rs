@@ -345,3 +345,26 @@ async fn a_broker_stops_promptly_with_backends_attached() {
     let ended = tokio::time::timeout(PATIENCE, instance.stream.next()).await.expect("the stream ends");
     assert!(!matches!(ended, Some(Ok(_))), "{ended:?}");
 }
+
+#[tokio::test]
+async fn a_client_sending_more_messages_a_second_than_allowed_is_closed_and_its_disconnect_says_why() {
+    use herald_proto::v1::DisconnectCause;
+    let herald = Herald::standalone(&["--events", "disconnect", "--max-client-messages-per-second", "20"]);
+    let mut audit = Instance::attach(&herald.address("broker"), "audit").await;
+    // Within the limit: nothing happens.
+    let mut calm = Client::connect(&herald.ws_url()).await;
+    for _ in 0..10 {
+        calm.send(Message::text("tick")).await;
+    }
+    calm.expect_silence(Duration::from_millis(300)).await;
+    // Past it: closed with 1008.
+    let mut flood = Client::connect(&herald.ws_url()).await;
+    for _ in 0..100 {
+        flood.send(Message::text("flood")).await;
+    }
+    let frame = flood.expect_close_frame().await.expect("a close frame");
+    assert_eq!(frame.0, 1008, "{frame:?}");
+    let gone = audit.take(1).await;
+    let (connection_id, event) = disconnect(&gone[0]).expect("a disconnect");
+    assert_eq!((connection_id, event.cause()), (flood.connection_id.clone(), DisconnectCause::RateLimited));
+}

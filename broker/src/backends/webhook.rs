@@ -251,6 +251,7 @@ fn cause_name(cause: i32) -> &'static str {
         DisconnectCause::ProtocolError => "protocol_error",
         DisconnectCause::Unresponsive => "unresponsive",
         DisconnectCause::TokenExpired => "token_expired",
+        DisconnectCause::RateLimited => "rate_limited",
     }
 }
 
