@@ -29,7 +29,6 @@ use tonic::Code;
 
 use crate::client_auth::{TokenRejection, unix_now};
 use crate::close::CloseReason;
-use crate::events::About;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandKind, Done, Recovery, Subscriber, code};
 use crate::registry::SubscriptionError;
@@ -140,7 +139,7 @@ pub(crate) async fn run(
         CommandKind::Unsubscribe { channel } => {
             let result = unsubscribe(shared, client, outbox, channel).await;
             if let Ok(Done::Unsubscribed { channel }) = &result {
-                shared.unsubscribe_event(about(shared, client.id).as_about(), channel);
+                shared.unsubscribe_event(client.id, channel);
                 if let Some(i) = client.announced.iter().position(|c| c == channel) {
                     announce(shared, client.id, client.announced.swap_remove(i), false);
                 }
@@ -202,7 +201,7 @@ async fn subscribe(
             let reply = answer(shared, id, Ok(Done::Subscribed { channel: channel.clone(), history }));
             let released = outbox.release(&channel, reply, position.as_ref());
             if !again {
-                shared.subscribe_event(about(shared, client.id).as_about(), &channel);
+                shared.subscribe_event(client.id, &channel);
             }
             if !again && shared.config.namespaces.of(&channel).is_some_and(|n| n.join_leave) {
                 client.announced.push(channel.clone());
@@ -336,26 +335,12 @@ async fn unsubscribe(shared: &Shared, client: &Client, outbox: &Outbox, channel:
     Ok(Done::Unsubscribed { channel })
 }
 
-/// A connection's user, for the events about it.
-struct Who(u64, Option<Arc<str>>);
-
-impl Who {
-    fn as_about(&self) -> About<'_> {
-        About { connection_id: self.0, user_id: self.1.as_deref() }
-    }
-}
-
-fn about(shared: &Shared, id: u64) -> Who {
-    Who(id, shared.registry.user_of(id))
-}
-
 /// Hands a client's message to the backends, as a message event.
 fn send(shared: &Shared, client: &Client, body: content::Body) -> Result<Done, Refused> {
     if !shared.events.kinds().message {
         return Err(Refused::new(code::NOT_ALLOWED, "this gateway passes no messages to backends"));
     }
-    let who = about(shared, client.id);
-    if shared.message_event(who.as_about(), Content { body: Some(body) }) {
+    if shared.message_event(client.id, Content { body: Some(body) }) {
         Ok(Done::Sent)
     } else {
         Err(Refused::new(code::UNAVAILABLE, "the backends are not taking messages now: retry later"))

@@ -52,17 +52,7 @@ pub(crate) async fn ask(
     peer: SocketAddr,
     request: HookRequest,
 ) -> Verdict {
-    // Repeated headers are joined with ", ", as HTTP allows.
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in request.headers {
-        headers
-            .entry(name)
-            .and_modify(|joined| {
-                joined.push_str(", ");
-                joined.push_str(&value);
-            })
-            .or_insert(value);
-    }
+    let headers: BTreeMap<String, String> = request.headers.into_iter().collect();
     let body = json!({
         "remote_address": peer.to_string(),
         "path": request.path,

@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use crate::close::CloseReason;
 use crate::commands::{self, Client};
 use crate::connect_hook::{self, Verdict};
-use crate::events::About;
 use crate::handshake;
 use crate::outbox::Outbox;
 use crate::protocol::{self, BadCommand, Command, CommandKind, Protocol, code};
@@ -222,7 +221,7 @@ async fn serve_open<S>(
     let (greeting, mut client) = {
         let Identity { user_id, channels, expires_at, connect_id, groups, headers } = *identity;
         let user_id = user_id.as_deref();
-        shared.connect_event(About { connection_id: id, user_id }, peer, &headers, protocol, &groups);
+        shared.connect_event(id, peer, &headers, protocol, &groups);
         match protocol {
             Protocol::Raw => {
                 (shared.config.greeting.render(&shared.config.worker_id, id, user_id).map(Message::text), None)
@@ -267,14 +266,12 @@ fn closed_events(shared: &Shared, id: u64, reason: CloseReason, client_code: Opt
     if !kinds.unsubscribe && !kinds.disconnect {
         return;
     }
-    let user = shared.registry.user_of(id);
-    let about = || About { connection_id: id, user_id: user.as_deref() };
     if kinds.unsubscribe {
         for channel in shared.registry.channels_of(id) {
-            shared.unsubscribe_event(about(), &channel);
+            shared.unsubscribe_event(id, &channel);
         }
     }
-    shared.disconnect_event(about(), reason, client_code);
+    shared.disconnect_event(id, reason, client_code);
 }
 
 /// Who is on a new connection: from its handshake, or, for a client that
@@ -417,9 +414,7 @@ fn raw_message(shared: &Shared, id: u64, message: Message) {
         Message::Binary(bytes) => content::Body::Binary(bytes),
         _ => return,
     };
-    let user = shared.registry.user_of(id);
-    let about = About { connection_id: id, user_id: user.as_deref() };
-    if !shared.message_event(about, Content { body: Some(body) }) {
+    if !shared.message_event(id, Content { body: Some(body) }) {
         shared.metrics.client_messages_ignored.inc();
     }
 }

@@ -50,12 +50,6 @@ pub(crate) struct Events {
     rx: Mutex<Option<mpsc::Receiver<ConnectionEvent>>>,
 }
 
-/// Who an event is about.
-pub(crate) struct About<'a> {
-    pub(crate) connection_id: u64,
-    pub(crate) user_id: Option<&'a str>,
-}
-
 impl Events {
     pub(crate) fn new(kinds: EventKinds, worker_id: &str, instance_id: &str, queue: usize) -> Self {
         let (tx, rx) = mpsc::channel(queue.max(1));
@@ -74,13 +68,14 @@ impl Events {
         self.kinds
     }
 
-    /// Queues an event; false when the queue was full and it was dropped.
-    fn emit(&self, about: About<'_>, kind: connection_event::Kind) -> bool {
+    /// Queues an event about connection `connection_id` of `user_id`;
+    /// false when the queue was full and it was dropped.
+    fn emit(&self, connection_id: u64, user_id: Option<&str>, kind: connection_event::Kind) -> bool {
         let id = match kind {
             // Known to the broker too, which reports it if this gateway
             // goes away first.
             connection_event::Kind::Disconnect(_) => {
-                names::disconnect_event_id(&self.worker_id, &self.instance_id, &about.connection_id.to_string())
+                names::disconnect_event_id(&self.worker_id, &self.instance_id, &connection_id.to_string())
             }
             _ => format!("{}{}", self.id_prefix, self.next.fetch_add(1, Ordering::Relaxed)),
         };
@@ -88,9 +83,9 @@ impl Events {
             id,
             connection: Some(ConnectionAddress {
                 worker_id: self.worker_id.clone(),
-                connection_id: about.connection_id.to_string(),
+                connection_id: connection_id.to_string(),
             }),
-            user_id: about.user_id.unwrap_or_default().to_owned(),
+            user_id: user_id.unwrap_or_default().to_owned(),
             at: Some(prost_types::Timestamp::from(SystemTime::now())),
             kind: Some(kind),
         };
@@ -99,49 +94,43 @@ impl Events {
 }
 
 impl Shared {
-    fn emit(&self, about: About<'_>, kind: connection_event::Kind) {
-        if !self.events.emit(about, kind) {
+    /// Queues an event about live connection `id` (its user as the
+    /// registry knows it); false (and counted) when the queue was full.
+    fn emit(&self, id: u64, kind: connection_event::Kind) -> bool {
+        let user = self.registry.user_of(id);
+        let taken = self.events.emit(id, user.as_deref(), kind);
+        if !taken {
             self.metrics.events_dropped.inc();
         }
+        taken
     }
 
     /// A connection opened (its handshake done, its address known).
     pub(crate) fn connect_event(
         &self,
-        about: About<'_>,
+        id: u64,
         peer: SocketAddr,
         headers: &[(String, String)],
         protocol: Protocol,
         groups: &[String],
     ) {
         if self.events.kinds.connect {
-            // Repeated headers are joined with ", ", as HTTP allows.
-            let mut joined = std::collections::HashMap::<String, String>::new();
-            for (name, value) in headers {
-                joined
-                    .entry(name.clone())
-                    .and_modify(|v| {
-                        v.push_str(", ");
-                        v.push_str(value);
-                    })
-                    .or_insert_with(|| value.clone());
-            }
             let event = ConnectEvent {
                 remote_address: peer.to_string(),
-                headers: joined,
+                headers: headers.iter().cloned().collect(),
                 client_protocol: match protocol {
                     Protocol::Raw => String::new(),
                     Protocol::Json => crate::protocol::SUBPROTOCOL.to_owned(),
                 },
                 groups: groups.to_vec(),
             };
-            self.emit(about, connection_event::Kind::Connect(event));
+            self.emit(id, connection_event::Kind::Connect(event));
         }
     }
 
     /// A connection ended; `client_code` is the code of the client's close
     /// frame, when it sent one.
-    pub(crate) fn disconnect_event(&self, about: About<'_>, reason: CloseReason, client_code: Option<u16>) {
+    pub(crate) fn disconnect_event(&self, id: u64, reason: CloseReason, client_code: Option<u16>) {
         if self.events.kinds.disconnect {
             let code = match reason {
                 CloseReason::ClientClosed => client_code.unwrap_or(0),
@@ -152,35 +141,29 @@ impl Shared {
                 code: u32::from(code),
                 reason: reason.label().to_owned(),
             };
-            self.emit(about, connection_event::Kind::Disconnect(event));
+            self.emit(id, connection_event::Kind::Disconnect(event));
         }
     }
 
-    pub(crate) fn subscribe_event(&self, about: About<'_>, channel: &str) {
+    pub(crate) fn subscribe_event(&self, id: u64, channel: &str) {
         if self.events.kinds.subscribe {
             let event = ChannelEvent { channel: channel.to_owned() };
-            self.emit(about, connection_event::Kind::Subscribe(event));
+            self.emit(id, connection_event::Kind::Subscribe(event));
         }
     }
 
-    pub(crate) fn unsubscribe_event(&self, about: About<'_>, channel: &str) {
+    pub(crate) fn unsubscribe_event(&self, id: u64, channel: &str) {
         if self.events.kinds.unsubscribe {
             let event = ChannelEvent { channel: channel.to_owned() };
-            self.emit(about, connection_event::Kind::Unsubscribe(event));
+            self.emit(id, connection_event::Kind::Unsubscribe(event));
         }
     }
 
     /// A client's message; false when it was not taken (message events are
     /// off, or the queue is full).
-    pub(crate) fn message_event(&self, about: About<'_>, content: Content) -> bool {
-        if !self.events.kinds.message {
-            return false;
-        }
-        let taken = self.events.emit(about, connection_event::Kind::Message(MessageEvent { content: Some(content) }));
-        if !taken {
-            self.metrics.events_dropped.inc();
-        }
-        taken
+    pub(crate) fn message_event(&self, id: u64, content: Content) -> bool {
+        self.events.kinds.message
+            && self.emit(id, connection_event::Kind::Message(MessageEvent { content: Some(content) }))
     }
 }
 

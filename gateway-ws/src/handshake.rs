@@ -116,19 +116,33 @@ where
     let protocol = negotiate(&request);
     let identity = authenticate(&request, config, protocol)?;
     let accept = derive_accept_key(key.as_bytes());
-    let header_text = |h: &httparse::Header<'_>| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into());
-    let event_headers = request
-        .headers
-        .iter()
-        .filter(|h| config.event_headers.iter().any(|name| h.name.eq_ignore_ascii_case(name)))
-        .map(header_text)
-        .collect();
+    let event_headers =
+        joined_headers(&request, |name| config.event_headers.iter().any(|kept| name.eq_ignore_ascii_case(kept)));
     let hook = config.connect_hook.as_ref().map(|_| HookRequest {
         path: request.path.unwrap_or("/").to_owned(),
-        headers: request.headers.iter().map(header_text).collect(),
+        headers: joined_headers(&request, |_| true),
         protocol,
     });
     Ok(Upgrade { accept, tail: buf.split_off(head_len), identity, protocol, event_headers, hook })
+}
+
+/// The request's headers whose names `keep` takes, by lower-case name, in
+/// the order they first appear; a repeated header's values are joined with
+/// ", ", as HTTP allows.
+fn joined_headers(request: &httparse::Request<'_, '_>, keep: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+    let mut joined: Vec<(String, String)> = Vec::new();
+    for header in request.headers.iter().filter(|h| keep(h.name)) {
+        let name = header.name.to_ascii_lowercase();
+        let value = String::from_utf8_lossy(header.value);
+        match joined.iter_mut().find(|(seen, _)| *seen == name) {
+            Some((_, values)) => {
+                values.push_str(", ");
+                values.push_str(&value);
+            }
+            None => joined.push((name, value.into_owned())),
+        }
+    }
+    joined
 }
 
 /// The client protocol when the client lists it in `Sec-WebSocket-Protocol`;
@@ -317,6 +331,14 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
         )
+    }
+
+    #[tokio::test]
+    async fn the_headers_passed_on_are_chosen_by_name_and_a_repeated_one_is_joined() {
+        let config = GatewayConfig { event_headers: vec!["x-multi".into()], ..GatewayConfig::new("w".into()) };
+        let upgrade = decide(&upgrade_request("X-Multi: a\r\nUser-Agent: t\r\nx-multi: b\r\n"), &config).await.unwrap();
+        assert_eq!(upgrade.event_headers, [("x-multi".to_owned(), "a, b".to_owned())]);
+        assert!(upgrade.hook.is_none(), "no hook, nothing gathered for it");
     }
 
     #[tokio::test]
