@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backends::Consumer;
+use crate::backends::calls::BACKEND_QUEUE;
 use crate::error::{control_result, publish_result};
 use crate::hub::{Hub, SessionEvents};
 
@@ -170,7 +171,7 @@ impl BrokerService for BrokerGrpc {
             Some(ServeCallsRequest { kind: Some(serve_calls_request::Kind::Start(start)) }) => start.methods,
             _ => return Err(Status::invalid_argument("the first message must be start, naming the methods served")),
         };
-        let (tx, rx) = mpsc::channel(self.hub.backend_queue());
+        let (tx, rx) = mpsc::channel(BACKEND_QUEUE);
         let registration = self.hub.serve_calls(methods, tx.clone())?;
         let hub = self.hub.clone();
         let closing = hub.backends_closing();

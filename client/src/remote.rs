@@ -298,10 +298,9 @@ impl Broker for RemoteBrokers {
     }
 
     async fn report_events(&self, events: &[ConnectionEvent]) -> Result<(), Status> {
-        let req = ReportEventsRequest { events: events.to_vec() };
         self.inner
             .failover(true, |mut client| {
-                let request = tonic::Request::new(req.clone());
+                let request = tonic::Request::new(ReportEventsRequest { events: events.to_vec() });
                 async move { client.report_events(request).await }
             })
             .await?;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 /// Calls queued for one backend before it counts as busy.
-const BACKEND_QUEUE: usize = 4096;
+pub(crate) const BACKEND_QUEUE: usize = 4096;
 
 /// Why a call got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,11 +112,6 @@ impl Calls {
     /// Resolves when the broker shuts down.
     pub(crate) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.closing.clone().cancelled_owned()
-    }
-
-    /// The queue size for a backend's calls.
-    pub(crate) fn backend_queue() -> usize {
-        BACKEND_QUEUE
     }
 
     /// Hands a backend's answer to its caller; false for a call that is not

@@ -114,7 +114,8 @@ impl Queue {
         for entry in expired.into_iter().rev() {
             self.backlog.push_front(entry);
         }
-        self.deadlines.iter().find(|(_, id)| self.pending.contains_key(id)).map(|&(deadline, _)| deadline)
+        // The loop left a pending delivery at the front, or nothing.
+        self.deadlines.front().map(|&(deadline, _)| deadline)
     }
 
     fn take(&mut self, max: usize, now: Instant, ack_wait: Duration) -> Vec<ConsumedEvent> {

@@ -270,6 +270,20 @@ impl Backends {
     }
 }
 
+/// An event's kind as subjects and webhooks name it: `connect`,
+/// `disconnect`, `subscribe`, `unsubscribe` or `message` (`unknown` for an
+/// event without one, which is never stored).
+pub(crate) fn kind_name(event: &ConnectionEvent) -> &'static str {
+    match event.kind {
+        Some(connection_event::Kind::Connect(_)) => "connect",
+        Some(connection_event::Kind::Disconnect(_)) => "disconnect",
+        Some(connection_event::Kind::Subscribe(_)) => "subscribe",
+        Some(connection_event::Kind::Unsubscribe(_)) => "unsubscribe",
+        Some(connection_event::Kind::Message(_)) => "message",
+        None => "unknown",
+    }
+}
+
 /// Whether `value` is 1 to 256 visible ASCII characters.
 fn is_token(value: &str) -> bool {
     !value.is_empty() && value.len() <= MAX_ID_LEN && value.bytes().all(|b| b.is_ascii_graphic())

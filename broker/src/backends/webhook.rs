@@ -202,34 +202,32 @@ fn batch_json(events: &[ConsumedEvent]) -> Value {
 pub fn event_json(event: &ConnectionEvent) -> Value {
     let address = event.connection.clone().unwrap_or_default();
     let at_ms = event.at.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-    let (kind, details) = match &event.kind {
-        Some(connection_event::Kind::Connect(c)) => (
-            "connect",
-            json!({
-                "remote_address": c.remote_address,
-                "headers": c.headers,
-                "client_protocol": c.client_protocol,
-                "groups": c.groups,
-            }),
-        ),
+    let details = match &event.kind {
+        Some(connection_event::Kind::Connect(c)) => json!({
+            "remote_address": c.remote_address,
+            "headers": c.headers,
+            "client_protocol": c.client_protocol,
+            "groups": c.groups,
+        }),
         Some(connection_event::Kind::Disconnect(d)) => {
-            ("disconnect", json!({ "cause": cause_name(d.cause), "code": d.code, "reason": d.reason }))
+            json!({ "cause": cause_name(d.cause), "code": d.code, "reason": d.reason })
         }
-        Some(connection_event::Kind::Subscribe(c)) => ("subscribe", json!({ "channel": c.channel })),
-        Some(connection_event::Kind::Unsubscribe(c)) => ("unsubscribe", json!({ "channel": c.channel })),
+        Some(connection_event::Kind::Subscribe(c) | connection_event::Kind::Unsubscribe(c)) => {
+            json!({ "channel": c.channel })
+        }
         Some(connection_event::Kind::Message(m)) => {
             let content = match m.content.as_ref().and_then(|c| c.body.as_ref()) {
                 Some(content::Body::Text(text)) => json!({ "text": text }),
                 Some(content::Body::Binary(bytes)) => json!({ "binary": STANDARD.encode(bytes) }),
                 None => Value::Null,
             };
-            ("message", json!({ "content": content }))
+            json!({ "content": content })
         }
-        None => ("unknown", json!({})),
+        None => json!({}),
     };
     let mut value = json!({
         "id": event.id,
-        "kind": kind,
+        "kind": super::kind_name(event),
         "connection": { "worker_id": address.worker_id, "connection_id": address.connection_id },
         "user_id": event.user_id,
         "at_ms": at_ms,

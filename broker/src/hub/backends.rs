@@ -148,9 +148,4 @@ impl Hub {
     pub(crate) fn backends_closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.shared.backends.closing()
     }
-
-    /// How many calls a backend may have queued.
-    pub(crate) fn backend_queue(&self) -> usize {
-        crate::backends::calls::Calls::backend_queue()
-    }
 }

@@ -29,15 +29,15 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType, Stream};
 use async_nats::jetstream::{self, Message as JetStreamMessage};
 use async_trait::async_trait;
-use herald_proto::v1::{ConnectionEvent, ConsumedEvent, connection_event};
+use herald_proto::v1::{ConnectionEvent, ConsumedEvent};
 use prost::Message;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::history::HistoryStorage;
-use crate::backends::LogConfig;
 use crate::backends::log::{EventLog, LogError};
+use crate::backends::{LogConfig, kind_name};
 
 /// Unacknowledged deliveries a group may have in the whole cluster.
 const MAX_ACK_PENDING: i64 = 1_000_000;
@@ -62,14 +62,7 @@ impl EventsConfig {
     }
 
     fn subject(&self, event: &ConnectionEvent) -> String {
-        let kind = match event.kind {
-            Some(connection_event::Kind::Connect(_)) => "connect",
-            Some(connection_event::Kind::Disconnect(_)) => "disconnect",
-            Some(connection_event::Kind::Subscribe(_)) => "subscribe",
-            Some(connection_event::Kind::Unsubscribe(_)) => "unsubscribe",
-            Some(connection_event::Kind::Message(_)) | None => "message",
-        };
-        format!("{}_events.{kind}", self.subject_prefix)
+        format!("{}_events.{}", self.subject_prefix, kind_name(event))
     }
 
     fn stream_config(&self) -> Config {
