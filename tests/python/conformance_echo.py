@@ -32,10 +32,8 @@ or SIGINT).
 
 import argparse
 import collections
-import importlib
 import queue
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +42,8 @@ from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parents[2]
+from grpc_stubs import generate_stubs
+
 PATIENCE = 10.0
 # The suite's largest message is 16 MiB (9.1.6, 9.2.6), and several can come
 # in one batch of events.
@@ -63,26 +62,6 @@ STOP = object()
 
 def log(text):
     print(f"conformance_echo: {text}", file=sys.stderr, flush=True)
-
-
-def generate_stubs(out_dir):
-    command = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        f"-I{REPO / 'proto'}",
-        f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        "herald/v1/broker.proto",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"protoc failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    sys.path.insert(0, str(out_dir))
-    return (
-        importlib.import_module("herald.v1.broker_pb2"),
-        importlib.import_module("herald.v1.broker_pb2_grpc"),
-    )
 
 
 def size_of(content):
