@@ -221,7 +221,7 @@ async fn serve_open<S>(
     let (greeting, mut client) = {
         let Identity { user_id, channels, expires_at, connect_id, groups, headers } = *identity;
         let user_id = user_id.as_deref();
-        shared.connect_event(id, peer, &headers, protocol, &groups);
+        shared.connect_event(id, peer, headers, protocol, groups);
         match protocol {
             Protocol::Raw => {
                 (shared.config.greeting.render(&shared.config.worker_id, id, user_id).map(Message::text), None)

@@ -110,19 +110,19 @@ impl Shared {
         &self,
         id: u64,
         peer: SocketAddr,
-        headers: &[(String, String)],
+        headers: Vec<(String, String)>,
         protocol: Protocol,
-        groups: &[String],
+        groups: Vec<String>,
     ) {
         if self.events.kinds.connect {
             let event = ConnectEvent {
                 remote_address: peer.to_string(),
-                headers: headers.iter().cloned().collect(),
+                headers: headers.into_iter().collect(),
                 client_protocol: match protocol {
                     Protocol::Raw => String::new(),
                     Protocol::Json => crate::protocol::SUBPROTOCOL.to_owned(),
                 },
-                groups: groups.to_vec(),
+                groups,
             };
             self.emit(id, connection_event::Kind::Connect(event));
         }
