@@ -11,14 +11,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use herald_broker::backends::webhook::{self, Webhook, WebhookConfig, WebhookError};
 use herald_broker::backends::{self, LogConfig};
 use herald_broker::federation::nats::history::HistoryStorage;
-use herald_broker::federation::nats::{self, NatsConfig};
+use herald_broker::federation::nats::{self, NatsAccess, NatsConfig, NatsCredentials};
 use herald_broker::server::DEFAULT_MAX_CONCURRENT_STREAMS;
+use herald_broker::tls::ServerTls;
 use herald_broker::{HubLimits, hub};
+use herald_client::{BrokerTls, RemoteOptions};
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::duration::format as duration;
 use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
 use herald_common::namespaces::{Namespace, NamespaceError, Namespaces};
-use herald_common::tls::TlsError;
+use herald_common::tls::{ClientTls, TlsError};
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{
     ClientAuth, ClientAuthConfig, ConnectHookConfig, EventKinds, GatewayConfig, Greeting, HookDown,
@@ -79,6 +81,10 @@ pub struct BrokerArgs {
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub client_ca: ClientCaArg,
+    #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
     pub broker: BrokerOptions,
@@ -111,6 +117,39 @@ pub struct ClusterArgs {
     /// `memory` does not (clients then cannot recover, and are told so).
     #[arg(long, env = "HERALD_HISTORY_STORAGE", value_enum, default_value_t = HistoryStorageArg::File)]
     pub history_storage: HistoryStorageArg,
+    /// PEM CA certificate(s) the NATS servers' certificates must chain to: reach NATS over TLS only.
+    #[arg(long, env = "HERALD_NATS_CA", requires = "nats")]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM certificate chain presented to NATS servers that verify clients (needs --nats-ca).
+    #[arg(long, env = "HERALD_NATS_CERT", requires_all = ["nats_key", "nats_ca"])]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM private key of --nats-cert.
+    #[arg(long, env = "HERALD_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+    /// NATS credentials file (user JWT and NKey seed, as `nsc` writes them).
+    #[arg(long, env = "HERALD_NATS_CREDS", requires = "nats", conflicts_with_all = ["nats_user", "nats_token"])]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "HERALD_NATS_USER", requires_all = ["nats", "nats_password"], conflicts_with = "nats_token")]
+    pub nats_user: Option<String>,
+    /// NATS password of --nats-user.
+    #[arg(long, env = "HERALD_NATS_PASSWORD", requires = "nats_user", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, env = "HERALD_NATS_TOKEN", requires = "nats", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// Send a NATS password or token over plaintext to a server that is not on this machine.
+    #[arg(long, env = "HERALD_ALLOW_PLAINTEXT_SECRETS")]
+    pub allow_plaintext_secrets: bool,
+}
+
+/// Why the NATS TLS or credential options cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsAccessError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot read --nats-creds {path}: {source}")]
+    ReadCreds { path: PathBuf, source: std::io::Error },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -120,9 +159,37 @@ pub enum HistoryStorageArg {
 }
 
 impl ClusterArgs {
-    /// The cluster to join, if any, keeping the history of `namespaces`.
-    pub fn nats_config(&self, namespaces: Namespaces) -> Option<NatsConfig> {
-        self.nats.as_ref().map(|urls| NatsConfig {
+    /// The cluster to join, if any, keeping the history of `namespaces`;
+    /// fails when a TLS or credentials file is wrong.
+    pub fn nats_config(&self, namespaces: Namespaces) -> Result<Option<NatsConfig>, NatsAccessError> {
+        let Some(urls) = &self.nats else { return Ok(None) };
+        Ok(Some(NatsConfig { access: self.nats_access()?, ..self.nats_settings(urls, namespaces) }))
+    }
+
+    fn nats_access(&self) -> Result<NatsAccess, NatsAccessError> {
+        let tls = match &self.nats_ca {
+            Some(ca) => {
+                let identity = self.nats_cert.as_deref().zip(self.nats_key.as_deref());
+                Some(ClientTls::load(ca, identity)?.client_config()?)
+            }
+            None => None,
+        };
+        let credentials = if let Some(path) = &self.nats_creds {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| NatsAccessError::ReadCreds { path: path.clone(), source })?;
+            NatsCredentials::Creds(text)
+        } else if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            NatsCredentials::UserPassword { user: user.clone(), password: password.clone() }
+        } else if let Some(token) = &self.nats_token {
+            NatsCredentials::Token(token.clone())
+        } else {
+            NatsCredentials::None
+        };
+        Ok(NatsAccess { tls, credentials, allow_plaintext_secrets: self.allow_plaintext_secrets })
+    }
+
+    fn nats_settings(&self, urls: &str, namespaces: Namespaces) -> NatsConfig {
+        NatsConfig {
             bucket: self.nats_bucket.clone(),
             subject_prefix: self.nats_subject_prefix.clone(),
             kv_replicas: self.nats_kv_replicas,
@@ -132,8 +199,8 @@ impl ClusterArgs {
                 HistoryStorageArg::File => HistoryStorage::File,
                 HistoryStorageArg::Memory => HistoryStorage::Memory,
             },
-            ..NatsConfig::new(urls.clone())
-        })
+            ..NatsConfig::new(urls.to_owned())
+        }
     }
 }
 
@@ -153,6 +220,8 @@ pub struct WsArgs {
     pub reuse_port: bool,
     #[command(flatten)]
     pub key: ApiKeyArg,
+    #[command(flatten)]
+    pub link: BrokerLinkArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -174,6 +243,8 @@ pub struct HttpArgs {
     pub brokers: String,
     #[command(flatten)]
     pub auth: PublisherAuthArgs,
+    #[command(flatten)]
+    pub link: BrokerLinkArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -200,6 +271,8 @@ pub struct StandaloneArgs {
     pub auth: PublisherAuthArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub client_ca: ClientCaArg,
     #[command(flatten)]
     pub content: ContentArgs,
     #[command(flatten)]
@@ -232,7 +305,8 @@ pub struct PublisherAuthArgs {
 
 #[derive(Debug, Args)]
 pub struct TlsArgs {
-    /// PEM certificate chain: serve wss:// and HTTPS instead of ws:// and HTTP.
+    /// PEM certificate chain: serve TLS on the role's listeners (wss://, HTTPS, gRPC) instead of
+    /// plaintext. The admin port stays plaintext.
     #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
@@ -247,6 +321,67 @@ impl TlsArgs {
             (Some(cert), Some(key)) => herald_common::tls::acceptor(cert, key, alpn).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// TLS of the broker's gRPC port, mutual when `client_ca` names a CA.
+    pub fn grpc(&self, client_ca: &ClientCaArg) -> Result<Option<ServerTls>, TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => ServerTls::load(cert, key, client_ca.tls_client_ca.as_deref()).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClientCaArg {
+    /// PEM CA certificate(s): every gRPC caller of the broker (gateways, publishers, backends)
+    /// must present a certificate signed by one (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// How a gateway reaches its brokers.
+#[derive(Debug, Args)]
+pub struct BrokerLinkArgs {
+    /// PEM CA certificate(s) the brokers' certificates must chain to: reach brokers over TLS only.
+    #[arg(long, env = "HERALD_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM certificate chain presented to brokers that require client certificates
+    /// (--tls-client-ca on the broker). Needs --broker-ca.
+    #[arg(long, env = "HERALD_BROKER_CERT", requires_all = ["broker_key", "broker_ca"])]
+    pub broker_cert: Option<PathBuf>,
+    /// PEM private key of --broker-cert.
+    #[arg(long, env = "HERALD_BROKER_KEY", requires = "broker_cert")]
+    pub broker_key: Option<PathBuf>,
+    /// The name the brokers' certificates are checked against (default: each address's host).
+    #[arg(long, env = "HERALD_BROKER_TLS_NAME", requires = "broker_ca")]
+    pub broker_tls_name: Option<String>,
+    /// Send the API key over plaintext to brokers that are not on this machine.
+    #[arg(long, env = "HERALD_ALLOW_PLAINTEXT_SECRETS")]
+    pub allow_plaintext_secrets: bool,
+}
+
+impl BrokerLinkArgs {
+    /// How to call the brokers, presenting `api_key`; fails when a TLS file is wrong.
+    pub fn remote_options(&self, api_key: Option<&str>) -> Result<RemoteOptions, TlsError> {
+        let tls = match &self.broker_ca {
+            Some(ca) => {
+                let identity = self.broker_cert.as_deref().zip(self.broker_key.as_deref());
+                let files = ClientTls::load(ca, identity)?;
+                Some(BrokerTls {
+                    ca_pem: files.authority.pem,
+                    identity: files.identity.map(|identity| (identity.cert_pem, identity.key_pem)),
+                    server_name: self.broker_tls_name.clone(),
+                })
+            }
+            None => None,
+        };
+        Ok(RemoteOptions {
+            api_key: api_key.map(str::to_owned),
+            tls,
+            allow_plaintext_key: self.allow_plaintext_secrets,
+            ..RemoteOptions::default()
+        })
     }
 }
 
@@ -705,7 +840,7 @@ mod tests {
         let Role::Broker(args) = Cli::parse_from(["herald", "broker", "--nats", "nats://127.0.0.1:4222"]).role else {
             panic!()
         };
-        let nats = args.cluster.nats_config(Namespaces::default()).unwrap();
+        let nats = args.cluster.nats_config(Namespaces::default()).unwrap().unwrap();
         assert_eq!((nats.bucket.as_str(), nats.lease_ttl), (nats::DEFAULT_BUCKET, nats::DEFAULT_LEASE_TTL));
     }
 }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use herald_broker::Hub;
 use herald_broker::federation::nats::{NatsConfig, NatsFederation};
 use herald_broker::server::ServerOptions;
-use herald_client::{Broker, RemoteBrokers, RemoteOptions};
+use herald_broker::tls::ServerTls;
+use herald_client::{Broker, RemoteBrokers};
 use herald_common::auth::ApiKeys;
 use herald_common::net;
 use herald_common::tls::{ALPN_HTTP, ALPN_WEBSOCKET};
@@ -19,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Component};
-use crate::cli::{BrokerArgs, BrokerOptions, HttpArgs, StandaloneArgs, WsArgs};
+use crate::cli::{BrokerArgs, BrokerLinkArgs, BrokerOptions, HttpArgs, StandaloneArgs, WsArgs};
 
 fn bind(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpListener> {
     let listener = bind_unannounced(kind, addr, reuse_port)?;
@@ -32,13 +33,25 @@ fn bind_unannounced(kind: &str, addr: SocketAddr, reuse_port: bool) -> anyhow::R
     net::bind(addr, reuse_port).with_context(|| format!("cannot listen for {kind} on {addr}"))
 }
 
-fn remote_brokers(addresses: &str, keys: &ApiKeys) -> anyhow::Result<Arc<dyn Broker>> {
-    let options = RemoteOptions { api_key: keys.outgoing().map(str::to_owned), ..RemoteOptions::default() };
+fn remote_brokers(addresses: &str, keys: &ApiKeys, link: &BrokerLinkArgs) -> anyhow::Result<Arc<dyn Broker>> {
+    let options = link.remote_options(keys.outgoing())?;
     Ok(Arc::new(RemoteBrokers::parse(addresses, &options)?))
 }
 
-fn server_options(keys: ApiKeys, broker: &BrokerOptions) -> ServerOptions {
-    ServerOptions { api_keys: keys, max_concurrent_streams: broker.max_concurrent_streams }
+/// Publishers would send their keys to this role in clear over the network.
+/// That is their side's choice (herald's own roles refuse it unless told),
+/// but the operator is told at start.
+fn warn_if_keys_travel_in_clear(keys: &ApiKeys, listeners: &[(&str, SocketAddr)], tls: bool) {
+    if !keys.is_enabled() || tls {
+        return;
+    }
+    for (what, addr) in listeners.iter().filter(|(_, addr)| !addr.ip().is_loopback()) {
+        tracing::warn!(%addr, "{what} send their API key in clear to this plaintext listener; consider --tls-cert");
+    }
+}
+
+fn server_options(keys: ApiKeys, broker: &BrokerOptions, tls: Option<ServerTls>) -> ServerOptions {
+    ServerOptions { api_keys: keys, max_concurrent_streams: broker.max_concurrent_streams, tls }
 }
 
 /// Serves the admin endpoints until `stop`, in the background.
@@ -59,9 +72,11 @@ async fn stop_admin(stop: CancellationToken, admin: tokio::task::JoinHandle<()>)
 
 pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("gRPC publishers", args.listen)])?;
+    let tls = args.tls.grpc(&args.client_ca)?;
+    warn_if_keys_travel_in_clear(&keys, &[("gRPC publishers", args.listen)], tls.is_some());
     let namespaces = args.namespaces.namespaces()?;
     let limits = args.content.hub_limits(&args.broker, namespaces.clone(), herald_broker::hub::DEFAULT_STARTUP_GRACE);
-    let hub = match args.cluster.nats_config(namespaces) {
+    let hub = match args.cluster.nats_config(namespaces)? {
         Some(config) => {
             let config = NatsConfig { dedup_window: args.broker.dedup_window, events: limits.events.clone(), ..config };
             let (federation, notices) = NatsFederation::join(config).await?;
@@ -75,12 +90,12 @@ pub async fn broker(args: BrokerArgs, shutdown: CancellationToken) -> anyhow::Re
     let listener = bind("broker", args.listen, false)?;
     let admin_stop = CancellationToken::new();
     let admin = spawn_admin(args.admin_listen, vec![Component::Broker(hub.clone())], admin_stop.clone())?;
-    herald_broker::server::serve(listener, hub, server_options(keys, &args.broker), shutdown).await?;
+    herald_broker::server::serve(listener, hub, server_options(keys, &args.broker, tls), shutdown).await?;
     stop_admin(admin_stop, admin).await
 }
 
 pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let broker = remote_brokers(&args.brokers, &args.key.keys()?)?;
+    let broker = remote_brokers(&args.brokers, &args.key.keys()?, &args.link)?;
     let tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let gateway = Gateway::new(args.ws.gateway_config(args.namespaces.namespaces()?)?)?;
     let listener = bind_unannounced("ws", args.listen, args.reuse_port)?;
@@ -104,8 +119,9 @@ pub async fn ws(args: WsArgs, shutdown: CancellationToken) -> anyhow::Result<()>
 
 pub async fn http(args: HttpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let keys = args.auth.keys_for(&[("HTTP publishers", args.listen)])?;
-    let broker = remote_brokers(&args.brokers, &keys)?;
+    let broker = remote_brokers(&args.brokers, &keys, &args.link)?;
     let tls = args.tls.acceptor(ALPN_HTTP)?;
+    warn_if_keys_travel_in_clear(&keys, &[("HTTP publishers", args.listen)], tls.is_some());
     let http = HttpGateway::new(args.content.http_config(&args.http, keys), broker);
     let listener = bind("http", args.listen, false)?;
     let admin_stop = CancellationToken::new();
@@ -129,6 +145,9 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let http = HttpGateway::new(args.content.http_config(&args.http, keys.clone()), local.clone());
     let ws_tls = args.tls.acceptor(ALPN_WEBSOCKET)?;
     let http_tls = args.tls.acceptor(ALPN_HTTP)?;
+    let grpc_tls = args.tls.grpc(&args.client_ca)?;
+    let listeners = [("gRPC publishers", args.broker_listen), ("HTTP publishers", args.http_listen)];
+    warn_if_keys_travel_in_clear(&keys, &listeners, grpc_tls.is_some());
 
     let broker_listener = bind("broker", args.broker_listen, false)?;
     let ws_listener = bind("ws", args.ws_listen, false)?;
@@ -140,7 +159,7 @@ pub async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> an
     let admin = spawn_admin(args.admin_listen, components, admin_stop.clone())?;
 
     let broker_stop = CancellationToken::new();
-    let options = server_options(keys, &args.broker);
+    let options = server_options(keys, &args.broker, grpc_tls);
     let broker = tokio::spawn(herald_broker::server::serve(broker_listener, hub, options, broker_stop.clone()));
     let gateways = async {
         let (ws, ()) = tokio::join!(

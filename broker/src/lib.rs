@@ -24,6 +24,7 @@ mod metrics;
 pub mod route;
 pub mod server;
 mod service;
+pub mod tls;
 
 pub use error::{CommandError, CommandErrorKind, PublishError};
 pub use hub::{Hub, HubLimits};

@@ -39,6 +39,9 @@ pub struct BrokerMetrics {
     pub claims_refused: Counter,
     /// Calls refused for a missing or wrong API key.
     pub auth_failures: Counter,
+    /// TLS handshakes on the gRPC port that failed (no or a wrong client
+    /// certificate, plaintext, a timeout).
+    pub tls_handshake_failures: Counter,
     /// Publishes whose idempotency key was already accepted (not routed again).
     pub duplicates: Counter,
     /// Idempotency keys forgotten before their window ended, for room.
@@ -159,6 +162,11 @@ impl BrokerMetrics {
             "herald_broker_auth_failures_total",
             "Calls refused for a missing or wrong API key.",
             &self.auth_failures,
+        );
+        out.counter(
+            "herald_broker_tls_handshake_failures_total",
+            "TLS handshakes on the gRPC port that failed: no or an untrusted client certificate, plaintext, a timeout.",
+            &self.tls_handshake_failures,
         );
         out.counter(
             "herald_broker_publish_duplicates_total",

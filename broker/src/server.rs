@@ -1,7 +1,8 @@
 //! The broker's gRPC server: `herald.v1.BrokerService`, server reflection (v1
 //! and v1alpha, so any `grpcurl` works without the `.proto`) and the standard
 //! `grpc.health.v1` service. Reflection and health stay open when API keys
-//! are required, so probes and discovery need no secret.
+//! are required, so probes and discovery need no secret. With TLS
+//! configured the port speaks only TLS ([`crate::tls`]).
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::hub::Hub;
 use crate::service::{Authorize, BrokerGrpc};
+use crate::tls::ServerTls;
 
 /// Why the gRPC server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub struct ServerOptions {
     pub api_keys: ApiKeys,
     /// Most concurrent calls (streams) on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// Serve TLS (and require client certificates, when mutual) instead of
+    /// plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 /// Most concurrent calls on one HTTP/2 connection, by default.
@@ -47,7 +52,7 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { api_keys: ApiKeys::default(), max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS }
+        Self { api_keys: ApiKeys::default(), max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS, tls: None }
     }
 }
 
@@ -76,7 +81,7 @@ pub async fn serve(
         Authorize::new(options.api_keys, hub.clone()),
     );
     let stopped = shutdown.clone();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
+    let handshakes_hub = hub.clone();
     let drain = async move {
         // The health status follows readiness (a clustered broker without
         // NATS is NOT_SERVING), so publishers' probes move elsewhere.
@@ -101,15 +106,23 @@ pub async fn serve(
         health.set_not_serving::<BrokerServiceServer<BrokerGrpc>>().await;
         hub.shut_down();
     };
-    let server = Server::builder()
+    let router = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(broker)
-        .serve_with_incoming_shutdown(incoming, drain);
+        .add_service(broker);
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match options.tls
+    {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener, handshakes_hub), drain)),
+        None => {
+            let incoming =
+                TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(30)));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, drain))
+        }
+    };
     // A caller that keeps a stream open (a reflection stream, a backend
     // that ignores the end of its calls) cannot hold the broker up for good.
     let overdue = async {

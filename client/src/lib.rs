@@ -25,7 +25,7 @@ use herald_proto::v1::{
 use tokio_stream::Stream;
 use tonic::Status;
 
-pub use crate::remote::{AddressError, RemoteBrokers, RemoteOptions};
+pub use crate::remote::{AddressError, BrokerTls, RemoteBrokers, RemoteOptions, describe};
 
 /// A broker, in this process or across the network.
 #[async_trait]

@@ -5,6 +5,11 @@
 //! [`Remote::failover`]. The API key is added to every call by an
 //! interceptor. Single publishes are coalesced into batches ([`coalesce`]).
 //!
+//! A link is TLS when [`RemoteOptions::tls`] is set (then every address is
+//! `https://`), optionally presenting a client certificate. The API key is
+//! never sent in clear to a broker off this machine unless the caller
+//! allows it ([`RemoteOptions::allow_plaintext_key`]).
+//!
 //! [`coalesce`]: crate::coalesce
 
 use std::future::Future;
@@ -22,7 +27,7 @@ use herald_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -59,6 +64,28 @@ pub enum AddressError {
     Invalid { address: String, reason: String },
     #[error("the API key cannot be sent as gRPC metadata")]
     BadApiKey,
+    #[error(
+        "refusing to send the API key in clear to broker {address}, which is not on this machine: \
+         give the broker TLS (--tls-cert) and this role its CA (--broker-ca), or allow it with \
+         --allow-plaintext-secrets"
+    )]
+    PlaintextKey { address: String },
+    #[error("broker address {address:?} is plaintext (http://) but TLS to brokers is configured")]
+    PlaintextWithTls { address: String },
+    #[error("broker address {address:?} is https:// but no CA is configured to check it (--broker-ca)")]
+    TlsWithoutCa { address: String },
+}
+
+/// TLS to brokers, as PEM (read and checked by the caller).
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    /// CA certificates the brokers' certificates must chain to.
+    pub ca_pem: Vec<u8>,
+    /// A certificate chain and key presented to brokers that ask for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the brokers' certificates are checked against, instead of
+    /// each address's host.
+    pub server_name: Option<String>,
 }
 
 /// How to call a remote broker.
@@ -68,11 +95,21 @@ pub struct RemoteOptions {
     pub request_timeout: Duration,
     /// Presented as `authorization: Bearer <key>` on every call.
     pub api_key: Option<String>,
+    /// TLS to every broker, when set.
+    pub tls: Option<BrokerTls>,
+    /// Send the API key over plaintext to brokers off this machine.
+    pub allow_plaintext_key: bool,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        Self { connect_timeout: DEFAULT_CONNECT_TIMEOUT, request_timeout: DEFAULT_REQUEST_TIMEOUT, api_key: None }
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            api_key: None,
+            tls: None,
+            allow_plaintext_key: false,
+        }
     }
 }
 
@@ -98,15 +135,15 @@ struct Address {
 }
 
 impl RemoteBrokers {
-    /// Parses a comma-separated list of `host:port` (or `http://host:port`)
-    /// addresses. Connections are made lazily, on first use.
+    /// Parses a comma-separated list of `host:port` (or `http://host:port`,
+    /// `https://host:port`) addresses. Connections are made lazily, on first
+    /// use.
     pub fn parse(addresses: &str, options: &RemoteOptions) -> Result<Self, AddressError> {
         let api_key = ApiKey::new(options.api_key.as_deref()).map_err(|_| AddressError::BadApiKey)?;
         let mut brokers = Vec::new();
         for address in addresses.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| AddressError::Invalid { address: address.to_owned(), reason: e.to_string() })?
+            let endpoint = endpoint(address, options)?;
+            let endpoint = endpoint
                 .connect_timeout(options.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
@@ -131,6 +168,37 @@ impl RemoteBrokers {
             }),
         })
     }
+}
+
+/// The endpoint of one broker address, with TLS when configured; refuses a
+/// plaintext link that would carry the API key off this machine.
+fn endpoint(address: &str, options: &RemoteOptions) -> Result<Endpoint, AddressError> {
+    let invalid = |reason: String| AddressError::Invalid { address: address.to_owned(), reason };
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let uri = if address.contains("://") { address.to_owned() } else { format!("{scheme}://{address}") };
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    let secure = endpoint.uri().scheme_str() == Some("https");
+    let Some(tls) = &options.tls else {
+        if secure {
+            return Err(AddressError::TlsWithoutCa { address: address.to_owned() });
+        }
+        let host = endpoint.uri().host().unwrap_or_default();
+        if options.api_key.is_some() && !options.allow_plaintext_key && !herald_common::net::is_loopback_host(host) {
+            return Err(AddressError::PlaintextKey { address: address.to_owned() });
+        }
+        return Ok(endpoint);
+    };
+    if !secure {
+        return Err(AddressError::PlaintextWithTls { address: address.to_owned() });
+    }
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(name) = &tls.server_name {
+        config = config.domain_name(name.clone());
+    }
+    endpoint.tls_config(config).map_err(|e| invalid(describe_error(&e)))
 }
 
 impl Remote {
@@ -222,10 +290,16 @@ impl Publisher for Remote {
 }
 
 /// A status's message and the errors beneath it (for a transport failure,
-/// the OS error), on one line.
-fn describe(status: &Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
+/// the OS or TLS error), on one line.
+pub fn describe(status: &Status) -> String {
+    with_causes(status.message().to_owned(), std::error::Error::source(status))
+}
+
+fn describe_error(error: &(dyn std::error::Error + 'static)) -> String {
+    with_causes(error.to_string(), error.source())
+}
+
+fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = source {
         let cause = e.to_string();
         if !text.contains(&cause) {
@@ -368,6 +442,31 @@ mod tests {
 
     fn order(brokers: &RemoteBrokers) -> Vec<String> {
         brokers.inner.rotation().map(|(_, b)| b.address.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_api_key_goes_in_clear_only_to_this_machine_unless_allowed() {
+        let keyed = RemoteOptions { api_key: Some("k".repeat(20)), ..RemoteOptions::default() };
+        for local in ["127.0.0.1:2206", "localhost:2206", "[::1]:2206", "http://127.0.0.2:2206"] {
+            assert!(RemoteBrokers::parse(local, &keyed).is_ok(), "{local}");
+        }
+        for remote in ["10.0.0.7:2206", "broker.internal:2206", "127.0.0.1:2206,192.0.2.1:2206"] {
+            let refused = RemoteBrokers::parse(remote, &keyed).err().expect("refused");
+            assert!(matches!(refused, AddressError::PlaintextKey { .. }), "{remote}: {refused}");
+            let allowed = RemoteOptions { allow_plaintext_key: true, ..keyed.clone() };
+            assert!(RemoteBrokers::parse(remote, &allowed).is_ok(), "{remote}");
+        }
+        assert!(RemoteBrokers::parse("10.0.0.7:2206", &RemoteOptions::default()).is_ok(), "no key, nothing to leak");
+    }
+
+    #[tokio::test]
+    async fn tls_and_plaintext_addresses_do_not_mix() {
+        let refused = RemoteBrokers::parse("https://10.0.0.7:2206", &RemoteOptions::default()).err();
+        assert!(matches!(refused, Some(AddressError::TlsWithoutCa { .. })), "{refused:?}");
+        let tls = BrokerTls { ca_pem: Vec::new(), identity: None, server_name: None };
+        let with_tls = RemoteOptions { tls: Some(tls), ..RemoteOptions::default() };
+        let refused = RemoteBrokers::parse("http://10.0.0.7:2206", &with_tls).err();
+        assert!(matches!(refused, Some(AddressError::PlaintextWithTls { .. })), "{refused:?}");
     }
 
     #[tokio::test]

@@ -87,6 +87,14 @@ fn parse_open_files(limits: &str) -> Option<usize> {
     if soft == "unlimited" { Some(usize::MAX) } else { soft.parse().ok() }
 }
 
+/// Whether `host` (as in a URL; an IPv6 address may be bracketed) names this
+/// machine: `localhost` or a loopback address. Any other name could resolve
+/// anywhere.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,13 @@
-//! TLS for the public listeners (`wss://` and HTTPS), with rustls and the
-//! `ring` provider: a PEM certificate chain and private key make an acceptor.
+//! TLS with rustls and the `ring` provider, from PEM files: acceptors for
+//! the public listeners (`wss://` and HTTPS), and the files of the links
+//! between roles (gRPC to a broker, NATS), read and checked here at start-up
+//! so that a wrong file is named in one clear line, never found out at the
+//! first connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::ServerConfig;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -16,6 +19,8 @@ pub enum TlsError {
     Certificate { path: PathBuf, reason: String },
     #[error("TLS private key {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error("TLS CA certificate {path}: {reason}")]
+    Authority { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -27,22 +32,112 @@ pub const ALPN_WEBSOCKET: &[&[u8]] = &[b"http/1.1"];
 
 /// Builds an acceptor from PEM files, offering `alpn`.
 pub fn acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
-    let bad_cert = |reason: String| TlsError::Certificate { path: cert.to_owned(), reason };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad_cert(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad_cert(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(bad_cert("no certificate in the file".into()));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key { path: key.to_owned(), reason: e.to_string() })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let (chain, key) = Identity::load(cert, key)?.into_parts();
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its private key, read from PEM files.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The files as read, for libraries that take PEM.
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl Identity {
+    /// Reads both files and checks that the key is the certificate's.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let bad_cert = |reason: String| TlsError::Certificate { path: cert.to_owned(), reason };
+        let cert_pem = std::fs::read(cert).map_err(|e| bad_cert(e.to_string()))?;
+        let chain = certificates(&cert_pem).map_err(bad_cert)?;
+        let bad_key = |reason: String| TlsError::Key { path: key.to_owned(), reason };
+        let key_pem = std::fs::read(key).map_err(|e| bad_key(e.to_string()))?;
+        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| bad_key(e.to_string()))?;
+        let signing =
+            provider().key_provider.load_private_key(private.clone_key()).map_err(|e| bad_key(e.to_string()))?;
+        // A provider that cannot tell a key's public half says Unknown:
+        // only a proven mismatch is refused.
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match()
+        {
+            return Err(bad_key(format!("is not the key of the certificate in {}", cert.display())));
+        }
+        Ok(Identity { chain, key: private, cert_pem, key_pem })
+    }
+
+    /// The certificate chain and the key, for a rustls configuration.
+    pub fn into_parts(self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.chain, self.key)
+    }
+}
+
+/// CA certificates that peers' certificates must chain to, read from a PEM file.
+pub struct Authority {
+    roots: RootCertStore,
+    /// The file as read, for libraries that take PEM.
+    pub pem: Vec<u8>,
+}
+
+impl Authority {
+    pub fn load(path: &Path) -> Result<Self, TlsError> {
+        let bad = |reason: String| TlsError::Authority { path: path.to_owned(), reason };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let mut roots = RootCertStore::empty();
+        for cert in certificates(&pem).map_err(bad)? {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(Authority { roots, pem })
+    }
+
+    /// The trusted certificates.
+    pub fn roots(&self) -> RootCertStore {
+        self.roots.clone()
+    }
+}
+
+/// How a role reaches a TLS server it depends on (a broker, NATS): the CA
+/// it trusts, and the certificate it presents when the server asks for one.
+pub struct ClientTls {
+    pub authority: Authority,
+    pub identity: Option<Identity>,
+}
+
+impl ClientTls {
+    pub fn load(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, TlsError> {
+        Ok(ClientTls {
+            authority: Authority::load(ca)?,
+            identity: identity.map(|(cert, key)| Identity::load(cert, key)).transpose()?,
+        })
+    }
+
+    /// A rustls client configuration trusting only the authority.
+    pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.authority.roots.clone());
+        Ok(match &self.identity {
+            Some(identity) => builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?,
+            None => builder.with_no_client_auth(),
+        })
+    }
+}
+
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(chain)
 }
 
 #[cfg(test)]

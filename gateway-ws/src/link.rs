@@ -88,9 +88,9 @@ pub(crate) async fn run(
         }
         let delay = backoff.next_delay();
         if failures == 0 {
-            tracing::warn!(code = ?status.code(), reason = status.message(), "no broker session; retrying with backoff");
+            tracing::warn!(code = ?status.code(), reason = herald_client::describe(&status), "no broker session; retrying with backoff");
         } else {
-            tracing::debug!(code = ?status.code(), reason = status.message(), retry_in = ?delay, failures, "still no broker session");
+            tracing::debug!(code = ?status.code(), reason = herald_client::describe(&status), retry_in = ?delay, failures, "still no broker session");
         }
         failures += 1;
         tokio::select! {

@@ -275,6 +275,11 @@ impl Hub {
         self.shared.metrics.auth_failures.inc();
     }
 
+    /// Counts failed TLS handshakes on the gRPC port.
+    pub fn count_tls_handshake_failure(&self) {
+        self.shared.metrics.tls_handshake_failures.inc();
+    }
+
     /// Whether [`Self::shut_down`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.read().shutting_down

@@ -14,6 +14,9 @@
 //!   calls reach the broker whose backends serve them ([`calls`]).
 //! - While NATS is unreachable the broker is not ready: publishes and
 //!   subscriptions are refused with `UNAVAILABLE`, never half-done.
+//! - The link to NATS may be TLS ([`NatsAccess::tls`]) and carry credentials;
+//!   a password or token is never sent in clear off this machine unless
+//!   allowed ([`NatsAccess::allow_plaintext_secrets`]).
 
 mod bus;
 mod calls;
@@ -92,6 +95,75 @@ pub struct NatsConfig {
     pub history_storage: HistoryStorage,
     /// How connection events are kept for consumer groups.
     pub events: LogConfig,
+    /// TLS and credentials of the connection.
+    pub access: NatsAccess,
+}
+
+/// How the broker proves itself to NATS, and over what.
+#[derive(Clone, Default)]
+pub struct NatsAccess {
+    /// TLS with this configuration, required of every server.
+    pub tls: Option<rustls::ClientConfig>,
+    pub credentials: NatsCredentials,
+    /// Send a password or token in clear to a server off this machine.
+    pub allow_plaintext_secrets: bool,
+}
+
+impl std::fmt::Debug for NatsAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAccess")
+            .field("tls", &self.tls.is_some())
+            .field("credentials", &self.credentials)
+            .field("allow_plaintext_secrets", &self.allow_plaintext_secrets)
+            .finish()
+    }
+}
+
+/// The credentials presented to NATS.
+#[derive(Clone, Default)]
+pub enum NatsCredentials {
+    /// None (or those in the URLs).
+    #[default]
+    None,
+    /// The text of a `.creds` file (a user JWT and its NKey seed: the seed
+    /// only signs the server's challenge, and never leaves the broker).
+    Creds(String),
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatsCredentials::None => "None",
+            NatsCredentials::Creds(_) => "Creds(..)",
+            NatsCredentials::UserPassword { .. } => "UserPassword(..)",
+            NatsCredentials::Token(_) => "Token(..)",
+        })
+    }
+}
+
+impl NatsCredentials {
+    /// Whether these are sent to the server as they are (not a signature).
+    fn sent_in_clear(&self) -> bool {
+        matches!(self, NatsCredentials::UserPassword { .. } | NatsCredentials::Token(_))
+    }
+
+    fn apply(&self, options: ConnectOptions) -> Result<ConnectOptions, JoinError> {
+        Ok(match self {
+            NatsCredentials::None => options,
+            NatsCredentials::Creds(text) => {
+                options.credentials(text).map_err(|e| JoinError::BadCredentials(e.to_string()))?
+            }
+            NatsCredentials::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            NatsCredentials::Token(token) => options.token(token.clone()),
+        })
+    }
 }
 
 impl NatsConfig {
@@ -107,6 +179,7 @@ impl NatsConfig {
             namespaces: Namespaces::default(),
             history_storage: HistoryStorage::File,
             events: LogConfig::default(),
+            access: NatsAccess::default(),
         }
     }
 }
@@ -118,6 +191,13 @@ pub enum JoinError {
     BadUrl { url: String, reason: String },
     #[error("connecting to NATS: {0}")]
     Connect(String),
+    #[error("NATS credentials: {0}")]
+    BadCredentials(String),
+    #[error(
+        "refusing to send the NATS password or token in clear to {url}, which is not on this machine: \
+         use TLS (--nats-ca, or a tls:// URL), or allow it with --allow-plaintext-secrets"
+    )]
+    PlaintextSecret { url: String },
     #[error("NATS server {found} at {urls} is too old: herald's cluster mode needs NATS {}.{} or newer (JetStream key-value)", MIN_NATS_VERSION.0, MIN_NATS_VERSION.1)]
     TooOld { found: String, urls: String },
 }
@@ -164,11 +244,16 @@ impl NatsFederation {
         if addrs.is_empty() {
             return Err(JoinError::BadUrl { url: config.urls.clone(), reason: "no URL".into() });
         }
+        check_secrets_are_safe(&addrs, &config.access)?;
         // Counts (re)connections: consumers made before one are gone after
         // a NATS restart, and are made again from where they stopped.
         let connections = Arc::new(AtomicU64::new(0));
         let counted = connections.clone();
-        let client = ConnectOptions::new()
+        let mut options = config.access.credentials.apply(ConnectOptions::new())?;
+        if let Some(tls) = &config.access.tls {
+            options = options.require_tls(true).tls_client_config(tls.clone());
+        }
+        let client = options
             .name(format!("herald-broker-{broker_id}"))
             .no_echo()
             .retry_on_initial_connect()
@@ -279,6 +364,21 @@ fn client_version(jetstream: &async_nats::jetstream::Context) -> String {
 }
 
 /// Logs one event of the NATS connection, once, at the level it deserves.
+/// Refuses a plaintext link to a server off this machine that would carry a
+/// password or a token (given as credentials or in the URL).
+fn check_secrets_are_safe(addrs: &[ServerAddr], access: &NatsAccess) -> Result<(), JoinError> {
+    if access.allow_plaintext_secrets || access.tls.is_some() {
+        return Ok(());
+    }
+    for addr in addrs {
+        let secret = access.credentials.sent_in_clear() || addr.has_user_pass();
+        if secret && !addr.tls_required() && !herald_common::net::is_loopback_host(addr.host()) {
+            return Err(JoinError::PlaintextSecret { url: format!("{}:{}", addr.host(), addr.port()) });
+        }
+    }
+    Ok(())
+}
+
 fn log_event(event: &async_nats::Event) {
     match event {
         async_nats::Event::Connected => tracing::info!("connected to NATS"),
@@ -430,5 +530,24 @@ mod tests {
         for (version, ok) in [("2.9.10", false), ("2.10.0", true), ("2.15.1", true), ("3.0.0", true), ("1.4", false)] {
             assert_eq!(supported(version), ok, "{version}");
         }
+    }
+
+    #[test]
+    fn a_password_or_token_goes_in_clear_only_to_this_machine_unless_allowed() {
+        let addrs = |url: &str| vec![url.parse::<ServerAddr>().expect("a URL")];
+        let token = NatsAccess { credentials: NatsCredentials::Token("t".into()), ..NatsAccess::default() };
+        assert!(check_secrets_are_safe(&addrs("nats://127.0.0.1:4222"), &token).is_ok());
+        assert!(check_secrets_are_safe(&addrs("tls://10.0.0.7:4222"), &token).is_ok(), "tls:// is TLS");
+        let refused = check_secrets_are_safe(&addrs("nats://10.0.0.7:4222"), &token);
+        assert!(matches!(refused, Err(JoinError::PlaintextSecret { .. })), "{refused:?}");
+        let in_url = check_secrets_are_safe(&addrs("nats://u:p@10.0.0.7:4222"), &NatsAccess::default());
+        assert!(matches!(in_url, Err(JoinError::PlaintextSecret { .. })), "{in_url:?}");
+        let allowed = NatsAccess { allow_plaintext_secrets: true, ..token };
+        assert!(check_secrets_are_safe(&addrs("nats://10.0.0.7:4222"), &allowed).is_ok());
+        let creds = NatsAccess { credentials: NatsCredentials::Creds(String::new()), ..NatsAccess::default() };
+        assert!(
+            check_secrets_are_safe(&addrs("nats://10.0.0.7:4222"), &creds).is_ok(),
+            "a signature reveals no secret"
+        );
     }
 }
