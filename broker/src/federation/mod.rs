@@ -39,6 +39,10 @@ pub enum Notice {
     Undecodable,
     /// A lease this broker held was taken over: end the session holding it.
     WorkerLost { worker_id: String, same_instance: bool },
+    /// A lease this broker holds could not be renewed, and is about to
+    /// lapse: end the session holding it, so that its gateway claims the id
+    /// again (through a broker that reaches the cluster).
+    LeaseLapsing { worker_id: String },
     /// Another broker asks something of this one's gateways.
     Ask { ask: Ask, reply: oneshot::Sender<Answer> },
     /// Another broker hands over a call that a backend of this one serves.

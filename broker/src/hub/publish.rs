@@ -299,6 +299,16 @@ impl Hub {
                     self.end_session(&sink, status);
                 }
             }
+            Notice::LeaseLapsing { worker_id } => {
+                let holder = self.read().index.holder(&worker_id).cloned();
+                if let Some(sink) = holder {
+                    let status = Status::unavailable(format!(
+                        "worker id {worker_id:?}: this broker cannot renew its lease (the cluster is unreachable); \
+                         claim it again"
+                    ));
+                    self.end_session(&sink, status);
+                }
+            }
         }
     }
 

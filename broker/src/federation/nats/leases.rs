@@ -4,7 +4,13 @@
 //! A lease is a key (the worker id) whose value names the holding gateway
 //! instance, the broker serving it and when the lease runs out. The broker
 //! renews its leases well before they run out; a broker that dies stops
-//! renewing, so its leases lapse and the ids become free again. Every change
+//! renewing, so its leases lapse and the ids become free again.
+//!
+//! A broker cut off from NATS cannot renew, yet its gateways stay linked to
+//! it. So a lease is also fenced here ([`fence_leases`]): shortly before the
+//! expiry it last wrote, a broker that could not renew ends the session
+//! holding it, by its own clock and without asking NATS. When another broker
+//! may take the id over, nobody holds it any more. Every change
 //! is made with compare-and-set on the key's revision, so two brokers cannot
 //! both win. Every broker watches the bucket to answer "is this worker held?"
 //! without a round trip. [`maintain_leases`] keeps the bucket open, through
@@ -56,12 +62,20 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A lease this broker holds, as last written.
+#[derive(Debug, Clone)]
+struct Held {
+    instance_id: String,
+    revision: u64,
+    expires_at_ms: u64,
+}
+
 /// This broker's leases and its view of everyone's.
 pub struct Leases {
     broker_id: String,
     ttl: Duration,
-    /// Leases this broker holds: worker id → (instance id, revision).
-    held: Mutex<HashMap<String, (String, u64)>>,
+    /// Leases this broker holds, by worker id.
+    held: Mutex<HashMap<String, Held>>,
     /// Every lease in the bucket, as last seen by the watch.
     seen: RwLock<HashMap<String, Lease>>,
 }
@@ -140,10 +154,7 @@ impl Leases {
                 },
             };
             if let Some(revision) = written {
-                self.held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(worker_id.to_owned(), (instance_id.to_owned(), revision));
+                self.hold(worker_id, &lease, revision);
                 self.seen.write().unwrap_or_else(PoisonError::into_inner).insert(worker_id.to_owned(), lease);
                 return Ok(());
             }
@@ -151,10 +162,15 @@ impl Leases {
         Err(ClaimError::Unavailable(format!("lease on {worker_id:?} kept changing under us")))
     }
 
+    fn hold(&self, worker_id: &str, lease: &Lease, revision: u64) {
+        let held = Held { instance_id: lease.instance_id.clone(), revision, expires_at_ms: lease.expires_at_ms };
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).insert(worker_id.to_owned(), held);
+    }
+
     /// Gives up this broker's lease on `worker_id`, if it still holds it.
     pub async fn release(&self, store: &Store, worker_id: &str) {
         let held = self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(worker_id);
-        if let Some((_, revision)) = held
+        if let Some(Held { revision, .. }) = held
             && let Err(e) = store.delete_expect_revision(worker_id, Some(revision)).await
         {
             tracing::debug!(worker_id, error = %e, "lease not released (it lapses on its own)");
@@ -164,19 +180,22 @@ impl Leases {
     /// Renews every lease this broker holds. A lease found taken over is
     /// reported as lost, so its local session can be ended.
     pub async fn renew(&self, store: &Store, notices: &mpsc::Sender<Notice>) {
-        let held: Vec<(String, (String, u64))> = self
+        let held: Vec<(String, Held)> = self
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (worker_id, (instance_id, revision)) in held {
+        for (worker_id, Held { instance_id, revision, .. }) in held {
             let lease = self.lease(&instance_id);
             match store.update(&worker_id, lease.encode(), revision).await {
                 Ok(new_revision) => {
+                    // Unless it was fenced meanwhile: then its session is
+                    // already being ended, and the written lease lapses.
                     if let Some(entry) = self.held.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&worker_id) {
-                        entry.1 = new_revision;
+                        entry.revision = new_revision;
+                        entry.expires_at_ms = lease.expires_at_ms;
                     }
                 }
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
@@ -208,10 +227,7 @@ impl Leases {
             _ => store.create(worker_id, lease.encode()).await.ok(),
         };
         if let Some(revision) = retaken {
-            self.held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(worker_id.to_owned(), (instance_id.to_owned(), revision));
+            self.hold(worker_id, &lease, revision);
             return;
         }
         self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(worker_id);
@@ -242,6 +258,50 @@ impl Leases {
     /// How often leases are renewed.
     pub fn renew_interval(&self) -> Duration {
         self.ttl / 3
+    }
+
+    /// How long before its written expiry an unrenewed lease is given up:
+    /// time to end the session, and for the brokers' clocks to differ.
+    fn fence_margin(&self) -> Duration {
+        (self.ttl / 5).max(FENCE_MARGIN_FLOOR)
+    }
+
+    /// Gives up the leases whose renewal is overdue (they expire within the
+    /// fence margin) and returns their worker ids.
+    fn fence_overdue(&self, now_ms: u64) -> Vec<String> {
+        let margin_ms = u64::try_from(self.fence_margin().as_millis()).unwrap_or(u64::MAX);
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let overdue: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| h.expires_at_ms.saturating_sub(margin_ms) <= now_ms)
+            .map(|(worker_id, _)| worker_id.clone())
+            .collect();
+        for worker_id in &overdue {
+            held.remove(worker_id);
+        }
+        overdue
+    }
+}
+
+/// The least time an unrenewed lease is given up before its expiry.
+const FENCE_MARGIN_FLOOR: Duration = Duration::from_millis(200);
+/// How often the fence looks at the held leases.
+const FENCE_CHECK: Duration = Duration::from_millis(100);
+
+/// Ends the session of every lease this broker could not renew in time
+/// (see the module's doc), until `stop`. It runs apart from the renewals,
+/// which may hang on a NATS that does not answer.
+pub(super) async fn fence_leases(leases: Arc<Leases>, notices: mpsc::Sender<Notice>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(FENCE_CHECK);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for worker_id in leases.fence_overdue(now_ms()) {
+            tracing::warn!(worker_id, "worker-id lease not renewed in time (NATS unreachable?): ending its session");
+            let _ = notices.send(Notice::LeaseLapsing { worker_id }).await;
+        }
     }
 }
 
@@ -331,6 +391,19 @@ mod tests {
         for garbage in [&b""[..], b"i1 b1", b"i1 b1 x", b"i1 b1 1 extra", b"\xff"] {
             assert_eq!(Lease::decode(garbage), None);
         }
+    }
+
+    #[test]
+    fn an_unrenewed_lease_is_fenced_before_it_expires_and_only_then() {
+        let leases = Leases::new("b".into(), Duration::from_secs(10));
+        let lease = Lease { instance_id: "i".into(), broker_id: "b".into(), expires_at_ms: 100_000 };
+        leases.hold("w", &lease, 1);
+        assert!(leases.fence_overdue(97_999).is_empty(), "renewals have until the margin (2 s) before expiry");
+        assert_eq!(leases.fence_overdue(98_000), ["w"], "then the lease is given up, before anyone may take it");
+        assert!(leases.fence_overdue(200_000).is_empty(), "once");
+        let short = Leases::new("b".into(), Duration::from_millis(500));
+        short.hold("w", &lease, 1);
+        assert_eq!(short.fence_overdue(99_800), ["w"], "the margin has a floor");
     }
 
     #[test]

@@ -46,7 +46,7 @@ use self::calls::CallRouter;
 use self::dedup::Dedup;
 use self::events::{EventsConfig, JetStreamEvents};
 use self::history::{HistoryConfig, HistoryStorage, JetStreamHistory};
-use self::leases::{Leases, maintain_leases};
+use self::leases::{Leases, fence_leases, maintain_leases};
 use crate::backends::LogConfig;
 use crate::backends::calls::CallFailure;
 use crate::backends::log::EventLog;
@@ -322,6 +322,7 @@ impl NatsFederation {
         ));
         tokio::spawn(events.clone().watch(stop.clone()));
         let calls = CallRouter::new(client.clone(), config.subject_prefix.clone(), notices_tx.clone(), stop.clone());
+        tokio::spawn(fence_leases(leases.clone(), notices_tx.clone(), stop.clone()));
         tokio::spawn(maintain_leases(
             client.clone(),
             config.clone(),
