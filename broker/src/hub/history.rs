@@ -33,12 +33,16 @@ impl Hub {
             return Ok(self.publish_to_memory(event, rule).await);
         };
         let content = event.content.unwrap_or_default();
-        let position = shared
+        let (position, duplicate) = shared
             .append(&event.channel, rule, &content, key)
             .await
             .map_err(|e| PublishError::HistoryUnavailable(e.0))?;
-        self.shared.metrics.history_appends.inc();
-        Ok(PublishResponse { subscribers: 0, forwarded: true, duplicate: false, position: Some(position) })
+        if duplicate {
+            self.shared.metrics.duplicates.inc();
+        } else {
+            self.shared.metrics.history_appends.inc();
+        }
+        Ok(PublishResponse { subscribers: 0, forwarded: !duplicate, duplicate, position: Some(position) })
     }
 
     /// Stores `event` in this broker's memory and delivers it to the local

@@ -56,7 +56,13 @@ impl Hub {
         };
         let key = std::mem::take(&mut req.idempotency_key);
         if !key.is_empty() {
-            match self.first_use(&key).await.inspect_err(|e| metrics.publish_rejected(e))? {
+            // A publication stored in the cluster's history carries its key
+            // as its JetStream message id, and the stream stores it once: it
+            // is a duplicate only if it was stored. A key recorded apart,
+            // before the store, could outlive a store that failed (say, as
+            // NATS restarted) and turn every retry away as a duplicate.
+            let cluster_wide = history.is_none() || self.federation().history().is_none();
+            match self.first_use(&key, cluster_wide).await.inspect_err(|e| metrics.publish_rejected(e))? {
                 Seen::New => {}
                 Seen::Routed => {
                     metrics.duplicates.inc();
@@ -163,10 +169,10 @@ impl Hub {
         Ok(self.deliver(listeners, event).await)
     }
 
-    /// Records an idempotency key, here and with the federation. A key that
-    /// another broker recorded counts as routed: only this broker knows
-    /// whether its own publishes are still on their way.
-    async fn first_use(&self, key: &str) -> Result<Seen, PublishError> {
+    /// Records an idempotency key here and, when `cluster_wide`, with the
+    /// federation. A key that another broker recorded counts as routed: only
+    /// this broker knows whether its own publishes are still on their way.
+    async fn first_use(&self, key: &str, cluster_wide: bool) -> Result<Seen, PublishError> {
         let (seen, evicted) = self
             .shared
             .recent
@@ -174,7 +180,7 @@ impl Hub {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, tokio::time::Instant::now().into_std());
         self.shared.metrics.dedup_evicted.add(evicted);
-        if seen != Seen::New {
+        if seen != Seen::New || !cluster_wide {
             return Ok(seen);
         }
         match self.federation().first_use(key).await {

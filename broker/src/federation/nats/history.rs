@@ -148,16 +148,17 @@ impl JetStreamHistory {
         Self { context, config, tails: Mutex::default(), streams: Mutex::default() }
     }
 
-    /// Stores `content` as `channel`'s next publication. A publish retried
-    /// with the same idempotency `key` (within JetStream's duplicate
-    /// window) is stored once: its first position is returned.
+    /// Stores `content` as `channel`'s next publication, and says whether it
+    /// was a duplicate. A publish retried with the same idempotency `key`
+    /// (within JetStream's duplicate window) is stored once: its first
+    /// position is returned.
     pub async fn append(
         &self,
         channel: &str,
         rule: &HistoryRule,
         content: &Content,
         key: &str,
-    ) -> Result<StreamPosition, FederationError> {
+    ) -> Result<(StreamPosition, bool), FederationError> {
         let subject = self.subject(channel)?;
         let payload = bytes::Bytes::from(content.encode_to_vec());
         // One append at a time per channel on this broker (other brokers'
@@ -188,11 +189,11 @@ impl JetStreamHistory {
             match acked {
                 Ok(ack) if ack.duplicate => {
                     *tail = None;
-                    return self.position_at(channel, rule, ack.sequence).await;
+                    return Ok((self.position_at(channel, rule, ack.sequence).await?, true));
                 }
                 Ok(ack) => {
                     *tail = Some(Tail { sequence: ack.sequence, offset, epoch: epoch.clone() });
-                    return Ok(StreamPosition { offset, epoch });
+                    return Ok((StreamPosition { offset, epoch }, false));
                 }
                 // Another broker appended meanwhile, or the channel expired.
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => *tail = None,
