@@ -20,6 +20,7 @@
 
 mod bus;
 mod calls;
+mod confirm;
 mod dedup;
 pub mod events;
 pub mod history;
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::bus::Change;
 use self::calls::CallRouter;
+use self::confirm::{Confirmations, confirm_forwards};
 use self::dedup::Dedup;
 use self::events::{EventsConfig, JetStreamEvents};
 use self::history::{HistoryConfig, HistoryStorage, JetStreamHistory};
@@ -221,6 +223,7 @@ pub struct NatsFederation {
     history: Option<JetStreamHistory>,
     events: Arc<JetStreamEvents>,
     calls: CallRouter,
+    confirmations: Arc<Confirmations>,
     stop: CancellationToken,
 }
 
@@ -249,6 +252,8 @@ impl NatsFederation {
         // a NATS restart, and are made again from where they stopped.
         let connections = Arc::new(AtomicU64::new(0));
         let counted = connections.clone();
+        let confirmations = Arc::new(Confirmations::default());
+        let on_loss = confirmations.clone();
         let mut options = config.access.credentials.apply(ConnectOptions::new())?;
         if let Some(tls) = &config.access.tls {
             options = options.require_tls(true).tls_client_config(tls.clone());
@@ -264,10 +269,14 @@ impl NatsFederation {
                 Duration::from_millis(100).saturating_mul(1 << attempts.min(5)).min(Duration::from_secs(2))
             })
             .event_callback(move |event| {
-                let counted = counted.clone();
+                let (counted, on_loss) = (counted.clone(), on_loss.clone());
                 async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        counted.fetch_add(1, Ordering::Relaxed);
+                    match event {
+                        async_nats::Event::Connected => {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        async_nats::Event::Disconnected => on_loss.connection_lost(),
+                        _ => {}
                     }
                     log_event(&event);
                 }
@@ -323,6 +332,7 @@ impl NatsFederation {
         tokio::spawn(events.clone().watch(stop.clone()));
         let calls = CallRouter::new(client.clone(), config.subject_prefix.clone(), notices_tx.clone(), stop.clone());
         tokio::spawn(fence_leases(leases.clone(), notices_tx.clone(), stop.clone()));
+        tokio::spawn(confirm_forwards(client.clone(), confirmations.clone(), stop.clone()));
         tokio::spawn(maintain_leases(
             client.clone(),
             config.clone(),
@@ -344,6 +354,7 @@ impl NatsFederation {
             history,
             events,
             calls,
+            confirmations,
             stop,
         };
         Ok((federation, notices_rx))
@@ -407,7 +418,9 @@ impl Federation for NatsFederation {
         let subject = bus::subject(&self.subject_prefix, &event.channel);
         let payload = event.encode_to_vec().into();
         Some(Box::pin(async move {
-            self.client.publish(subject, payload).await.map_err(|e| FederationError(e.to_string()))
+            self.client.publish(subject, payload).await.map_err(|e| FederationError(e.to_string()))?;
+            self.confirmations.forwarded();
+            Ok(())
         }))
     }
 
@@ -518,6 +531,12 @@ impl Federation for NatsFederation {
             "herald_broker_cluster_ready",
             "1 while connected to NATS with the lease bucket at hand.",
             i64::from(self.is_ready()),
+        );
+        out.counter(
+            "herald_broker_cluster_forwards_unconfirmed_total",
+            "Events forwarded to other brokers that NATS had not confirmed receiving when the connection to it was \
+             lost: each may have been lost with it (an upper bound).",
+            self.confirmations.unconfirmed(),
         );
     }
 }
