@@ -180,9 +180,15 @@ impl Gateway {
         let mut link = tokio::spawn(link::run(shared.clone(), broker, link_stop.clone()));
         let heartbeat = tokio::spawn(heartbeat(shared.clone()));
         let expiry = tokio::spawn(expire_tokens(shared.clone()));
+        // Clients are taken once the claim of the worker id is settled, so
+        // that a gateway whose claim is refused never greets one with an id
+        // that another gateway holds.
+        let mut settled = shared.claim_settled.subscribe();
+        let mut claimed = false;
         let result = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
+                () = async { drop(settled.wait_for(|s| *s).await) }, if !claimed => claimed = true,
                 ended = &mut link => {
                     let _ = shared.close_reason.set(CloseReason::WorkerIdLost);
                     break match ended {
@@ -190,7 +196,7 @@ impl Gateway {
                         Ok(Ok(())) | Err(_) => Ok(()),
                     };
                 }
-                accepted = listener.accept() => match accepted {
+                accepted = listener.accept(), if claimed => match accepted {
                     Ok((stream, peer)) => match herald_common::net::connection_slot() {
                         Some(slot) => {
                             connections.spawn(connection::serve(stream, peer, tls.clone(), shared.clone(), closing.clone(), slot));

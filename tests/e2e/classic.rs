@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{Client, Herald, curl, encode, get, post, wait_until};
@@ -224,6 +225,45 @@ async fn a_second_gateway_claiming_a_live_worker_id_is_refused_and_exits() {
     assert_eq!(get(&url).body, "ok");
     assert_eq!(client.recv_text().await, "still-mine");
     assert_eq!(broker.metric("herald_broker_worker_claims_refused_total"), 1.0);
+}
+
+/// A gateway takes clients only once its worker id is its own: one whose
+/// claim is refused never greets a client with an id another gateway
+/// holds, however early the client knocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_refused_its_worker_id_never_greets_a_client() {
+    let broker = Herald::broker(&[]);
+    let b = broker.address("broker");
+    let _first = Herald::ws(&b, &["--worker-id", "gw-1"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let url = format!("ws://127.0.0.1:{port}/");
+    let knocking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let knocker = {
+        let (url, knocking) = (url.clone(), knocking.clone());
+        tokio::spawn(async move {
+            let (mut attempts, mut greeted) = (0u32, Vec::new());
+            while knocking.load(std::sync::atomic::Ordering::Relaxed) {
+                attempts += 1;
+                let attempt = tokio::time::timeout(Duration::from_millis(200), tokio_tungstenite::connect_async(&url));
+                if let Ok(Ok((mut ws, _))) = attempt.await
+                    && let Ok(Some(Ok(greeting))) = tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+                {
+                    greeted.push(greeting.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (attempts, greeted)
+        })
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["ws", "--listen", &listen, "--admin-listen", "127.0.0.1:0", "--broker", &b, "--worker-id", "gw-1"];
+    let mut second = Herald::start(&args, &["admin"]);
+    let status = tokio::task::block_in_place(|| second.wait_exit(Duration::from_secs(10)));
+    assert!(!status.success(), "the duplicate gateway exits");
+    knocking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (attempts, greeted) = knocker.await.expect("the knocker");
+    assert!(attempts > 1, "clients knocked while the refused gateway ran");
+    assert!(greeted.is_empty(), "a refused gateway greeted clients: {greeted:?}");
 }
 
 #[tokio::test]
