@@ -3,13 +3,11 @@
 //! stream, with no gap and no duplicate at the seam, or is told plainly that
 //! it cannot; also when the gateway it was on is killed mid-stream.
 
-use std::time::Duration;
-
-use herald_proto::v1::target;
 use serde_json::{Value, json};
 
+use crate::follower::{Follower, publish_numbers, seen};
 use crate::protocol_client::ProtocolClient;
-use crate::support::{Cluster, Herald, PATIENCE, get, grpc_client, post, text_publish};
+use crate::support::{Cluster, Herald, PATIENCE, get, grpc_client, post};
 
 /// `feed:` keeps 100 publications for a minute; `tiny:` keeps 3; `chat:`
 /// keeps none.
@@ -27,13 +25,6 @@ fn publish(herald: &Herald, channel: &str, text: &str) -> Value {
     let reply = post(&format!("{}/v1/publish", herald.http_url()), &body);
     assert_eq!(reply.status, 200, "{}", reply.body);
     reply.json()
-}
-
-/// The text and offset of a publication push.
-fn seen(push: &Value) -> (String, u64) {
-    let publication = &push["publication"];
-    let text = publication["content"]["text"].as_str().unwrap_or_else(|| panic!("a publication: {push}"));
-    (text.to_owned(), publication["offset"].as_u64().expect("an offset"))
 }
 
 fn texts(publications: &Value) -> Vec<String> {
@@ -143,99 +134,6 @@ async fn what_a_channel_no_longer_holds_cannot_be_recovered_and_history_is_read_
     let request = herald_proto::v1::HistoryRequest { channel: "feed:none".into(), since: None, limit: 5 };
     let answer = grpc.history(request).await.expect("a history read").into_inner();
     assert_eq!((answer.publications.len(), answer.position.map(|p| p.offset)), (0, Some(0)));
-}
-
-/// A client following a channel with history: it counts what arrives,
-/// remembers the last position, and subscribes again with recover when its
-/// gateway tells it to, or when it moves to another gateway.
-struct Follower {
-    client: ProtocolClient,
-    channel: String,
-    received: Vec<String>,
-    position: Value,
-    /// Whether every recovery so far got everything back.
-    recovered: Vec<bool>,
-}
-
-impl Follower {
-    async fn subscribe(url: &str, channel: &str) -> Follower {
-        let mut client = ProtocolClient::connect(url).await;
-        let reply = client.call("subscribe", json!({ "channel": channel })).await;
-        let position = reply["subscribed"]["position"].clone();
-        assert!(position.is_object(), "a channel with history has a position: {reply}");
-        Follower { client, channel: channel.to_owned(), received: Vec::new(), position, recovered: Vec::new() }
-    }
-
-    /// Goes on from where it was, on a new connection to `url`.
-    async fn move_to(&mut self, url: &str) {
-        self.client = ProtocolClient::connect(url).await;
-        self.recover().await;
-    }
-
-    async fn recover(&mut self) {
-        let body = json!({ "channel": self.channel, "recover": true, "since": self.position });
-        let reply = self.client.call("subscribe", body).await;
-        let subscribed = &reply["subscribed"];
-        self.recovered.push(subscribed["recovered"] == true);
-        for publication in subscribed["publications"].as_array().into_iter().flatten() {
-            self.take(&json!({ "publication": publication }));
-        }
-        if subscribed["recovered"] != true {
-            self.position = subscribed["position"].clone();
-        }
-    }
-
-    fn take(&mut self, push: &Value) {
-        self.received.push(seen(push).0);
-        let publication = &push["publication"];
-        self.position = json!({ "offset": publication["offset"], "epoch": publication["epoch"] });
-    }
-
-    /// Reads until `count` publications arrived in all.
-    async fn follow_until(&mut self, count: usize) {
-        let deadline = tokio::time::Instant::now() + PATIENCE * 6;
-        while self.received.len() < count {
-            assert!(tokio::time::Instant::now() < deadline, "only {} of {count} arrived", self.received.len());
-            let push = self.client.push().await;
-            if push["unsubscribed"]["resubscribe"] == true {
-                self.recover().await;
-            } else {
-                self.take(&push);
-            }
-        }
-    }
-
-    /// Asserts that `1..=count` arrived, each once, in order.
-    fn assert_all(&self, count: usize) {
-        let expected: Vec<String> = (1..=count).map(|i| i.to_string()).collect();
-        let duplicates = self.received.len().saturating_sub(count);
-        assert!(
-            self.received == expected,
-            "every message once, in order: {} received, {duplicates} extra, first difference at {:?}",
-            self.received.len(),
-            self.received.iter().zip(&expected).position(|(a, b)| a != b)
-        );
-    }
-}
-
-/// Publishes `1..=count` to `channel` through `broker`, each with an
-/// idempotency key and retried until taken, a little at a time.
-fn publish_numbers(broker: String, channel: &'static str, count: usize) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut grpc = grpc_client(&broker).await;
-        for i in 1..=count {
-            let mut request = text_publish(target::Kind::Channel(channel.into()), &i.to_string());
-            request.idempotency_key = format!("{channel}-{i}");
-            let deadline = tokio::time::Instant::now() + PATIENCE * 3;
-            while let Err(status) = grpc.publish(request.clone()).await {
-                assert!(tokio::time::Instant::now() < deadline, "publish {i} refused for too long: {status}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if i % 100 == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    })
 }
 
 /// A browser's gateway dies mid-stream; it reconnects to another gateway of

@@ -21,6 +21,8 @@ mod cluster;
 mod config;
 mod conformance;
 mod directory;
+mod faults;
+mod follower;
 mod gateway;
 mod hardening;
 mod history;

@@ -74,19 +74,39 @@ impl Herald {
     }
 
     pub fn start_with_env(args: &[&str], expect: &[&str], env: &[(&str, &str)]) -> Herald {
-        Self::spawn(args, expect, env, None)
+        Self::spawn(args, expect, env, None, None)
     }
 
     /// Starts `herald <args>` with its open-files limit lowered to `limit`.
     pub fn start_with_open_files(args: &[&str], expect: &[&str], limit: u64) -> Herald {
-        Self::spawn(args, expect, &[], Some(limit))
+        Self::spawn(args, expect, &[], Some(limit), None)
     }
 
-    fn spawn(args: &[&str], expect: &[&str], env: &[(&str, &str)], open_files: Option<u64>) -> Herald {
+    /// Starts `herald <args>` inside the network namespace `netns` (a test
+    /// host, see `faults::net`), through `ip netns exec`, which becomes the
+    /// herald process itself.
+    pub fn start_in(netns: &str, args: &[&str], expect: &[&str]) -> Herald {
+        Self::spawn(args, expect, &[], None, Some(netns))
+    }
+
+    fn spawn(
+        args: &[&str],
+        expect: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+        netns: Option<&str>,
+    ) -> Herald {
         let dir = TempDir::new("log");
         let log = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&log).expect("create log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_herald")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_herald")),
+        };
         command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         command.env("RUST_LOG", std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "info".into()));
         for (k, v) in env {
@@ -647,7 +667,11 @@ pub fn broadcast(text: &str) -> herald_proto::v1::PublishRequest {
 pub struct Nats {
     child: Option<Child>,
     binary: PathBuf,
+    /// The address it listens on: loopback, or a test host's.
+    host: std::net::IpAddr,
     port: u16,
+    /// The network namespace it runs in, when on a test host.
+    netns: Option<String>,
     dir: TempDir,
 }
 
@@ -662,14 +686,30 @@ impl Nats {
     pub fn start_tool(name: &str) -> Option<Nats> {
         let binary = tool(name)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut nats = Nats { child: None, binary, port, dir: TempDir::new("nats") };
+        let host = std::net::Ipv4Addr::LOCALHOST.into();
+        let mut nats = Nats { child: None, binary, host, port, netns: None, dir: TempDir::new("nats") };
         nats.restart();
         Some(nats)
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// Starts one inside the network namespace `netns` (a test host, see
+    /// `faults::net`), listening on `host`'s NATS port.
+    pub fn start_in(netns: &str, host: std::net::Ipv4Addr) -> Option<Nats> {
+        let binary = tool("nats-server")?;
+        let netns = Some(netns.to_owned());
+        let mut nats = Nats { child: None, binary, host: host.into(), port: 4222, netns, dir: TempDir::new("nats") };
+        nats.restart();
+        Some(nats)
+    }
+
+    /// `nats://HOST:PORT`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}", self.address())
+    }
+
+    /// `HOST:PORT`.
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
     }
 
     /// Kills the server at once.
@@ -683,16 +723,24 @@ impl Nats {
     /// (Re)starts the server on the same port and store, and waits until it accepts connections.
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
+            .args(["-a", &self.host.to_string(), "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until("nats-server accepts connections", || std::net::TcpStream::connect(&addr).is_ok());
+        let addr = self.address();
+        wait_until("nats-server accepts connections", || std::net::TcpStream::connect(addr).is_ok());
     }
 }
 
