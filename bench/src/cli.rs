@@ -77,6 +77,12 @@ pub enum Scenario {
     /// commands through the gateway to a backend in the bench (`ServeCalls`) that echoes them;
     /// latency from send to reply.
     Rpc(RpcArgs),
+    /// A soak, run by hand: an hour of steady connection churn, mixed publishing (broadcast,
+    /// to connections, to client channels, to groups) and subscription and group churn; every
+    /// herald process's RSS and open descriptors sampled each minute. Fails on any message
+    /// lost, duplicated or misdelivered, or on RSS or descriptors still growing after warm-up.
+    /// Writes soak.csv and soak.svg to --out.
+    Soak(SoakArgs),
     /// A load-generator process (started by the harness itself).
     #[command(hide = true)]
     Loadgen,
@@ -493,6 +499,91 @@ pub struct RpcArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    mut_arg("standalone", |a| a.hide(true)),
+    mut_arg("runs", |a| a.hide(true)),
+    mut_arg("duration", |a| a.default_value("1h").help("How long the soak churns and publishes: 1h, 10m, 90s"))
+)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Start a broker and WebSocket gateways instead of one `herald standalone` process
+    /// (implied by --brokers above 1 and by --gateways).
+    #[arg(long)]
+    pub split: bool,
+    /// Standing connections, held for the whole soak: half classic raw clients, half speaking
+    /// herald.json.v1 and subscribed to every soak channel.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections opened per second, at a steady pace; each is closed --hold after it opened,
+    /// so once the first ones close as many close per second.
+    #[arg(long, default_value_t = 20.0)]
+    pub churn_rate: f64,
+    /// How long each churned connection stays open. Half speak herald.json.v1 (subscribed to a
+    /// soak channel, then moved to another half-way); each joins a group by a gRPC Control.
+    #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
+    pub hold: Duration,
+    /// Messages published per second (gRPC PublishBatch, one publisher), shared out as --mix says.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Shares of the publishes by target: broadcast, connection (a random standing or churned
+    /// connection), channel (a soak client channel), group (a soak group of churned connections).
+    #[arg(long, default_value = "broadcast=10,connection=50,channel=30,group=10", value_parser = parse_mix)]
+    pub mix: Mix,
+    /// Client channels (`bench:soak-<i>`) the publishes and subscriptions go round.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub channels: u32,
+    /// Groups (`soak-<i>`) the churned connections join and leave.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub groups: u32,
+    /// Payload size in bytes (the header `seq:stamp:target:` is padded to it).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// How often every herald process's RSS and open descriptors are read.
+    #[arg(long, default_value = "1m", value_parser = herald_common::duration::parse)]
+    pub sample_every: Duration,
+    /// The start of the soak left out of the flatness verdict: caches, pools and allocator
+    /// arenas fill up first.
+    #[arg(long, default_value = "5m", value_parser = herald_common::duration::parse)]
+    pub warmup: Duration,
+    /// Where soak.csv and soak.svg are written (created if missing).
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// How long to wait for the standing connections' last deliveries after publishing stops.
+    #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
+    pub drain: Duration,
+}
+
+/// How the soak's publishes are shared out between kinds of target (relative weights).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    pub broadcast: u32,
+    pub connection: u32,
+    pub channel: u32,
+    pub group: u32,
+}
+
+fn parse_mix(s: &str) -> Result<Mix, String> {
+    let mut mix = Mix { broadcast: 0, connection: 0, channel: 0, group: 0 };
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kind, weight) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected kind=weight"))?;
+        let weight: u32 = weight.trim().parse().map_err(|_| format!("{part:?}: the weight is not a whole number"))?;
+        let slot = match kind.trim() {
+            "broadcast" => &mut mix.broadcast,
+            "connection" => &mut mix.connection,
+            "channel" => &mut mix.channel,
+            "group" => &mut mix.group,
+            other => return Err(format!("{other:?}: expected broadcast, connection, channel or group")),
+        };
+        *slot = weight;
+    }
+    if mix.broadcast + mix.connection + mix.channel + mix.group == 0 {
+        return Err("every weight is 0: nothing to publish".into());
+    }
+    Ok(mix)
+}
+
+#[derive(Debug, Args)]
 pub struct RecoverArgs {
     #[command(flatten)]
     pub common: Common,
@@ -646,6 +737,22 @@ mod tests {
         assert_eq!((args.rate, args.connections, args.backends), (vec![500.0, 1000.0], 100, 1));
         assert!(Cli::try_parse_from(["herald-bench", "events", "--ack-batch", "10001"]).is_err());
         assert!(Cli::try_parse_from(["herald-bench", "events", "--max-unacked", "100001"]).is_err());
+    }
+
+    #[test]
+    fn the_soak_defaults_to_an_hour_sampled_each_minute() {
+        let cli = Cli::try_parse_from(["herald-bench", "soak"]).unwrap();
+        let Scenario::Soak(args) = cli.scenario else { panic!("not soak") };
+        assert_eq!(args.common.duration, Duration::from_secs(3600));
+        assert_eq!((args.sample_every, args.warmup), (Duration::from_secs(60), Duration::from_secs(300)));
+        assert_eq!(args.mix, Mix { broadcast: 10, connection: 50, channel: 30, group: 10 });
+        let cli = Cli::try_parse_from(["herald-bench", "soak", "--duration", "2m", "--mix", "channel=1"]).unwrap();
+        let Scenario::Soak(args) = cli.scenario else { panic!("not soak") };
+        assert_eq!(args.common.duration, Duration::from_secs(120));
+        assert_eq!(args.mix, Mix { broadcast: 0, connection: 0, channel: 1, group: 0 });
+        assert!(parse_mix("broadcast=0").is_err());
+        assert!(parse_mix("users=1").is_err());
+        assert!(parse_mix("broadcast").is_err());
     }
 
     #[test]

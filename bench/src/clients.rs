@@ -462,6 +462,11 @@ impl Writer {
     pub async fn command(&self, json: &str) -> std::io::Result<()> {
         self.write(&text_frame(json.as_bytes())).await
     }
+
+    /// Sends a close frame with code 1000 (normal closure).
+    pub async fn close(&self) -> std::io::Result<()> {
+        self.write(&control_frame(OP_CLOSE, &1000u16.to_be_bytes())).await
+    }
 }
 
 /// The read half of a split client.

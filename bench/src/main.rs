@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p herald-bench -- <scenario> [options]`, the scenarios being
 //! fanout, targeted, idle, publish, floor, users-idle, user, group, channel, history,
-//! recover, query, churn, subscribe, events, connects and rpc;
+//! recover, query, churn, subscribe, events, connects, rpc and soak (an hour, by hand);
 //! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
 
 mod cli;

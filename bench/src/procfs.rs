@@ -1,5 +1,5 @@
-//! Resource use read from `/proc`: a process's resident memory (VmRSS) and
-//! CPU time, and the whole machine's busy time, turned into CPU percentages
+//! Resource use read from `/proc`: a process's resident memory (VmRSS), open
+//! descriptors and CPU time, and the whole machine's busy time, turned into CPU percentages
 //! over a measured interval.
 
 use std::time::Instant;
@@ -14,6 +14,12 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS for process {pid}"))
+}
+
+/// Open descriptors of `pid`: the entries of `/proc/<pid>/fd`.
+pub fn open_fds(pid: u32) -> anyhow::Result<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("process {pid}"))?;
+    Ok(entries.count() as u64)
 }
 
 /// User plus system CPU time of `pid`, in clock ticks.

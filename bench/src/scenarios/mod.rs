@@ -14,6 +14,7 @@ mod publish;
 mod query;
 mod recover;
 mod rpc;
+mod soak;
 mod subscribe;
 mod user;
 mod users_idle;
@@ -55,6 +56,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Events(args) => events::run(&args).await,
         Scenario::Connects(args) => connects::run(&args).await,
         Scenario::Rpc(args) => rpc::run(&args).await,
+        Scenario::Soak(args) => soak::run(&args).await,
         Scenario::Loadgen => bail!("loadgen is not a scenario"),
     }
 }
