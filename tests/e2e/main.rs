@@ -28,6 +28,6 @@ mod hardening;
 mod history;
 mod operability;
 mod protocol_client;
-mod tls;
+pub mod tls;
 
 mod tools;

@@ -116,14 +116,14 @@ fn a_missing_key_file_stops_the_start_with_its_name() {
 }
 
 /// A test CA, the certificates it signs, and a second CA that nobody trusts.
-struct Pki {
+pub struct Pki {
     dir: TempDir,
     ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     stranger: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn generate() -> Pki {
         let authority = |name: &str| {
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -136,15 +136,22 @@ impl Pki {
         pki
     }
 
-    fn path(&self, name: &str) -> String {
+    pub fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
 
     /// Issues `<name>.pem` and `<name>-key.pem` for 127.0.0.1, valid from
     /// `from` until `until` (years), signed by the trusted CA or the stranger.
-    fn issue(&self, name: &str, trusted: bool, (from, until): (i32, i32)) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("parameters");
+    fn issue(&self, name: &str, trusted: bool, validity: (i32, i32)) -> (String, String) {
+        self.issue_for(name, &["127.0.0.1", "localhost"], trusted, validity)
+    }
+
+    /// Issues `<name>.pem` and `<name>-key.pem` for the names and addresses
+    /// `hosts`, valid from `from` until `until` (years), signed by the
+    /// trusted CA or the stranger.
+    pub fn issue_for(&self, name: &str, hosts: &[&str], trusted: bool, (from, until): (i32, i32)) -> (String, String) {
+        let hosts = hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>();
+        let mut params = rcgen::CertificateParams::new(hosts).expect("parameters");
         params.distinguished_name.push(rcgen::DnType::CommonName, name);
         params.not_before = rcgen::date_time_ymd(from, 1, 1);
         params.not_after = rcgen::date_time_ymd(until, 1, 1);
@@ -197,7 +204,7 @@ async fn gateways_and_publishers_with_trusted_certificates_reach_a_mutual_tls_br
     if tool("grpcurl").is_none() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let broker = mutual_tls_broker(&pki);
     let brokers = broker.address("broker");
     let gateway = Herald::ws(&brokers, &strs(&link_args(&pki, &pki.valid("gateway"))));
@@ -220,7 +227,7 @@ async fn a_mutual_tls_broker_refuses_callers_without_a_trusted_and_current_certi
     if tool("grpcurl").is_none() {
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let broker = mutual_tls_broker(&pki);
     let brokers = broker.address("broker");
     let request = r#"{"target":{"broadcast":{}},"content":{"text":"refused"}}"#;
@@ -254,7 +261,7 @@ async fn a_mutual_tls_broker_refuses_callers_without_a_trusted_and_current_certi
 /// a closed connection; the broker's log and metrics say why.
 #[tokio::test]
 async fn a_gateway_with_an_untrusted_or_expired_certificate_never_links_and_the_broker_says_why() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let broker = mutual_tls_broker(&pki);
     let cases =
         [("stranger", false, (2020, 2090), "UnknownIssuer"), ("expired", true, (2020, 2021), "certificate expired")];
@@ -283,7 +290,7 @@ fn refused_start(args: &[&str]) -> String {
 
 #[test]
 fn wrong_tls_files_stop_the_start_naming_the_file_and_the_fault() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let (cert, key) = pki.valid("broker");
     let (_, other_key) = pki.valid("other");
     let garbage = pki.path("garbage.pem");
@@ -392,7 +399,7 @@ impl Drop for TlsNats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_reach_nats_over_mutual_tls_with_a_password_and_not_without() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let Some(nats) = TlsNats::start(&pki) else { return };
     let url = nats.url();
     let (cert, key) = pki.valid("broker-to-nats");

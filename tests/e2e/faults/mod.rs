@@ -1,6 +1,7 @@
 //! Faults across real hosts: herald's roles run in network namespaces joined
 //! by veth pairs (each a host with its own address), and the tests break the
-//! network between them: partitions, packet loss, added latency, restarts.
+//! network between them: partitions, packet loss, added latency, restarts;
+//! and the secrets that cross it only over TLS.
 //! Each scenario writes down what it sent and what was lost, duplicated or
 //! misdelivered ([`Outcome`]), the figures of BENCHMARKS.md's "faults" table.
 //!
@@ -15,6 +16,7 @@ pub mod net;
 mod partitions;
 pub mod proxy;
 mod restarts;
+mod secure;
 
 /// What one fault scenario delivered.
 #[derive(Debug)]
