@@ -82,16 +82,7 @@ async fn a_flood_through_2_percent_loss_and_jittery_broker_links_arrives_whole()
 
     let follower = following.await.expect("the follower");
     follower.assert_all(HISTORY_PUBLICATIONS as usize);
-    let mut deliveries = Vec::new();
-    let mut recovery = Duration::ZERO;
-    for tally in tallies {
-        let tally = tally.await.expect("a client's tally");
-        let delivery = tally.check(&published);
-        println!("client {} on {}: {delivery}", tally.connection_id, tally.worker_id);
-        delivery.assert_sound();
-        recovery = recovery.max(delivery.recovery_after(&published, fault_ended));
-        deliveries.push(delivery);
-    }
+    let (deliveries, recovery) = traffic::check_all(tallies, &published, fault_ended, |_| true).await;
     let outcome =
         traffic::outcome("2% loss, 50±20 ms broker links, flood", &deliveries, HISTORY_PUBLICATIONS, recovery);
     outcome.record();

@@ -57,18 +57,8 @@ async fn a_gateway_cut_off_from_its_broker_for_5s_catches_up_without_loss() {
 
     let follower = following.await.expect("the follower");
     follower.assert_all(TICKS as usize);
-    let mut deliveries = Vec::new();
-    let mut recovery = Duration::ZERO;
-    for tally in tallies {
-        let tally = tally.await.expect("a client's tally");
-        let delivery = tally.check(&published);
-        println!("client {} on {}: {delivery}", tally.connection_id, tally.worker_id);
-        delivery.assert_sound();
-        if tally.worker_id == cut.worker_id() {
-            recovery = recovery.max(delivery.recovery_after(&published, healed));
-        }
-        deliveries.push(delivery);
-    }
+    let (deliveries, recovery) =
+        traffic::check_all(tallies, &published, healed, |tally| tally.worker_id == cut.worker_id()).await;
     let outcome = traffic::outcome("gateway-broker partition 5s", &deliveries, TICKS, recovery);
     outcome.record();
     let disconnects = cut.metric("herald_ws_broker_disconnects_total");
@@ -145,18 +135,7 @@ async fn a_broker_cut_off_from_nats_keeps_its_gateways_worker_id_and_no_rival_ta
     assert!(linked(&holder) && watch.rival_samples == 0, "the holder keeps its id: {watch}");
     let follower = following.await.expect("the follower");
     follower.assert_all(TICKS as usize);
-    let mut deliveries = Vec::new();
-    let mut recovery = Duration::ZERO;
-    for tally in tallies {
-        let tally = tally.await.expect("a client's tally");
-        let delivery = tally.check(&published);
-        println!("client {} on {}: {delivery}", tally.connection_id, tally.worker_id);
-        delivery.assert_sound();
-        if tally.worker_id == HELD {
-            recovery = delivery.recovery_after(&published, healed);
-        }
-        deliveries.push(delivery);
-    }
+    let (deliveries, recovery) = traffic::check_all(tallies, &published, healed, |tally| tally.worker_id == HELD).await;
     let outcome = traffic::outcome("broker-NATS partition 6s", &deliveries, TICKS, recovery);
     outcome.record();
     let forwarded = healthy.metric("herald_broker_cluster_events_forwarded_total");
@@ -589,6 +568,30 @@ pub(super) mod traffic {
     /// One scenario's outcome: every client's deliveries, the history
     /// channel's `history` messages (checked whole by its followers), and
     /// the recovery time measured.
+    /// Checks every client's delivery (each sound: nothing duplicated,
+    /// reordered or misdelivered), printing it, and returns them with the
+    /// longest recovery since `fault_ended` among the clients `watched` picks.
+    pub async fn check_all(
+        tallies: impl IntoIterator<Item = tokio::task::JoinHandle<Tally>>,
+        published: &Published,
+        fault_ended: Instant,
+        watched: impl Fn(&Tally) -> bool,
+    ) -> (Vec<Delivery>, Duration) {
+        let mut deliveries = Vec::new();
+        let mut recovery = Duration::ZERO;
+        for tally in tallies {
+            let tally = tally.await.expect("a client's tally");
+            let delivery = tally.check(published);
+            println!("client {} on {}: {delivery}", tally.connection_id, tally.worker_id);
+            delivery.assert_sound();
+            if watched(&tally) {
+                recovery = recovery.max(delivery.recovery_after(published, fault_ended));
+            }
+            deliveries.push(delivery);
+        }
+        (deliveries, recovery)
+    }
+
     pub fn outcome(scenario: &'static str, deliveries: &[Delivery], history: u64, recovery: Duration) -> Outcome {
         let sum = |field: fn(&Delivery) -> u64| deliveries.iter().map(field).sum::<u64>();
         Outcome {
