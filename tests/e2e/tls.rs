@@ -133,6 +133,7 @@ impl Pki {
         };
         let pki = Pki { dir: TempDir::new("pki"), ca: authority("herald test CA"), stranger: authority("stranger CA") };
         std::fs::write(pki.dir.path().join("ca.pem"), pki.ca.pem()).expect("write the CA");
+        std::fs::write(pki.dir.path().join("stranger-ca.pem"), pki.stranger.pem()).expect("write the stranger CA");
         pki
     }
 
@@ -277,6 +278,24 @@ async fn a_gateway_with_an_untrusted_or_expired_certificate_never_links_and_the_
         assert_eq!(gateway.metric("herald_ws_broker_linked"), 0.0);
     }
     assert!(broker.metric("herald_broker_tls_handshake_failures_total") >= 2.0);
+    assert_eq!(broker.metric("herald_broker_sessions"), 0.0);
+}
+
+/// The other way round: a gateway that does not trust the CA of the
+/// broker's certificate refuses the broker, and says so itself.
+#[tokio::test]
+async fn a_gateway_refuses_a_broker_whose_certificate_its_ca_did_not_sign() {
+    let pki = Pki::generate();
+    let broker = mutual_tls_broker(&pki);
+    let (cert, key) = pki.valid("gateway");
+    let brokers = broker.address("broker");
+    let stranger_ca = pki.path("stranger-ca.pem");
+    let link = ["--broker-ca", &stranger_ca, "--broker-cert", &cert, "--broker-key", &key];
+    let mut args = vec!["ws", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--broker", &brokers];
+    args.extend(link);
+    let gateway = Herald::start(&args, &["admin"]);
+    wait_until("the gateway says why it has no broker", || gateway.log_text().contains("UnknownIssuer"));
+    assert_eq!(gateway.metric("herald_ws_broker_linked"), 0.0);
     assert_eq!(broker.metric("herald_broker_sessions"), 0.0);
 }
 
