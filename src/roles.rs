@@ -51,6 +51,9 @@ fn warn_if_keys_travel_in_clear(keys: &ApiKeys, listeners: &[(&str, SocketAddr)]
 }
 
 fn server_options(keys: ApiKeys, broker: &BrokerOptions, tls: Option<ServerTls>) -> ServerOptions {
+    if let Some(tls) = &tls {
+        tracing::info!(client_certificates_required = tls.is_mutual(), "the broker's gRPC port serves TLS");
+    }
     ServerOptions { api_keys: keys, max_concurrent_streams: broker.max_concurrent_streams, tls }
 }
 
