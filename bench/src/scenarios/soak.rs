@@ -70,6 +70,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// Time between a churned connection's leaving (no message is expected after
 /// it) and its close, for what was published just before to arrive.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long a churned connection waits for the last message it must get on
+/// a channel before it unsubscribes.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(2);
 /// The shortest `--hold`: time to settle, a second of traffic, the grace.
 const MIN_HOLD: Duration = Duration::from_secs(4);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -689,9 +692,13 @@ impl Session<'_> {
             tokio::time::sleep_until(self.opened + churn.hold / 2).await;
             let name = &churn.channels[from_channel];
             let to = traffic.channels[from_channel].load(Ordering::SeqCst);
-            self.expected.push((message::channel_label(name), from..to));
-            // What it must get must reach herald before it unsubscribes.
+            let label = message::channel_label(name);
+            self.expected.push((label.clone(), from..to));
+            // What it must get must reach it before it unsubscribes: herald's
+            // answer to a publish means the broker routed it, and the
+            // unsubscribe, going straight to the gateway, could overtake it.
             traffic.answered().await;
+            self.arrived(&label, from..to).await;
             self.commands.change(name, false).await?;
             churn.stats.subscription_changes.fetch_add(1, Ordering::SeqCst);
             channel = Some(self.subscribe((from_channel + 1) % churn.channels.len()).await?);
@@ -738,6 +745,18 @@ impl Session<'_> {
     /// asking for them: they may come before the answer does).
     fn accept(&self, label: String) {
         self.received.lock().unwrap_or_else(|e| e.into_inner()).accept(label);
+    }
+
+    /// Waits (at most [`ARRIVAL_WAIT`]) until the last of `expected` on
+    /// `label` has arrived; what has not by then is counted lost at the end.
+    async fn arrived(&self, label: &str, expected: Range<u64>) {
+        let Some(last) = expected.end.checked_sub(1).filter(|last| *last >= expected.start) else { return };
+        let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+        while !self.received.lock().unwrap_or_else(|e| e.into_inner()).has(label, last)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -844,6 +863,10 @@ impl Received {
     fn new(address: &str) -> Self {
         let streams = vec![(message::BROADCAST.to_owned(), HashSet::new()), (address.to_owned(), HashSet::new())];
         Self { streams, delivered: 0, duplicated: 0, misdelivered: 0 }
+    }
+
+    fn has(&self, label: &str, seq: u64) -> bool {
+        self.streams.iter().any(|(l, seen)| l == label && seen.contains(&seq))
     }
 
     fn accept(&mut self, label: String) {
