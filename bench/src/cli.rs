@@ -523,7 +523,7 @@ pub struct SoakArgs {
     /// soak channel, then moved to another half-way); each joins a group by a gRPC Control.
     #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
     pub hold: Duration,
-    /// Messages published per second (gRPC PublishBatch, one publisher), shared out as --mix says.
+    /// Messages published per second (unary gRPC Publish, one at a time), shared out as --mix says.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
     /// Shares of the publishes by target: broadcast, connection (a random standing or churned

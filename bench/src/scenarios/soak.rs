@@ -15,7 +15,7 @@
 //!   channel on opening, moved to the next one half-way (unsubscribe, then
 //!   subscribe). Each joins a group (`soak-<i>`) by a gRPC Control once settled;
 //!   half leave it by Control before closing, the others by closing;
-//! - one publisher sends `--rate` messages per second (gRPC `PublishBatch`), to
+//! - one publisher sends `--rate` messages per second (unary gRPC `Publish`, one at a time), to
 //!   targets drawn as `--mix` says: everyone, a standing or settled churned
 //!   connection, a soak channel, a soak group.
 //!
