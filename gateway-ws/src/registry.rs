@@ -133,17 +133,29 @@ struct State {
 /// delivery to them needs one lookup.
 type Members = HashMap<u64, Arc<Outbox>>;
 
+/// One connection in the directory. Most connections are anonymous and in
+/// no group, channel or data: what they are is boxed apart, and absent for
+/// them, so that the map of every connection stays small.
 #[derive(Debug)]
 struct Entry {
     outbox: Arc<Outbox>,
-    user: Option<Arc<str>>,
-    groups: Vec<Arc<str>>,
-    data: BTreeMap<String, String>,
-    channels: Vec<Arc<str>>,
+    profile: Option<Box<Profile>>,
     /// Taken out of the directory already (closed by a control, or its
     /// token expired) while its task finishes.
     detached: bool,
 }
+
+/// Who a connection is and what it is in.
+#[derive(Debug, Default)]
+struct Profile {
+    user: Option<Arc<str>>,
+    groups: Vec<Arc<str>>,
+    data: BTreeMap<String, String>,
+    channels: Vec<Arc<str>>,
+}
+
+/// The profile of a connection that has none.
+static ANONYMOUS: Profile = Profile { user: None, groups: Vec::new(), data: BTreeMap::new(), channels: Vec::new() };
 
 /// The first connection id of a gateway process: its start time in
 /// milliseconds, times 1000. Ids then count up by one, so a gateway that
@@ -187,9 +199,10 @@ impl Registry {
     pub fn register(&self, outbox: Arc<Outbox>, identity: &Identity) -> (u64, Option<u64>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = self.write();
-        let user = identity.user_id.as_deref().map(Arc::from);
-        let mut entry =
-            Entry { outbox, user, groups: Vec::new(), data: BTreeMap::new(), channels: Vec::new(), detached: false };
+        let mut entry = Entry { outbox, profile: None, detached: false };
+        if let Some(user) = identity.user_id.as_deref() {
+            entry.profile_mut().user = Some(Arc::from(user));
+        }
         entry.join(&identity.groups);
         state.index(id, &entry);
         if let Some(expires_at) = identity.expires_at {
@@ -246,7 +259,7 @@ impl Registry {
 
     /// The user id of connection `id`, if it has one.
     pub fn user_of(&self, id: u64) -> Option<Arc<str>> {
-        self.read().connections.get(&id).and_then(|e| e.user.clone())
+        self.read().connections.get(&id).and_then(|e| e.profile().user.clone())
     }
 
     /// The outbox of connection `id`, while it is open.
@@ -256,7 +269,7 @@ impl Registry {
 
     /// The client channels connection `id` is subscribed to.
     pub fn channels_of(&self, id: u64) -> Vec<Arc<str>> {
-        self.read().connections.get(&id).map(|e| e.channels.clone()).unwrap_or_default()
+        self.read().connections.get(&id).map(|e| e.profile().channels.clone()).unwrap_or_default()
     }
 
     /// Moves connection `id`'s token expiry (a refreshed token) from
@@ -300,16 +313,18 @@ impl Registry {
             return Err(SubscriptionError::GatewayFull);
         }
         let entry = state.connections.get_mut(&id).filter(|e| !e.detached).ok_or(SubscriptionError::Closing)?;
-        let position = entry.channels.iter().position(|c| **c == *channel);
+        let channels = &entry.profile().channels;
+        let position = channels.iter().position(|c| **c == *channel);
         match (subscribe, position) {
             (true, Some(_)) => return Err(SubscriptionError::AlreadySubscribed),
-            (true, None) if entry.channels.len() >= MAX_CHANNELS_PER_CONNECTION => {
+            (true, None) if channels.len() >= MAX_CHANNELS_PER_CONNECTION => {
                 return Err(SubscriptionError::TooMany);
             }
-            (true, None) => entry.channels.push(Arc::from(channel)),
+            (true, None) => entry.profile_mut().channels.push(Arc::from(channel)),
             (false, None) => return Err(SubscriptionError::NotSubscribed),
             (false, Some(i)) => {
-                entry.channels.swap_remove(i);
+                entry.profile_mut().channels.swap_remove(i);
+                entry.tidy();
             }
         }
         let outbox = entry.outbox.clone();
@@ -368,11 +383,11 @@ impl Registry {
             None => 0,
             Some(control_request::Op::BindUser(bind)) => {
                 let target = bind.connection.filter(mine).and_then(|a| a.connection_id.parse().ok());
-                state.edit(target, |e| e.user = Some(Arc::from(bind.user_id.as_str())))
+                state.edit(target, |e| e.profile_mut().user = Some(Arc::from(bind.user_id.as_str())))
             }
             Some(control_request::Op::UnbindUser(address)) => {
                 let target = Some(address).filter(mine).and_then(|a| a.connection_id.parse().ok());
-                state.edit(target, |e| e.user = None)
+                state.edit(target, |e| e.profile_mut().user = None)
             }
             Some(control_request::Op::JoinGroups(change)) => {
                 let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
@@ -381,12 +396,12 @@ impl Registry {
             Some(control_request::Op::LeaveGroups(change)) => {
                 let ids = state.selected(change.selection.and_then(|s| s.of), worker_id);
                 let groups: HashSet<String> = change.groups.into_iter().collect();
-                state.edit_all(&ids, |e| e.groups.retain(|g| !groups.contains(&**g)))
+                state.edit_all(&ids, |e| e.profile_mut().groups.retain(|g| !groups.contains(&**g)))
             }
             Some(control_request::Op::DissolveGroup(group)) => {
                 let ids: Vec<u64> =
                     state.groups.get(group.as_str()).map(|m| m.keys().copied().collect()).unwrap_or_default();
-                state.edit_all(&ids, |e| e.groups.retain(|g| **g != *group))
+                state.edit_all(&ids, |e| e.profile_mut().groups.retain(|g| **g != *group))
             }
             Some(control_request::Op::Close(close)) => {
                 let ids = state.selected(close.selection.and_then(|s| s.of), worker_id);
@@ -402,13 +417,14 @@ impl Registry {
             Some(control_request::Op::SetData(set)) => {
                 let target = set.connection.filter(mine).and_then(|a| a.connection_id.parse().ok());
                 state.edit(target, |e| {
+                    let data = &mut e.profile_mut().data;
                     if set.replace {
-                        e.data.clear();
+                        data.clear();
                     }
                     for key in &set.remove {
-                        e.data.remove(key);
+                        data.remove(key);
                     }
-                    e.data.extend(set.values);
+                    data.extend(set.values);
                 })
             }
         };
@@ -546,10 +562,11 @@ impl State {
     }
 
     fn index(&mut self, id: u64, entry: &Entry) {
-        if let Some(user) = &entry.user {
+        let profile = entry.profile();
+        if let Some(user) = &profile.user {
             self.users.entry(user.clone()).or_default().insert(id, entry.outbox.clone());
         }
-        for group in &entry.groups {
+        for group in &profile.groups {
             self.groups.entry(group.clone()).or_default().insert(id, entry.outbox.clone());
         }
     }
@@ -574,9 +591,7 @@ impl State {
             return false;
         }
         entry.detached = true;
-        let (user, groups) = (entry.user.take(), std::mem::take(&mut entry.groups));
-        let channels = std::mem::take(&mut entry.channels);
-        entry.data = BTreeMap::new();
+        let Profile { user, groups, channels, .. } = entry.profile.take().map(|p| *p).unwrap_or_default();
         self.unindex(id, user.as_ref(), &groups);
         for channel in &channels {
             remove_member(&mut self.channels, channel, id);
@@ -614,8 +629,10 @@ impl State {
             self.connections.insert(id, entry);
             return 0;
         }
-        self.unindex(id, entry.user.as_ref(), &entry.groups);
+        let profile = entry.profile();
+        self.unindex(id, profile.user.as_ref(), &profile.groups);
         edit(&mut entry);
+        entry.tidy();
         self.index(id, &entry);
         let snapshot = entry.snapshot();
         self.connections.insert(id, entry);
@@ -629,23 +646,46 @@ impl State {
 }
 
 impl Entry {
+    fn profile(&self) -> &Profile {
+        self.profile.as_deref().unwrap_or(&ANONYMOUS)
+    }
+
+    fn profile_mut(&mut self) -> &mut Profile {
+        self.profile.get_or_insert_default()
+    }
+
+    /// Frees the profile once there is nothing in it.
+    fn tidy(&mut self) {
+        if self.profile.as_deref().is_some_and(Profile::is_empty) {
+            self.profile = None;
+        }
+    }
+
     /// Puts the connection in `groups`, each once, up to
     /// [`MAX_GROUPS_PER_CONNECTION`].
     fn join(&mut self, groups: &[String]) {
         for group in groups {
-            if self.groups.len() < MAX_GROUPS_PER_CONNECTION && !self.groups.iter().any(|g| **g == **group) {
-                self.groups.push(Arc::from(group.as_str()));
+            let joined = &self.profile().groups;
+            if joined.len() < MAX_GROUPS_PER_CONNECTION && !joined.iter().any(|g| **g == **group) {
+                self.profile_mut().groups.push(Arc::from(group.as_str()));
             }
         }
     }
 
     fn snapshot(&self) -> ConnectionState {
+        let profile = self.profile();
         ConnectionState {
-            user_id: self.user.as_deref().unwrap_or_default().to_owned(),
-            groups: self.groups.iter().map(|g| g.to_string()).collect(),
-            data: self.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            channels: self.channels.iter().map(|c| c.to_string()).collect(),
+            user_id: profile.user.as_deref().unwrap_or_default().to_owned(),
+            groups: profile.groups.iter().map(|g| g.to_string()).collect(),
+            data: profile.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            channels: profile.channels.iter().map(|c| c.to_string()).collect(),
         }
+    }
+}
+
+impl Profile {
+    fn is_empty(&self) -> bool {
+        self.user.is_none() && self.groups.is_empty() && self.data.is_empty() && self.channels.is_empty()
     }
 }
 
