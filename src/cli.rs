@@ -558,9 +558,6 @@ pub struct WsOptions {
     #[arg(long, env = "HERALD_PONG_TIMEOUT", default_value = duration(herald_gateway_ws::DEFAULT_PONG_TIMEOUT),
           value_parser = herald_common::duration::parse)]
     pub pong_timeout: Duration,
-    /// Per-connection read buffer, in bytes (allocated for every connection; at least 256).
-    #[arg(long, env = "HERALD_WS_READ_BUFFER_BYTES", default_value_t = herald_gateway_ws::DEFAULT_READ_BUFFER_BYTES)]
-    pub read_buffer_bytes: usize,
     /// Most distinct client channels with a subscriber on this gateway; a subscription that
     /// would open one more is refused (429), so that clients cannot make broker interest
     /// without bound.
@@ -794,7 +791,6 @@ impl WsOptions {
             outbox_limit_bytes: ws.outbox_limit_bytes,
             write_timeout: ws.write_timeout,
             handshake_timeout: ws.handshake_timeout,
-            read_buffer_bytes: ws.read_buffer_bytes,
             allowed_origins: ws.allowed_origins.clone(),
             allow_missing_origin: ws.allow_missing_origin,
             ping_interval: ws.ping_interval,
@@ -834,8 +830,8 @@ mod tests {
         assert!(gateway.client_auth.is_none(), "connections are anonymous by default");
         let library = GatewayConfig::new(gateway.worker_id.clone());
         assert_eq!(
-            (gateway.write_timeout, gateway.ping_interval, gateway.pong_timeout, gateway.read_buffer_bytes),
-            (library.write_timeout, library.ping_interval, library.pong_timeout, library.read_buffer_bytes)
+            (gateway.write_timeout, gateway.ping_interval, gateway.pong_timeout, gateway.max_message_bytes),
+            (library.write_timeout, library.ping_interval, library.pong_timeout, library.max_message_bytes)
         );
         let Role::Broker(args) = Cli::parse_from(["herald", "broker", "--nats", "nats://127.0.0.1:4222"]).role else {
             panic!()

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
 use crate::client_auth::ClientAuth;
 use herald_common::namespaces::Namespaces;
 
@@ -22,12 +20,6 @@ pub const DEFAULT_OUTBOX_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time a WebSocket handshake may take, by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Per-connection read buffer, by default.
-pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
-/// Smallest per-connection read buffer accepted.
-pub const MIN_READ_BUFFER_BYTES: usize = 256;
-/// Bytes gathered before a write to the socket, by default.
-pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// How long each shutdown step may take, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often every connection is pinged, by default.
@@ -87,11 +79,6 @@ pub struct GatewayConfig {
     pub write_timeout: Duration,
     /// Longest time a WebSocket handshake may take.
     pub handshake_timeout: Duration,
-    /// Per-connection read buffer, allocated up front (at least
-    /// [`MIN_READ_BUFFER_BYTES`]).
-    pub read_buffer_bytes: usize,
-    /// Bytes gathered before a write to the socket (grown on demand).
-    pub write_buffer_bytes: usize,
     /// How long each shutdown step (broker drain, client close) may take.
     pub drain_timeout: Duration,
     /// Origins allowed to open connections (exact `scheme://host[:port]`);
@@ -208,8 +195,6 @@ impl GatewayConfig {
             outbox_limit_bytes: DEFAULT_OUTBOX_LIMIT_BYTES,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
-            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             allowed_origins: Vec::new(),
             allow_missing_origin: false,
@@ -230,7 +215,6 @@ impl GatewayConfig {
     /// The configuration with its values brought within working bounds, and
     /// empty origins dropped.
     pub(crate) fn normalized(mut self) -> Self {
-        self.read_buffer_bytes = self.read_buffer_bytes.max(MIN_READ_BUFFER_BYTES);
         self.allowed_origins =
             self.allowed_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
         self.event_headers =
@@ -243,14 +227,6 @@ impl GatewayConfig {
     pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
         self.allowed_origins.is_empty()
             || self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
-    }
-
-    pub(crate) fn websocket(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(self.write_buffer_bytes)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes))
     }
 }
 
@@ -291,14 +267,10 @@ mod tests {
     }
 
     #[test]
-    fn normalizing_bounds_the_read_buffer_and_trims_origins() {
-        let config = GatewayConfig {
-            read_buffer_bytes: 1,
-            allowed_origins: vec![" https://a ".into(), "".into()],
-            ..GatewayConfig::new("w".into())
-        }
-        .normalized();
-        assert_eq!(config.read_buffer_bytes, MIN_READ_BUFFER_BYTES);
+    fn normalizing_trims_origins() {
+        let config =
+            GatewayConfig { allowed_origins: vec![" https://a ".into(), "".into()], ..GatewayConfig::new("w".into()) }
+                .normalized();
         assert_eq!(config.allowed_origins, ["https://a"]);
     }
 }

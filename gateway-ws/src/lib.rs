@@ -40,6 +40,7 @@ pub mod protocol;
 mod registry;
 mod shared;
 mod streams;
+mod wire;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

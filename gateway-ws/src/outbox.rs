@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use herald_proto::v1::StreamPosition;
@@ -100,6 +100,19 @@ impl Outbox {
     pub fn push(&self, frame: Message, published_us: u64) -> Result<(), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let woke = self.queue(&mut state, frame, published_us);
+        drop(state);
+        self.after_queue(woke)
+    }
+
+    /// Queues `frame` ahead of everything queued: a connection's greeting.
+    pub fn push_first(&self, frame: Message) -> Result<(), CloseReason> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let woke = self.queue(&mut state, frame, 0);
+        if woke.is_ok()
+            && let Some(greeting) = state.frames.pop_back()
+        {
+            state.frames.push_front(greeting);
+        }
         drop(state);
         self.after_queue(woke)
     }
@@ -222,16 +235,19 @@ impl Outbox {
     }
 
     /// Resolves when frames are queued or the queue was closed.
+    #[cfg(test)]
     pub async fn ready(&self) {
-        poll_fn(|cx| {
-            if self.ready.swap(false, Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // A wake between the check and the registration must not be lost.
-            if self.ready.swap(false, Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
-        })
-        .await;
+        poll_fn(|cx| self.poll_ready(cx)).await;
+    }
+
+    /// Ready when frames are queued or the queue was closed.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ready.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake between the check and the registration must not be lost.
+        if self.ready.swap(false, Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
     }
 
     /// The close frame's text given with the closure, if any.
