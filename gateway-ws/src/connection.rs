@@ -244,14 +244,14 @@ where
                 None => Ok(()),
             }
         };
-        let (reason, client_code) = match greeted {
+        let (reason, client_frame) = match greeted {
             Ok(()) => run(&mut ws, &outbox, shared, id, client.as_deref_mut()).await,
             Err(reason) => (reason, None),
         };
         if let Some(client) = client.as_deref_mut() {
             commands::leave_all(shared, client);
         }
-        closed_events(shared, id, reason, client_code);
+        closed_events(shared, id, reason, client_frame.as_ref().map(|f| u16::from(f.code)));
         shared.registry.remove(id);
         shared.metrics.connections.dec();
         shared.metrics.closed(reason);
@@ -261,7 +261,7 @@ where
             tracing::debug!(%peer, connection_id = id, reason = reason.label(), "connection closed");
         }
         // Boxed: only a closing connection needs the close's state.
-        Box::pin(close(&mut ws, reason, outbox.close_text(), client_code)).await;
+        Box::pin(close(&mut ws, reason, outbox.close_text(), client_frame)).await;
     }
 }
 
@@ -349,8 +349,8 @@ async fn addressable(shared: &Shared, position: u64) {
     shared.followed.wait(position, ADDRESSABLE_WAIT).await;
 }
 
-/// The delivery loop, until the connection ends: why, with the code of the
-/// client's close frame when it sent one.
+/// The delivery loop, until the connection ends: why, with the client's
+/// close frame when it sent one.
 ///
 /// Every idle connection's task waits here, so what it holds while it waits
 /// is kept small: one poll wakes it for the outbox or the client, and writes
@@ -412,9 +412,8 @@ fn run<'a, S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Why a connection ended, with the code of the client's close frame when
-/// it sent one.
-type Ended = (CloseReason, Option<u16>);
+/// Why a connection ended, with the client's close frame when it sent one.
+type Ended = (CloseReason, Option<CloseFrame>);
 
 /// Counts a batch written; the connection ends when its outbox asked for it
 /// after the batch.
@@ -481,7 +480,7 @@ fn write_at_once<S: AsyncRead + AsyncWrite + Unpin>(
 /// What a frame from the client asks of its connection.
 enum Received {
     Handled,
-    Ended(CloseReason, Option<u16>),
+    Ended(CloseReason, Option<CloseFrame>),
     /// A client-protocol command to run.
     Command(Command),
 }
@@ -499,7 +498,7 @@ fn received(
     let ended = |reason| Received::Ended(reason, None);
     match incoming {
         None => ended(CloseReason::ClientGone),
-        Some(Ok(Message::Close(frame))) => Received::Ended(CloseReason::ClientClosed, frame.map(|f| u16::from(f.code))),
+        Some(Ok(Message::Close(frame))) => Received::Ended(CloseReason::ClientClosed, frame),
         Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
             shared.metrics.bytes_received.add(message.len() as u64);
             let limit = shared.config.max_client_messages_per_second;
@@ -568,14 +567,14 @@ fn close_text(reason: &str) -> Box<str> {
 }
 
 /// Sends herald's close frame (if the reason has one, with `text` when a
-/// backend gave one), or answers the client's own close frame (echoing its
-/// `client_code`), and waits briefly for the client's, so the client reads
+/// backend gave one), or answers the client's own close frame by echoing
+/// it (`client_frame`), and waits briefly for the client's, so the client reads
 /// the close code before the TCP close.
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Wire<S>,
     reason: CloseReason,
     text: Option<Box<str>>,
-    client_code: Option<u16>,
+    client_frame: Option<CloseFrame>,
 ) {
     let linger = async {
         match reason.frame() {
@@ -588,8 +587,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             None if reason == CloseReason::ClientClosed => {
-                let echo = client_code.map(|code| CloseFrame { code: code.into(), reason: "".into() });
-                let _ = ws.close(echo).await;
+                let _ = ws.close(client_frame).await;
                 return;
             }
             None => return,

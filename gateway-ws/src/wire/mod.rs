@@ -6,9 +6,9 @@
 //! ([`SCRATCH`]), borrowed only while a read is in progress; only bytes that
 //! do not yet make a whole frame, or the frames of a message still arriving
 //! in fragments, are kept for the connection ([`Inbound`]), and freed once
-//! they are consumed. Writes send each frame's header and its payload (the
-//! shared bytes of a broadcast) with one vectored write per batch, so a
-//! delivery copies no payload either.
+//! they are consumed. Writes copy a batch of frames into a write buffer of
+//! the thread's, likewise borrowed only for the write, so that a batch costs
+//! one system call and an idle connection keeps no write buffer either.
 //!
 //! Pings from the client come out of [`Wire::next`] like any message: the
 //! connection answers them through its outbox, in order with the rest.
@@ -18,7 +18,7 @@ mod frame;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -32,13 +32,17 @@ use frame::{Header, MAX_HEADER_BYTES, MAX_SERVER_HEADER_BYTES, OpCode};
 
 /// Bytes read from a socket at once, into the worker thread's buffer.
 const SCRATCH_BYTES: usize = 16 * 1024;
-/// Frames given to one vectored write (two slices each: header, payload).
-const FRAMES_PER_WRITE: usize = 32;
+/// Most bytes given to one write, from the worker thread's buffer.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 thread_local! {
     /// The read buffer every connection polled on this thread shares: it is
     /// only borrowed for the length of one `poll_read`.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+    /// The write buffer every connection polled on this thread shares, the
+    /// same way: what a write does not take is copied again from the batch
+    /// at the next one.
+    static OUTGOING: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(WRITE_CHUNK));
 }
 
 /// Why the client's side of a connection cannot be read any more.
@@ -227,8 +231,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         self.send(frame::close_message(frame)).await
     }
 
-    /// Writes the frames at the front of `batch` with vectored writes,
-    /// `written` bytes of the first being already out, until it is empty.
+    /// Writes the frames at the front of `batch`, `written` bytes of the
+    /// first being already out, until it is empty: copied into the worker
+    /// thread's write buffer, [`WRITE_CHUNK`] bytes at most per write, so
+    /// that a batch of small frames costs one system call.
     fn poll_write_batch(
         &mut self,
         cx: &mut Context<'_>,
@@ -236,39 +242,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         written: &mut usize,
     ) -> Poll<io::Result<()>> {
         while !batch.is_empty() {
-            let mut headers = [[0u8; MAX_SERVER_HEADER_BYTES]; FRAMES_PER_WRITE];
-            let mut lengths = [0usize; FRAMES_PER_WRITE];
-            for message in batch.iter_mut().take(FRAMES_PER_WRITE) {
-                if let Message::Close(close) = message {
-                    let close = close.take();
-                    *message = frame::close_message(close);
-                }
-            }
-            for ((message, header), length) in batch.iter().zip(&mut headers).zip(&mut lengths) {
-                let (opcode, payload) = frame::outgoing(message);
-                *length = frame::write_header(header, opcode, payload.len());
-            }
-            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-            let mut used = 0;
-            let mut skip = *written;
-            for ((message, header), &length) in batch.iter().zip(&headers).zip(&lengths) {
-                let (_, payload) = frame::outgoing(message);
-                for part in [&header[..length], payload] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                    } else {
-                        slices[used] = IoSlice::new(&part[skip..]);
-                        skip = 0;
-                        used += 1;
-                    }
-                }
-            }
-            let mut sent = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..used]))?;
+            let sent = OUTGOING.with_borrow_mut(|chunk| {
+                chunk.clear();
+                fill(chunk, batch, *written);
+                Pin::new(&mut self.stream).poll_write(cx, chunk)
+            });
+            let mut sent = ready!(sent)?;
             if sent == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             while let Some(message) = batch.front() {
-                let left = lengths_of(message) - *written;
+                let left = wire_length(message) - *written;
                 if sent < left {
                     *written += sent;
                     break;
@@ -282,8 +266,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 }
 
+/// Copies the frames of `batch` into `chunk`, from byte `skip` of the first
+/// one, until it holds [`WRITE_CHUNK`] bytes or the batch is all in.
+fn fill(chunk: &mut Vec<u8>, batch: &mut VecDeque<Message>, mut skip: usize) {
+    for message in batch.iter_mut() {
+        if let Message::Close(close) = message {
+            let close = close.take();
+            *message = frame::close_message(close);
+        }
+        let (opcode, payload) = frame::outgoing(message);
+        let mut header = [0; MAX_SERVER_HEADER_BYTES];
+        let header_len = frame::write_header(&mut header, opcode, payload.len());
+        for part in [&header[..header_len], payload] {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            let take = (part.len() - skip).min(WRITE_CHUNK - chunk.len());
+            chunk.extend_from_slice(&part[skip..skip + take]);
+            skip = 0;
+            if chunk.len() == WRITE_CHUNK {
+                return;
+            }
+        }
+    }
+}
+
 /// Bytes `message` takes on the wire.
-fn lengths_of(message: &Message) -> usize {
+fn wire_length(message: &Message) -> usize {
     let (opcode, payload) = frame::outgoing(message);
     let mut header = [0; MAX_SERVER_HEADER_BYTES];
     frame::write_header(&mut header, opcode, payload.len()) + payload.len()
