@@ -241,7 +241,8 @@ pub struct IdleArgs {
     /// client channels (the same ones for every client); 0: classic raw clients.
     #[arg(long, default_value_t = 0)]
     pub subscriptions: usize,
-    /// How long to wait for that broadcast to reach every client.
+    /// How long the wait for that broadcast to reach every client may go without a delivery
+    /// (it lasts as long as deliveries keep coming: a million clients take seconds).
     #[arg(long, default_value = "10s", value_parser = herald_common::duration::parse)]
     pub drain: Duration,
 }

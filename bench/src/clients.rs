@@ -1,10 +1,21 @@
 //! The load generator's WebSocket clients and the statistics they add to.
 //!
 //! The client is raw on purpose: it writes the HTTP upgrade itself and parses
-//! server frames in place in one small buffer, so a delivery costs no
-//! allocation and the load generator stays cheaper than the server it
-//! measures. It binds a chosen loopback source address before connecting
-//! (the ephemeral ports of one source address run out near 28k connections).
+//! server frames in place, so a delivery costs no allocation and the load
+//! generator stays cheaper than the server it measures. It binds a chosen
+//! loopback source address before connecting (the ephemeral ports of one
+//! source address run out near 28k connections).
+//!
+//! An idle client must cost next to nothing: the idle scenario holds up to a
+//! million of them on one machine, and the load generators' memory comes out
+//! of the same RAM as herald's. So no client owns a receive buffer. Every
+//! client reads into its thread's one scratch buffer and parses what it read
+//! there, before its next await (so no other client can need the buffer
+//! meanwhile); a client keeps bytes of its own only while a frame is partial,
+//! and frees them once the frame is whole. A receiving client's task holds
+//! just the socket, its checks and a few words ([`Client::receive`]); what
+//! few clients need (fragments, a log of sequence gaps, a logged-in client's
+//! targets) is boxed.
 //!
 //! A client may speak herald's client protocol instead (`herald.json.v1`):
 //! it then subscribes to client channels once connected, and finds each
@@ -21,15 +32,18 @@
 //! connects), or be split into a reader and a writer for commands that
 //! overlap ([`Client::split`], rpc).
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -42,8 +56,13 @@ use crate::stats::Latency;
 /// Delivery counters and latency histograms are split in shards so that
 /// clients on different threads rarely touch the same cache line or lock.
 const SHARDS: usize = 16;
-/// Initial receive buffer per client; it grows for frames that do not fit.
-const BUFFER_BYTES: usize = 4096;
+/// The scratch buffer every client of a thread reads into: large, so that a
+/// fan-out backlog takes few reads (it exists once per thread, not per client).
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// The largest frame a client accepts. A partial frame is kept until it is
+/// whole, so a header announcing more would make the client allocate
+/// whatever the peer says; it ends the connection instead.
+const MAX_FRAME_BYTES: usize = 16 << 20;
 /// How many gaps in its sequence a client remembers to tell a late message
 /// from a duplicate.
 const MAX_MISSING: usize = 1024;
@@ -57,6 +76,14 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
+thread_local! {
+    /// Where every client on this thread reads into (see the module doc).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+    /// Latencies (µs) of the messages one read brought, recorded in the
+    /// shared histogram in one go after the read.
+    static LATENCIES: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
 #[repr(align(64))]
 #[derive(Default)]
 struct PaddedCounter(AtomicU64);
@@ -65,7 +92,9 @@ struct PaddedCounter(AtomicU64);
 pub struct Stats {
     delivered: [PaddedCounter; SHARDS],
     sent: [PaddedCounter; SHARDS],
-    latency: Vec<Mutex<Latency>>,
+    /// Each made at its first latency: a histogram takes 190 KiB, and an
+    /// idle load generator records none until the final broadcast.
+    latency: Vec<Mutex<Option<Latency>>>,
     duplicated: AtomicU64,
     misdelivered: AtomicU64,
     reordered: AtomicU64,
@@ -89,7 +118,7 @@ impl Stats {
         Self {
             delivered: Default::default(),
             sent: Default::default(),
-            latency: (0..SHARDS).map(|_| Mutex::new(Latency::new())).collect(),
+            latency: (0..SHARDS).map(|_| Mutex::new(None)).collect(),
             duplicated: AtomicU64::new(0),
             misdelivered: AtomicU64::new(0),
             reordered: AtomicU64::new(0),
@@ -115,7 +144,9 @@ impl Stats {
     pub fn totals(&self) -> Totals {
         let mut latency = Latency::new();
         for shard in &self.latency {
-            latency.merge(&shard.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some(recorded) = &*shard.lock().unwrap_or_else(|e| e.into_inner()) {
+                latency.merge(recorded);
+            }
         }
         Totals {
             delivered: self.delivered(),
@@ -132,9 +163,9 @@ impl Stats {
 /// A connected client that has read its greeting.
 pub struct Client {
     stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Bytes read but not yet parsed: none (and no allocation) unless a
+    /// frame is partial or came along with the greeting.
+    unread: Vec<u8>,
     /// `<worker_id>/<connection_id>`, from the greeting.
     pub address: String,
     /// Targets besides `*` and the address that this client is in: its user
@@ -174,8 +205,7 @@ async fn open(url: &WsUrl, source: Ipv4Addr, token: Option<&str>, json: bool) ->
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(url.addr).await.with_context(|| format!("connect {} from {source}", url.addr))?;
-    let mut client =
-        Client { stream, buf: vec![0; BUFFER_BYTES], start: 0, end: 0, address: String::new(), also: Vec::new(), json };
+    let mut client = Client { stream, unread: Vec::new(), address: String::new(), also: Vec::new(), json };
     client.upgrade(url, token).await?;
     let greeting = client.greeting().await?;
     client.address = address_from_greeting(&greeting).with_context(|| format!("unexpected greeting {greeting:?}"))?;
@@ -278,18 +308,16 @@ impl Client {
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.stream.write_all(&control_frame(OP_CLOSE, &1000u16.to_be_bytes())).await?;
         loop {
-            match parse_frame(&self.buf[self.start..self.end])? {
+            match parse_frame(&self.unread)? {
                 Some(frame) => {
-                    self.start += frame.len;
+                    consume(&mut self.unread, frame.len);
                     if frame.opcode == OP_CLOSE {
                         return Ok(());
                     }
                 }
                 None => {
-                    self.reserve(BUFFER_BYTES);
-                    match self.stream.read(&mut self.buf[self.end..]).await? {
-                        0 => return Ok(()),
-                        n => self.end += n,
+                    if !fill(&mut self.stream, &mut self.unread).await? {
+                        return Ok(());
                     }
                 }
             }
@@ -306,7 +334,7 @@ impl Client {
     pub fn split(self) -> (Reader, Writer) {
         let (read, write) = self.stream.into_split();
         let writer = Writer(Arc::new(tokio::sync::Mutex::new(write)));
-        let reader = Reader { read, buf: self.buf, start: self.start, end: self.end, writer: writer.clone() };
+        let reader = Reader { read, unread: self.unread, writer: writer.clone() };
         (reader, writer)
     }
 
@@ -314,6 +342,19 @@ impl Client {
     pub fn also_accept(&mut self, user: String, groups: Vec<String>) {
         self.also.push(user);
         self.also.extend(groups);
+    }
+
+    /// Receives messages until the connection ends, adding to `stats` (in
+    /// shard `shard`). Not an `async fn` on purpose: the future is the
+    /// [`Receiver`] alone, not the client and its copy side by side, and it
+    /// is what each idle client of a load generator costs.
+    pub fn receive(self, stats: Arc<Stats>, shard: usize) -> impl Future<Output = ()> + Send + 'static {
+        let check = Check::new(self.address.into_bytes().into_boxed_slice(), &self.also, self.json);
+        let leftover = !self.unread.is_empty();
+        let partial = leftover.then(|| Box::new(Partial(self.unread)));
+        // SHARDS fits a u8.
+        let shard = (shard % SHARDS) as u8;
+        Receiver { stream: self.stream, partial, check, stats, replies: None, shard, leftover, done: false }
     }
 
     async fn upgrade(&mut self, url: &WsUrl, token: Option<&str>) -> anyhow::Result<()> {
@@ -326,31 +367,36 @@ impl Client {
         );
         self.stream.write_all(request.as_bytes()).await?;
         let head_len = loop {
-            if let Some(i) = self.buf[..self.end].windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(i) = self.unread.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
             self.fill().await.context("reading the upgrade response")?;
         };
-        let head = String::from_utf8_lossy(&self.buf[..head_len]);
+        let head = String::from_utf8_lossy(&self.unread[..head_len]);
         let status = head.lines().next().unwrap_or_default();
         if !status.starts_with("HTTP/1.1 101") {
             bail!("upgrade refused: {status}");
         }
-        self.start = head_len;
+        consume(&mut self.unread, head_len);
         Ok(())
     }
 
     /// Reads frames until the next text frame (the greeting, or a reply).
     async fn greeting(&mut self) -> anyhow::Result<String> {
         loop {
-            match parse_frame(&self.buf[self.start..self.end])? {
+            match parse_frame(&self.unread)? {
                 Some(frame) => {
-                    let payload = &self.buf[self.start + frame.payload.start..self.start + frame.payload.end];
-                    self.start += frame.len;
-                    match frame.opcode {
-                        OP_TEXT => return Ok(String::from_utf8_lossy(payload).into_owned()),
-                        OP_CLOSE => bail!("closed before the greeting: {}", describe_close(payload)),
-                        _ => {}
+                    let payload = &self.unread[frame.payload.clone()];
+                    let text = match frame.opcode {
+                        OP_TEXT => Some(Ok(String::from_utf8_lossy(payload).into_owned())),
+                        OP_CLOSE => Some(Err(describe_close(payload))),
+                        _ => None,
+                    };
+                    consume(&mut self.unread, frame.len);
+                    match text {
+                        Some(Ok(text)) => return Ok(text),
+                        Some(Err(close)) => bail!("closed before the greeting: {close}"),
+                        None => {}
                     }
                 }
                 None => self.fill().await.context("reading the greeting")?,
@@ -360,80 +406,167 @@ impl Client {
 
     /// Reads more bytes after the unread ones. Fails on end of stream.
     async fn fill(&mut self) -> anyhow::Result<()> {
-        self.reserve(BUFFER_BYTES);
-        let n = self.stream.read(&mut self.buf[self.end..]).await?;
-        if n == 0 {
+        if !fill(&mut self.stream, &mut self.unread).await? {
             bail!("connection closed");
         }
-        self.end += n;
         Ok(())
     }
+}
 
-    /// Makes room for at least `need` unread bytes plus some free space.
-    fn reserve(&mut self, need: usize) {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let want = need.max(self.end + 1024);
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
-        }
-    }
+/// A receiving client, and its future: all it keeps between reads. With the
+/// task around it and its socket's registration in the runtime, this is what
+/// an idle client costs a load generator, so it is small (a test pins its
+/// size) and a future written by hand: the same loop as an `async fn` keeps
+/// its locals and the futures it awaits beside the client, 384 bytes where
+/// this takes 128.
+struct Receiver {
+    stream: TcpStream,
+    /// A partial frame, when one is pending (see [`split_frames`]).
+    partial: Option<Box<Partial>>,
+    check: Check,
+    stats: Arc<Stats>,
+    /// Pongs and a close reply not yet written.
+    replies: Option<Box<Replies>>,
+    shard: u8,
+    /// Frames came along with the greeting: the first poll parses them before reading.
+    leftover: bool,
+    /// The server closed, or broke the protocol: the client ends once its replies are written.
+    done: bool,
+}
 
-    /// Receives messages until the connection ends, adding to `stats`.
-    pub async fn receive(mut self, stats: &Stats, shard: usize) {
-        let shard = shard % SHARDS;
-        let mut check = Check::new(&self.address, &self.also, self.json);
-        let mut fragments: Option<Vec<u8>> = None;
-        let mut arrived_ns = message::now_ns();
+/// The bytes of a partial frame (a box of its own keeps a word, not a `Vec`, in every client).
+struct Partial(Vec<u8>);
+
+/// Replies being written, and how many bytes of them were.
+struct Replies {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+impl Future for Receiver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = &mut *self;
         loop {
-            let mut delivered = 0;
-            let need = loop {
-                let frame = match parse_frame(&self.buf[self.start..self.end]) {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break frame_len(&self.buf[self.start..self.end]).unwrap_or(0),
-                    Err(_) => return ended(stats),
-                };
-                let payload = self.start + frame.payload.start..self.start + frame.payload.end;
-                self.start += frame.len;
-                let payload = &self.buf[payload];
-                match (frame.opcode, frame.fin) {
-                    (OP_TEXT | OP_BINARY, true) => delivered += check.message(payload, arrived_ns, stats),
-                    (OP_TEXT | OP_BINARY, false) => fragments = Some(payload.to_vec()),
-                    (OP_CONTINUATION, fin) => {
-                        let Some(gathered) = fragments.as_mut() else { return ended(stats) };
-                        gathered.extend_from_slice(payload);
-                        if fin {
-                            let whole = fragments.take().unwrap_or_default();
-                            delivered += check.message(&whole, arrived_ns, stats);
-                        }
+            // Replies go out before anything more is read, as the server sent their frames first.
+            if let Some(replies) = this.replies.as_mut() {
+                while replies.written < replies.bytes.len() {
+                    match Pin::new(&mut this.stream).poll_write(cx, &replies.bytes[replies.written..]) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0) | Err(_)) => return this.end(),
+                        Poll::Ready(Ok(n)) => replies.written += n,
                     }
-                    (OP_PING, _) => {
-                        let reply = control_frame(OP_PONG, payload);
-                        if self.stream.write_all(&reply).await.is_err() {
-                            return ended(stats);
-                        }
+                }
+                this.replies = None;
+            }
+            if this.done {
+                return this.end();
+            }
+            let mut unread = this.partial.take().map_or_else(Vec::new, |partial| partial.0);
+            let (check, stats, shard) = (&mut this.check, &*this.stats, usize::from(this.shard));
+            let absorbed = if std::mem::take(&mut this.leftover) {
+                absorb(&mut unread, None, check, stats, shard)
+            } else {
+                match poll_read_with(&mut this.stream, cx, |bytes| {
+                    absorb(&mut unread, Some(bytes), check, stats, shard)
+                }) {
+                    Poll::Ready(Ok(Some(absorbed))) => absorbed,
+                    Poll::Ready(_) => return this.end(),
+                    Poll::Pending => {
+                        this.partial = (!unread.is_empty()).then(|| Box::new(Partial(unread)));
+                        return Poll::Pending;
                     }
-                    (OP_CLOSE, _) => {
-                        let reply = control_frame(OP_CLOSE, &payload[..payload.len().min(2)]);
-                        let _ = self.stream.write_all(&reply).await;
-                        return ended(stats);
-                    }
-                    _ => {}
                 }
             };
-            if delivered > 0 {
-                stats.delivered[shard].0.fetch_add(delivered, Ordering::Relaxed);
+            this.partial = (!unread.is_empty()).then(|| Box::new(Partial(unread)));
+            this.done = absorbed.done;
+            if !absorbed.replies.is_empty() {
+                this.replies = Some(Box::new(Replies { bytes: absorbed.replies, written: 0 }));
             }
-            check.flush_latencies(&stats.latency[shard]);
-            self.reserve(need);
-            match self.stream.read(&mut self.buf[self.end..]).await {
-                Ok(0) | Err(_) => return ended(stats),
-                Ok(n) => self.end += n,
+        }
+    }
+}
+
+impl Receiver {
+    fn end(&self) -> Poll<()> {
+        ended(&self.stats);
+        Poll::Ready(())
+    }
+}
+
+/// What the frames of one read came to, besides the counts.
+struct Absorbed {
+    /// Pongs and a close reply, to write now.
+    replies: Vec<u8>,
+    /// The server closed, or broke the protocol: the client is done.
+    done: bool,
+}
+
+/// Checks the frames of `unread` followed by `input` (when given; else the
+/// complete frames of `unread` alone), adds them to the shard's counts and
+/// histogram, and says what to reply.
+fn absorb(unread: &mut Vec<u8>, input: Option<&[u8]>, check: &mut Check, stats: &Stats, shard: usize) -> Absorbed {
+    let mut batch = Batch { check, stats, arrived_ns: None, delivered: 0, replies: Vec::new(), done: false };
+    let mut on_frame = |frame: &Frame, payload: &[u8]| batch.frame(frame, payload);
+    let parsed = match input {
+        Some(input) => split_frames(unread, input, &mut on_frame),
+        None => drain_unread(unread, &mut on_frame).map(drop),
+    };
+    if parsed.is_err() {
+        batch.done = true;
+    }
+    if batch.delivered > 0 {
+        stats.delivered[shard].0.fetch_add(batch.delivered, Ordering::Relaxed);
+    }
+    LATENCIES.with_borrow_mut(|latencies| flush_latencies(latencies, &stats.latency[shard]));
+    Absorbed { replies: batch.replies, done: batch.done }
+}
+
+/// One read's frames as a receiving client handles them.
+struct Batch<'a> {
+    check: &'a mut Check,
+    stats: &'a Stats,
+    /// When the read's bytes arrived: taken at the first message.
+    arrived_ns: Option<u64>,
+    delivered: u64,
+    replies: Vec<u8>,
+    done: bool,
+}
+
+impl Batch<'_> {
+    fn frame(&mut self, frame: &Frame, payload: &[u8]) -> Flow {
+        match (frame.opcode, frame.fin) {
+            (OP_TEXT | OP_BINARY, true) => self.message(payload),
+            (OP_TEXT | OP_BINARY, false) => self.check.extra().fragments = Some(payload.to_vec()),
+            (OP_CONTINUATION, fin) => {
+                let Some(gathered) = self.check.extra.as_mut().and_then(|extra| extra.fragments.as_mut()) else {
+                    // A continuation of nothing: the stream is broken.
+                    self.done = true;
+                    return Flow::Stop;
+                };
+                gathered.extend_from_slice(payload);
+                if fin {
+                    let whole = self.check.take_fragments();
+                    self.message(&whole);
+                }
             }
-            arrived_ns = message::now_ns();
+            (OP_PING, _) => push_control_frame(&mut self.replies, OP_PONG, payload),
+            (OP_CLOSE, _) => {
+                push_control_frame(&mut self.replies, OP_CLOSE, &payload[..payload.len().min(2)]);
+                self.done = true;
+                return Flow::Stop;
+            }
+            _ => {}
+        }
+        Flow::Go
+    }
+
+    fn message(&mut self, payload: &[u8]) {
+        let arrived_ns = *self.arrived_ns.get_or_insert_with(message::now_ns);
+        if let Some(us) = self.check.message(payload, arrived_ns, self.stats) {
+            self.delivered += 1;
+            LATENCIES.with_borrow_mut(|latencies| latencies.push(us));
         }
     }
 }
@@ -472,9 +605,9 @@ impl Writer {
 /// The read half of a split client.
 pub struct Reader {
     read: OwnedReadHalf,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Bytes read but not yet parsed: a partial frame, or the frames that
+    /// came after the last text returned.
+    unread: Vec<u8>,
     /// Where pings are answered.
     writer: Writer,
 }
@@ -485,44 +618,55 @@ impl Reader {
     pub async fn next_text(&mut self) -> Option<String> {
         let mut fragments: Option<Vec<u8>> = None;
         loop {
-            let frame = match parse_frame(&self.buf[self.start..self.end]) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => {
-                    let need = frame_len(&self.buf[self.start..self.end]).unwrap_or(0);
-                    self.reserve(need);
-                    match self.read.read(&mut self.buf[self.end..]).await {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => self.end += n,
+            let mut text = None;
+            let mut replies = Vec::new();
+            let mut done = false;
+            let mut on_frame = |frame: &Frame, payload: &[u8]| {
+                match (frame.opcode, frame.fin) {
+                    (OP_TEXT | OP_BINARY, true) => {
+                        text = Some(String::from_utf8_lossy(payload).into_owned());
+                        return Flow::Stop;
                     }
-                    continue;
+                    (OP_TEXT | OP_BINARY, false) => fragments = Some(payload.to_vec()),
+                    (OP_CONTINUATION, fin) => {
+                        let Some(gathered) = fragments.as_mut() else {
+                            done = true;
+                            return Flow::Stop;
+                        };
+                        gathered.extend_from_slice(payload);
+                        if fin {
+                            text = fragments.take().map(|whole| String::from_utf8_lossy(&whole).into_owned());
+                            return Flow::Stop;
+                        }
+                    }
+                    (OP_PING, _) => push_control_frame(&mut replies, OP_PONG, payload),
+                    (OP_CLOSE, _) => {
+                        push_control_frame(&mut replies, OP_CLOSE, &payload[..payload.len().min(2)]);
+                        done = true;
+                        return Flow::Stop;
+                    }
+                    _ => {}
                 }
-                Err(_) => return None,
+                Flow::Go
             };
-            let payload = self.start + frame.payload.start..self.start + frame.payload.end;
-            self.start += frame.len;
-            let payload = &self.buf[payload];
-            match (frame.opcode, frame.fin) {
-                (OP_TEXT | OP_BINARY, true) => return Some(String::from_utf8_lossy(payload).into_owned()),
-                (OP_TEXT | OP_BINARY, false) => fragments = Some(payload.to_vec()),
-                (OP_CONTINUATION, fin) => {
-                    let gathered = fragments.as_mut()?;
-                    gathered.extend_from_slice(payload);
-                    if fin {
-                        return Some(String::from_utf8_lossy(&fragments.take()?).into_owned());
-                    }
+            // Frames left from the last read come first; read only once they are all handled.
+            let open = match drain_unread(&mut self.unread, &mut on_frame) {
+                Err(_) => false,
+                Ok(Flow::Stop) => true,
+                Ok(Flow::Go) => {
+                    let unread = &mut self.unread;
+                    let read = read_with(&mut self.read, |bytes| split_frames(unread, bytes, &mut on_frame).is_ok());
+                    read.await.ok().flatten().unwrap_or(false)
                 }
-                (OP_PING, _) => {
-                    let pong = control_frame(OP_PONG, payload);
-                    if self.writer.write(&pong).await.is_err() {
-                        return None;
-                    }
-                }
-                (OP_CLOSE, _) => {
-                    let reply = control_frame(OP_CLOSE, &payload[..payload.len().min(2)]);
-                    let _ = self.writer.write(&reply).await;
-                    return None;
-                }
-                _ => {}
+            };
+            if !replies.is_empty() && self.writer.write(&replies).await.is_err() {
+                return None;
+            }
+            if let Some(text) = text {
+                return Some(text);
+            }
+            if done || !open {
+                return None;
             }
         }
     }
@@ -532,19 +676,146 @@ impl Reader {
     pub async fn answer_pings(mut self) {
         while self.next_text().await.is_some() {}
     }
+}
 
-    /// As [`Client::reserve`].
-    fn reserve(&mut self, need: usize) {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+/// What a frame handler tells the parser: go on with the next frame, or
+/// stop there (the frames after it stay unread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+/// Waits until `io` has bytes, reads them into this thread's scratch buffer
+/// and hands them to `take`, all in one poll: no other client of the thread
+/// can use the buffer in between. `Ok(None)` at the end of the stream.
+async fn read_with<R: AsyncRead + Unpin, T>(
+    io: &mut R,
+    mut take: impl FnMut(&[u8]) -> T,
+) -> std::io::Result<Option<T>> {
+    std::future::poll_fn(|cx| poll_read_with(io, cx, &mut take)).await
+}
+
+/// One poll of [`read_with`].
+fn poll_read_with<R: AsyncRead + Unpin, T>(
+    io: &mut R,
+    cx: &mut std::task::Context<'_>,
+    take: impl FnOnce(&[u8]) -> T,
+) -> Poll<std::io::Result<Option<T>>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut buf = ReadBuf::new(scratch);
+        match Pin::new(io).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(take(buf.filled())))),
         }
-        let want = need.max(self.end + 1024).max(BUFFER_BYTES);
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
+    })
+}
+
+/// Reads what `io` has onto the end of `unread`; false at the end of the stream.
+async fn fill<R: AsyncRead + Unpin>(io: &mut R, unread: &mut Vec<u8>) -> std::io::Result<bool> {
+    Ok(read_with(io, |bytes| unread.extend_from_slice(bytes)).await?.is_some())
+}
+
+/// Drops the first `n` bytes of `unread`, and its allocation once nothing is left.
+fn consume(unread: &mut Vec<u8>, n: usize) {
+    if n >= unread.len() {
+        *unread = Vec::new();
+    } else if n > 0 {
+        unread.drain(..n);
+    }
+}
+
+/// Hands `on_frame` each complete frame at the start of `unread`, in order,
+/// until it says stop, and removes them. Fails on a frame the client does
+/// not accept.
+fn drain_unread(unread: &mut Vec<u8>, on_frame: &mut impl FnMut(&Frame, &[u8]) -> Flow) -> anyhow::Result<Flow> {
+    let mut at = 0;
+    let mut flow = Flow::Go;
+    while flow == Flow::Go {
+        let Some(frame) = parse_frame(&unread[at..])? else { break };
+        flow = on_frame(&frame, &unread[at + frame.payload.start..at + frame.payload.end]);
+        at += frame.len;
+    }
+    consume(unread, at);
+    Ok(flow)
+}
+
+/// Hands `on_frame` the frames of `unread` (at most one partial frame, once
+/// [`drain_unread`] has run) followed by `input`, in order, until it says
+/// stop: the partial frame is completed from the first bytes of `input`,
+/// the rest of `input` is parsed where it lies. What is left (a partial
+/// frame, or the frames after a stop) is copied to `unread`. Fails on a
+/// frame the client does not accept.
+fn split_frames(
+    unread: &mut Vec<u8>,
+    mut input: &[u8],
+    on_frame: &mut impl FnMut(&Frame, &[u8]) -> Flow,
+) -> anyhow::Result<()> {
+    if !unread.is_empty() {
+        if !complete(unread, &mut input)? {
+            return Ok(());
+        }
+        let frame = parse_frame(unread)?.context("a completed frame does not parse")?;
+        let flow = on_frame(&frame, &unread[frame.payload.clone()]);
+        *unread = Vec::new();
+        if flow == Flow::Stop {
+            unread.extend_from_slice(input);
+            return Ok(());
         }
     }
+    let mut at = 0;
+    while let Some(frame) = parse_frame(&input[at..])? {
+        let flow = on_frame(&frame, &input[at + frame.payload.start..at + frame.payload.end]);
+        at += frame.len;
+        if flow == Flow::Stop {
+            break;
+        }
+    }
+    let rest = &input[at..];
+    if !rest.is_empty() {
+        // Room for the whole frame at once, when its header says how long it is.
+        let want = frame_len(rest).map_or(0, |len| len.min(MAX_FRAME_BYTES)).max(rest.len());
+        unread.reserve_exact(want);
+        unread.extend_from_slice(rest);
+    }
+    Ok(())
+}
+
+/// Moves bytes from the front of `input` onto the partial frame in `unread`
+/// until it is whole; tells whether it is.
+fn complete(unread: &mut Vec<u8>, input: &mut &[u8]) -> anyhow::Result<bool> {
+    loop {
+        let want = wanted(unread)?;
+        if unread.len() >= want {
+            return Ok(true);
+        }
+        if input.is_empty() {
+            return Ok(false);
+        }
+        unread.reserve_exact(want - unread.len());
+        let (taken, rest) = input.split_at((want - unread.len()).min(input.len()));
+        unread.extend_from_slice(taken);
+        *input = rest;
+    }
+}
+
+/// How many bytes the frame starting `buf` needs before the next step: its
+/// header's length while the header is partial, then its whole length.
+fn wanted(buf: &[u8]) -> anyhow::Result<usize> {
+    let header = match buf.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    if buf.len() < header {
+        return Ok(header);
+    }
+    // Refuses, as soon as the header is there, what the client never accepts
+    // (a masked frame, one over the limit).
+    parse_frame(buf)?;
+    frame_len(buf).context("frame too large")
 }
 
 /// Appends a masked text frame carrying event `seq`: `<seq>:<sent_ns>::`
@@ -571,64 +842,111 @@ fn ended(stats: &Stats) {
     stats.closed.fetch_add(1, Ordering::Relaxed);
 }
 
-/// One client's checks on the messages it receives.
+/// Adds `latencies` (µs) to the histogram `into` in one go, and empties them.
+fn flush_latencies(latencies: &mut Vec<u64>, into: &Mutex<Option<Latency>>) {
+    if latencies.is_empty() {
+        return;
+    }
+    let mut shard = into.lock().unwrap_or_else(|e| e.into_inner());
+    let histogram = shard.get_or_insert_with(Latency::new);
+    for &us in latencies.iter() {
+        histogram.record(us);
+    }
+    latencies.clear();
+}
+
+/// One client's checks on the messages it receives: the targets it accepts,
+/// each with the sequence numbers seen on it.
 struct Check {
-    /// The targets this client accepts, each with the sequence numbers seen
-    /// on it: `*`, its address, then its user id and groups, if any.
-    streams: Vec<(Box<[u8]>, Order)>,
-    /// Latencies (µs) of the current read, recorded in one go.
-    latencies: Vec<u64>,
+    /// `<worker_id>/<connection_id>`.
+    address: Box<[u8]>,
+    /// Messages to `*`.
+    broadcast: Order,
+    /// Messages to the address.
+    own: Order,
+    /// What few clients need; boxed, so that an anonymous raw client pays a word for it.
+    extra: Option<Box<Extra>>,
     /// Whether messages arrive as client-protocol pushes.
     json: bool,
 }
 
+/// The part of a client's checks most clients never need.
+#[derive(Default)]
+struct Extra {
+    /// Its other targets (user id, groups, channels), each once.
+    also: Vec<(Box<[u8]>, Order)>,
+    /// The payloads so far of a fragmented message.
+    fragments: Option<Vec<u8>>,
+}
+
 impl Check {
-    fn new(address: &str, also: &[String], json: bool) -> Self {
-        let targets = [message::BROADCAST, address].into_iter().chain(also.iter().map(String::as_str));
-        let mut streams: Vec<(Box<[u8]>, Order)> = Vec::with_capacity(2 + also.len());
-        for target in targets {
-            if !streams.iter().any(|(t, _)| **t == *target.as_bytes()) {
-                streams.push((target.as_bytes().into(), Order::default()));
+    fn new(address: Box<[u8]>, also: &[String], json: bool) -> Self {
+        let mut check = Self { address, broadcast: Order::default(), own: Order::default(), extra: None, json };
+        for target in also.iter().map(String::as_bytes) {
+            // A target repeated (or equal to `*` or the address) is one stream.
+            if check.order_of(target).is_none() {
+                check.extra().also.push((target.into(), Order::default()));
             }
         }
-        Self { streams, latencies: Vec::new(), json }
+        check
     }
 
-    /// Checks one message; returns 1 when it is a first delivery to its target.
-    fn message(&mut self, payload: &[u8], arrived_ns: u64, stats: &Stats) -> u64 {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// The fragments gathered so far, taken; the box goes once it holds nothing.
+    fn take_fragments(&mut self) -> Vec<u8> {
+        let Some(extra) = self.extra.as_mut() else { return Vec::new() };
+        let whole = extra.fragments.take().unwrap_or_default();
+        if extra.also.is_empty() {
+            self.extra = None;
+        }
+        whole
+    }
+
+    /// The sequence numbers seen on `target`, if this client accepts it.
+    fn order_of(&mut self, target: &[u8]) -> Option<&mut Order> {
+        if target == message::BROADCAST.as_bytes() {
+            Some(&mut self.broadcast)
+        } else if *target == *self.address {
+            Some(&mut self.own)
+        } else {
+            let extra = self.extra.as_mut()?;
+            extra.also.iter_mut().find(|(t, _)| **t == *target).map(|(_, order)| order)
+        }
+    }
+
+    /// Checks one message; when it is a first delivery to its target,
+    /// returns its latency in µs.
+    fn message(&mut self, payload: &[u8], arrived_ns: u64, stats: &Stats) -> Option<u64> {
         let payload = if self.json { message::pushed_text(payload) } else { Some(payload) };
         let accepted = payload.and_then(message::parse).and_then(|header| {
-            let (_, order) = self.streams.iter_mut().find(|(target, _)| **target == *header.target)?;
+            let order = self.order_of(header.target)?;
             Some((header, order))
         });
         let Some((header, order)) = accepted else {
             // Someone else's message, or not a benchmark message at all.
             stats.misdelivered.fetch_add(1, Ordering::Relaxed);
-            return 0;
+            return None;
         };
         match order.observe(header.seq) {
             Seen::Again => {
                 stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                return 0;
+                return None;
             }
             Seen::Late => {
                 stats.reordered.fetch_add(1, Ordering::Relaxed);
             }
             Seen::Next => {}
         }
-        self.latencies.push(arrived_ns.saturating_sub(header.sent_ns) / 1000);
-        1
+        Some(arrived_ns.saturating_sub(header.sent_ns) / 1000)
     }
 
-    fn flush_latencies(&mut self, into: &Mutex<Latency>) {
-        if self.latencies.is_empty() {
-            return;
-        }
-        let mut histogram = into.lock().unwrap_or_else(|e| e.into_inner());
-        for &us in &self.latencies {
-            histogram.record(us);
-        }
-        self.latencies.clear();
+    /// How many targets it counts sequences on.
+    #[cfg(test)]
+    fn streams(&self) -> usize {
+        2 + self.extra.as_ref().map_or(0, |extra| extra.also.len())
     }
 }
 
@@ -643,29 +961,49 @@ enum Seen {
     Again,
 }
 
-/// The sequence numbers one client has seen: the next expected one and the
-/// gaps below it.
+/// The sequence numbers one client has seen on one target: the next
+/// expected one and the gaps below it (boxed, and only while there are some:
+/// in order, messages leave none).
 #[derive(Debug, Default)]
 struct Order {
     next: u64,
-    missing: BTreeSet<u64>,
+    missing: Option<Box<Gaps>>,
 }
+
+/// Sequence numbers skipped and not seen since (a word in every client
+/// while boxed, where a `BTreeSet` is three).
+#[derive(Debug, Default)]
+struct Gaps(BTreeSet<u64>);
 
 impl Order {
     fn observe(&mut self, seq: u64) -> Seen {
         if seq >= self.next {
             let from = self.next.max(seq.saturating_sub(MAX_MISSING as u64));
-            self.missing.extend(from..seq);
-            while self.missing.len() > MAX_MISSING {
-                self.missing.pop_first();
+            if from < seq {
+                let missing = &mut self.missing.get_or_insert_with(Box::default).0;
+                missing.extend(from..seq);
+                while missing.len() > MAX_MISSING {
+                    missing.pop_first();
+                }
             }
-            self.next = seq + 1;
+            self.next = seq.saturating_add(1);
             Seen::Next
-        } else if self.missing.remove(&seq) {
-            Seen::Late
         } else {
-            Seen::Again
+            let Some(Gaps(missing)) = self.missing.as_deref_mut() else { return Seen::Again };
+            if !missing.remove(&seq) {
+                return Seen::Again;
+            }
+            if missing.is_empty() {
+                self.missing = None;
+            }
+            Seen::Late
         }
+    }
+
+    /// How many gaps it remembers.
+    #[cfg(test)]
+    fn missing(&self) -> usize {
+        self.missing.as_ref().map_or(0, |missing| missing.0.len())
     }
 }
 
@@ -702,6 +1040,9 @@ fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<Frame>> {
         bail!("the server sent a masked frame");
     }
     let len = usize::try_from(payload_len).ok().and_then(|p| p.checked_add(header)).context("frame too large")?;
+    if len > MAX_FRAME_BYTES {
+        bail!("a frame of {len} bytes, over the limit of {MAX_FRAME_BYTES}");
+    }
     if buf.len() < len {
         return Ok(None);
     }
@@ -710,9 +1051,16 @@ fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<Frame>> {
 
 /// A masked client control frame (the zero mask leaves the payload as is).
 fn control_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![0x80 | opcode, 0x80 | payload.len().min(125) as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(&payload[..payload.len().min(125)]);
+    let mut frame = Vec::new();
+    push_control_frame(&mut frame, opcode, payload);
     frame
+}
+
+/// Appends a masked client control frame to `out`.
+fn push_control_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let payload = &payload[..payload.len().min(125)];
+    out.extend_from_slice(&[0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+    out.extend_from_slice(payload);
 }
 
 /// A masked text frame from the client (the zero mask leaves the payload as it is).
@@ -788,25 +1136,42 @@ mod tests {
         assert_eq!(order.observe(0), Seen::Next);
         assert_eq!(order.observe(2), Seen::Next);
         assert_eq!(order.observe(1), Seen::Late);
+        assert!(order.missing.is_none(), "the gaps are freed once filled");
         assert_eq!(order.observe(1), Seen::Again);
         assert_eq!(order.observe(2), Seen::Again);
         assert_eq!(order.observe(3), Seen::Next);
         order.observe(1_000_000);
-        assert_eq!(order.missing.len(), MAX_MISSING);
+        assert_eq!(order.missing(), MAX_MISSING);
+        assert_eq!(order.observe(999_999), Seen::Late);
+        assert_eq!(order.observe(5), Seen::Again, "too old to remember");
+    }
+
+    /// Checks `payload` the way a receiving client does, recording its latency in `latencies`.
+    fn check_one(check: &mut Check, payload: &str, stats: &Stats, latencies: &mut Vec<u64>) -> u64 {
+        match check.message(payload.as_bytes(), message::now_ns(), stats) {
+            Some(us) => {
+                latencies.push(us);
+                1
+            }
+            None => 0,
+        }
     }
 
     #[test]
     fn checks_count_misdeliveries_and_latency() {
         let stats = Stats::new();
-        let mut check = Check::new("gw0/1", &[], false);
-        let now = message::now_ns();
-        assert_eq!(check.message(message::encode(0, "gw0/1", 32).as_bytes(), now, &stats), 1);
-        assert_eq!(check.message(message::encode(0, "gw0/2", 32).as_bytes(), now, &stats), 0);
-        assert_eq!(check.message(message::encode(0, "*", 32).as_bytes(), now, &stats), 1);
-        assert_eq!(check.message(message::encode(0, "*", 32).as_bytes(), now, &stats), 0);
-        assert_eq!(check.message(b"not ours", now, &stats), 0);
-        assert_eq!(check.message(message::encode(0, "u1", 32).as_bytes(), now, &stats), 0);
-        check.flush_latencies(&stats.latency[0]);
+        let mut check = Check::new((*b"gw0/1").into(), &[], false);
+        assert!(check.extra.is_none(), "an anonymous raw client boxes nothing");
+        let mut latencies = Vec::new();
+        let mut one = |payload: &str| check_one(&mut check, payload, &stats, &mut latencies);
+        assert_eq!(one(&message::encode(0, "gw0/1", 32)), 1);
+        assert_eq!(one(&message::encode(0, "gw0/2", 32)), 0);
+        assert_eq!(one(&message::encode(0, "*", 32)), 1);
+        assert_eq!(one(&message::encode(0, "*", 32)), 0);
+        assert_eq!(one("not ours"), 0);
+        assert_eq!(one(&message::encode(0, "u1", 32)), 0);
+        flush_latencies(&mut latencies, &stats.latency[0]);
+        assert!(latencies.is_empty());
         let totals = stats.totals();
         assert_eq!((totals.misdelivered, totals.duplicated, totals.latency.count()), (3, 1, 2));
     }
@@ -814,18 +1179,204 @@ mod tests {
     #[test]
     fn a_logged_in_client_counts_each_of_its_targets_on_its_own() {
         let stats = Stats::new();
-        let mut check = Check::new("gw0/1", &["u1".into(), "room".into(), "room".into()], false);
-        assert_eq!(check.streams.len(), 4, "a repeated target is one stream");
-        let now = message::now_ns();
+        let also = ["u1", "room", "room", "*", "gw0/1"].map(String::from);
+        let mut check = Check::new((*b"gw0/1").into(), &also, false);
+        assert_eq!(check.streams(), 4, "a repeated target is one stream");
+        let mut latencies = Vec::new();
+        let mut one = |payload: &str| check_one(&mut check, payload, &stats, &mut latencies);
         for target in ["*", "gw0/1", "u1", "room"] {
-            assert_eq!(check.message(message::encode(0, target, 32).as_bytes(), now, &stats), 1, "{target}");
+            assert_eq!(one(&message::encode(0, target, 32)), 1, "{target}");
         }
-        assert_eq!(check.message(message::encode(1, "room", 32).as_bytes(), now, &stats), 1);
-        assert_eq!(check.message(message::encode(1, "room", 32).as_bytes(), now, &stats), 0);
-        assert_eq!(check.message(message::encode(0, "u2", 32).as_bytes(), now, &stats), 0);
-        assert_eq!(check.message(message::encode(0, "other-room", 32).as_bytes(), now, &stats), 0);
+        assert_eq!(one(&message::encode(1, "room", 32)), 1);
+        assert_eq!(one(&message::encode(1, "room", 32)), 0);
+        assert_eq!(one(&message::encode(0, "u2", 32)), 0);
+        assert_eq!(one(&message::encode(0, "other-room", 32)), 0);
         let totals = stats.totals();
         assert_eq!((totals.misdelivered, totals.duplicated, totals.reordered), (2, 1, 0));
+    }
+
+    #[test]
+    fn a_client_protocol_client_finds_the_payload_in_the_push() {
+        let stats = Stats::new();
+        let mut check = Check::new((*b"gw0/1").into(), &[message::channel_label("bench:a")], true);
+        let push = |target: &str, seq| {
+            let payload = message::encode(seq, target, 40);
+            format!(r#"{{"publication":{{"channel":"bench:a","content":{{"text":"{payload}"}}}}}}"#)
+        };
+        let mut latencies = Vec::new();
+        let mut one = |payload: &str| check_one(&mut check, payload, &stats, &mut latencies);
+        assert_eq!(one(&push("bench~a", 0)), 1);
+        assert_eq!(one(&push("bench~a", 2)), 1);
+        assert_eq!(one(&push("bench~a", 1)), 1, "late, but a first delivery");
+        assert_eq!(one(&push("bench~b", 0)), 0);
+        let totals = stats.totals();
+        assert_eq!((totals.misdelivered, totals.reordered), (1, 1));
+    }
+
+    /// Frames as `(fin, opcode, payload)`, from the server (unmasked).
+    fn server_frames(frames: &[(bool, u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (fin, opcode, payload) in frames {
+            out.push(if *fin { 0x80 } else { 0 } | opcode);
+            match payload.len() {
+                len @ 0..=125 => out.push(len as u8),
+                len @ 126..=0xffff => {
+                    out.push(126);
+                    out.extend_from_slice(&(len as u16).to_be_bytes());
+                }
+                len => {
+                    out.push(127);
+                    out.extend_from_slice(&(len as u64).to_be_bytes());
+                }
+            }
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_split_anywhere_come_out_whole_and_partial_ones_are_freed_once_whole() {
+        let frames = vec![
+            (true, OP_TEXT, b"short".to_vec()),
+            (true, OP_BINARY, vec![7; 300]),
+            (true, OP_PING, b"p".to_vec()),
+            (true, OP_TEXT, vec![b'y'; 70_000]),
+            (true, OP_TEXT, Vec::new()),
+        ];
+        let bytes = server_frames(&frames);
+        for chunk in [1, 2, 3, 5, 64, 4096, bytes.len()] {
+            let mut unread = Vec::new();
+            let mut seen = Vec::new();
+            for input in bytes.chunks(chunk) {
+                let mut on_frame = |frame: &Frame, payload: &[u8]| {
+                    seen.push((frame.fin, frame.opcode, payload.to_vec()));
+                    Flow::Go
+                };
+                split_frames(&mut unread, input, &mut on_frame).unwrap();
+                if unread.is_empty() {
+                    assert_eq!(unread.capacity(), 0, "nothing pending, nothing held (chunks of {chunk})");
+                }
+            }
+            assert_eq!(seen, frames, "chunks of {chunk}");
+            assert!(unread.is_empty());
+        }
+    }
+
+    #[test]
+    fn frames_after_a_stop_wait_in_unread_until_drained() {
+        let bytes = server_frames(&[(true, OP_TEXT, b"a".to_vec()), (true, OP_TEXT, b"b".to_vec())]);
+        let mut unread = Vec::new();
+        let mut seen = Vec::new();
+        let mut stop_after_one = |_: &Frame, payload: &[u8]| {
+            seen.push(payload.to_vec());
+            Flow::Stop
+        };
+        split_frames(&mut unread, &bytes[..5], &mut stop_after_one).unwrap();
+        assert_eq!(unread.len(), 2, "b's frame, partial");
+        split_frames(&mut unread, &bytes[5..], &mut stop_after_one).unwrap();
+        assert!(unread.is_empty());
+        let mut unread = Vec::new();
+        split_frames(&mut unread, &bytes, &mut stop_after_one).unwrap();
+        assert_eq!(drain_unread(&mut unread, &mut stop_after_one).unwrap(), Flow::Stop);
+        assert_eq!((unread.len(), unread.capacity()), (0, 0));
+        assert_eq!(seen, [b"a", b"b", b"a", b"b"]);
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_or_masked_is_refused_from_its_header() {
+        let mut header = vec![0x81, 127];
+        header.extend_from_slice(&(MAX_FRAME_BYTES as u64).to_be_bytes());
+        let mut ignore = |_: &Frame, _: &[u8]| Flow::Go;
+        assert!(split_frames(&mut Vec::new(), &header, &mut ignore).is_err());
+        let mut unread = Vec::new();
+        split_frames(&mut unread, &header[..5], &mut ignore).unwrap();
+        assert!(split_frames(&mut unread, &header[5..], &mut ignore).is_err());
+        assert!(unread.capacity() < 64, "nothing reserved for it");
+        let mut unread = vec![0x81];
+        assert!(split_frames(&mut unread, &[0x81], &mut ignore).is_err(), "masked");
+    }
+
+    /// A server that upgrades one connection and greets it as `gw0/1`, then
+    /// sends `script` in pieces of `piece` bytes (each its own segment), and
+    /// returns what the client sent back until it hung up.
+    async fn fake_server(script: Vec<u8>, piece: usize) -> (WsUrl, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = WsUrl { addr: listener.local_addr().unwrap(), path: "/".into() };
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.set_nodelay(true).unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(socket.read_u8().await.unwrap());
+            }
+            let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n".to_vec();
+            out.extend(server_frames(&[(true, OP_TEXT, b"Worker ID:gw0 Connection ID:1 connected".to_vec())]));
+            out.extend(script);
+            for piece in out.chunks(piece) {
+                socket.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut back = Vec::new();
+            let _ = socket.read_to_end(&mut back).await;
+            back
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn a_receiving_client_checks_every_message_answers_pings_and_closes() {
+        let text = |seq, target: &str| (true, OP_TEXT, message::encode(seq, target, 48).into_bytes());
+        let fragmented = message::encode(1, "*", 48).into_bytes();
+        let script = server_frames(&[
+            text(0, "*"),
+            text(0, "gw0/1"),
+            (true, OP_PING, b"hi".to_vec()),
+            (false, OP_TEXT, fragmented[..10].to_vec()),
+            (false, OP_CONTINUATION, fragmented[10..20].to_vec()),
+            (true, OP_CONTINUATION, fragmented[20..].to_vec()),
+            text(1, "*"),
+            text(0, "gw0/2"),
+            text(3, "*"),
+            text(2, "*"),
+            (true, OP_CLOSE, vec![0x03, 0xe8, b'b', b'y', b'e']),
+        ]);
+        for piece in [3, 1000] {
+            let (url, server) = fake_server(script.clone(), piece).await;
+            let client = connect(&url, Ipv4Addr::LOCALHOST, None, &[]).await.unwrap();
+            assert_eq!(client.address, "gw0/1");
+            let stats = Arc::new(Stats::new());
+            client.receive(stats.clone(), 21).await;
+            let totals = stats.totals();
+            assert_eq!(
+                (totals.delivered, totals.duplicated, totals.misdelivered, totals.reordered, totals.closed),
+                (5, 1, 1, 1, 1),
+                "in pieces of {piece}"
+            );
+            assert_eq!(totals.latency.count(), 5);
+            let mut expected = control_frame(OP_PONG, b"hi");
+            expected.extend(control_frame(OP_CLOSE, &[0x03, 0xe8]));
+            let back = server.await.unwrap();
+            assert!(back.ends_with(&expected), "pong then close reply, got {back:?}");
+        }
+    }
+
+    /// The most a receiving client's future may take. Tokio's task adds 104
+    /// bytes (a 32-byte header, the scheduler and task id, the stage's tag, a
+    /// 48-byte trailer, as of tokio 1.54) and aligns to 128: up to this size
+    /// the task fits a 256-byte slot of the bench's allocator (see `alloc`);
+    /// past it, glibc's 448-byte blocks for aligned memory.
+    const RECEIVER_FUTURE_BYTES: usize = 152;
+
+    #[tokio::test]
+    async fn a_receiving_client_is_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let address = "gw0/1796239878472001".to_owned();
+        let client = Client { stream, unread: Vec::new(), address, also: Vec::new(), json: false };
+        let receiving = client.receive(Arc::new(Stats::new()), 0);
+        let size = std::mem::size_of_val(&receiving);
+        assert!(size <= RECEIVER_FUTURE_BYTES, "a receiving client's future takes {size} bytes");
     }
 
     #[test]

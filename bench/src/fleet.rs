@@ -15,6 +15,10 @@ use crate::endpoints::{SourceAddrs, WsUrl};
 use crate::identity::ClientIdentity;
 use crate::loadgen::{Event, Finished, Plan, Report, Task};
 use crate::message;
+use crate::stats::thousands;
+
+/// How often the harness says how far a long connect has got.
+const CONNECTING_SAID_EVERY: Duration = Duration::from_secs(10);
 
 /// How clients are spread over processes and source addresses.
 #[derive(Debug, Clone)]
@@ -64,6 +68,8 @@ pub fn plans(
 pub struct Progress {
     delivered: Vec<AtomicU64>,
     closed: Vec<AtomicU64>,
+    /// While connecting: clients connected, and failed, per process.
+    connecting: Vec<(AtomicU64, AtomicU64)>,
     /// `CLOCK_MONOTONIC` ns of the last change in the delivered total.
     last_delivery_ns: AtomicU64,
     changed: Notify,
@@ -76,6 +82,13 @@ impl Progress {
 
     pub fn closed(&self) -> u64 {
         self.closed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Clients connected and failed so far, while the processes connect.
+    pub fn connecting(&self) -> (u64, u64) {
+        self.connecting.iter().fold((0, 0), |(connected, failed), (c, f)| {
+            (connected + c.load(Ordering::Relaxed), failed + f.load(Ordering::Relaxed))
+        })
     }
 
     pub fn last_delivery_ns(&self) -> u64 {
@@ -93,6 +106,23 @@ impl Progress {
         let deadline = tokio::time::Instant::now() + within;
         while self.delivered() < target {
             if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.changed(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Waits until `target` deliveries are counted, or until none has been
+    /// for `stall` (counted from the call at first); tells whether the
+    /// target was reached. A broadcast to a million clients takes seconds:
+    /// a fixed wait would have to be long for it, and long for nothing when
+    /// a client is really gone.
+    pub async fn wait_delivered_unless_stalled(&self, target: u64, stall: Duration) -> bool {
+        let called_ns = message::now_ns();
+        while self.delivered() < target {
+            let quiet_since = self.last_delivery_ns().max(called_ns);
+            if message::now_ns().saturating_sub(quiet_since) >= stall.as_nanos() as u64 {
                 return false;
             }
             self.changed(Duration::from_millis(20)).await;
@@ -132,6 +162,7 @@ impl Fleet {
         let progress = Arc::new(Progress {
             delivered: plans.iter().map(|_| AtomicU64::new(0)).collect(),
             closed: plans.iter().map(|_| AtomicU64::new(0)).collect(),
+            connecting: plans.iter().map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
             last_delivery_ns: AtomicU64::new(message::now_ns()),
             changed: Notify::new(),
         });
@@ -159,11 +190,43 @@ impl Fleet {
         self.workers.iter().map(|w| w.child.id()).collect()
     }
 
-    /// Waits for every process to finish connecting.
-    pub async fn connected(&mut self, within: Duration) -> anyhow::Result<Connected> {
+    /// Waits for every process to finish connecting, however long that
+    /// takes (a million clients take minutes) as long as they get somewhere:
+    /// fails once no client of any process has connected or failed for
+    /// `stall`. Says how far they got every [`CONNECTING_SAID_EVERY`].
+    pub async fn connected(&mut self, stall: Duration) -> anyhow::Result<Connected> {
         let mut all = Connected { addresses: Vec::new(), users: Vec::new(), failed: 0, first_error: None };
+        let total: usize = self.workers.iter().map(|w| w.connections).sum();
+        let began = tokio::time::Instant::now();
+        let mut said = began;
+        let mut last = (self.progress.connecting(), began);
         for worker in &mut self.workers {
-            match next_event(worker, within).await? {
+            let event = loop {
+                match tokio::time::timeout(Duration::from_millis(500), worker.events.recv()).await {
+                    Ok(Some(event)) => break event,
+                    Ok(None) => bail!("load generator {} exited (see its error above)", worker.child.id()),
+                    Err(_) => {}
+                }
+                let now = tokio::time::Instant::now();
+                let counts = self.progress.connecting();
+                if counts != last.0 {
+                    last = (counts, now);
+                } else if now.duration_since(last.1) >= stall {
+                    bail!("the load generators connected no client for {stall:?} ({} of {total} so far)", counts.0);
+                }
+                if now.duration_since(said) >= CONNECTING_SAID_EVERY {
+                    said = now;
+                    let (connected, failed) = counts;
+                    let failed = if failed > 0 { format!(", {} failed", thousands(failed)) } else { String::new() };
+                    eprintln!(
+                        "  connecting: {} of {} after {:.0}s{failed}",
+                        thousands(connected),
+                        thousands(total as u64),
+                        now.duration_since(began).as_secs_f64()
+                    );
+                }
+            };
+            match event {
                 Event::Connected { addresses, users, failed, first_error } => {
                     all.addresses.extend(addresses);
                     all.users.extend(users);
@@ -277,6 +340,10 @@ async fn next_event(worker: &mut Worker, within: Duration) -> anyhow::Result<Eve
 fn follow(stdout: impl BufRead, index: usize, progress: &Progress, events: &mpsc::UnboundedSender<Event>) {
     for line in stdout.lines().map_while(Result::ok) {
         match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Connecting { connected, failed }) => {
+                progress.connecting[index].0.store(connected, Ordering::Relaxed);
+                progress.connecting[index].1.store(failed, Ordering::Relaxed);
+            }
             Ok(Event::Progress { delivered, closed }) => {
                 if progress.delivered[index].swap(delivered, Ordering::Relaxed) != delivered {
                     progress.last_delivery_ns.store(message::now_ns(), Ordering::Relaxed);
@@ -318,6 +385,35 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 6, "every process has sources of its own");
         assert_eq!(self::plans(10, &urls, &spread, &mut sources, &[], &[]).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_deliveries_lasts_while_they_come() {
+        let progress = Arc::new(Progress {
+            delivered: vec![AtomicU64::new(0)],
+            closed: vec![AtomicU64::new(0)],
+            connecting: vec![(AtomicU64::new(3), AtomicU64::new(1))],
+            last_delivery_ns: AtomicU64::new(0),
+            changed: Notify::new(),
+        });
+        assert_eq!(progress.connecting(), (3, 1));
+        let began = tokio::time::Instant::now();
+        assert!(!progress.wait_delivered_unless_stalled(10, Duration::from_millis(50)).await);
+        assert!(began.elapsed() >= Duration::from_millis(50), "the stall counts from the call");
+        // Deliveries every 30 ms: a 50 ms stall never comes, though the whole wait takes longer.
+        let feeding = tokio::spawn({
+            let progress = progress.clone();
+            async move {
+                for n in 1..=5 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    progress.delivered[0].store(n * 2, Ordering::Relaxed);
+                    progress.last_delivery_ns.store(message::now_ns(), Ordering::Relaxed);
+                    progress.changed.notify_waiters();
+                }
+            }
+        });
+        assert!(progress.wait_delivered_unless_stalled(10, Duration::from_millis(50)).await);
+        feeding.await.unwrap();
     }
 
     #[test]

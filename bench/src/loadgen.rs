@@ -2,7 +2,8 @@
 //! of the WebSocket clients and reports on them to the harness that started it.
 //!
 //! The protocol is JSON lines. The harness writes one [`Plan`] on standard
-//! input; the process connects every client, prints [`Event::Connected`], then
+//! input; the process connects every client (printing [`Event::Connecting`]
+//! now and then on the way), prints [`Event::Connected`], then
 //! an [`Event::Progress`] whenever its delivery count changes, and an
 //! [`Event::Report`] for each `report` line it reads. It exits when its
 //! standard input closes.
@@ -21,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::clients::{self, Client, Period, Stats};
@@ -30,6 +32,9 @@ use crate::stats::Latency;
 
 /// How long a cycled connection's close handshake may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a process tells the harness how many clients it has connected
+/// so far (the harness gives up on a process that stops getting anywhere).
+const CONNECTING_EVERY: Duration = Duration::from_millis(500);
 
 /// What one load-generator process does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +179,8 @@ pub enum Event {
         failed: usize,
         first_error: Option<String>,
     },
+    /// While connecting: clients connected and failed so far.
+    Connecting { connected: u64, failed: u64 },
     /// Totals so far.
     Progress { delivered: u64, closed: u64 },
     /// Final figures, on request.
@@ -271,58 +278,76 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 /// Connects every client and announces them. Receiving clients are left
-/// receiving in the background (each from its connection on, so that it
+/// receiving in the background, each from its connection on (so that it
 /// answers pings however long the others take), along with a progress
 /// reporter; the others are handed back for their task.
+///
+/// At most `connect_concurrency` handshakes are in flight, and only they are
+/// spawned: a handshake's task is far larger than a receiving client's, and
+/// spawning them all up front would peak (and leave the allocator holding)
+/// several KiB per client. Meanwhile [`Event::Connecting`] tells the harness
+/// how far it got.
 async fn connect_all(plan: &Plan, urls: &[WsUrl], stats: &Arc<Stats>) -> Vec<Client> {
-    let permits = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
     let timeout = Duration::from_millis(plan.connect_timeout_ms);
-    let attempts: Vec<_> = (0..plan.connections)
-        .map(|i| {
+    let receive = plan.task == Task::Receive;
+    let mut attempts = JoinSet::new();
+    let mut next = 0;
+    let mut addresses = Vec::with_capacity(plan.connections);
+    let mut users = Vec::new();
+    let mut connected = Vec::new();
+    let mut failed = 0;
+    let mut first_error = None;
+    let mut told = Instant::now();
+    while next < plan.connections || !attempts.is_empty() {
+        while next < plan.connections && attempts.len() < plan.connect_concurrency.max(1) {
+            let i = next;
+            next += 1;
             let url = urls[i % urls.len()].clone();
             let source = plan.sources[i % plan.sources.len()];
             let identity = plan.identities.get(i).cloned();
-            let permits = permits.clone();
             let subscribe = plan.subscribe.clone();
-            tokio::spawn(async move {
-                let _permit = permits.acquire_owned().await?;
+            let stats = stats.clone();
+            // Boxed: the task then fits the allocator's pool of small aligned
+            // blocks, and the handshake's large state is an ordinary allocation.
+            // glibc gives a large aligned block with fragments around it that
+            // pile up, handshake after handshake (6 MB per 10,000 clients).
+            attempts.spawn(Box::pin(async move {
                 let token = identity.as_ref().map(|id| id.token.as_str());
                 let mut client = tokio::time::timeout(timeout, clients::connect(&url, source, token, &subscribe))
                     .await
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("connect to {url} timed out")))?;
-                if let Some(identity) = identity {
-                    client.also_accept(identity.user, identity.groups);
+                let user = identity.map(|identity| {
+                    client.also_accept(identity.user.clone(), identity.groups);
+                    identity.user
+                });
+                let address = client.address.clone();
+                if receive {
+                    // A task of its own, sized for receiving: this one ends here.
+                    tokio::spawn(client.receive(stats, i));
+                    return Ok::<_, anyhow::Error>((address, user, None));
                 }
-                Ok::<_, anyhow::Error>(client)
-            })
-        })
-        .collect();
-    let mut addresses = Vec::with_capacity(plan.connections);
-    let mut users = Vec::new();
-    let mut connected = Vec::with_capacity(plan.connections);
-    let mut failed = 0;
-    let mut first_error = None;
-    for (i, attempt) in attempts.into_iter().enumerate() {
-        match attempt.await.map_err(anyhow::Error::from).and_then(|r| r) {
-            Ok(client) => {
-                addresses.push(client.address.clone());
-                if let Some(identity) = plan.identities.get(i) {
-                    users.push(identity.user.clone());
-                }
-                if plan.task == Task::Receive {
-                    spawn_receiver(client, stats.clone(), i);
-                } else {
-                    connected.push(client);
-                }
+                Ok((address, user, Some(client)))
+            }));
+        }
+        let Some(attempt) = attempts.join_next().await else { break };
+        match attempt.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok((address, user, client)) => {
+                addresses.push(address);
+                users.extend(user);
+                connected.extend(client);
             }
             Err(e) => {
                 failed += 1;
                 first_error.get_or_insert_with(|| format!("{e:#}"));
             }
         }
+        if told.elapsed() >= CONNECTING_EVERY {
+            told = Instant::now();
+            emit(&Event::Connecting { connected: addresses.len() as u64, failed: failed as u64 });
+        }
     }
     emit(&Event::Connected { addresses, users, failed, first_error });
-    if plan.task == Task::Receive {
+    if receive {
         tokio::spawn(report_progress(stats.clone(), Duration::from_millis(plan.progress_ms.max(1))));
     }
     connected
@@ -409,10 +434,6 @@ async fn cycle(plan: Plan, urls: Vec<WsUrl>, cycling: Cycling) {
     emit(&Event::Finished(finished));
 }
 
-fn spawn_receiver(client: Client, stats: Arc<Stats>, index: usize) {
-    tokio::spawn(async move { client.receive(&stats, index).await });
-}
-
 async fn report_progress(stats: Arc<Stats>, every: Duration) {
     let mut last = (u64::MAX, u64::MAX);
     let mut ticks = tokio::time::interval(every);
@@ -448,6 +469,8 @@ mod tests {
     fn events_are_one_json_object_tagged_by_kind() {
         let line = serde_json::to_string(&Event::Progress { delivered: 3, closed: 0 }).unwrap();
         assert_eq!(line, r#"{"event":"progress","delivered":3,"closed":0}"#);
+        let line = serde_json::to_string(&Event::Connecting { connected: 5, failed: 1 }).unwrap();
+        assert_eq!(line, r#"{"event":"connecting","connected":5,"failed":1}"#);
         let report = Event::Report(Report { delivered: 1, latency_us: vec![(5, 1)], ..Report::default() });
         let back: Event = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
         assert!(matches!(back, Event::Report(r) if r.latency().count() == 1));

@@ -6,6 +6,7 @@
 //! recover, query, churn, subscribe, events, connects, rpc and soak (an hour, by hand);
 //! `--help` on each scenario lists its options. See BENCHMARKS.md for results.
 
+mod alloc;
 mod cli;
 mod clients;
 mod consumer;
@@ -28,6 +29,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cli::{Cli, Scenario};
+
+/// Small cache-line-aligned blocks (a client's task and socket registration) from a pool: see `alloc`.
+#[global_allocator]
+static ALLOCATOR: alloc::Lean = alloc::Lean;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

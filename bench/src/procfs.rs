@@ -1,6 +1,7 @@
 //! Resource use read from `/proc`: a process's resident memory (VmRSS), open
-//! descriptors and CPU time, and the whole machine's busy time, turned into CPU percentages
-//! over a measured interval.
+//! descriptors (and their limit) and CPU time, and the whole machine's busy
+//! time, turned into CPU percentages over a measured interval; the whole
+//! machine's memory in use and the kernel's TCP sockets and their buffers.
 
 use std::time::Instant;
 
@@ -8,18 +9,82 @@ use anyhow::Context;
 
 /// Resident memory of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The part of [`rss_kib`] that is anonymous memory (the heap, stacks), in
+/// KiB: without the pages of files mapped, such as the binary, which
+/// processes running the same binary share.
+pub fn rss_anon_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+/// The field `name` (in kB) of `/proc/<pid>/status`.
+fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS for process {pid}"))
+        .with_context(|| format!("no {name} for process {pid}"))
 }
 
 /// Open descriptors of `pid`: the entries of `/proc/<pid>/fd`.
 pub fn open_fds(pid: u32) -> anyhow::Result<u64> {
     let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("process {pid}"))?;
     Ok(entries.count() as u64)
+}
+
+/// The soft limit on open files of `pid` (`Max open files` in `/proc/<pid>/limits`).
+pub fn open_files_limit(pid: u32) -> anyhow::Result<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).with_context(|| format!("process {pid}"))?;
+    max_open_files(&limits).with_context(|| format!("no open-files limit for process {pid}"))
+}
+
+fn max_open_files(limits: &str) -> Option<u64> {
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    // "unlimited" is no number: treat it as the largest one.
+    line.split_whitespace().next().map(|soft| soft.parse().unwrap_or(u64::MAX))
+}
+
+/// Memory the whole machine uses, in KiB: `MemTotal` − `MemAvailable` of
+/// `/proc/meminfo` (what the kernel could not hand to a new process without
+/// swapping: processes, the kernel's own, socket buffers; not the page cache).
+pub fn machine_used_kib() -> anyhow::Result<u64> {
+    used_kib(&std::fs::read_to_string("/proc/meminfo")?).context("no MemTotal or MemAvailable in /proc/meminfo")
+}
+
+fn used_kib(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
+        line.trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some(field("MemTotal")?.saturating_sub(field("MemAvailable")?))
+}
+
+/// The machine's TCP sockets, from `/proc/net/sockstat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSockets {
+    /// Sockets in use (established, listening, connecting; not TIME_WAIT).
+    pub inuse: u64,
+    /// Bytes of socket buffers the kernel holds for all of them (`mem`, in pages).
+    pub mem_bytes: u64,
+}
+
+pub fn tcp_sockets() -> anyhow::Result<TcpSockets> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
+    let page = rustix::param::page_size() as u64;
+    tcp_line(&sockstat, page).context("no TCP line in /proc/net/sockstat")
+}
+
+/// The `TCP: inuse N orphan N tw N alloc N mem N` line of `sockstat`.
+fn tcp_line(sockstat: &str, page: u64) -> Option<TcpSockets> {
+    let fields: Vec<&str> = sockstat.lines().find_map(|line| line.strip_prefix("TCP:"))?.split_whitespace().collect();
+    let value = |name: &str| -> Option<u64> {
+        let at = fields.iter().position(|field| *field == name)?;
+        fields.get(at + 1)?.parse().ok()
+    };
+    Some(TcpSockets { inuse: value("inuse")?, mem_bytes: value("mem")?.saturating_mul(page) })
 }
 
 /// User plus system CPU time of `pid`, in clock ticks.
@@ -93,7 +158,7 @@ mod tests {
     #[test]
     fn this_process_has_memory_and_cpu_time() {
         let me = std::process::id();
-        assert!(rss_kib(me).unwrap() > 0);
+        assert!(rss_kib(me).unwrap() >= rss_anon_kib(me).unwrap());
         assert!(cpu_ticks(me).is_some());
         let meter = CpuMeter::start(&[Watched { role: "self".into(), pid: me }]);
         let spin = Instant::now();
@@ -103,5 +168,25 @@ mod tests {
         let cpu = meter.finish();
         assert_eq!(cpu[0].0, "self");
         assert_eq!(cpu.last().unwrap().0, "machine");
+        assert!(open_files_limit(me).unwrap() > open_fds(me).unwrap());
+        assert!(machine_used_kib().unwrap() > 0);
+        assert!(tcp_sockets().is_ok());
+    }
+
+    #[test]
+    fn machine_figures_parse() {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:        1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(used_kib(meminfo), Some(4_576_000));
+        assert_eq!(used_kib("MemTotal: 5 kB\n"), None);
+        let sockstat = "sockets: used 40\nTCP: inuse 17 orphan 0 tw 2 alloc 20 mem 54\nUDP: inuse 0 mem 0\n";
+        assert_eq!(tcp_line(sockstat, 4096), Some(TcpSockets { inuse: 17, mem_bytes: 54 * 4096 }));
+        assert_eq!(tcp_line("UDP: inuse 0 mem 0\n", 4096), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max open files            20000                20000                files     \n";
+        assert_eq!(max_open_files(limits), Some(20_000));
+        assert_eq!(
+            max_open_files("Max open files            unlimited            unlimited            files"),
+            Some(u64::MAX)
+        );
     }
 }

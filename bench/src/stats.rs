@@ -124,6 +124,18 @@ pub struct Measurement {
     pub redelivered: u64,
     /// Events herald dropped on purpose, by its own count (a full gateway queue, a group past its retention).
     pub dropped: u64,
+    /// WebSocket gateway processes.
+    pub gateways: u64,
+    /// Resident memory of every gateway process together, in MiB.
+    pub gateway_rss_mib: Option<f64>,
+    /// Resident memory of the load-generator processes over their clients, in KiB.
+    pub loadgen_rss_per_client_kib: Option<f64>,
+    /// Growth of the whole machine's memory in use (MemTotal − MemAvailable) over the run, in MiB.
+    pub machine_used_mib: Option<f64>,
+    /// Growth of the kernel's TCP socket buffers over the run, in MiB.
+    pub socket_mem_mib: Option<f64>,
+    /// The machine's TCP sockets in use.
+    pub tcp_inuse: Option<u64>,
     pub cpu: Vec<(String, f64)>,
 }
 
@@ -178,6 +190,12 @@ impl Measurement {
             expected: med(&|r| Some(r.expected as f64)).unwrap_or_default() as u64,
             redelivered: worst(&|r| r.redelivered),
             dropped: worst(&|r| r.dropped),
+            gateways: med(&|r| Some(r.gateways as f64)).unwrap_or_default() as u64,
+            gateway_rss_mib: med(&|r| r.gateway_rss_mib),
+            loadgen_rss_per_client_kib: med(&|r| r.loadgen_rss_per_client_kib),
+            machine_used_mib: med(&|r| r.machine_used_mib),
+            socket_mem_mib: med(&|r| r.socket_mem_mib),
+            tcp_inuse: med(&|r| r.tcp_inuse.map(|n| n as f64)).map(|n| n as u64),
             cpu,
         }
     }
@@ -229,6 +247,18 @@ pub enum Column {
     Received,
     Redelivered,
     Dropped,
+    /// WebSocket gateway processes.
+    Gateways,
+    /// All gateways' resident memory together, MiB.
+    GatewayRss,
+    /// Load-generator resident memory per client, KiB.
+    LoadgenRssPerClient,
+    /// Machine memory in use, growth over the run, MiB.
+    MachineUsed,
+    /// Kernel TCP socket buffers, growth over the run, MiB.
+    SocketMemory,
+    /// TCP sockets in use on the machine.
+    TcpInuse,
 }
 
 /// One labelled row of a results table.
@@ -333,6 +363,12 @@ impl Column {
             Self::Received => "received",
             Self::Redelivered => "redelivered",
             Self::Dropped => "dropped",
+            Self::Gateways => "gateways",
+            Self::GatewayRss => "gw RSS MiB",
+            Self::LoadgenRssPerClient => "loadgen RSS/client KiB",
+            Self::MachineUsed => "machine MiB",
+            Self::SocketMemory => "TCP mem MiB",
+            Self::TcpInuse => "TCP inuse",
             Self::Latency | Self::LatencyP90 | Self::Cpu => "",
         }
     }
@@ -363,9 +399,22 @@ impl Column {
             Self::Received => thousands(m.received),
             Self::Redelivered => thousands(m.redelivered),
             Self::Dropped => thousands(m.dropped),
+            Self::Gateways => thousands(m.gateways),
+            Self::GatewayRss => m.gateway_rss_mib.map_or("–".into(), |mib| thousands(mib.round() as u64)),
+            Self::LoadgenRssPerClient => m.loadgen_rss_per_client_kib.map_or("–".into(), |kib| format!("{kib:.2}")),
+            Self::MachineUsed => m.machine_used_mib.map_or("–".into(), signed_mib),
+            Self::SocketMemory => m.socket_mem_mib.map_or("–".into(), signed_mib),
+            Self::TcpInuse => m.tcp_inuse.map_or("–".into(), thousands),
             Self::Latency | Self::LatencyP90 | Self::Cpu => String::new(),
         }
     }
+}
+
+/// A growth in MiB, which a busy shared machine may make negative: whole
+/// MiB, with a sign when below zero.
+fn signed_mib(mib: f64) -> String {
+    let whole = thousands(mib.abs().round() as u64);
+    if mib <= -0.5 { format!("-{whole}") } else { whole }
 }
 
 fn millis(ms: f64) -> String {
@@ -481,6 +530,36 @@ mod tests {
         let summary = Measurement::summarize(&runs);
         assert_eq!((summary.sent, summary.redelivered), (1_000_000, 7), "counts: medians; errors: the worst");
         assert_eq!(summary.latency.map(|l| l.p90), Some(0.5));
+    }
+
+    #[test]
+    fn machine_columns_show_memory_and_sockets() {
+        let m = Measurement {
+            gateways: 17,
+            gateway_rss_mib: Some(1234.4),
+            loadgen_rss_per_client_kib: Some(0.8449),
+            machine_used_mib: Some(5120.2),
+            socket_mem_mib: Some(-3.0),
+            tcp_inuse: Some(500_034),
+            ..Measurement::default()
+        };
+        let columns = [
+            Column::Gateways,
+            Column::GatewayRss,
+            Column::LoadgenRssPerClient,
+            Column::MachineUsed,
+            Column::SocketMemory,
+            Column::TcpInuse,
+        ];
+        assert_eq!(
+            inline(&columns, &m),
+            "gateways 17, gw RSS MiB 1,234, loadgen RSS/client KiB 0.84, machine MiB 5,120, TCP mem MiB -3, \
+             TCP inuse 500,034"
+        );
+        let runs = [m.clone(), Measurement { tcp_inuse: Some(2), gateways: 15, ..m.clone() }, m];
+        let summary = Measurement::summarize(&runs);
+        assert_eq!((summary.gateways, summary.tcp_inuse, summary.socket_mem_mib), (17, Some(500_034), Some(-3.0)));
+        assert_eq!(inline(&[Column::MachineUsed], &Measurement::default()), "machine MiB –");
     }
 
     #[test]

@@ -34,8 +34,15 @@ use crate::procfs::{self, Watched};
 use crate::procs::{Endpoints, External, Herald, Topology};
 use crate::stats::{Column, Measurement, Row, inline, table, thousands};
 
-/// Gateways started per this many connections when `--gateways` is not given.
+/// Gateways started per this many connections when `--gateways` is not given
+/// (fewer where the open-files limit is low: see [`connections_per_gateway`]).
 const CONNECTIONS_PER_GATEWAY: usize = 15_000;
+/// Descriptors a herald process keeps free of client connections (herald's
+/// `DESCRIPTOR_RESERVE`).
+const GATEWAY_RESERVE: usize = 128;
+/// Descriptors a load generator needs besides its clients' (standard
+/// streams, the runtime's epoll and wakers), with room to spare.
+const LOADGEN_RESERVE: usize = 64;
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     match scenario {
@@ -62,10 +69,38 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
 }
 
 /// How many gateways `connections` get when `--gateways` is not given: one
-/// per 15,000 connections, and at least one per broker.
+/// per [`connections_per_gateway`], and at least one per broker.
 fn default_gateways(common: &Common, connections: usize) -> usize {
     let brokers = usize::from(common.brokers);
-    common.gateways.unwrap_or_else(|| connections.div_ceil(CONNECTIONS_PER_GATEWAY).max(brokers)).max(1)
+    common.gateways.unwrap_or_else(|| connections.div_ceil(connections_per_gateway()).max(brokers)).max(1)
+}
+
+/// Connections per gateway: 15,000, or three quarters of what the open-files
+/// limit leaves, if less (gateways inherit this process's limit; each
+/// refuses clients past its limit). With several gateways on one port the
+/// kernel hashes each connection to one of them at random: a gateway's share,
+/// 15,000 on average, varies by about √15,000 ≈ 120 (at 250,000 connections
+/// on 17 gateways: 14,486 to 14,907), so the quarter spare (5,000 at a 20,000
+/// limit) is never near used up.
+fn connections_per_gateway() -> usize {
+    let room = open_files_limit().saturating_sub(GATEWAY_RESERVE);
+    CONNECTIONS_PER_GATEWAY.min(room / 4 * 3).max(1)
+}
+
+/// `wanted` clients per load generator, or fewer if that is more than its
+/// open-files limit (this process's, which it inherits) can hold.
+fn clients_per_process(wanted: usize) -> usize {
+    let room = open_files_limit().saturating_sub(LOADGEN_RESERVE).max(1);
+    if wanted > room {
+        eprintln!("  --per-process {wanted} is more than the open-files limit allows: {room} per load generator");
+        return room;
+    }
+    wanted
+}
+
+/// This process's open-files limit (its children inherit it).
+fn open_files_limit() -> usize {
+    procfs::open_files_limit(std::process::id()).map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX))
 }
 
 /// The herald a row was measured on, as its table label.
@@ -213,7 +248,7 @@ impl<'a> Bench<'a> {
             bail!("no WebSocket URL to connect clients to (give --ws-url)");
         }
         let spread = Spread {
-            per_process: self.common.per_process,
+            per_process: clients_per_process(self.common.per_process),
             per_source: self.common.per_source,
             connect_concurrency: self.common.connect_concurrency,
             connect_timeout: Duration::from_secs(30),
@@ -226,7 +261,9 @@ impl<'a> Bench<'a> {
         let processes = plans.len();
         let began = std::time::Instant::now();
         let mut fleet = Fleet::start(plans)?;
-        let connected = fleet.connected(Duration::from_secs(600)).await?;
+        // However long connecting takes, while the load generators get somewhere (a
+        // handshake succeeds or times out within the connect timeout).
+        let connected = fleet.connected(Duration::from_secs(120)).await?;
         eprintln!(
             "  {} clients connected from {processes} load generator(s) in {:.1}s{}",
             thousands(connected.addresses.len() as u64),
