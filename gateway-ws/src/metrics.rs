@@ -29,7 +29,7 @@ pub struct GatewayMetrics {
     pub pings_sent: Counter,
     /// Messages from clients, which herald does not route anywhere.
     pub client_messages_ignored: Counter,
-    /// Payload bytes written to clients.
+    /// Payload bytes written to clients: greetings, deliveries, replies.
     pub bytes_sent: Counter,
     /// Payload bytes of data messages from clients.
     pub bytes_received: Counter,
@@ -177,7 +177,11 @@ impl GatewayMetrics {
             &self.client_messages_ignored,
         );
         out.counter("herald_ws_pings_sent_total", "Heartbeat pings sent to clients.", &self.pings_sent);
-        out.counter("herald_ws_sent_bytes_total", "Payload bytes written to clients.", &self.bytes_sent);
+        out.counter(
+            "herald_ws_sent_bytes_total",
+            "Payload bytes written to clients (greetings, deliveries, replies).",
+            &self.bytes_sent,
+        );
         out.counter(
             "herald_ws_received_bytes_total",
             "Payload bytes of data messages from clients.",

@@ -178,6 +178,35 @@ async fn frames_that_are_not_commands_close_the_connection_with_4002_and_the_rea
     assert_eq!(herald.metric("herald_ws_connections_closed_total{reason=\"bad_command\"}"), 4.0);
 }
 
+/// The gateway frames connections itself: a command sent in fragments with
+/// a ping between them is read whole, and the ping is answered first.
+#[tokio::test]
+async fn a_command_fragmented_around_a_ping_is_answered_and_so_is_the_ping() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let herald = Herald::standalone(&NAMESPACES);
+    let mut client = ProtocolClient::connect(&herald.ws_url()).await;
+    let command = r#"{"id":7,"subscribe":{"channel":"chat:fragments"}}"#;
+    let (first, rest) = command.split_at(10);
+    let (middle, last) = rest.split_at(20);
+    let frames = [
+        Message::Frame(Frame::message(first.as_bytes().to_vec(), OpCode::Data(Data::Text), false)),
+        Message::Ping(b"are you there".to_vec().into()),
+        Message::Frame(Frame::message(middle.as_bytes().to_vec(), OpCode::Data(Data::Continue), false)),
+        Message::Frame(Frame::message(last.as_bytes().to_vec(), OpCode::Data(Data::Continue), true)),
+    ];
+    for frame in frames {
+        client.ws.feed(frame).await.expect("send");
+    }
+    client.ws.flush().await.expect("flush");
+    let pong = tokio::time::timeout(PATIENCE, client.ws.next()).await.expect("a pong in time");
+    assert!(matches!(pong, Some(Ok(Message::Pong(ref p))) if &p[..] == b"are you there"), "{pong:?}");
+    let reply = client.read().await;
+    assert_eq!(reply["id"], 7, "{reply}");
+    assert!(reply.get("subscribed").is_some(), "{reply}");
+}
+
 #[tokio::test]
 async fn without_namespaces_a_gateway_offers_no_channel_and_a_namespace_that_checks_tokens_needs_client_auth() {
     let herald = Herald::standalone(&[]);

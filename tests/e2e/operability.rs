@@ -42,6 +42,11 @@ async fn metrics_count_a_known_workload_exactly() {
             client.recv_text().await;
         }
     }
+    // Greetings are written like every other frame, and counted with them.
+    let greetings: usize = clients
+        .iter()
+        .map(|c| format!("Worker ID:{} Connection ID:{} connected", c.worker_id, c.connection_id).len())
+        .sum();
     clients.pop().unwrap().send(tokio_tungstenite::tungstenite::Message::Close(None)).await;
     wait_until("the closed client is counted", || herald.metric("herald_ws_connections") == 2.0);
 
@@ -58,7 +63,7 @@ async fn metrics_count_a_known_workload_exactly() {
         ("herald_ws_connections_opened_total", 3.0),
         ("herald_ws_connections_closed_total{reason=\"client_closed\"}", 1.0),
         ("herald_ws_frames_queued_total", 17.0),
-        ("herald_ws_sent_bytes_total", 34.0),
+        ("herald_ws_sent_bytes_total", 34.0 + greetings as f64),
         ("herald_ws_broker_linked", 1.0),
         ("herald_http_requests_total{outcome=\"ok\"}", 7.0),
         ("herald_http_requests_total{outcome=\"client_error\"}", 2.0),
