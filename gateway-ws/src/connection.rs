@@ -388,8 +388,8 @@ fn run<'a, S: AsyncRead + AsyncWrite + Unpin>(
                     Some(ended) => return ended,
                     None => continue,
                 },
-                Woken::Stalled { batch, written, taken } => {
-                    Either::Left(Box::pin(finish_write(ws, batch, written, taken, outbox, shared)))
+                Woken::Stalled { batch, progress, taken } => {
+                    Either::Left(Box::pin(finish_write(ws, batch, progress, taken, outbox, shared)))
                 }
                 Woken::Ended(reason) => return (reason, None),
                 Woken::Incoming(incoming) => {
@@ -448,9 +448,9 @@ async fn finish_write<S: AsyncRead + AsyncWrite + Unpin>(
 enum Woken {
     /// The outbox's frames were written at once.
     Wrote(Taken),
-    /// The outbox's frames are being written, `written` bytes of the first
+    /// The outbox's frames are being written, `progress` bytes of the first
     /// one so far, and the client is not taking more yet.
-    Stalled { batch: VecDeque<Message>, written: usize, taken: Taken },
+    Stalled { batch: VecDeque<Message>, progress: usize, taken: Taken },
     /// The outbox closed with nothing left to write.
     Ended(CloseReason),
     /// The client sent something, or its side ended.
@@ -464,16 +464,15 @@ fn write_at_once<S: AsyncRead + AsyncWrite + Unpin>(
     outbox: &Outbox,
 ) -> Woken {
     // A batch lives for one write: an idle connection keeps no queue.
-    let mut batch = VecDeque::new();
-    let taken = match outbox.take(&mut batch) {
+    let (mut batch, taken) = match outbox.take() {
         Ok(taken) => taken,
         Err(reason) => return Woken::Ended(reason),
     };
-    let mut written = 0;
-    match ws.poll_send(cx, &mut batch, &mut written) {
+    let mut progress = 0;
+    match ws.poll_send(cx, &mut batch, &mut progress) {
         Poll::Ready(Ok(())) => Woken::Wrote(taken),
         Poll::Ready(Err(_)) => Woken::Ended(CloseReason::ClientGone),
-        Poll::Pending => Woken::Stalled { batch, written, taken },
+        Poll::Pending => Woken::Stalled { batch, progress, taken },
     }
 }
 

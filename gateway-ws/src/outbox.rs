@@ -255,24 +255,20 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).close_text.take()
     }
 
-    /// Moves every queued frame into `batch`, or says why the queue closed
-    /// with nothing left to write.
-    pub fn take(&self, batch: &mut VecDeque<Message>) -> Result<Taken, CloseReason> {
+    /// Takes every queued frame, leaving the queue without an allocation
+    /// (an idle connection keeps none), or says why the queue closed with
+    /// nothing left to write.
+    pub fn take(&self) -> Result<(VecDeque<Message>, Taken), CloseReason> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match state.closed {
             Some(reason) if !reason.writes_queued() || state.frames.is_empty() => return Err(reason),
             _ => {}
         }
-        if batch.is_empty() {
-            std::mem::swap(batch, &mut state.frames);
-        } else {
-            batch.append(&mut state.frames);
-        }
         let taken =
             Taken { bytes: state.bytes, oldest_published_us: state.oldest_published_us, then_close: state.closed };
         state.bytes = 0;
         state.oldest_published_us = 0;
-        Ok(taken)
+        Ok((std::mem::take(&mut state.frames), taken))
     }
 
     /// The reason the queue closed, when it closed dropping what it held
@@ -344,8 +340,8 @@ mod tests {
         outbox.push(Message::text("a"), 0).unwrap();
         outbox.push(Message::text("b"), 0).unwrap();
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
-        let mut batch = VecDeque::new();
-        assert_eq!(outbox.take(&mut batch), Ok(Taken { bytes: 2, oldest_published_us: 0, then_close: None }));
+        let (batch, taken) = outbox.take().unwrap();
+        assert_eq!(taken, Taken { bytes: 2, oldest_published_us: 0, then_close: None });
         assert_eq!(Vec::from(batch), [Message::text("a"), Message::text("b")]);
     }
 
@@ -368,16 +364,16 @@ mod tests {
         outbox.push(Message::text("12345"), 0).unwrap();
         assert_eq!(outbox.push(Message::text("1"), 0), Err(CloseReason::SlowConsumer));
         assert_eq!(outbox.push(Message::text(""), 0), Err(CloseReason::SlowConsumer));
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::SlowConsumer));
+        assert_eq!(outbox.take().map(|(_, taken)| taken), Err(CloseReason::SlowConsumer));
     }
 
     #[test]
     fn taking_frees_the_byte_budget() {
         let outbox = Outbox::new(10, 0);
-        let mut batch = VecDeque::new();
+        let mut batch = Vec::new();
         for _ in 0..5 {
             outbox.push(Message::text("1234567890"), 0).unwrap();
-            outbox.take(&mut batch).unwrap();
+            batch.extend(outbox.take().unwrap().0);
         }
         assert_eq!(batch.len(), 5);
     }
@@ -387,10 +383,9 @@ mod tests {
         let outbox = Outbox::new(100, 0);
         outbox.push(Message::text("first"), 1_000).unwrap();
         outbox.push(Message::text("second"), 2_000).unwrap();
-        let mut batch = VecDeque::new();
-        assert_eq!(outbox.take(&mut batch).unwrap().oldest_published_us, 1_000);
+        assert_eq!(outbox.take().unwrap().1.oldest_published_us, 1_000);
         outbox.push(Message::text("third"), 3_000).unwrap();
-        assert_eq!(outbox.take(&mut batch).unwrap(), Taken { bytes: 5, oldest_published_us: 3_000, then_close: None });
+        assert_eq!(outbox.take().unwrap().1, Taken { bytes: 5, oldest_published_us: 3_000, then_close: None });
     }
 
     #[tokio::test]
@@ -400,7 +395,7 @@ mod tests {
         outbox.close(CloseReason::Unresponsive);
         outbox.close(CloseReason::SlowConsumer);
         tokio::time::timeout(Duration::from_secs(1), outbox.ready()).await.unwrap();
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::Unresponsive));
+        assert_eq!(outbox.take().map(|(_, taken)| taken), Err(CloseReason::Unresponsive));
         assert_eq!(outbox.push(Message::text("y"), 0), Err(CloseReason::Unresponsive));
     }
 
@@ -432,9 +427,7 @@ mod tests {
     }
 
     fn taken(outbox: &Outbox) -> Vec<Message> {
-        let mut batch = VecDeque::new();
-        outbox.take(&mut batch).unwrap();
-        Vec::from(batch)
+        Vec::from(outbox.take().unwrap().0)
     }
 
     #[test]
@@ -471,9 +464,9 @@ mod tests {
         outbox.push(Message::text("last"), 0).unwrap();
         outbox.close(CloseReason::Shutdown);
         assert_eq!(outbox.push(Message::text("late"), 0), Err(CloseReason::Shutdown));
-        let mut batch = VecDeque::new();
-        assert_eq!(outbox.take(&mut batch).unwrap().then_close, Some(CloseReason::Shutdown));
+        let (batch, taken) = outbox.take().unwrap();
+        assert_eq!(taken.then_close, Some(CloseReason::Shutdown));
         assert_eq!(Vec::from(batch), [Message::text("last")]);
-        assert_eq!(outbox.take(&mut VecDeque::new()), Err(CloseReason::Shutdown));
+        assert_eq!(outbox.take().map(|(_, taken)| taken), Err(CloseReason::Shutdown));
     }
 }

@@ -1,4 +1,4 @@
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 use herald_proto::v1::{
     BindUser, CloseConnections, ConnectionIds, Everyone, GroupChange, Selection, SetConnectionData,
@@ -33,8 +33,7 @@ fn connections(ids: &[&str]) -> delivery::To {
 }
 
 fn drain(outbox: &Outbox) -> Result<Vec<Message>, CloseReason> {
-    let mut batch = VecDeque::new();
-    outbox.take(&mut batch).map(|_| batch.into())
+    outbox.take().map(|(batch, _)| batch.into())
 }
 
 fn nobody() -> HashSet<u64> {
