@@ -22,11 +22,14 @@ pub fn rss_anon_kib(pid: u32) -> anyhow::Result<u64> {
 /// The field `name` (in kB) of `/proc/<pid>/status`.
 fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {name} for process {pid}"))
+    kib_field(&status, name).with_context(|| format!("no {name} for process {pid}"))
+}
+
+/// The value of a `Name:   123 kB` line, as `/proc/<pid>/status` and
+/// `/proc/meminfo` write them.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// Open descriptors of `pid`: the entries of `/proc/<pid>/fd`.
@@ -38,13 +41,9 @@ pub fn open_fds(pid: u32) -> anyhow::Result<u64> {
 /// The soft limit on open files of `pid` (`Max open files` in `/proc/<pid>/limits`).
 pub fn open_files_limit(pid: u32) -> anyhow::Result<u64> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).with_context(|| format!("process {pid}"))?;
-    max_open_files(&limits).with_context(|| format!("no open-files limit for process {pid}"))
-}
-
-fn max_open_files(limits: &str) -> Option<u64> {
-    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
-    // "unlimited" is no number: treat it as the largest one.
-    line.split_whitespace().next().map(|soft| soft.parse().unwrap_or(u64::MAX))
+    let limit = herald_common::net::parse_open_files(&limits)
+        .with_context(|| format!("no open-files limit for process {pid}"))?;
+    Ok(u64::try_from(limit).unwrap_or(u64::MAX))
 }
 
 /// Memory the whole machine uses, in KiB: `MemTotal` − `MemAvailable` of
@@ -55,11 +54,7 @@ pub fn machine_used_kib() -> anyhow::Result<u64> {
 }
 
 fn used_kib(meminfo: &str) -> Option<u64> {
-    let field = |name: &str| -> Option<u64> {
-        let line = meminfo.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
-        line.trim().trim_end_matches("kB").trim().parse().ok()
-    };
-    Some(field("MemTotal")?.saturating_sub(field("MemAvailable")?))
+    Some(kib_field(meminfo, "MemTotal")?.saturating_sub(kib_field(meminfo, "MemAvailable")?))
 }
 
 /// The machine's TCP sockets, from `/proc/net/sockstat`.
@@ -181,12 +176,5 @@ mod tests {
         let sockstat = "sockets: used 40\nTCP: inuse 17 orphan 0 tw 2 alloc 20 mem 54\nUDP: inuse 0 mem 0\n";
         assert_eq!(tcp_line(sockstat, 4096), Some(TcpSockets { inuse: 17, mem_bytes: 54 * 4096 }));
         assert_eq!(tcp_line("UDP: inuse 0 mem 0\n", 4096), None);
-        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                      Max open files            20000                20000                files     \n";
-        assert_eq!(max_open_files(limits), Some(20_000));
-        assert_eq!(
-            max_open_files("Max open files            unlimited            unlimited            files"),
-            Some(u64::MAX)
-        );
     }
 }

@@ -81,7 +81,8 @@ pub fn open_files_limit() -> usize {
         .unwrap_or(ASSUMED_OPEN_FILES)
 }
 
-fn parse_open_files(limits: &str) -> Option<usize> {
+/// The soft limit of `Max open files` in a `/proc/<pid>/limits` text.
+pub fn parse_open_files(limits: &str) -> Option<usize> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
     if soft == "unlimited" { Some(usize::MAX) } else { soft.parse().ok() }
