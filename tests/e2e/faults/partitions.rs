@@ -83,7 +83,10 @@ const HELD: &str = "held-id";
 /// counted as its broker disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_cut_off_from_nats_keeps_its_gateways_worker_id_and_no_rival_takes_it() {
-    const TICKS: u64 = 800;
+    // 12 s of broadcasts, one every 10 ms: the flood outlasts the heal (7 s
+    // in) by 5 s, so that a recovery slower than a second is measured, not
+    // missed (with 8 s, one run in three saw no broadcast after the heal).
+    const TICKS: u64 = 1200;
     const PARTITION: Duration = Duration::from_secs(6);
     let Some(net) = Network::new(&["nats", "broker-1", "broker-2", "holder", "steady", "rival"]) else { return };
     let Some(nats) = net.host("nats").nats() else { return };
