@@ -113,6 +113,12 @@ pub struct ClusterArgs {
     #[arg(long, env = "HERALD_WORKER_LEASE", default_value = duration(nats::DEFAULT_LEASE_TTL),
           value_parser = herald_common::duration::parse)]
     pub worker_lease: Duration,
+    /// Back on NATS after losing it, how long publishes bound for other brokers are refused
+    /// (UNAVAILABLE, for publishers to retry) while the brokers heard before are not back yet;
+    /// one still silent after this is presumed gone.
+    #[arg(long, env = "HERALD_REJOIN_WAIT", default_value = duration(nats::DEFAULT_REJOIN_WAIT),
+          value_parser = herald_common::duration::parse)]
+    pub rejoin_wait: Duration,
     /// Where the JetStream streams of channel history live: `file` survives a NATS restart;
     /// `memory` does not (clients then cannot recover, and are told so).
     #[arg(long, env = "HERALD_HISTORY_STORAGE", value_enum, default_value_t = HistoryStorageArg::File)]
@@ -194,6 +200,7 @@ impl ClusterArgs {
             subject_prefix: self.nats_subject_prefix.clone(),
             kv_replicas: self.nats_kv_replicas,
             lease_ttl: self.worker_lease,
+            rejoin_wait: self.rejoin_wait,
             namespaces,
             history_storage: match self.history_storage {
                 HistoryStorageArg::File => HistoryStorage::File,
@@ -838,5 +845,6 @@ mod tests {
         };
         let nats = args.cluster.nats_config(Namespaces::default()).unwrap().unwrap();
         assert_eq!((nats.bucket.as_str(), nats.lease_ttl), (nats::DEFAULT_BUCKET, nats::DEFAULT_LEASE_TTL));
+        assert_eq!(nats.rejoin_wait, nats::DEFAULT_REJOIN_WAIT);
     }
 }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Client, Herald, Nats, broadcast, get, grpc_client, wait_until};
+use tokio::task::block_in_place;
+
+use crate::faults::proxy::Proxy;
+use crate::support::{Client, Herald, Nats, PATIENCE, broadcast, get, grpc_client, wait_until};
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -239,4 +242,105 @@ async fn cluster_mode_works_on_the_oldest_nats_it_supports() {
     assert_eq!(client.recv_text().await, "across brokers on the oldest NATS");
     let mut second = Herald::ws_refused(&brokers[1].address("broker"), "old-nats");
     assert!(!second.wait_exit(Duration::from_secs(10)).success(), "worker-id leases hold on the oldest NATS too");
+}
+
+/// Two brokers, each reaching NATS through a proxy of its own that the test
+/// can cut, and a gateway with a client on the second one.
+struct Apart {
+    proxies: [Proxy; 2],
+    brokers: Vec<Herald>,
+    _gateway: Herald,
+    client: Client,
+}
+
+impl Apart {
+    async fn start(nats: &Nats, rejoin_wait: &str) -> Apart {
+        let proxies = [
+            Proxy::start(([127, 0, 0, 1], 0).into(), nats.address()).await,
+            Proxy::start(([127, 0, 0, 1], 0).into(), nats.address()).await,
+        ];
+        let brokers: Vec<_> = proxies
+            .iter()
+            .map(|p| Herald::broker(&["--nats", &format!("nats://{}", p.addr()), "--rejoin-wait", rejoin_wait]))
+            .collect();
+        block_in_place(|| {
+            for b in &brokers {
+                b.wait_ready();
+            }
+            wait_until("each broker hears the other on the roll call", || {
+                brokers.iter().all(|b| b.metric("herald_broker_cluster_peers") == 1.0)
+            });
+        });
+        let gateway = Herald::ws(&brokers[1].address("broker"), &[]);
+        let client = Client::connect(&gateway.ws_url()).await;
+        Apart { proxies, brokers, _gateway: gateway, client }
+    }
+
+    /// Both brokers lose NATS; the first gets it back, the second not yet.
+    fn first_back_alone(&self) {
+        for proxy in &self.proxies {
+            proxy.cut();
+        }
+        block_in_place(|| {
+            wait_until("both brokers notice NATS is gone", || {
+                self.brokers.iter().all(|b| b.metric("herald_broker_cluster_ready") == 0.0)
+            });
+            self.proxies[0].heal();
+            self.brokers[0].wait_ready();
+        });
+    }
+}
+
+/// NATS goes away for two brokers and comes back to one first. Had that one
+/// forwarded a broadcast then, NATS would have had nobody to give it to
+/// (the other broker's subscriptions come back with its connection), and
+/// no flush would have told. So it refuses publishes bound for the cluster
+/// with UNAVAILABLE, saying why, until the other broker is back; then a
+/// retried publish reaches the other broker's clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_back_on_nats_first_forwards_nothing_until_the_others_are_back() {
+    let Some(nats) = Nats::start() else { return };
+    let mut apart = Apart::start(&nats, "1m").await;
+    let mut grpc = grpc_client(&apart.brokers[0].address("broker")).await;
+    grpc.publish(broadcast("before")).await.expect("a publish with both brokers on NATS");
+    assert_eq!(apart.client.recv_text().await, "before");
+
+    apart.first_back_alone();
+    for _ in 0..3 {
+        let refused = grpc.publish(broadcast("early")).await.expect_err("the other broker is not back");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("1 other broker(s) to be back on NATS"), "{}", refused.message());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(apart.brokers[0].metric("herald_broker_cluster_peers_awaited"), 1.0);
+
+    apart.proxies[1].heal();
+    let began = Instant::now();
+    while let Err(refused) = grpc.publish(broadcast("after")).await {
+        assert!(began.elapsed() < PATIENCE, "still refused once the other broker is back: {refused:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(apart.client.recv_text().await, "after", "nothing refused arrives, and what was taken does");
+    assert_eq!(apart.brokers[0].metric("herald_broker_cluster_peers_awaited"), 0.0);
+}
+
+/// A broker that does not come back to NATS does not hold the others up
+/// for longer than the rejoin wait: it is presumed gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stays_away_is_presumed_gone_after_the_rejoin_wait() {
+    let Some(nats) = Nats::start() else { return };
+    let apart = Apart::start(&nats, "2s").await;
+    let mut grpc = grpc_client(&apart.brokers[0].address("broker")).await;
+
+    apart.first_back_alone();
+    let back = Instant::now();
+    let refused = grpc.publish(broadcast("early")).await.expect_err("waiting for the other broker");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    while grpc.publish(broadcast("later")).await.is_err() {
+        assert!(back.elapsed() < PATIENCE, "refused for longer than the rejoin wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = back.elapsed();
+    assert!(waited <= Duration::from_secs(3), "taken {waited:?} after the broker was back, with a 2 s rejoin wait");
+    assert_eq!(apart.brokers[0].metric("herald_broker_cluster_peers_awaited"), 0.0);
 }

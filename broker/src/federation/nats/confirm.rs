@@ -28,7 +28,8 @@ pub(super) struct Confirmations {
 }
 
 impl Confirmations {
-    /// Counts one forward written to the connection.
+    /// Counts one forward about to be written to the connection. It is
+    /// counted first, so that a loss reported meanwhile counts it too.
     pub(super) fn forwarded(&self) {
         self.forwarded.fetch_add(1, Ordering::Relaxed);
     }

@@ -13,7 +13,9 @@
 //!   every broker serves consumer groups from ([`events`]), and clients'
 //!   calls reach the broker whose backends serve them ([`calls`]).
 //! - While NATS is unreachable the broker is not ready: publishes and
-//!   subscriptions are refused with `UNAVAILABLE`, never half-done.
+//!   subscriptions are refused with `UNAVAILABLE`, never half-done. Back on
+//!   NATS, it forwards nothing until the other brokers are back too
+//!   ([`roster`]).
 //! - The link to NATS may be TLS ([`NatsAccess::tls`]) and carry credentials;
 //!   a password or token is never sent in clear off this machine unless
 //!   allowed ([`NatsAccess::allow_plaintext_secrets`]).
@@ -25,6 +27,7 @@ mod dedup;
 pub mod events;
 pub mod history;
 mod leases;
+mod roster;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +52,7 @@ use self::dedup::Dedup;
 use self::events::{EventsConfig, JetStreamEvents};
 use self::history::{HistoryConfig, HistoryStorage, JetStreamHistory};
 use self::leases::{Leases, fence_leases, maintain_leases};
+use self::roster::{RollCall, call_the_roll};
 use crate::backends::LogConfig;
 use crate::backends::calls::CallFailure;
 use crate::backends::log::EventLog;
@@ -65,6 +69,7 @@ pub const DEFAULT_KV_REPLICAS: usize = 1;
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Key-value bucket holding recent idempotency keys, by default.
 pub const DEFAULT_DEDUP_BUCKET: &str = "herald_dedup";
+pub use self::roster::DEFAULT_REJOIN_WAIT;
 
 /// The oldest NATS server whose key-value API herald's client speaks.
 pub const MIN_NATS_VERSION: (u64, u64) = (2, 10);
@@ -99,6 +104,8 @@ pub struct NatsConfig {
     pub events: LogConfig,
     /// TLS and credentials of the connection.
     pub access: NatsAccess,
+    /// How long forwards wait for the other brokers after a reconnect.
+    pub rejoin_wait: Duration,
 }
 
 /// How the broker proves itself to NATS, and over what.
@@ -182,6 +189,7 @@ impl NatsConfig {
             history_storage: HistoryStorage::File,
             events: LogConfig::default(),
             access: NatsAccess::default(),
+            rejoin_wait: DEFAULT_REJOIN_WAIT,
         }
     }
 }
@@ -224,6 +232,7 @@ pub struct NatsFederation {
     events: Arc<JetStreamEvents>,
     calls: CallRouter,
     confirmations: Arc<Confirmations>,
+    roll: Arc<RollCall>,
     stop: CancellationToken,
 }
 
@@ -253,7 +262,8 @@ impl NatsFederation {
         let connections = Arc::new(AtomicU64::new(0));
         let counted = connections.clone();
         let confirmations = Arc::new(Confirmations::default());
-        let on_loss = confirmations.clone();
+        let roll = Arc::new(RollCall::new(config.rejoin_wait));
+        let (on_loss, on_event) = (confirmations.clone(), roll.clone());
         let mut options = config.access.credentials.apply(ConnectOptions::new())?;
         if let Some(tls) = &config.access.tls {
             options = options.require_tls(true).tls_client_config(tls.clone());
@@ -269,13 +279,18 @@ impl NatsFederation {
                 Duration::from_millis(100).saturating_mul(1 << attempts.min(5)).min(Duration::from_secs(2))
             })
             .event_callback(move |event| {
-                let (counted, on_loss) = (counted.clone(), on_loss.clone());
+                let (counted, on_loss, roll) = (counted.clone(), on_loss.clone(), on_event.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             counted.fetch_add(1, Ordering::Relaxed);
+                            roll.connected();
                         }
-                        async_nats::Event::Disconnected => on_loss.connection_lost(),
+                        // The roll first: see RollCall::check.
+                        async_nats::Event::Disconnected => {
+                            roll.lost();
+                            on_loss.connection_lost();
+                        }
                         _ => {}
                     }
                     log_event(&event);
@@ -333,6 +348,13 @@ impl NatsFederation {
         let calls = CallRouter::new(client.clone(), config.subject_prefix.clone(), notices_tx.clone(), stop.clone());
         tokio::spawn(fence_leases(leases.clone(), notices_tx.clone(), stop.clone()));
         tokio::spawn(confirm_forwards(client.clone(), confirmations.clone(), stop.clone()));
+        tokio::spawn(call_the_roll(
+            client.clone(),
+            broker_id.clone(),
+            config.subject_prefix.clone(),
+            roll.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(maintain_leases(
             client.clone(),
             config.clone(),
@@ -355,6 +377,7 @@ impl NatsFederation {
             events,
             calls,
             confirmations,
+            roll,
             stop,
         };
         Ok((federation, notices_rx))
@@ -418,8 +441,9 @@ impl Federation for NatsFederation {
         let subject = bus::subject(&self.subject_prefix, &event.channel);
         let payload = event.encode_to_vec().into();
         Some(Box::pin(async move {
-            self.client.publish(subject, payload).await.map_err(|e| FederationError(e.to_string()))?;
             self.confirmations.forwarded();
+            self.roll.check().map_err(|waiting| FederationError(waiting.to_string()))?;
+            self.client.publish(subject, payload).await.map_err(|e| FederationError(e.to_string()))?;
             Ok(())
         }))
     }
@@ -537,6 +561,14 @@ impl Federation for NatsFederation {
             "Events forwarded to other brokers that NATS had not confirmed receiving when the connection to it was \
              lost: each may have been lost with it (an upper bound).",
             self.confirmations.unconfirmed(),
+        );
+        let (present, awaited) = self.roll.counts();
+        out.gauge("herald_broker_cluster_peers", "Other brokers heard on NATS in the last 3 s.", present);
+        out.gauge(
+            "herald_broker_cluster_peers_awaited",
+            "Brokers that forwards wait for, back on NATS after a reconnect: publishes that reach other brokers \
+             are refused until they are back too (or presumed gone).",
+            awaited,
         );
     }
 }
