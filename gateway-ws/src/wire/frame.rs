@@ -10,9 +10,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::WireError;
 
-/// The longest header a frame can have: 2 bytes, an 8-byte length and a
-/// 4-byte mask.
-pub(crate) const MAX_HEADER_BYTES: usize = 14;
 /// The longest header the server writes (it never masks).
 pub(crate) const MAX_SERVER_HEADER_BYTES: usize = 10;
 /// Control frames carry at most this much (§5.5).

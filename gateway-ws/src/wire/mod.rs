@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-use frame::{Header, MAX_HEADER_BYTES, MAX_SERVER_HEADER_BYTES, OpCode};
+use frame::{Header, MAX_SERVER_HEADER_BYTES, OpCode};
 
 /// Bytes read from a socket at once, into the worker thread's buffer.
 const SCRATCH_BYTES: usize = 16 * 1024;
@@ -121,7 +121,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         while let Some(inbound) = self.inbound.as_deref_mut() {
             let Some(header) = frame::parse_header(&inbound.bytes, max)? else { return Ok(None) };
             if inbound.bytes.len() < header.frame_len() {
-                inbound.bytes.reserve(header.frame_len() - inbound.bytes.len());
                 return Ok(None);
             }
             let payload = frame::unmask(&inbound.bytes, &header);
@@ -188,18 +187,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         }
     }
 
-    /// Keeps `rest` for the next read, when there is any.
+    /// Keeps `rest` for the next read, when there is any. Only what arrived
+    /// is kept, never room for the length a header declares: that length is
+    /// the client's word, and a few bytes would hold a whole message's worth
+    /// of memory on every connection that sends them.
     fn keep(&mut self, rest: &[u8]) {
         if rest.is_empty() {
             return;
         }
-        let inbound = self.inbound.get_or_insert_default();
-        let wanted = match frame::parse_header(rest, self.max_message_bytes) {
-            Ok(Some(header)) => header.frame_len(),
-            _ => MAX_HEADER_BYTES,
-        };
-        inbound.bytes.reserve_exact(wanted.max(rest.len()));
-        inbound.bytes.extend_from_slice(rest);
+        self.inbound.get_or_insert_default().bytes.extend_from_slice(rest);
     }
 
     /// Writes `batch`, emptying it, then flushes.

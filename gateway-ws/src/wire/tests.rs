@@ -42,6 +42,22 @@ async fn a_message_cut_anywhere_is_read_whole_and_nothing_is_kept_after_it() {
 }
 
 #[tokio::test]
+async fn a_header_declaring_a_large_frame_holds_only_the_bytes_sent() {
+    let frame = client_frame(0x82, &vec![7; MAX]);
+    // At once, and with the header itself cut in two.
+    for first in [12, 2] {
+        let (mut wire, mut client) = wire(1024);
+        client.write_all(&frame[..first]).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(20), wire.next()).await;
+        client.write_all(&frame[first..14]).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(20), wire.next()).await;
+        assert!(early.is_err(), "no message from 14 bytes");
+        let kept = wire.inbound.as_ref().expect("the bytes are kept").bytes.capacity();
+        assert!(kept <= 64, "14 bytes sent, {kept} held: a declared length is not reserved");
+    }
+}
+
+#[tokio::test]
 async fn frames_that_arrive_together_come_out_one_by_one() {
     let (mut wire, mut client) = wire(4096);
     let mut bytes = client_frame(0x81, b"one");
