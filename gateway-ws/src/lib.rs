@@ -42,6 +42,10 @@ mod shared;
 mod streams;
 mod wire;
 
+/// The WebSocket framing's reading, for the fuzz targets only.
+#[doc(hidden)]
+pub use wire::fuzzing as wire_fuzzing;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 

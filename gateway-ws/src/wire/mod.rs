@@ -14,6 +14,7 @@
 //! connection answers them through its outbox, in order with the rest.
 
 mod frame;
+pub mod fuzzing;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
