@@ -3,7 +3,7 @@
 //! flags win over the environment, which wins over the file.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +19,9 @@ use herald_client::{BrokerTls, RemoteOptions};
 use herald_common::auth::{ApiKeys, AuthConfigError};
 use herald_common::duration::format as duration;
 use herald_common::http::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HttpServerOptions};
+use herald_common::http_client::Trust;
 use herald_common::namespaces::{Namespace, NamespaceError, Namespaces};
-use herald_common::tls::{ClientTls, TlsError};
+use herald_common::tls::{Authority, ClientTls, TlsError};
 use herald_gateway_http::HttpConfig;
 use herald_gateway_ws::{
     ClientAuth, ClientAuthConfig, ConnectHookConfig, EventKinds, GatewayConfig, Greeting, HookDown,
@@ -456,9 +457,13 @@ pub struct BrokerOptions {
     #[arg(long, env = "HERALD_GATEWAY_LOST_GRACE", default_value = duration(backends::DEFAULT_GATEWAY_GRACE),
           value_parser = herald_common::duration::parse)]
     pub gateway_lost_grace: Duration,
-    /// POST connection events to this URL (http://), signed with --webhook-secret.
+    /// POST connection events to this URL (http:// or https://), signed with --webhook-secret.
     #[arg(long, env = "HERALD_WEBHOOK_URL", requires = "webhook_secret")]
     pub webhook_url: Option<String>,
+    /// PEM CA certificate(s) an https:// webhook's certificate must chain to (default: the
+    /// system's CA certificates).
+    #[arg(long, env = "HERALD_WEBHOOK_CA", requires = "webhook_url")]
+    pub webhook_ca: Option<PathBuf>,
     /// Secret of the webhook's HMAC-SHA256 signature (Herald-Signature header), 16+ characters.
     #[arg(long, env = "HERALD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
@@ -485,6 +490,7 @@ impl BrokerOptions {
         };
         Webhook::new(WebhookConfig {
             url: url.clone(),
+            trust: trust(self.webhook_ca.as_deref())?,
             secret: secret.clone(),
             group: self.webhook_group.clone(),
             batch: self.webhook_batch,
@@ -513,9 +519,14 @@ pub struct WsOptions {
     /// Connection events queued for the broker before new ones are dropped (counted).
     #[arg(long, env = "HERALD_EVENT_QUEUE", default_value_t = herald_gateway_ws::DEFAULT_EVENT_QUEUE)]
     pub event_queue: usize,
-    /// Ask this HTTP endpoint (http://) whether each new connection may open, and who is on it.
+    /// Ask this HTTP endpoint (http:// or https://) whether each new connection may open, and
+    /// who is on it.
     #[arg(long, env = "HERALD_CONNECT_HOOK", conflicts_with = "client_auth")]
     pub connect_hook: Option<String>,
+    /// PEM CA certificate(s) an https:// connect hook's certificate must chain to (default: the
+    /// system's CA certificates).
+    #[arg(long, env = "HERALD_CONNECT_HOOK_CA", requires = "connect_hook")]
+    pub connect_hook_ca: Option<PathBuf>,
     /// How long the connect hook may take.
     #[arg(long, env = "HERALD_CONNECT_HOOK_TIMEOUT",
           default_value = duration(herald_gateway_ws::DEFAULT_CONNECT_HOOK_TIMEOUT),
@@ -642,6 +653,17 @@ pub enum ClientAuthArgsError {
     ReadKey { path: PathBuf, source: std::io::Error },
     #[error("--client-auth jwt: {0}")]
     Invalid(#[from] herald_gateway_ws::ClientAuthError),
+    #[error("--connect-hook-ca: {0}")]
+    ConnectHookCa(#[from] TlsError),
+}
+
+/// Whom an https:// endpoint herald calls must be vouched for by: the CA in
+/// `ca`, or the system's CA certificates.
+fn trust(ca: Option<&Path>) -> Result<Trust, TlsError> {
+    Ok(match ca {
+        Some(path) => Trust::Only(Authority::load(path)?.roots()),
+        None => Trust::System,
+    })
 }
 
 impl ClientAuthArgs {
@@ -774,6 +796,7 @@ impl WsOptions {
     pub fn gateway_config(&self, namespaces: Namespaces) -> Result<GatewayConfig, ClientAuthArgsError> {
         let ws = self;
         let worker_id = ws.worker_id.clone().unwrap_or_else(|| herald_common::token::random_token(8));
+        let connect_hook_trust = trust(ws.connect_hook_ca.as_deref())?;
         Ok(GatewayConfig {
             greeting: match ws.greeting {
                 GreetingArg::Text => Greeting::Text,
@@ -785,6 +808,7 @@ impl WsOptions {
             event_queue: ws.event_queue,
             connect_hook: ws.connect_hook.clone().map(|url| ConnectHookConfig {
                 url,
+                trust: connect_hook_trust,
                 timeout: ws.connect_hook_timeout,
                 when_down: match ws.connect_hook_down {
                     HookDownArg::Refuse => HookDown::Refuse,
@@ -846,5 +870,31 @@ mod tests {
         let nats = args.cluster.nats_config(Namespaces::default()).unwrap().unwrap();
         assert_eq!((nats.bucket.as_str(), nats.lease_ttl), (nats::DEFAULT_BUCKET, nats::DEFAULT_LEASE_TTL));
         assert_eq!(nats.rejoin_wait, nats::DEFAULT_REJOIN_WAIT);
+    }
+
+    #[test]
+    fn a_ca_file_for_an_https_endpoint_that_cannot_be_read_is_named() {
+        let Role::Standalone(args) = Cli::parse_from([
+            "herald",
+            "standalone",
+            "--webhook-url",
+            "https://hooks.example.test/in",
+            "--webhook-secret",
+            "0123456789abcdef",
+            "--webhook-ca",
+            "/nonexistent/webhook-ca.pem",
+            "--connect-hook",
+            "https://auth.example.test/in",
+            "--connect-hook-ca",
+            "/nonexistent/hook-ca.pem",
+        ])
+        .role
+        else {
+            panic!()
+        };
+        let webhook = args.broker.webhook().err().expect("no such CA file").to_string();
+        assert!(webhook.starts_with("--webhook-ca: ") && webhook.contains("/nonexistent/webhook-ca.pem"), "{webhook}");
+        let hook = args.ws.gateway_config(Namespaces::default()).expect_err("no such CA file").to_string();
+        assert!(hook.starts_with("--connect-hook-ca: ") && hook.contains("/nonexistent/hook-ca.pem"), "{hook}");
     }
 }

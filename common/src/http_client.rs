@@ -1,17 +1,21 @@
 //! A small HTTP/1.1 client for the endpoints herald calls on its own:
 //! webhooks and the connect hook. One target URL, `POST` only, keep-alive
 //! connections reused from a small pool, a deadline on every request, and
-//! a bounded answer. Plain `http://` only: put a TLS-terminating proxy in
-//! front of an `https://` endpoint.
+//! a bounded answer. `https://` endpoints are verified against the system's
+//! CA certificates, or against a CA of the operator's ([`Trust`]).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Largest answer body read, in bytes.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -27,6 +31,8 @@ pub enum PostError {
     TimedOut(Duration),
     #[error("connecting: {0}")]
     Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("HTTP: {0}")]
     Http(String),
 }
@@ -38,35 +44,92 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// Whom the certificate of an `https://` endpoint must chain to.
+#[derive(Debug, Clone, Default)]
+pub enum Trust {
+    /// The CA certificates of the operating system.
+    #[default]
+    System,
+    /// These CA certificates only (an operator's own CA).
+    Only(RootCertStore),
+}
+
+impl Trust {
+    fn roots(&self) -> Result<RootCertStore, String> {
+        match self {
+            Trust::Only(roots) => Ok(roots.clone()),
+            Trust::System => {
+                let found = rustls_native_certs::load_native_certs();
+                for error in &found.errors {
+                    tracing::debug!(%error, "a system CA certificate could not be read");
+                }
+                let mut roots = RootCertStore::empty();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err("this system has no CA certificates to verify it with: give the CA to trust".into());
+                }
+                Ok(roots)
+            }
+        }
+    }
+}
+
+/// How an `https://` endpoint is reached.
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
 /// POSTs to one URL.
 pub struct HttpPoster {
     /// `host:port`, to connect to and for the `Host` header.
     authority: String,
     /// The path and query.
     path: String,
+    /// `None` for `http://`.
+    tls: Option<Tls>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
 impl std::fmt::Debug for HttpPoster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HttpPoster(http://{}{})", self.authority, self.path)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        write!(f, "HttpPoster({scheme}://{}{})", self.authority, self.path)
     }
 }
 
 impl HttpPoster {
-    /// A client for `url` (`http://host[:port][/path]`).
-    pub fn new(url: &str) -> Result<Self, PostError> {
+    /// A client for `url` (`http[s]://host[:port][/path]`), verifying an
+    /// `https://` endpoint's certificate against `trust`.
+    pub fn new(url: &str, trust: &Trust) -> Result<Self, PostError> {
         let bad = |reason: &str| PostError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
         let uri: hyper::Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(bad("https is not supported: use http, behind a TLS proxy if needed")),
-            _ => return Err(bad("it must start with http://")),
-        }
+        let secure = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad("it must start with http:// or https://")),
+        };
         let host = uri.host().ok_or_else(|| bad("it has no host"))?;
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        Ok(Self { authority: format!("{host}:{port}"), path, idle: Mutex::default() })
+        let tls = if secure {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(bare.to_owned()).map_err(|e| bad(&e.to_string()))?;
+            let roots = trust.roots().map_err(|reason| bad(&reason))?;
+            let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(&e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(Tls { connector: TlsConnector::from(Arc::new(config)), name })
+        } else {
+            if !crate::net::is_loopback_host(host) {
+                tracing::warn!(url, "what herald POSTs there travels in clear, off this machine: use https://");
+            }
+            None
+        };
+        Ok(Self { authority: format!("{host}:{port}"), path, tls, idle: Mutex::default() })
     }
 
     /// POSTs `body` with `headers`, and reads the answer, all within `timeout`.
@@ -117,16 +180,31 @@ impl HttpPoster {
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, PostError> {
         let stream = TcpStream::connect(self.authority.as_str()).await.map_err(PostError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| PostError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP client connection ended");
+        match &self.tls {
+            None => handshake(stream).await,
+            Some(tls) => {
+                let stream =
+                    tls.connector.connect(tls.name.clone(), stream).await.map_err(|e| PostError::Tls(e.to_string()))?;
+                handshake(stream).await
             }
-        });
-        Ok(sender)
+        }
     }
+}
+
+/// Starts HTTP/1.1 on `stream`; its connection runs in a task of its own.
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, PostError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| PostError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "HTTP client connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 #[cfg(test)]
@@ -134,12 +212,85 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A CA named `ca`, and a server configuration with a certificate for
+    /// 127.0.0.1 it signed.
+    fn signed_for_loopback(ca: &str) -> (RootCertStore, rustls::ServerConfig) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, ca);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], private)
+            .unwrap();
+        (roots, server)
+    }
+
+    /// Answers one request on each TLS connection with 200 `ok`; returns
+    /// the URL and what each handshake came to.
+    async fn https_endpoint(server: rustls::ServerConfig) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/hook", listener.local_addr().unwrap());
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (seen, handshakes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                match acceptor.accept(socket).await {
+                    Ok(mut tls) => {
+                        let mut buf = vec![0u8; 4096];
+                        let n = tls.read(&mut buf).await.unwrap();
+                        let _ = seen.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                    }
+                    Err(e) => {
+                        let _ = seen.send(format!("refused: {e}"));
+                    }
+                }
+            }
+        });
+        (url, handshakes)
+    }
+
     #[test]
-    fn only_plain_http_urls_are_taken() {
-        assert!(HttpPoster::new("http://127.0.0.1:8080/hook?x=1").is_ok());
-        for bad in ["https://example.test/", "ftp://x/", "not a url", "/just/a/path"] {
-            assert!(HttpPoster::new(bad).is_err(), "{bad}");
+    fn http_and_https_urls_are_taken_and_nothing_else() {
+        let poster = HttpPoster::new("http://127.0.0.1:8080/hook?x=1", &Trust::default()).unwrap();
+        assert_eq!(format!("{poster:?}"), "HttpPoster(http://127.0.0.1:8080/hook?x=1)");
+        let only = Trust::Only(signed_for_loopback("test CA").0);
+        let poster = HttpPoster::new("https://hooks.example.test/in", &only).unwrap();
+        assert_eq!(format!("{poster:?}"), "HttpPoster(https://hooks.example.test:443/in)");
+        for bad in ["ftp://x/", "not a url", "/just/a/path", "https:///nohost"] {
+            assert!(HttpPoster::new(bad, &only).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_https_endpoint_signed_by_the_trusted_ca_is_posted_to() {
+        let (roots, server) = signed_for_loopback("test CA");
+        let (url, mut seen) = https_endpoint(server).await;
+        let poster = HttpPoster::new(&url, &Trust::Only(roots)).unwrap();
+        let answer = poster.post(Bytes::from_static(b"{}"), &[("x-test", "1")], Duration::from_secs(5)).await;
+        assert_eq!(answer.unwrap(), Answer { status: 200, body: Bytes::from_static(b"ok") });
+        let request = seen.recv().await.unwrap();
+        assert!(request.starts_with("POST /hook HTTP/1.1") && request.contains("x-test: 1"), "{request}");
+    }
+
+    #[tokio::test]
+    async fn an_https_endpoint_the_ca_did_not_sign_is_refused_and_sent_nothing() {
+        let (_, server) = signed_for_loopback("test CA");
+        let (url, mut seen) = https_endpoint(server).await;
+        let stranger = signed_for_loopback("stranger CA").0;
+        let poster = HttpPoster::new(&url, &Trust::Only(stranger)).unwrap();
+        let answer = poster.post(Bytes::from_static(b"secret"), &[], Duration::from_secs(5)).await;
+        let Err(PostError::Tls(why)) = answer else { panic!("refused by TLS: {answer:?}") };
+        assert!(why.contains("UnknownIssuer"), "{why}");
+        assert!(seen.recv().await.unwrap().starts_with("refused"), "the endpoint got no request");
     }
 
     #[tokio::test]
@@ -157,7 +308,7 @@ mod tests {
             }
             seen
         });
-        let poster = HttpPoster::new(&url).unwrap();
+        let poster = HttpPoster::new(&url, &Trust::default()).unwrap();
         for _ in 0..2 {
             let answer = poster.post(Bytes::from_static(b"{}"), &[("x-test", "1")], Duration::from_secs(5)).await;
             assert_eq!(answer.unwrap(), Answer { status: 200, body: Bytes::from_static(b"ok") });
@@ -169,7 +320,8 @@ mod tests {
     #[tokio::test]
     async fn an_endpoint_that_does_not_answer_times_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let poster = HttpPoster::new(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let poster =
+            HttpPoster::new(&format!("http://{}/", listener.local_addr().unwrap()), &Trust::default()).unwrap();
         let answer = poster.post(Bytes::new(), &[], Duration::from_millis(100)).await;
         assert!(matches!(answer, Err(PostError::TimedOut(_))), "{answer:?}");
     }

@@ -179,8 +179,10 @@ pub enum HookDown {
 /// The connect hook: an HTTP endpoint asked about every new connection.
 #[derive(Debug, Clone)]
 pub struct ConnectHookConfig {
-    /// `http://host:port/path`.
+    /// `http[s]://host[:port]/path`.
     pub url: String,
+    /// Whom an `https://` hook's certificate must chain to.
+    pub trust: herald_common::http_client::Trust,
     pub timeout: Duration,
     pub when_down: HookDown,
 }

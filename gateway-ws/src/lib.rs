@@ -102,7 +102,7 @@ impl Gateway {
         let config = config.normalized();
         let connect_hook = match &config.connect_hook {
             Some(_) if config.client_auth.is_some() => return Err(GatewayError::HookAndClientAuth),
-            Some(hook) => Some(herald_common::http_client::HttpPoster::new(&hook.url)?),
+            Some(hook) => Some(herald_common::http_client::HttpPoster::new(&hook.url, &hook.trust)?),
             None => None,
         };
         let instance_id = herald_common::token::random_token(16);

@@ -2,7 +2,8 @@
 //! grpcio stubs consuming connection events in consumer groups while
 //! `websockets` raw clients and headless Chromium come and go (on one
 //! herald, and on a cluster losing a broker), a Python `http.server`
-//! receiving and verifying webhooks, and one playing the connect hook.
+//! receiving and verifying webhooks, and one playing the connect hook (both
+//! over HTTPS too, with certificates of a test CA).
 //!
 //! The checks live in the scripts (tests/python/backend_*.py, each
 //! documented at its top); a test here starts the herald processes, plays
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Cluster, Herald, TempDir, repo_root, run_python, tool};
+use crate::support::{Client, Cluster, Herald, TempDir, repo_root, run_python, tool, wait_until};
+use crate::tls::Pki;
 
 /// The webhook's shared secret (32 characters).
 const WEBHOOK_SECRET: &str = "e2e-webhook-secret-0123456789abc";
@@ -255,14 +257,109 @@ fn webhooks_arrive_signed_once_each_and_survive_an_endpoint_that_fails() {
     assert_eq!(herald.metric("herald_webhook_events_total"), herald.metric("herald_events_reported_total"));
 }
 
+/// The endpoint's certificate (`<name>.pem`, `<name>-key.pem`) for
+/// 127.0.0.1, signed by the test CA or by a stranger nobody trusts, as the
+/// script's `--tls-cert`/`--tls-key`.
+fn endpoint_certificate(pki: &Pki, name: &str, trusted: bool) -> [String; 4] {
+    let (cert, key) = pki.issue_for(name, &["127.0.0.1"], trusted, (2020, 2090));
+    ["--tls-cert".to_owned(), cert, "--tls-key".to_owned(), key]
+}
+
+/// Webhooks to an `https://` endpoint: verified against `--webhook-ca`,
+/// they arrive as over plain HTTP; an endpoint whose certificate that CA
+/// did not sign is sent nothing, and the failures say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_over_https_reach_only_an_endpoint_the_ca_vouches_for() {
+    if !python_clients() {
+        return;
+    }
+    let pki = Pki::generate();
+    let tls = endpoint_certificate(&pki, "webhook", true);
+    let args: Vec<&str> = ["--secret", WEBHOOK_SECRET, "--batch", "10", "--refuse", "3"]
+        .into_iter()
+        .chain(tls.iter().map(String::as_str))
+        .collect();
+    let mut script = Script::start("backend_webhook.py", &args);
+    let url = script.expect("listening", Duration::from_secs(30));
+    assert!(url.starts_with("https://"), "{url}");
+    let webhook = |ca: &str| {
+        Herald::standalone(&[
+            "--events",
+            "all",
+            "--webhook-url",
+            &url,
+            "--webhook-ca",
+            &pki.path(ca),
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+            "--webhook-batch",
+            "10",
+            "--webhook-attempts",
+            "2",
+            "--event-ack-wait",
+            "2s",
+        ])
+    };
+    let deceived = webhook("stranger-ca.pem");
+    let _client = Client::connect(&deceived.ws_url()).await;
+    tokio::task::block_in_place(|| {
+        wait_until("the deceived herald's webhook POSTs fail", || {
+            deceived.metric("herald_webhook_requests_total{outcome=\"failed\"}") >= 1.0
+        });
+    });
+    let log = deceived.log_text();
+    assert!(log.contains("webhook POST failed") && log.contains("UnknownIssuer"), "says why:\n{log}");
+
+    let herald = webhook("ca.pem");
+    script.say(&format!("go {}", herald.ws_url()));
+    let out =
+        tokio::task::block_in_place(|| script.finish(Duration::from_secs(60), "backend_webhook: all checks passed"));
+    println!("{out}");
+    assert_eq!(herald.metric("herald_webhook_requests_total{outcome=\"failed\"}"), 0.0);
+    assert_eq!(herald.metric("herald_webhook_events_total"), herald.metric("herald_events_reported_total"));
+    assert_eq!(deceived.metric("herald_webhook_requests_total{outcome=\"ok\"}"), 0.0, "nothing reached the receiver");
+}
+
+/// The connect hook's whole story, over HTTPS: the hook's certificate is
+/// verified against `--connect-hook-ca`. (Plain HTTP takes the same path
+/// past the connection; the webhooks' scenario covers it.) A hook whose
+/// certificate that CA did not sign counts as down.
 #[test]
 fn a_connect_hook_decides_who_gets_in_as_whom_and_its_absence_follows_the_down_policy() {
     if !python_clients() {
         return;
     }
-    let mut script = Script::start("backend_hook.py", &[]);
+    let pki = Pki::generate();
+    let tls = endpoint_certificate(&pki, "hook", true);
+    let mut script = Script::start("backend_hook.py", &tls.iter().map(String::as_str).collect::<Vec<_>>());
     let hook = script.expect("listening", Duration::from_secs(30));
-    let asking = ["--connect-hook", hook.as_str(), "--connect-hook-timeout", "500ms", "--greeting", "json"];
+    assert!(hook.starts_with("https://"), "{hook}");
+    let untrusting = Herald::standalone(&["--connect-hook", &hook, "--connect-hook-ca", &pki.path("stranger-ca.pem")]);
+    let refused = crate::support::curl(&[
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        &format!("http://{}/", untrusting.addr("ws")),
+    ]);
+    assert_eq!(refused.status, 503, "a hook nobody vouches for is down: {}", refused.body);
+    let log = untrusting.log_text();
+    assert!(log.contains("connect hook down") && log.contains("UnknownIssuer"), "says why:\n{log}");
+    let ca = pki.path("ca.pem");
+    let asking = [
+        "--connect-hook",
+        hook.as_str(),
+        "--connect-hook-ca",
+        &ca,
+        "--connect-hook-timeout",
+        "500ms",
+        "--greeting",
+        "json",
+    ];
     let refusing = Herald::standalone(&[&asking[..], &["--events", "all", "--event-headers", "user-agent"]].concat());
     let letting_in = Herald::standalone(&[&asking[..], &["--connect-hook-down", "anonymous"]].concat());
     let urls = json!({

@@ -34,10 +34,11 @@ The caller drives it: the script prints `listening <URL>` once the hook
 listens, then waits for `go {"a_ws", "a_http", "a_broker", "b_ws"}` (JSON)
 on its standard input.
 
-Usage: backend_hook.py
+Usage: backend_hook.py [--tls-cert PEM --tls-key PEM]   (with a certificate, the hook serves HTTPS)
 Exits non-zero, saying what differed, on any mismatch.
 """
 
+import argparse
 import asyncio
 import http.server
 import json
@@ -48,7 +49,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from backend_support import Connection, Instance, check_group, step, stubs, wait_until
+from backend_support import Connection, Instance, check_group, serve, step, stubs, tls_arguments, tls_of, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -62,7 +63,7 @@ DOWN_REASON = "the server cannot check connections right now: retry later"
 class Hook:
     """The connect hook: answers by the `name` in the handshake's query; records what it was asked."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.lock = threading.Lock()
         self.asked = {}  # name -> the JSON body herald POSTed
         self.problems = []
@@ -95,12 +96,11 @@ class Hook:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.scheme = serve(self.server, tls)
 
     @property
     def url(self):
-        return "http://%s:%d/connect" % self.server.server_address
+        return "%s://%s:%d/connect" % (self.scheme, *self.server.server_address)
 
     def answer(self, path, body):
         try:
@@ -290,8 +290,11 @@ async def scenario(hook, urls, pb, pb_grpc):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    tls_arguments(parser)
+    args = parser.parse_args()
     pb, pb_grpc = stubs()
-    hook = Hook()
+    hook = Hook(tls_of(args))
     print(f"listening {hook.url}", flush=True)
     command, _, argument = sys.stdin.readline().strip().partition(" ")
     assert command == "go", f"expected 'go {{...}}', got {command!r}"

@@ -8,6 +8,7 @@ so that a script can count them by event id.
 
 import asyncio
 import os
+import ssl
 import sys
 import tempfile
 import threading
@@ -36,6 +37,29 @@ def stubs():
     """Generates the stubs from proto/ into a temporary directory; returns (messages, services)."""
     with tempfile.TemporaryDirectory(prefix="herald-stubs-") as out_dir:
         return generate_stubs(Path(out_dir))
+
+
+def serve(server, tls):
+    """Serves `server` (an http.server) in a thread of its own, over HTTPS when `tls` is a
+    (certificate, key) pair of PEM files; returns the scheme of its URLs."""
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return "http" if tls is None else "https"
+
+
+def tls_arguments(parser):
+    """Adds --tls-cert and --tls-key to `parser`; see `tls_of`."""
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+
+
+def tls_of(args):
+    """The (certificate, key) pair the arguments give, or None for plain HTTP."""
+    return (args.tls_cert, args.tls_key) if args.tls_cert else None
 
 
 def wait_until(what, condition, within=PATIENCE):

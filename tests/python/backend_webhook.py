@@ -23,7 +23,8 @@ The caller drives it: the script prints `listening <URL>` once its receiver
 listens, then waits for `go <WS URL>` on its standard input (herald, started
 meanwhile, POSTs to URL).
 
-Usage: backend_webhook.py --secret SECRET [--batch N] [--refuse N]
+Usage: backend_webhook.py --secret SECRET [--batch N] [--refuse N] [--tls-cert PEM --tls-key PEM]
+(with a certificate, the receiver serves HTTPS)
 Exits non-zero, saying what differed, on any mismatch.
 """
 
@@ -39,7 +40,7 @@ import threading
 import time
 from collections import Counter
 
-from backend_support import expected_count, step, talk_and_leave, wait_until
+from backend_support import expected_count, serve, step, talk_and_leave, tls_arguments, tls_of, wait_until
 
 TOLERANCE = 300
 QUIET = 2.5
@@ -73,7 +74,7 @@ def verify(secret, header, body, now=None):
 class Receiver:
     """The webhook endpoint: records every request, refusing the next `refuse` of them with 500."""
 
-    def __init__(self, secret):
+    def __init__(self, secret, tls=None):
         self.secret = secret
         self.lock = threading.Lock()
         self.accepted = []  # (header, body, events)
@@ -96,12 +97,11 @@ class Receiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.scheme = serve(self.server, tls)
 
     @property
     def url(self):
-        return "http://%s:%d/hook" % self.server.server_address
+        return "%s://%s:%d/hook" % (self.scheme, *self.server.server_address)
 
     def take(self, path, headers, body):
         header = headers.get("herald-signature")
@@ -226,6 +226,7 @@ def main():
     parser.add_argument("--secret", required=True, help="herald's --webhook-secret")
     parser.add_argument("--batch", type=int, default=10, help="herald's --webhook-batch")
     parser.add_argument("--refuse", type=int, default=3, help="requests answered 500 in step 3")
+    tls_arguments(parser)
     args = parser.parse_args()
 
     step("1. the verifier: a signed body verifies; tampered, re-keyed or stale, it does not")
@@ -238,7 +239,7 @@ def main():
     assert verify(args.secret, sign(args.secret, now - 3600, body), body) is not None, "a stale signature verifies"
     assert verify(args.secret, None, body) is not None, "an unsigned body verifies"
 
-    receiver = Receiver(args.secret)
+    receiver = Receiver(args.secret, tls_of(args))
     print(f"listening {receiver.url}", flush=True)
     command, _, ws_url = sys.stdin.readline().strip().partition(" ")
     assert command == "go" and ws_url, f"expected 'go <ws url>', got {command!r} {ws_url!r}"

@@ -17,7 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use herald_common::backoff::Backoff;
-use herald_common::http_client::{HttpPoster, PostError};
+use herald_common::http_client::{HttpPoster, PostError, Trust};
 use herald_common::metrics::{Counter, Exposition};
 use herald_proto::v1::{ConnectionEvent, ConsumedEvent, DisconnectCause, connection_event, content};
 use serde_json::{Value, json};
@@ -39,7 +39,10 @@ const MIN_SECRET_LEN: usize = 16;
 /// Where and how events are POSTed.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
+    /// `http://` or `https://`.
     pub url: String,
+    /// Whom an `https://` endpoint's certificate must chain to.
+    pub trust: Trust,
     /// Signs every POST (at least 16 characters).
     pub secret: String,
     pub group: String,
@@ -53,6 +56,8 @@ pub struct WebhookConfig {
 pub enum WebhookError {
     #[error("webhook URL: {0}")]
     Url(#[from] PostError),
+    #[error("--webhook-ca: {0}")]
+    Ca(#[from] herald_common::tls::TlsError),
     #[error("the webhook secret must be at least {MIN_SECRET_LEN} characters")]
     ShortSecret,
     #[error("webhook group: {0}")]
@@ -101,7 +106,7 @@ impl Webhook {
             return Err(WebhookError::ShortSecret);
         }
         super::check_group(&config.group).map_err(WebhookError::Group)?;
-        let poster = HttpPoster::new(&config.url)?;
+        let poster = HttpPoster::new(&config.url, &config.trust)?;
         Ok(Self { config, poster })
     }
 
@@ -290,9 +295,10 @@ mod tests {
     }
 
     #[test]
-    fn a_webhook_needs_a_real_secret_and_a_plain_http_url() {
+    fn a_webhook_needs_a_real_secret_and_an_http_or_https_url() {
         let config = WebhookConfig {
             url: "http://127.0.0.1:9/hook".into(),
+            trust: Trust::Only(rustls::RootCertStore::empty()),
             secret: "0123456789abcdef".into(),
             group: DEFAULT_GROUP.into(),
             batch: DEFAULT_BATCH,
@@ -304,9 +310,7 @@ mod tests {
             Webhook::new(WebhookConfig { secret: "short".into(), ..config.clone() }),
             Err(WebhookError::ShortSecret)
         ));
-        assert!(matches!(
-            Webhook::new(WebhookConfig { url: "https://x/".into(), ..config }),
-            Err(WebhookError::Url(_))
-        ));
+        assert!(Webhook::new(WebhookConfig { url: "https://hooks.example.test/".into(), ..config.clone() }).is_ok());
+        assert!(matches!(Webhook::new(WebhookConfig { url: "ftp://x/".into(), ..config }), Err(WebhookError::Url(_))));
     }
 }
