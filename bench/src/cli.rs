@@ -442,8 +442,35 @@ pub struct EventsArgs {
     /// hold (counted in the dropped column).
     #[arg(long, default_value_t = 50_000)]
     pub window: u64,
+    /// Where herald sends the events; one table row each (herald restarted for each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "grpc")]
+    pub backend: Vec<EventsBackend>,
+    /// Events per webhook POST (herald's --webhook-batch).
+    #[arg(long, default_value_t = 100)]
+    pub webhook_batch: usize,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+}
+
+/// How the events scenario's backend gets its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventsBackend {
+    /// One ConsumeEvents instance (gRPC), acknowledging in batches.
+    Grpc,
+    /// herald's webhook, POSTing signed batches to an HTTP endpoint in the bench.
+    Webhook,
+    /// The same over HTTPS, herald verifying the endpoint against a CA made by the bench.
+    WebhookTls,
+}
+
+impl std::fmt::Display for EventsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EventsBackend::Grpc => "gRPC consumer",
+            EventsBackend::Webhook => "webhook (http)",
+            EventsBackend::WebhookTls => "webhook (https)",
+        })
+    }
 }
 
 #[derive(Debug, Args)]

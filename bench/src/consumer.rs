@@ -78,8 +78,36 @@ impl Progress {
         self.first_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn error(&self, e: String) {
+    pub fn error(&self, e: String) {
         self.first_error.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+    }
+
+    /// `count` deliveries arrived at `now_ns`; the sink's progress is `matched`.
+    pub fn record(&self, count: u64, now_ns: u64, matched: u64) {
+        self.deliveries.fetch_add(count, Ordering::Relaxed);
+        self.last_ns.store(now_ns, Ordering::Relaxed);
+        self.matched.store(matched, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the sink's progress reaches `target`, or nothing has
+    /// arrived for `idle` (counted from this call at the earliest), or
+    /// `within` has passed; tells whether the target was reached.
+    pub async fn wait_for(&self, target: u64, idle: Duration, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let called_ns = message::now_ns();
+        loop {
+            if self.matched() >= target {
+                return true;
+            }
+            let now = Instant::now();
+            let quiet_since = self.last_ns().max(called_ns);
+            let since_last = Duration::from_nanos(message::now_ns().saturating_sub(quiet_since));
+            if now >= deadline || since_last >= idle {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.changed.notified()).await;
+        }
     }
 }
 
@@ -133,24 +161,9 @@ impl<S: Sink> Consumer<S> {
         Ok(Self { progress, stop: Some(stop), task })
     }
 
-    /// Waits until the sink's progress reaches `target`, or nothing has
-    /// arrived for `idle` (counted from this call at the earliest), or
-    /// `within` has passed; tells whether the target was reached.
+    /// See [`Progress::wait_for`].
     pub async fn wait_for(&self, target: u64, idle: Duration, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        let called_ns = message::now_ns();
-        loop {
-            if self.progress.matched() >= target {
-                return true;
-            }
-            let now = Instant::now();
-            let quiet_since = self.progress.last_ns().max(called_ns);
-            let since_last = Duration::from_nanos(message::now_ns().saturating_sub(quiet_since));
-            if now >= deadline || since_last >= idle {
-                return false;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.changed.notified()).await;
-        }
+        self.progress.wait_for(target, idle, within).await
     }
 
     /// Stops consuming (after sending the acknowledgements due) and gives
@@ -192,10 +205,7 @@ async fn consume<S: Sink>(
                             let _ = acks.send(std::mem::replace(&mut pending, Vec::with_capacity(batch)));
                         }
                     }
-                    progress.deliveries.fetch_add(count, Ordering::Relaxed);
-                    progress.last_ns.store(now, Ordering::Relaxed);
-                    progress.matched.store(sink.progress(), Ordering::Relaxed);
-                    progress.changed.notify_waiters();
+                    progress.record(count, now, sink.progress());
                 }
                 Ok(None) => {
                     progress.error("the broker ended the event stream".into());

@@ -23,6 +23,7 @@ mod publishers;
 mod rpc;
 mod scenarios;
 mod stats;
+mod webhook;
 
 use std::process::ExitCode;
 

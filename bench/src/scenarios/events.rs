@@ -1,12 +1,15 @@
-//! The events scenario: client messages to one gRPC consumer. herald runs
-//! with `--events message` (standalone unless told otherwise); the bench
-//! attaches one instance of the consumer group `bench` (`ConsumeEvents`,
-//! `--max-unacked`), then N classic raw clients each send text frames for
-//! `--duration`, flat out or at `--rate` all together; every frame becomes a
-//! message event. The consumer acknowledges in batches (`AckEvents`,
-//! pipelined, so acknowledging never throttles receiving) and checks each
-//! event: `(connection, seq)` from the event's connection and the frame's
-//! sequence number, seen once. After the clients stop, it waits for the tail.
+//! The events scenario: client messages to one backend. herald runs with
+//! `--events message` (standalone unless told otherwise); N classic raw
+//! clients each send text frames for `--duration`, flat out or at `--rate`
+//! all together; every frame becomes a message event. The backend is, by
+//! `--backend`: one instance of the consumer group `bench` (`ConsumeEvents`,
+//! `--max-unacked`), acknowledging in batches (`AckEvents`, pipelined, so
+//! acknowledging never throttles receiving); or herald's webhook, POSTing
+//! signed batches of `--webhook-batch` to an endpoint in the bench (plain
+//! HTTP, or HTTPS with a certificate herald is told to trust), which
+//! verifies each signature as a backend must. Either checks each event:
+//! `(connection, seq)` from the event's connection and the frame's sequence
+//! number, seen once. After the clients stop, it waits for the tail.
 //!
 //! Figures: events/s = distinct events received over the time from the
 //! first frame sent to the last event received; sent/s = frames the clients
@@ -21,16 +24,18 @@
 //! event's arrival at the consumer.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_proto::v1::{ConsumedEvent, connection_event, content};
 
-use crate::cli::{EventsArgs, Rate};
-use crate::consumer::{self, Consumer, Sink};
+use crate::cli::{EventsArgs, EventsBackend, Rate};
+use crate::consumer::{self, Consumer, Progress, Sink};
 use crate::loadgen::{Sending, Task};
 use crate::message;
 use crate::procfs::CpuMeter;
 use crate::stats::{Column, Latency, Measurement};
+use crate::webhook::Receiver;
 
 use super::{
     Bench, RowRuns, check_alive, grew, metric_totals, print_summary, print_table, standalone_unless_split, thousands,
@@ -60,6 +65,30 @@ const IDLE: Duration = Duration::from_secs(3);
 const DROPPED: [&str; 2] = ["herald_ws_events_dropped_total", "herald_events_dropped_total"];
 /// Reports to the broker that failed (each is retried): a sign of trouble, not of loss.
 const REPORTS_FAILED: &str = "herald_ws_event_reports_failed_total";
+/// The webhook's shared secret.
+const WEBHOOK_SECRET: &str = "herald-bench-webhook-secret";
+
+/// Where the events go.
+enum Receiving {
+    Grpc(Consumer<Messages>),
+    Webhook(Receiver<Messages>),
+}
+
+impl Receiving {
+    fn progress(&self) -> &Arc<Progress> {
+        match self {
+            Receiving::Grpc(consumer) => &consumer.progress,
+            Receiving::Webhook(receiver) => &receiver.progress,
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<Messages> {
+        match self {
+            Receiving::Grpc(consumer) => consumer.stop().await,
+            Receiving::Webhook(receiver) => receiver.stop(),
+        }
+    }
+}
 
 pub async fn run(args: &EventsArgs) -> anyhow::Result<()> {
     let common = standalone_unless_split(&args.common, args.split);
@@ -71,23 +100,33 @@ pub async fn run(args: &EventsArgs) -> anyhow::Result<()> {
         if connections == 0 {
             anyhow::bail!("-n must be at least 1");
         }
-        eprintln!(
-            "events {connections}: {} × {:?}, {} B frames, {}, max_unacked {}, acks of {}",
-            common.runs, common.duration, args.payload, args.rate, args.consumer.max_unacked, args.consumer.ack_batch
-        );
-        let label = format!("{connections} raw clients, {}", topology(&common, connections));
-        // The summary row is the last row's: its runs only.
-        headline.clear();
-        for run in 1..=common.runs {
-            let (m, first_error) = run_once(&mut bench, args, &common, connections).await?;
-            headline.push(m.delivery_rate);
-            rows.add(&label, run, &COLUMNS, m, first_error);
+        for &backend in &args.backend {
+            eprintln!(
+                "events {connections} to a {backend}: {} × {:?}, {} B frames, {}, max_unacked {}, acks of {}, \
+                 webhook batches of {}",
+                common.runs,
+                common.duration,
+                args.payload,
+                args.rate,
+                args.consumer.max_unacked,
+                args.consumer.ack_batch,
+                args.webhook_batch
+            );
+            let label = format!("{connections} raw clients, {backend}, {}", topology(&common, connections));
+            // The summary row is the last row's: its runs only.
+            headline.clear();
+            for run in 1..=common.runs {
+                let (m, first_error) = run_once(&mut bench, args, &common, connections, backend).await?;
+                headline.push(m.delivery_rate);
+                rows.add(&label, run, &COLUMNS, m, first_error);
+            }
         }
     }
     let title = format!(
         "events: client frames of {} B, {}, to one consumer instance (group {GROUP}, max_unacked {}, \
-         AckEvents of {} pipelined); events/s = distinct events received from the first send to the last \
-         receipt; {} s per run, median of {} runs",
+         AckEvents of {} pipelined) or to a webhook endpoint (POSTs of {} events, signatures verified); \
+         events/s = distinct events received from the first send to the last receipt; {} s per run, median \
+         of {} runs",
         args.payload,
         match args.rate {
             Rate::Max => match window(args) {
@@ -98,6 +137,7 @@ pub async fn run(args: &EventsArgs) -> anyhow::Result<()> {
         },
         args.consumer.max_unacked,
         args.consumer.ack_batch,
+        args.webhook_batch,
         common.duration.as_secs_f64(),
         common.runs
     );
@@ -107,7 +147,8 @@ pub async fn run(args: &EventsArgs) -> anyhow::Result<()> {
         let m = &row.measurement;
         print_summary(
             &format!(
-                "client messages to one gRPC consumer, {} raw clients {}, {} (`events`)",
+                "client messages to one {}, {} raw clients {}, {} (`events`)",
+                args.backend.last().copied().unwrap_or(EventsBackend::Grpc),
                 thousands(m.connections),
                 match (args.rate, window(args)) {
                     (Rate::Max, Some(w)) => format!("flat out (window {})", thousands(w)),
@@ -148,18 +189,42 @@ async fn run_once(
     args: &EventsArgs,
     common: &crate::cli::Common,
     connections: usize,
+    backend: EventsBackend,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
+    // The endpoint listens before herald starts: herald is told its URL.
+    let receiver = match backend {
+        EventsBackend::Grpc => None,
+        EventsBackend::Webhook | EventsBackend::WebhookTls => {
+            Some(Receiver::start(WEBHOOK_SECRET, backend == EventsBackend::WebhookTls, Messages::default()).await?)
+        }
+    };
+    bench.herald_env.retain(|(name, _)| !name.starts_with("HERALD_WEBHOOK_"));
+    if let Some(receiver) = &receiver {
+        bench.herald_env.extend([
+            ("HERALD_WEBHOOK_URL".to_owned(), receiver.url.clone()),
+            ("HERALD_WEBHOOK_SECRET".to_owned(), WEBHOOK_SECRET.to_owned()),
+            ("HERALD_WEBHOOK_BATCH".to_owned(), args.webhook_batch.to_string()),
+        ]);
+        if let Some(ca) = &receiver.ca_file {
+            bench.herald_env.push(("HERALD_WEBHOOK_CA".to_owned(), ca.display().to_string()));
+        }
+    }
     let mut herald = bench.herald(connections, false).await?;
     let endpoints = herald.endpoints.clone();
-    // The group exists once the consumer is attached: every event from then on is its.
-    let consumer = Consumer::start(
-        &endpoints,
-        GROUP,
-        args.consumer.max_unacked,
-        args.consumer.ack_batch as usize,
-        Messages::default(),
-    )
-    .await?;
+    let consumer = match receiver {
+        Some(receiver) => Receiving::Webhook(receiver),
+        // The group exists once the consumer is attached: every event from then on is its.
+        None => Receiving::Grpc(
+            Consumer::start(
+                &endpoints,
+                GROUP,
+                args.consumer.max_unacked,
+                args.consumer.ack_batch as usize,
+                Messages::default(),
+            )
+            .await?,
+        ),
+    };
     let sending = Sending {
         rate: match args.rate {
             Rate::Max => None,
@@ -176,7 +241,7 @@ async fn run_once(
     let before = metric_totals(&endpoints, &[DROPPED[0], DROPPED[1], REPORTS_FAILED]).await;
     let meter = CpuMeter::start(&watched(&endpoints, Some(&fleet)));
     let start_ns = message::now_ns();
-    let progress = consumer.progress.clone();
+    let progress = consumer.progress().clone();
     let window = window(args);
     // Flat out, the clients may be this far ahead of the consumer (told every few ms).
     let allowed = || window.map(|w| progress.matched() + w);
@@ -187,7 +252,7 @@ async fn run_once(
     let failed: usize = finished.iter().map(|f| f.failed).sum();
     let mut first_error = finished.iter().find_map(|f| f.first_error.clone());
     let tail_began = message::now_ns();
-    let complete = consumer.wait_for(sent, IDLE, args.consumer.drain).await;
+    let complete = progress.wait_for(sent, IDLE, args.consumer.drain).await;
     let cpu = meter.finish();
     let after = metric_totals(&endpoints, &[DROPPED[0], DROPPED[1], REPORTS_FAILED]).await;
     let seen = consumer.stop().await?;
