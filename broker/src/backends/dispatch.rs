@@ -247,6 +247,11 @@ impl Consumer {
     pub(crate) async fn next_batch(&mut self) -> Option<Vec<ConsumedEvent>> {
         self.rx.recv().await
     }
+
+    /// The next batch if one is already here.
+    pub(crate) fn ready_batch(&mut self) -> Option<Vec<ConsumedEvent>> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for Consumer {

@@ -11,6 +11,7 @@
 //! out again, so the queue is the group's (bounded by the retention, its
 //! overflow counted in `herald_events_dropped_total`).
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -111,12 +112,19 @@ impl Webhook {
     }
 
     /// POSTs the group's events until `shutdown`.
+    ///
+    /// The group hands events over as they come, often a few at a time. A
+    /// POST takes every event already here, up to a batch, and the instance
+    /// may hold two batches: the next one gathers while one is POSTed.
+    /// (POSTing each handover as it came made batches of a few events, and
+    /// the webhook fell behind at 20,000 events/s: BENCHMARKS, "Webhooks".)
     pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
         let Self { config, poster } = self;
-        let batch = u32::try_from(config.batch.clamp(1, super::MAX_UNACKED)).unwrap_or(1);
+        let batch = config.batch.clamp(1, super::MAX_UNACKED / 2);
+        let held = u32::try_from(2 * batch).unwrap_or(u32::MAX);
         let mut attempts = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut consumer = loop {
-            match hub.consume_events(&config.group, batch).await {
+            match hub.consume_events(&config.group, held).await {
                 Ok(consumer) => break consumer,
                 Err(status) => {
                     tracing::warn!(%status, "the webhook cannot consume its group yet; retrying");
@@ -128,14 +136,23 @@ impl Webhook {
             }
         };
         let metrics = hub.webhook_metrics();
+        let mut waiting: VecDeque<ConsumedEvent> = VecDeque::new();
         loop {
-            let events = tokio::select! {
-                () = shutdown.cancelled() => return,
-                events = consumer.next_batch() => match events {
-                    Some(events) => events,
-                    None => return,
-                },
-            };
+            if waiting.is_empty() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    events = consumer.next_batch() => match events {
+                        Some(events) => waiting.extend(events),
+                        None => return,
+                    },
+                }
+            }
+            while waiting.len() < batch
+                && let Some(more) = consumer.ready_batch()
+            {
+                waiting.extend(more);
+            }
+            let events: Vec<ConsumedEvent> = waiting.drain(..waiting.len().min(batch)).collect();
             let body = Bytes::from(batch_json(&events).to_string());
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             let mut delivered = false;
