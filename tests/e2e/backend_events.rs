@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Client, Cluster, Herald, TempDir, repo_root, run_python, tool, wait_until};
+use crate::support::{Client, Cluster, Herald, TempDir, curl_upgrade, repo_root, run_python, tool, wait_until};
 use crate::tls::Pki;
 
 /// The webhook's shared secret (32 characters).
@@ -224,21 +224,15 @@ fn every_group_gets_each_event_exactly_once_across_a_broker_killed_under_its_con
     );
 }
 
-#[test]
-fn webhooks_arrive_signed_once_each_and_survive_an_endpoint_that_fails() {
-    if !python_clients() {
-        return;
-    }
-    let mut script =
-        Script::start("backend_webhook.py", &["--secret", WEBHOOK_SECRET, "--batch", "10", "--refuse", "3"]);
-    let url = script.expect("listening", Duration::from_secs(30));
-    // Two attempts per batch and a short ack wait: three refusals in a row
-    // make a batch wait for the ack wait before it is POSTed again.
-    let herald = Herald::standalone(&[
+/// A standalone herald's options for the webhook script at `url`, and
+/// `extra`. Two attempts per batch and a short ack wait: three refusals in
+/// a row make a batch wait for the ack wait before it is POSTed again.
+fn webhook_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "--events",
         "all",
         "--webhook-url",
-        &url,
+        url,
         "--webhook-secret",
         WEBHOOK_SECRET,
         "--webhook-batch",
@@ -247,7 +241,20 @@ fn webhooks_arrive_signed_once_each_and_survive_an_endpoint_that_fails() {
         "2",
         "--event-ack-wait",
         "2s",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn webhooks_arrive_signed_once_each_and_survive_an_endpoint_that_fails() {
+    if !python_clients() {
+        return;
+    }
+    let mut script =
+        Script::start("backend_webhook.py", &["--secret", WEBHOOK_SECRET, "--batch", "10", "--refuse", "3"]);
+    let url = script.expect("listening", Duration::from_secs(30));
+    let herald = Herald::standalone(&webhook_args(&url, &[]));
     script.say(&format!("go {}", herald.ws_url()));
     let out = script.finish(Duration::from_secs(60), "backend_webhook: all checks passed");
     println!("{out}");
@@ -282,24 +289,7 @@ async fn webhooks_over_https_reach_only_an_endpoint_the_ca_vouches_for() {
     let mut script = Script::start("backend_webhook.py", &args);
     let url = script.expect("listening", Duration::from_secs(30));
     assert!(url.starts_with("https://"), "{url}");
-    let webhook = |ca: &str| {
-        Herald::standalone(&[
-            "--events",
-            "all",
-            "--webhook-url",
-            &url,
-            "--webhook-ca",
-            &pki.path(ca),
-            "--webhook-secret",
-            WEBHOOK_SECRET,
-            "--webhook-batch",
-            "10",
-            "--webhook-attempts",
-            "2",
-            "--event-ack-wait",
-            "2s",
-        ])
-    };
+    let webhook = |ca: &str| Herald::standalone(&webhook_args(&url, &["--webhook-ca", &pki.path(ca)]));
     let deceived = webhook("stranger-ca.pem");
     let _client = Client::connect(&deceived.ws_url()).await;
     tokio::task::block_in_place(|| {
@@ -335,17 +325,7 @@ fn a_connect_hook_decides_who_gets_in_as_whom_and_its_absence_follows_the_down_p
     let hook = script.expect("listening", Duration::from_secs(30));
     assert!(hook.starts_with("https://"), "{hook}");
     let untrusting = Herald::standalone(&["--connect-hook", &hook, "--connect-hook-ca", &pki.path("stranger-ca.pem")]);
-    let refused = crate::support::curl(&[
-        "-H",
-        "Connection: Upgrade",
-        "-H",
-        "Upgrade: websocket",
-        "-H",
-        "Sec-WebSocket-Version: 13",
-        "-H",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        &format!("http://{}/", untrusting.addr("ws")),
-    ]);
+    let refused = curl_upgrade(&format!("http://{}/", untrusting.addr("ws")), &[]);
     assert_eq!(refused.status, 503, "a hook nobody vouches for is down: {}", refused.body);
     let log = untrusting.log_text();
     assert!(log.contains("connect hook down") && log.contains("UnknownIssuer"), "says why:\n{log}");

@@ -19,8 +19,8 @@ use tonic::transport::Channel;
 
 use crate::browser::BrowserSockets;
 use crate::support::{
-    Client, Cluster, CurlReply, Herald, PATIENCE, curl, get, grpc_client, grpcurl, grpcurl_call, parse_json_greeting,
-    post, text_publish, tool, wait_until,
+    Client, Cluster, CurlReply, Herald, PATIENCE, curl_upgrade, get, grpc_client, grpcurl, grpcurl_call,
+    parse_json_greeting, post, text_publish, tool, wait_until,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -433,23 +433,11 @@ async fn a_frozen_broker_s_gateways_are_named_missing_within_the_answer_timeout(
 
 /// A WebSocket upgrade by curl, with `headers`; the answer's head and body.
 fn upgrade(url: &str, headers: &[&str]) -> (u16, String, String) {
-    let mut args = vec![
-        "-D",
-        "-",
-        "-H",
-        "Connection: Upgrade",
-        "-H",
-        "Upgrade: websocket",
-        "-H",
-        "Sec-WebSocket-Version: 13",
-        "-H",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-    ];
+    let mut args = vec!["-D", "-"];
     for header in headers {
         args.extend(["-H", header]);
     }
-    args.push(url);
-    let CurlReply { status, body } = curl(&args);
+    let CurlReply { status, body } = curl_upgrade(url, &args);
     let (head, body) = body.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {body:?}"));
     (status, head.to_owned(), body.to_owned())
 }

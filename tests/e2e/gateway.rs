@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Client, Herald, curl, get};
+use crate::support::{Client, Herald, curl_upgrade, get};
 
 #[tokio::test]
 async fn standalone_runs_the_classic_session_in_one_process() {
@@ -84,17 +84,7 @@ async fn connections_over_the_limit_are_refused_with_503_before_the_upgrade() {
         tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 503),
         other => panic!("expected an HTTP 503 refusal, got {other:?}"),
     }
-    let upgrade = curl(&[
-        "-H",
-        "Connection: Upgrade",
-        "-H",
-        "Upgrade: websocket",
-        "-H",
-        "Sec-WebSocket-Version: 13",
-        "-H",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        &format!("http://{}/", herald.addr("ws")),
-    ]);
+    let upgrade = curl_upgrade(&format!("http://{}/", herald.addr("ws")), &[]);
     assert_eq!(upgrade.status, 503);
     assert_eq!(upgrade.body.trim(), "too many connections on this gateway");
 }

@@ -398,6 +398,25 @@ pub fn curl(args: &[&str]) -> CurlReply {
     CurlReply { status: code.trim().parse().unwrap_or(0), body: body.to_owned() }
 }
 
+/// A WebSocket upgrade request to `url` by curl, with `extra` arguments
+/// first (more `-H` headers, `-D -`): what a gateway answers before it
+/// upgrades, or instead of it.
+pub fn curl_upgrade(url: &str, extra: &[&str]) -> CurlReply {
+    let mut args = extra.to_vec();
+    args.extend([
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        url,
+    ]);
+    curl(&args)
+}
+
 /// `curl URL` (GET).
 pub fn get(url: &str) -> CurlReply {
     curl(&[url])
