@@ -495,8 +495,31 @@ pub struct ConnectsArgs {
     /// own, a fresh one per --per-source connections).
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
+    /// The connect hook herald asks about every connection: none, or an endpoint in the bench
+    /// letting every connection in over http or https; one table row each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    pub connect_hook: Vec<ConnectHook>,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+}
+
+/// The connects scenario's connect hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectHook {
+    None,
+    Http,
+    /// Over HTTPS, herald verifying the endpoint against a CA made by the bench.
+    Https,
+}
+
+impl std::fmt::Display for ConnectHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectHook::None => "no hook",
+            ConnectHook::Http => "hook (http)",
+            ConnectHook::Https => "hook (https)",
+        })
+    }
 }
 
 #[derive(Debug, Args)]

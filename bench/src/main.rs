@@ -10,6 +10,7 @@ mod alloc;
 mod cli;
 mod clients;
 mod consumer;
+mod endpoint;
 mod endpoints;
 mod fleet;
 mod http1;

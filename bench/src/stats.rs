@@ -105,6 +105,8 @@ pub struct Measurement {
     /// Clients whose connection ended during the run.
     pub closed: u64,
     pub latency: Option<Percentiles>,
+    /// WebSocket handshakes, from the TCP connect to the greeting.
+    pub handshake: Option<Percentiles>,
     pub rss_per_connection_kib: Option<f64>,
     /// The same for the brokers, which keep a copy of the gateways' directories.
     pub broker_rss_per_connection_kib: Option<f64>,
@@ -145,17 +147,17 @@ impl Measurement {
     pub fn summarize(runs: &[Measurement]) -> Measurement {
         let med = |f: &dyn Fn(&Measurement) -> Option<f64>| median(runs.iter().filter_map(f).collect());
         let worst = |f: &dyn Fn(&Measurement) -> u64| runs.iter().map(f).max().unwrap_or(0);
-        let latency = if runs.iter().any(|r| r.latency.is_some()) {
-            Some(Percentiles {
-                p50: med(&|r| r.latency.map(|l| l.p50)).unwrap_or_default(),
-                p90: med(&|r| r.latency.map(|l| l.p90)).unwrap_or_default(),
-                p99: med(&|r| r.latency.map(|l| l.p99)).unwrap_or_default(),
-                p999: med(&|r| r.latency.map(|l| l.p999)).unwrap_or_default(),
-                max: med(&|r| r.latency.map(|l| l.max)).unwrap_or_default(),
+        let percentiles = |of: &dyn Fn(&Measurement) -> Option<Percentiles>| {
+            runs.iter().any(|r| of(r).is_some()).then(|| Percentiles {
+                p50: med(&|r| of(r).map(|l| l.p50)).unwrap_or_default(),
+                p90: med(&|r| of(r).map(|l| l.p90)).unwrap_or_default(),
+                p99: med(&|r| of(r).map(|l| l.p99)).unwrap_or_default(),
+                p999: med(&|r| of(r).map(|l| l.p999)).unwrap_or_default(),
+                max: med(&|r| of(r).map(|l| l.max)).unwrap_or_default(),
             })
-        } else {
-            None
         };
+        let latency = percentiles(&|r| r.latency);
+        let handshake = percentiles(&|r| r.handshake);
         let mut roles: Vec<&str> = Vec::new();
         for (role, _) in runs.iter().flat_map(|r| &r.cpu) {
             if !roles.contains(&role.as_str()) {
@@ -180,6 +182,7 @@ impl Measurement {
             reordered: worst(&|r| r.reordered),
             closed: worst(&|r| r.closed),
             latency,
+            handshake,
             rss_per_connection_kib: med(&|r| r.rss_per_connection_kib),
             broker_rss_per_connection_kib: med(&|r| r.broker_rss_per_connection_kib),
             ops_rate: med(&|r| Some(r.ops_rate)).unwrap_or_default(),
@@ -234,6 +237,8 @@ pub enum Column {
     Cpu,
     /// p50, p90, p99 and max latency.
     LatencyP90,
+    /// p50 and p99 of the WebSocket handshakes.
+    Handshake,
     /// Events sent per second (the publish rate).
     SendRate,
     /// Events received per second (the delivery rate).
@@ -303,6 +308,7 @@ fn titles(columns: &[Column], roles: &[&str]) -> Vec<String> {
         match column {
             Column::Latency => titles.extend(["p50 ms", "p99 ms", "p99.9 ms", "max ms"].map(String::from)),
             Column::LatencyP90 => titles.extend(["p50 ms", "p90 ms", "p99 ms", "max ms"].map(String::from)),
+            Column::Handshake => titles.extend(["handshake p50 ms", "handshake p99 ms"].map(String::from)),
             Column::Cpu => titles.extend(roles.iter().map(|role| format!("{role} CPU"))),
             other => titles.push(other.title().to_owned()),
         }
@@ -321,6 +327,10 @@ fn cells_of(columns: &[Column], roles: &[&str], m: &Measurement) -> Vec<String> 
             Column::LatencyP90 => match m.latency {
                 Some(l) => cells.extend([l.p50, l.p90, l.p99, l.max].map(millis)),
                 None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
+            },
+            Column::Handshake => match m.handshake {
+                Some(l) => cells.extend([l.p50, l.p99].map(millis)),
+                None => cells.extend(std::iter::repeat_n("–".to_owned(), 2)),
             },
             Column::Cpu => cells.extend(roles.iter().map(|role| {
                 m.cpu.iter().find(|(name, _)| name == role).map_or("–".into(), |(_, pct)| format!("{pct:.0}%"))
@@ -369,7 +379,7 @@ impl Column {
             Self::MachineUsed => "machine MiB",
             Self::SocketMemory => "TCP mem MiB",
             Self::TcpInuse => "TCP inuse",
-            Self::Latency | Self::LatencyP90 | Self::Cpu => "",
+            Self::Latency | Self::LatencyP90 | Self::Handshake | Self::Cpu => "",
         }
     }
 
@@ -405,7 +415,7 @@ impl Column {
             Self::MachineUsed => m.machine_used_mib.map_or("–".into(), signed_mib),
             Self::SocketMemory => m.socket_mem_mib.map_or("–".into(), signed_mib),
             Self::TcpInuse => m.tcp_inuse.map_or("–".into(), thousands),
-            Self::Latency | Self::LatencyP90 | Self::Cpu => String::new(),
+            Self::Latency | Self::LatencyP90 | Self::Handshake | Self::Cpu => String::new(),
         }
     }
 }

@@ -1,11 +1,9 @@
-//! A backend's side of webhooks: an HTTP/1.1 endpoint, over TLS when asked
-//! (with a certificate made here for 127.0.0.1, which herald is told to
-//! trust), that checks each POST's `Herald-Signature` as a backend must,
+//! A backend's side of webhooks: an endpoint ([`Endpoint`], over TLS when
+//! asked) that checks each POST's `Herald-Signature` as a backend must,
 //! answers 204, and hands every event in it to a [`Sink`], as the gRPC
 //! consumer does. A POST that does not verify is answered 401 and counted
 //! as an error.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
@@ -13,29 +11,22 @@ use herald_proto::v1::{
     ConnectionAddress, ConnectionEvent, ConsumedEvent, Content, MessageEvent, connection_event, content,
 };
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::consumer::{Progress, Sink};
+use crate::endpoint::{Answer, Endpoint, Handler, Request};
 use crate::message;
 
-/// Largest POST body taken.
-const MAX_BODY: usize = 64 << 20;
-
-/// A running endpoint, which gives its sink back when stopped.
+/// A running webhook endpoint, which gives its sink back when stopped.
 pub struct Receiver<S> {
     pub progress: Arc<Progress>,
     /// What herald is given as `--webhook-url`.
     pub url: String,
-    /// What herald is given as `--webhook-ca`, over TLS.
-    pub ca_file: Option<PathBuf>,
-    shared: Arc<Shared<S>>,
-    accepting: JoinHandle<()>,
+    endpoint: Endpoint,
+    handler: Arc<Verifier<S>>,
 }
 
-struct Shared<S> {
+/// Verifies POSTs and feeds their events to the sink.
+struct Verifier<S> {
     secret: String,
     sink: Mutex<Option<S>>,
     progress: Arc<Progress>,
@@ -44,104 +35,42 @@ struct Shared<S> {
 impl<S: Sink> Receiver<S> {
     /// Listens on 127.0.0.1, over TLS when `tls`.
     pub async fn start(secret: &str, tls: bool, sink: S) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the webhook endpoint")?;
-        let addr = listener.local_addr()?;
-        let (acceptor, ca_file) = if tls {
-            let (acceptor, ca_file) = self_signed(addr.port())?;
-            (Some(acceptor), Some(ca_file))
-        } else {
-            (None, None)
-        };
         let progress = Arc::new(Progress::default());
-        let shared =
-            Arc::new(Shared { secret: secret.to_owned(), sink: Mutex::new(Some(sink)), progress: progress.clone() });
-        let accepting = tokio::spawn(accept(listener, acceptor, shared.clone()));
-        let scheme = if tls { "https" } else { "http" };
-        Ok(Self { progress, url: format!("{scheme}://{addr}/hook"), ca_file, shared, accepting })
+        let handler =
+            Arc::new(Verifier { secret: secret.to_owned(), sink: Mutex::new(Some(sink)), progress: progress.clone() });
+        let endpoint = Endpoint::start(tls, handler.clone()).await?;
+        Ok(Self { progress, url: format!("{}/hook", endpoint.base), endpoint, handler })
+    }
+
+    /// What herald is given as `--webhook-ca`, over TLS.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.endpoint.ca_file.as_deref()
     }
 
     /// Stops listening and gives the sink back.
     pub fn stop(self) -> anyhow::Result<S> {
-        self.accepting.abort();
-        if let Some(file) = &self.ca_file {
-            let _ = std::fs::remove_file(file);
-        }
-        self.shared.sink.lock().unwrap_or_else(PoisonError::into_inner).take().context("the sink was taken")
+        drop(self.endpoint);
+        self.handler.sink.lock().unwrap_or_else(PoisonError::into_inner).take().context("the sink was taken")
     }
 }
 
-/// A certificate for 127.0.0.1, its own CA, written where herald can read it.
-fn self_signed(port: u16) -> anyhow::Result<(TlsAcceptor, PathBuf)> {
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
-    let ca_file = std::env::temp_dir().join(format!("herald-bench-webhook-{}-{port}.pem", std::process::id()));
-    std::fs::write(&ca_file, cert.pem()).with_context(|| format!("writing {}", ca_file.display()))?;
-    let key = rustls_pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(anyhow::Error::msg)?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)?;
-    Ok((TlsAcceptor::from(Arc::new(config)), ca_file))
-}
-
-async fn accept<S: Sink>(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared<S>>) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
-        let (tls, shared) = (tls.clone(), shared.clone());
-        tokio::spawn(async move {
-            let served = match tls {
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => serve(stream, &shared).await,
-                    Err(e) => Err(anyhow::anyhow!("TLS handshake: {e}")),
-                },
-                None => serve(stream, &shared).await,
-            };
-            if let Err(e) = served {
-                shared.progress.error(format!("webhook connection: {e:#}"));
-            }
-        });
-    }
-}
-
-/// Answers the POSTs of one keep-alive connection until it closes.
-async fn serve<S: Sink, IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: &Shared<S>) -> anyhow::Result<()> {
-    let mut reader = BufReader::new(io);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).await? == 0 {
-            return Ok(());
-        }
-        let (mut length, mut signature) = (0usize, None);
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                match name.trim().to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.trim().parse().context("content-length")?,
-                    "herald-signature" => signature = Some(value.trim().to_owned()),
-                    _ => {}
-                }
-            }
-        }
-        anyhow::ensure!(length <= MAX_BODY, "a body of {length} bytes");
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).await?;
-        let status = match shared.take(signature.as_deref(), &body) {
-            Ok(()) => "204 No Content",
+impl<S: Sink> Handler for Verifier<S> {
+    fn answer(&self, request: Request) -> Answer {
+        match self.take(request.signature.as_deref(), &request.body) {
+            Ok(()) => Answer { status: "204 No Content", body: Vec::new() },
             Err(e) => {
-                shared.progress.error(e);
-                "401 Unauthorized"
+                self.progress.error(e);
+                Answer { status: "401 Unauthorized", body: Vec::new() }
             }
-        };
-        reader.get_mut().write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes()).await?;
+        }
+    }
+
+    fn failed(&self, error: String) {
+        self.progress.error(error);
     }
 }
 
-impl<S: Sink> Shared<S> {
+impl<S: Sink> Verifier<S> {
     /// Verifies one POST and hands its events to the sink.
     fn take(&self, signature: Option<&str>, body: &[u8]) -> Result<(), String> {
         verify(&self.secret, signature.ok_or("a POST without Herald-Signature")?, body)?;

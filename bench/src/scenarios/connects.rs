@@ -18,16 +18,25 @@
 //! herald finished but the client gave up on would explain those: see
 //! errors). Connect rate = connections opened over the time from the first
 //! connect to the last greeting. Latency: an event's `at` (the gateway's
-//! clock) to its arrival at the consumer.
+//! clock) to its arrival at the consumer; handshake: a client's TCP connect
+//! to its greeting.
+//!
+//! With `--connect-hook http|https`, herald asks an endpoint in the bench
+//! about every connection before its upgrade (over HTTPS, trusting the CA
+//! the bench made); the endpoint lets every one in, anonymous. A connection
+//! opened without the hook asked counts as wrong.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::bail;
 use herald_proto::v1::{ConsumedEvent, DisconnectCause, connection_event};
 
-use crate::cli::ConnectsArgs;
+use crate::cli::{ConnectHook, ConnectsArgs};
 use crate::consumer::{self, Consumer, Sink};
+use crate::endpoint::{Answer, Endpoint, Handler, Request};
 use crate::fleet::Fleet;
 use crate::loadgen::{Cycling, Plan, Task};
 use crate::procfs::CpuMeter;
@@ -39,8 +48,9 @@ use super::{
     topology, watched,
 };
 
-const COLUMNS: [Column; 12] = [
+const COLUMNS: [Column; 13] = [
     Column::ConnectRate,
+    Column::Handshake,
     Column::Connections,
     Column::PublishErrors,
     Column::Expected,
@@ -61,6 +71,27 @@ const IDLE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DROPPED: [&str; 2] = ["herald_ws_events_dropped_total", "herald_events_dropped_total"];
 
+/// A connect hook that lets every connection in, anonymous, and counts what
+/// it was asked.
+#[derive(Default)]
+struct LetEveryoneIn {
+    asked: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Handler for LetEveryoneIn {
+    fn answer(&self, _: Request) -> Answer {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        Answer { status: "200 OK", body: Vec::new() }
+    }
+
+    fn failed(&self, error: String) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!("    the connect hook: {error}");
+        }
+    }
+}
+
 pub async fn run(args: &ConnectsArgs) -> anyhow::Result<()> {
     let common = standalone_unless_split(&args.common, args.split);
     if args.processes == 0 || args.rate.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
@@ -71,18 +102,20 @@ pub async fn run(args: &ConnectsArgs) -> anyhow::Result<()> {
     let mut rows = RowRuns::new();
     let mut headline = Vec::new();
     for &rate in &args.rate {
-        eprintln!(
-            "connects {rate}/s: {} × {:?}, hold {:?}, {} load generator(s)",
-            common.runs, common.duration, args.hold, args.processes
-        );
-        let open_at_once = (rate * args.hold.as_secs_f64()).ceil() as usize;
-        let label = format!("{rate}/s, hold {:?}, {}", args.hold, topology(&common, open_at_once));
-        // The summary row is the last row's: its runs only.
-        headline.clear();
-        for run in 1..=common.runs {
-            let (m, first_error) = run_once(&mut bench, args, rate, open_at_once).await?;
-            headline.push((m.ops_rate, m.lost));
-            rows.add(&label, run, &COLUMNS, m, first_error);
+        for &hook in &args.connect_hook {
+            eprintln!(
+                "connects {rate}/s, {hook}: {} × {:?}, hold {:?}, {} load generator(s)",
+                common.runs, common.duration, args.hold, args.processes
+            );
+            let open_at_once = (rate * args.hold.as_secs_f64()).ceil() as usize;
+            let label = format!("{rate}/s, hold {:?}, {hook}, {}", args.hold, topology(&common, open_at_once));
+            // The summary row is the last row's: its runs only.
+            headline.clear();
+            for run in 1..=common.runs {
+                let (m, first_error) = run_once(&mut bench, args, rate, open_at_once, hook).await?;
+                headline.push((m.ops_rate, m.lost));
+                rows.add(&label, run, &COLUMNS, m, first_error);
+            }
         }
     }
     let title = format!(
@@ -131,8 +164,24 @@ async fn run_once(
     args: &ConnectsArgs,
     rate: f64,
     open_at_once: usize,
+    hook: ConnectHook,
 ) -> anyhow::Result<(Measurement, Option<String>)> {
     let common = bench.common;
+    // The hook listens before herald starts: herald is told its URL.
+    let asked = Arc::new(LetEveryoneIn::default());
+    let endpoint = match hook {
+        ConnectHook::None => None,
+        ConnectHook::Http | ConnectHook::Https => {
+            Some(Endpoint::start(hook == ConnectHook::Https, asked.clone()).await?)
+        }
+    };
+    bench.herald_env.retain(|(name, _)| !name.starts_with("HERALD_CONNECT_HOOK"));
+    if let Some(endpoint) = &endpoint {
+        bench.herald_env.push(("HERALD_CONNECT_HOOK".to_owned(), format!("{}/connect", endpoint.base)));
+        if let Some(ca) = &endpoint.ca_file {
+            bench.herald_env.push(("HERALD_CONNECT_HOOK_CA".to_owned(), ca.display().to_string()));
+        }
+    }
     let mut herald = bench.herald(open_at_once, false).await?;
     let endpoints = herald.endpoints.clone();
     if endpoints.ws_urls.is_empty() {
@@ -203,6 +252,14 @@ async fn run_once(
         if complete { "" } else { "; the tail ended before every event arrived" },
     );
     let first_error = finished.iter().find_map(|f| f.first_error.clone()).or_else(|| progress.first_error());
+    // Every connection a client opened was asked about first.
+    let unasked = match endpoint {
+        Some(_) => (opened.len() as u64).saturating_sub(asked.asked.load(Ordering::Relaxed)),
+        None => 0,
+    };
+    if endpoint.is_some() {
+        eprintln!("    the connect hook was asked {} times", thousands(asked.asked.load(Ordering::Relaxed)));
+    }
     let m = Measurement {
         connections: opened.len() as u64,
         ops_rate: if elapsed_s > 0.0 { opened.len() as f64 / elapsed_s } else { 0.0 },
@@ -213,8 +270,9 @@ async fn run_once(
         duplicated: tally.duplicated,
         redelivered: lifecycles.redelivered,
         dropped,
-        wrong: lifecycles.wrong_cause + tally.strangers,
+        wrong: lifecycles.wrong_cause + tally.strangers + unasked,
         latency: lifecycles.latency.percentiles(),
+        handshake: Some(handshake),
         cpu,
         ..Measurement::default()
     };

@@ -205,7 +205,7 @@ async fn run_once(
             ("HERALD_WEBHOOK_SECRET".to_owned(), WEBHOOK_SECRET.to_owned()),
             ("HERALD_WEBHOOK_BATCH".to_owned(), args.webhook_batch.to_string()),
         ]);
-        if let Some(ca) = &receiver.ca_file {
+        if let Some(ca) = receiver.ca_file() {
             bench.herald_env.push(("HERALD_WEBHOOK_CA".to_owned(), ca.display().to_string()));
         }
     }
