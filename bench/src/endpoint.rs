@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -41,6 +42,8 @@ pub struct Endpoint {
     pub base: String,
     /// What herald must trust, over TLS.
     pub ca_file: Option<PathBuf>,
+    /// Connections herald opened to it so far.
+    connections: Arc<AtomicU64>,
     accepting: JoinHandle<()>,
 }
 
@@ -56,9 +59,15 @@ impl Endpoint {
             }
             false => (None, None),
         };
-        let accepting = tokio::spawn(accept(listener, acceptor, handler));
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepting = tokio::spawn(accept(listener, acceptor, handler, connections.clone()));
         let scheme = if tls { "https" } else { "http" };
-        Ok(Self { base: format!("{scheme}://{addr}"), ca_file, accepting })
+        Ok(Self { base: format!("{scheme}://{addr}"), ca_file, connections, accepting })
+    }
+
+    /// Connections herald opened to it so far (each a TLS handshake, over TLS).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 }
 
@@ -84,8 +93,14 @@ fn self_signed(port: u16) -> anyhow::Result<(TlsAcceptor, PathBuf)> {
     Ok((TlsAcceptor::from(Arc::new(config)), ca_file))
 }
 
-async fn accept(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Arc<dyn Handler>) {
+async fn accept(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<dyn Handler>,
+    connections: Arc<AtomicU64>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
+        connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let (tls, handler) = (tls.clone(), handler.clone());
         tokio::spawn(async move {

@@ -257,8 +257,12 @@ async fn run_once(
         Some(_) => (opened.len() as u64).saturating_sub(asked.asked.load(Ordering::Relaxed)),
         None => 0,
     };
-    if endpoint.is_some() {
-        eprintln!("    the connect hook was asked {} times", thousands(asked.asked.load(Ordering::Relaxed)));
+    if let Some(endpoint) = &endpoint {
+        eprintln!(
+            "    the connect hook was asked {} times, over {} connections from herald",
+            thousands(asked.asked.load(Ordering::Relaxed)),
+            thousands(endpoint.connections())
+        );
     }
     let m = Measurement {
         connections: opened.len() as u64,
