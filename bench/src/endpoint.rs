@@ -86,11 +86,7 @@ fn self_signed(port: u16) -> anyhow::Result<(TlsAcceptor, PathBuf)> {
     let ca_file = std::env::temp_dir().join(format!("herald-bench-endpoint-{}-{port}.pem", std::process::id()));
     std::fs::write(&ca_file, cert.pem()).with_context(|| format!("writing {}", ca_file.display()))?;
     let key = rustls_pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(anyhow::Error::msg)?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)?;
-    Ok((TlsAcceptor::from(Arc::new(config)), ca_file))
+    Ok((herald_common::tls::acceptor_for(vec![cert.der().clone()], key, &[])?, ca_file))
 }
 
 async fn accept(

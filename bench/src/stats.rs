@@ -320,18 +320,9 @@ fn cells_of(columns: &[Column], roles: &[&str], m: &Measurement) -> Vec<String> 
     let mut cells = Vec::new();
     for column in columns {
         match column {
-            Column::Latency => match m.latency {
-                Some(l) => cells.extend([l.p50, l.p99, l.p999, l.max].map(millis)),
-                None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
-            },
-            Column::LatencyP90 => match m.latency {
-                Some(l) => cells.extend([l.p50, l.p90, l.p99, l.max].map(millis)),
-                None => cells.extend(std::iter::repeat_n("–".to_owned(), 4)),
-            },
-            Column::Handshake => match m.handshake {
-                Some(l) => cells.extend([l.p50, l.p99].map(millis)),
-                None => cells.extend(std::iter::repeat_n("–".to_owned(), 2)),
-            },
+            Column::Latency => cells.extend(percentile_cells(m.latency, |l| [l.p50, l.p99, l.p999, l.max])),
+            Column::LatencyP90 => cells.extend(percentile_cells(m.latency, |l| [l.p50, l.p90, l.p99, l.max])),
+            Column::Handshake => cells.extend(percentile_cells(m.handshake, |l| [l.p50, l.p99])),
             Column::Cpu => cells.extend(roles.iter().map(|role| {
                 m.cpu.iter().find(|(name, _)| name == role).map_or("–".into(), |(_, pct)| format!("{pct:.0}%"))
             })),
@@ -339,6 +330,17 @@ fn cells_of(columns: &[Column], roles: &[&str], m: &Measurement) -> Vec<String> 
         }
     }
     cells
+}
+
+/// The cells of the percentiles `pick` chooses, dashes when there are none.
+fn percentile_cells<const N: usize>(
+    percentiles: Option<Percentiles>,
+    pick: impl Fn(Percentiles) -> [f64; N],
+) -> [String; N] {
+    match percentiles {
+        Some(p) => pick(p).map(millis),
+        None => std::array::from_fn(|_| "–".to_owned()),
+    }
 }
 
 fn push_row(out: &mut String, cells: &[String]) {

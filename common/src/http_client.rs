@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -120,11 +120,7 @@ impl HttpPoster {
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(bare.to_owned()).map_err(|e| bad(&e.to_string()))?;
             let roots = trust.roots().map_err(|reason| bad(&reason))?;
-            let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| bad(&e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let mut config = crate::tls::client_builder(roots).map_err(|e| bad(&e.to_string()))?.with_no_client_auth();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Some(Tls { connector: TlsConnector::from(Arc::new(config)), name })
         } else {
@@ -216,9 +212,9 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A CA named `ca`, and a server configuration with a certificate for
+    /// A CA named `ca`, and an acceptor presenting a certificate for
     /// 127.0.0.1 it signed.
-    fn signed_for_loopback(ca: &str) -> (RootCertStore, rustls::ServerConfig) {
+    fn signed_for_loopback(ca: &str) -> (RootCertStore, tokio_rustls::TlsAcceptor) {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.distinguished_name.push(rcgen::DnType::CommonName, ca);
@@ -228,21 +224,16 @@ mod tests {
         let mut roots = RootCertStore::empty();
         roots.add(ca.der().clone()).unwrap();
         let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], private)
-            .unwrap();
-        (roots, server)
+        (roots, crate::tls::acceptor_for(vec![cert.der().clone()], private, &[]).unwrap())
     }
 
     /// Answers one request on each TLS connection with 200 `ok`; returns
     /// the URL and what each handshake came to.
-    async fn https_endpoint(server: rustls::ServerConfig) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    async fn https_endpoint(
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}/hook", listener.local_addr().unwrap());
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let (seen, handshakes) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {

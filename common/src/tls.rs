@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::client::WantsClientCert;
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -33,6 +34,15 @@ pub const ALPN_WEBSOCKET: &[&[u8]] = &[b"http/1.1"];
 /// Builds an acceptor from PEM files, offering `alpn`.
 pub fn acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
     let (chain, key) = Identity::load(cert, key)?.into_parts();
+    acceptor_for(chain, key, alpn)
+}
+
+/// Builds an acceptor presenting `chain` and its `key`, offering `alpn`.
+pub fn acceptor_for(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<TlsAcceptor, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -122,14 +132,20 @@ impl ClientTls {
 
     /// A rustls client configuration trusting only the authority.
     pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.authority.roots.clone());
+        let builder = client_builder(self.authority.roots.clone())?;
         Ok(match &self.identity {
             Some(identity) => builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?,
             None => builder.with_no_client_auth(),
         })
     }
+}
+
+/// A client configuration trusting `roots`, still to be told which
+/// certificate (if any) it presents.
+pub fn client_builder(roots: RootCertStore) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots))
 }
 
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
